@@ -1,0 +1,87 @@
+//! Every path under the data directory is built here, so the on-disk layout is in one place:
+//!
+//! ```text
+//! <data>/LOCK                                   exclusive lock of the running agent
+//! <data>/queues/<queue>/spec.pb                 the queue's QueueSpec (protobuf), atomically replaced
+//! <data>/queues/<queue>/p-0003/                 partition 3's log directory
+//! <data>/queues/<queue>/p-0003/00000000000000000001.log   segment whose first entry has index 1
+//! ```
+//!
+//! Segment names are the zero-padded base index, so a directory listing sorts in log order.
+
+use std::path::{Path, PathBuf};
+
+/// Paths of one agent's data directory.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+/// Suffix of segment files.
+pub const SEGMENT_SUFFIX: &str = ".log";
+
+impl Layout {
+    /// A layout rooted at `root` (nothing is created).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The data directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The lock file that keeps two agents off one directory.
+    pub fn lock_file(&self) -> PathBuf {
+        self.root.join("LOCK")
+    }
+
+    /// Directory holding all queues.
+    pub fn queues_dir(&self) -> PathBuf {
+        self.root.join("queues")
+    }
+
+    /// Directory of one queue.
+    pub fn queue_dir(&self, queue: &str) -> PathBuf {
+        self.queues_dir().join(queue)
+    }
+
+    /// The queue's persisted spec.
+    pub fn queue_spec(&self, queue: &str) -> PathBuf {
+        self.queue_dir(queue).join("spec.pb")
+    }
+
+    /// Log directory of one partition.
+    pub fn partition_dir(&self, queue: &str, partition: u32) -> PathBuf {
+        self.queue_dir(queue).join(format!("p-{partition:04}"))
+    }
+}
+
+/// File name of the segment whose first entry has `base_index`.
+pub fn segment_file_name(base_index: u64) -> String {
+    format!("{base_index:020}{SEGMENT_SUFFIX}")
+}
+
+/// Parses a segment file name back into its base index; `None` for other files.
+pub fn parse_segment_file_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names_round_trip_and_sort_in_log_order() {
+        let a = segment_file_name(9);
+        let b = segment_file_name(10);
+        assert!(a < b, "lexical order must follow index order");
+        assert_eq!(parse_segment_file_name(&a), Some(9));
+        assert_eq!(parse_segment_file_name("12.log"), None);
+        assert_eq!(parse_segment_file_name("00000000000000000001.idx"), None);
+    }
+}

@@ -1,0 +1,29 @@
+//! The Sluice queue agent: durable, partitioned queues served over gRPC.
+//!
+//! One process runs in `broker` mode on every pod of a MessageQueue's StatefulSet (and, later, in
+//! `sidecar` mode next to applications). A broker keeps each queue partition in its own
+//! segmented, checksummed, append-only log; the delivery state of a partition (what is ready, in
+//! flight, acked, dead-lettered) is a state machine rebuilt from that log, so the same log can
+//! become the replicated Raft log without writing messages twice.
+//!
+//! # Layout
+//! - [`config`]: command-line flags and `SLUICE_*` environment variables, durability knobs.
+//! - [`layout`]: every path under the data directory.
+//! - [`log`]: the storage engine — record format, segments, group-commit writer, recovery.
+//! - [`queue`]: delivery semantics of one partition and one queue (ready, in flight,
+//!   redelivery, dead-letter, TTL, priorities, delays, dedup, backlog limits).
+//! - [`broker`]: the registry of queues on this agent and the API the gRPC layer calls.
+//! - [`grpc`]: one file per public gRPC service, plus the one place errors become statuses.
+//! - [`server`]: binds, serves gRPC and HTTP (metrics), drains on shutdown.
+//! - [`metrics`]: Prometheus registry and the agent's metrics.
+//! - [`shutdown`]: the shared shutdown signal.
+
+pub mod broker;
+pub mod config;
+pub mod grpc;
+pub mod layout;
+pub mod log;
+pub mod metrics;
+pub mod queue;
+pub mod server;
+pub mod shutdown;

@@ -1,0 +1,121 @@
+//! The storage engine: one append-only log per partition.
+//!
+//! A log is a sequence of [`Entry`]s with consecutive indices starting at 1. Each entry carries a
+//! Raft-style `term` (always 1 on a single agent) and opaque `data` (an encoded queue command,
+//! see `queue`). Appends are buffered in memory and made durable by a background flusher that
+//! group-commits: it writes everything pending, fsyncs once, then advances the durable index that
+//! callers wait on. Nothing may be confirmed to a client before its index is durable.
+//!
+//! Two backends implement [`LogStore`]: [`FileLog`] (segments on disk, the real one) and
+//! [`MemLog`] (in memory, for fast tests of the layers above). One conformance suite runs
+//! against both.
+
+// Module files (owned by the storage work): record (format + checksum), segment, layout,
+// file_log (FileLog + flusher), mem_log (MemLog), and tests.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+/// One log entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Position in the log, starting at 1, consecutive.
+    pub index: u64,
+    /// Raft term that wrote the entry; 1 on a single agent.
+    pub term: u64,
+    /// Opaque payload (an encoded queue command).
+    pub data: Bytes,
+}
+
+/// How far the log is durable, published by the flusher after each group commit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Durability {
+    /// Every entry with `index < durable_next` is durable (fsynced under the default policy).
+    pub durable_next: u64,
+    /// Set once a write or fsync failed. The log then refuses further appends: after a failed
+    /// fsync the page cache state is unknown, so retrying could confirm lost data.
+    pub failure: Option<Arc<str>>,
+}
+
+/// Errors of the storage engine. Corruption always names the file and byte offset.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// An I/O operation failed on a named path.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done ("open", "write", "fsync", "read", ...).
+        op: &'static str,
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A record failed its checksum or framing somewhere other than a torn tail.
+    #[error("corrupted record in {path} at byte offset {offset}: {reason}")]
+    Corrupted {
+        /// The segment file.
+        path: std::path::PathBuf,
+        /// Byte offset of the bad record within the file.
+        offset: u64,
+        /// What was wrong (checksum mismatch, bad length, index out of sequence...).
+        reason: String,
+    },
+    /// The log failed earlier (see [`Durability::failure`]) and accepts no more writes.
+    #[error("log is failed: {0}")]
+    Failed(Arc<str>),
+    /// An index outside `first_index()..next_index()` was asked for where it must exist.
+    #[error("index {index} out of range {first}..{next}")]
+    OutOfRange {
+        /// Asked index.
+        index: u64,
+        /// First retained index.
+        first: u64,
+        /// Next index to be written.
+        next: u64,
+    },
+}
+
+/// What recovery found when opening a log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Segment files found.
+    pub segments: usize,
+    /// Entries found valid.
+    pub entries: u64,
+    /// Bytes cut from a torn tail of the last segment (an unfinished, never-confirmed write).
+    pub truncated_bytes: u64,
+}
+
+/// A partition's log. Methods take `&self` and are safe to call from many threads: the queue
+/// layer appends under its own lock and reads message bodies outside it.
+pub trait LogStore: Send + Sync + 'static {
+    /// Appends entries with the given term at `next_index()`, in order, and returns the index
+    /// of the first. The entries are readable at once but durable only once
+    /// [`Durability::durable_next`] passes them.
+    fn append(&self, term: u64, data: &[Bytes]) -> Result<u64, LogError>;
+    /// Watch of the durable position; wait with `rx.wait_for(|d| d.durable_next > idx)`.
+    fn durability(&self) -> watch::Receiver<Durability>;
+    /// Reads one entry, verifying its checksum. `Ok(None)` when the index was purged or is not
+    /// yet written.
+    fn read(&self, index: u64) -> Result<Option<Entry>, LogError>;
+    /// Reads consecutive entries from `from`, stopping after `max_entries` entries or once
+    /// `max_bytes` of data is reached (at least one entry if any exists).
+    fn read_range(&self, from: u64, max_entries: usize, max_bytes: usize)
+    -> Result<Vec<Entry>, LogError>;
+    /// First retained index (1 for a new log; moves up as segments are purged).
+    fn first_index(&self) -> u64;
+    /// Index the next append will get.
+    fn next_index(&self) -> u64;
+    /// Deletes whole segments whose entries are all below `index`; never the active segment.
+    /// Returns the new `first_index()`.
+    fn purge_before(&self, index: u64) -> Result<u64, LogError>;
+    /// Removes every entry with index `>= index` (Raft log conflict resolution).
+    fn truncate_from(&self, index: u64) -> Result<(), LogError>;
+    /// Writes and fsyncs everything pending, then returns (used at shutdown and by tests).
+    fn sync(&self) -> Result<(), LogError>;
+    /// Total bytes the log occupies on disk (or in memory).
+    fn size_bytes(&self) -> u64;
+}

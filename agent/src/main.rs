@@ -1,0 +1,3 @@
+//! `sluice-agent`: the queue agent binary.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! Delivery semantics of partitions and queues.

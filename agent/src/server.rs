@@ -1,0 +1,1 @@
+//! Binds the gRPC and metrics listeners, serves, and drains on shutdown.

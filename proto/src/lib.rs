@@ -1,0 +1,14 @@
+//! Generated types and gRPC stubs of Sluice's public API, package `sluice.v1`.
+//!
+//! The source of truth is `proto/sluice/v1/sluice.proto`; every message and field is documented
+//! there and the docs are carried into the generated code.
+
+#![allow(clippy::doc_lazy_continuation, clippy::large_enum_variant)]
+
+/// Package `sluice.v1`: the public client API (admin, publish, consume).
+pub mod v1 {
+    tonic::include_proto!("sluice.v1");
+}
+
+/// Encoded `FileDescriptorSet` of all Sluice protos, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));
