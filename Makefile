@@ -1,0 +1,36 @@
+# Sluice developer commands. `make verify` is the read-only gate CI runs unchanged;
+# `make fix` is its mutating twin.
+.PHONY: help verify fix fmt-check clippy test crds local bench faults
+
+CARGO ?= cargo
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+verify: fmt-check clippy test ## the CI gate: formatting, lints, all tests (read-only)
+
+fmt-check: ## rustfmt in check mode
+	$(CARGO) fmt --all -- --check
+
+clippy: ## clippy on every target, warnings are errors
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+test: ## every test of the workspace
+	$(CARGO) test --workspace --locked
+
+fix: ## format, apply clippy fixes, regenerate crds/
+	$(CARGO) fmt --all
+	$(CARGO) clippy --workspace --all-targets --fix --allow-dirty --allow-staged
+	$(MAKE) crds
+
+crds: ## regenerate crds/ from the Rust types
+	$(CARGO) run --quiet -p sluice-operator --bin crdgen > crds/messagequeue.yaml
+
+local: ## run Sluice on this machine (same as the README's run command)
+	$(CARGO) run --release -p sluice -- local
+
+bench: ## benchmark Sluice against peers (see bench/README.md)
+	$(CARGO) run --release -p sluice-bench --
+
+faults: ## slow fault-injection tests (opt-in)
+	SLUICE_SLOW_TESTS=1 $(CARGO) test --workspace --release -- --include-ignored
