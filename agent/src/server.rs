@@ -1,1 +1,250 @@
 //! Binds the gRPC and metrics listeners, serves, and drains on shutdown.
+//!
+//! [`run`] takes already-bound listeners, an open broker and the shutdown trigger as a future,
+//! so tests and `sluice local` drive it the same way the binary does. Shutdown order matters:
+//! health goes NOT_SERVING first (load balancers and probes stop sending), then streams are told
+//! to wind down while tonic stops accepting and lets in-flight RPCs finish (their fsyncs
+//! included), and only then is the broker shut down, because draining RPCs still need it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use sluice_proto::v1::admin_server::AdminServer;
+use sluice_proto::v1::consumer_server::ConsumerServer;
+use sluice_proto::v1::publisher_server::PublisherServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::broker::{Broker, BrokerConfig, BrokerError};
+use crate::config::LogConfig;
+use crate::grpc::{
+    AdminService, ConsumerService, MAX_DECODING_MESSAGE_BYTES, PublisherService,
+};
+use crate::metrics::Metrics;
+use crate::shutdown;
+
+/// How long in-flight RPCs and streams get to finish after shutdown begins before the broker
+/// is shut down regardless. Kubernetes' default grace period is 30 s; this leaves headroom.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Errors that stop the agent from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data directory could not be opened or recovered.
+    #[error("cannot open data directory {}: {source}", path.display())]
+    OpenBroker {
+        /// The data directory.
+        path: PathBuf,
+        /// What the broker reported.
+        #[source]
+        source: BrokerError,
+    },
+    /// The reflection service could not load the descriptor set.
+    #[error("building the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The metrics server failed.
+    #[error("metrics server on {addr}: {source}")]
+    Metrics {
+        /// Its address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An agent with its listeners bound and its broker open, ready to [`run`](Agent::run).
+pub struct Agent {
+    listener: TcpListener,
+    metrics_listener: TcpListener,
+    broker: Arc<Broker>,
+}
+
+impl Agent {
+    /// Binds both listeners, then opens (recovering) the broker on `data_dir`.
+    pub async fn start(
+        data_dir: PathBuf,
+        log: LogConfig,
+        listen: SocketAddr,
+        metrics_listen: SocketAddr,
+    ) -> Result<Self, ServerError> {
+        let bind = |addr| async move {
+            TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+        };
+        let listener = bind(listen).await?;
+        let metrics_listener = bind(metrics_listen).await?;
+        let broker = Broker::open(BrokerConfig { data_dir: data_dir.clone(), log })
+            .await
+            .map_err(|source| ServerError::OpenBroker { path: data_dir, source })?;
+        Ok(Self { listener, metrics_listener, broker })
+    }
+
+    /// The bound gRPC address (with the real port when 0 was asked for).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or_else(|_| unspecified())
+    }
+
+    /// The bound metrics address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_listener.local_addr().unwrap_or_else(|_| unspecified())
+    }
+
+    /// The machine-readable line announcing both addresses, which tests (and scripts using
+    /// port 0) parse: `sluice-agent listening grpc=<addr> metrics=<addr>`.
+    pub fn listening_line(&self) -> String {
+        format!(
+            "sluice-agent listening grpc={} metrics={}",
+            self.grpc_addr(),
+            self.metrics_addr()
+        )
+    }
+
+    /// Serves until `shutdown` resolves, then drains (see [`run`]).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        run(self.listener, self.metrics_listener, self.broker, shutdown).await
+    }
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+/// State of the HTTP endpoints.
+#[derive(Clone)]
+struct Http {
+    broker: Arc<Broker>,
+    metrics: Arc<Metrics>,
+    serving: Arc<AtomicBool>,
+}
+
+/// Serves the public API on `listener` and `/metrics` + `/healthz` on `metrics_listener` until
+/// `shutdown` resolves; then drains and shuts the broker down.
+pub async fn run(
+    listener: TcpListener,
+    metrics_listener: TcpListener,
+    broker: Arc<Broker>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let metrics = Arc::new(Metrics::new());
+    let serving = Arc::new(AtomicBool::new(true));
+    let (trigger, observer) = shutdown::channel();
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AdminServer<AdminService>>().await;
+    health.set_serving::<PublisherServer<PublisherService>>().await;
+    health.set_serving::<ConsumerServer<ConsumerService>>().await;
+    health.set_service_status("", ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let admin = AdminService::new(broker.clone(), metrics.clone());
+    let publisher = PublisherService::new(broker.clone(), metrics.clone(), observer.clone());
+    let consumer = ConsumerService::new(broker.clone(), metrics.clone(), observer.clone());
+
+    let http = Http { broker: broker.clone(), metrics: metrics.clone(), serving: serving.clone() };
+    let metrics_addr = metrics_listener.local_addr().unwrap_or_else(|_| unspecified());
+    let app = axum::Router::new()
+        .route("/metrics", get(scrape))
+        .route("/healthz", get(healthz))
+        .with_state(http);
+    let mut http_stop = observer.clone();
+    let (http_done_tx, http_done_rx) = tokio::sync::oneshot::channel::<()>();
+    let http_server = tokio::spawn(async move {
+        // The metrics port stays up through the drain so probes and scrapes can watch it; it
+        // stops once the broker is down (`http_done`).
+        let stop = async move {
+            http_stop.recv().await;
+            let _ = http_done_rx.await;
+        };
+        axum::serve(metrics_listener, app).with_graceful_shutdown(stop).await
+    });
+
+    let begun = Arc::new(tokio::sync::Notify::new());
+    let on_shutdown = {
+        let begun = begun.clone();
+        let health = health.clone();
+        let serving = serving.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("draining: health NOT_SERVING, finishing in-flight requests");
+            serving.store(false, Ordering::SeqCst);
+            health.set_service_status("", ServingStatus::NotServing).await;
+            health.set_not_serving::<AdminServer<AdminService>>().await;
+            health.set_not_serving::<PublisherServer<PublisherService>>().await;
+            health.set_not_serving::<ConsumerServer<ConsumerService>>().await;
+            trigger.fire();
+            begun.notify_one();
+        }
+    };
+
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(AdminServer::new(admin).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES))
+        .add_service(
+            PublisherServer::new(publisher).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
+        )
+        .add_service(
+            ConsumerServer::new(consumer).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown);
+    tokio::pin!(grpc);
+    let drain_deadline = async {
+        begun.notified().await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    let served = tokio::select! {
+        result = &mut grpc => result.map_err(ServerError::from),
+        _ = drain_deadline => {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "drain timed out; closing remaining streams");
+            Ok(())
+        }
+    };
+
+    broker.shutdown().await;
+    tracing::info!("broker shut down");
+    let _ = http_done_tx.send(());
+    let http_result = match http_server.await {
+        Ok(result) => result.map_err(|source| ServerError::Metrics { addr: metrics_addr, source }),
+        // The HTTP task only ends by panicking if axum does; report it as an I/O failure.
+        Err(join) => Err(ServerError::Metrics { addr: metrics_addr, source: std::io::Error::other(join) }),
+    };
+    served.and(http_result)
+}
+
+async fn scrape(State(http): State<Http>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let body = http.metrics.scrape(&http.broker);
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        body,
+    )
+}
+
+async fn healthz(State(http): State<Http>) -> (StatusCode, &'static str) {
+    if http.serving.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    }
+}

@@ -1,0 +1,268 @@
+//! A subscription over the `Consume` stream, with settles batched on the wire.
+//!
+//! [`Consumer::ack`] and friends only queue the tag; a batcher task sends one settle frame per
+//! run of same-action tags once [`SETTLE_BATCH_MAX`] are queued or [`SETTLE_LINGER`] has passed
+//! since the first, so a consumer acking one message at a time still costs the agent one fsync
+//! per batch, not per message. [`Consumer::flush`] sends what is queued and waits until every
+//! settle sent so far is durable, returning the tags that failed.
+
+use std::time::Duration;
+
+use sluice_proto::v1::consume_request::Request as Frame;
+use sluice_proto::v1::consume_response::Response as In;
+use sluice_proto::v1::consumer_client::ConsumerClient;
+use sluice_proto::v1::{
+    ConsumeRequest, ConsumeResponse, Delivery, DeliveryTag, Settle, SettleAction, SettleOutcome,
+    SettleResult, Subscribe,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+use crate::error::{Error, Result};
+
+/// Most tags in one settle frame sent by the batcher.
+pub const SETTLE_BATCH_MAX: usize = 1024;
+
+/// How long a queued settle waits for company before it is sent anyway.
+pub const SETTLE_LINGER: Duration = Duration::from_millis(1);
+
+/// Request frames buffered toward the agent.
+const REQUEST_BUFFER: usize = 64;
+
+enum Op {
+    Settle { action: SettleAction, tag: DeliveryTag, delay_ms: u64 },
+    Flush(oneshot::Sender<Result<Vec<SettleOutcome>>>),
+}
+
+/// An open subscription. Dropping it ends the stream; the agent then redelivers whatever this
+/// consumer had not settled.
+pub struct Consumer {
+    deliveries: mpsc::UnboundedReceiver<Result<Delivery>>,
+    ops: mpsc::UnboundedSender<Op>,
+    reader: JoinHandle<()>,
+    batcher: JoinHandle<()>,
+}
+
+impl Consumer {
+    /// Opens a `Consume` stream and subscribes to `queue`.
+    pub(crate) async fn subscribe(
+        mut client: ConsumerClient<Channel>,
+        queue: &str,
+        prefetch: u32,
+        consumer_name: &str,
+    ) -> Result<Self> {
+        let (requests, rx) = mpsc::channel(REQUEST_BUFFER);
+        let subscribe = Subscribe {
+            queue: queue.to_owned(),
+            prefetch,
+            consumer_name: consumer_name.to_owned(),
+        };
+        // Queued before the call: the agent reads the subscribe before it answers the headers.
+        requests
+            .send(ConsumeRequest { sequence: 0, request: Some(Frame::Subscribe(subscribe)) })
+            .await
+            .map_err(|_| Error::Closed("consume"))?;
+        let responses = client.consume(ReceiverStream::new(rx)).await?.into_inner();
+        let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
+        let (results_tx, results) = mpsc::unbounded_channel();
+        let (ops, ops_rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_responses(responses, deliveries_tx, results_tx));
+        let batcher = tokio::spawn(Batcher::new(requests).run(ops_rx, results));
+        Ok(Self { deliveries, ops, reader, batcher })
+    }
+
+    /// The next delivery; `Ok(None)` when the agent ended the subscription cleanly (shutdown or
+    /// queue deleted). Waits while this consumer holds `prefetch` unsettled deliveries.
+    pub async fn next(&mut self) -> Result<Option<Delivery>> {
+        self.deliveries.recv().await.transpose()
+    }
+
+    /// Queues an ack: the message is done.
+    pub fn ack(&self, tag: DeliveryTag) -> Result<()> {
+        self.settle(SettleAction::Ack, tag, Duration::ZERO)
+    }
+
+    /// Queues a nack: make the message ready again after `delay` (zero: now).
+    pub fn nack(&self, tag: DeliveryTag, delay: Duration) -> Result<()> {
+        self.settle(SettleAction::Nack, tag, delay)
+    }
+
+    /// Queues an extend: still working; restart the ack timeout (or set it to `timeout`).
+    pub fn extend(&self, tag: DeliveryTag, timeout: Duration) -> Result<()> {
+        self.settle(SettleAction::Extend, tag, timeout)
+    }
+
+    /// Queues a reject: move the message to the dead-letter queue (or discard it).
+    pub fn reject(&self, tag: DeliveryTag) -> Result<()> {
+        self.settle(SettleAction::Reject, tag, Duration::ZERO)
+    }
+
+    /// Queues any settle action for one tag.
+    pub fn settle(&self, action: SettleAction, tag: DeliveryTag, delay: Duration) -> Result<()> {
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.ops.send(Op::Settle { action, tag, delay_ms }).map_err(|_| Error::Closed("consume"))
+    }
+
+    /// Sends every queued settle and waits until all settles sent so far are durable; returns
+    /// the tags that failed since the previous flush.
+    pub async fn flush(&self) -> Result<Vec<SettleOutcome>> {
+        let (tx, rx) = oneshot::channel();
+        self.ops.send(Op::Flush(tx)).map_err(|_| Error::Closed("consume"))?;
+        rx.await.map_err(|_| Error::Closed("consume"))?
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        // Aborting both tasks drops the request sender and the response stream, which resets
+        // the RPC: the agent sees the consumer gone.
+        self.reader.abort();
+        self.batcher.abort();
+    }
+}
+
+/// Splits the response stream into deliveries and settle results.
+async fn read_responses(
+    mut responses: Streaming<ConsumeResponse>,
+    deliveries: mpsc::UnboundedSender<Result<Delivery>>,
+    results: mpsc::UnboundedSender<Result<SettleResult, tonic::Status>>,
+) {
+    loop {
+        match responses.message().await {
+            Ok(Some(ConsumeResponse { response: Some(In::Delivery(delivery)) })) => {
+                let _ = deliveries.send(Ok(delivery));
+            }
+            Ok(Some(ConsumeResponse { response: Some(In::Settled(result)) })) => {
+                let _ = results.send(Ok(result));
+            }
+            // A frame from a newer server with a kind this client does not know: skip it.
+            Ok(Some(ConsumeResponse { response: None })) => {}
+            Ok(None) => return,
+            Err(status) => {
+                let _ = deliveries.send(Err(Error::Status(status.clone())));
+                let _ = results.send(Err(status));
+                return;
+            }
+        }
+    }
+}
+
+/// Groups queued settles into frames and tracks which frames are durable.
+struct Batcher {
+    requests: mpsc::Sender<ConsumeRequest>,
+    /// The run of same-action tags being collected, and when it must go out.
+    batch: Option<(SettleAction, u64, Vec<DeliveryTag>, Instant)>,
+    /// Sequence of the last settle frame sent (0 = none; 0 is the subscribe frame).
+    sent: u64,
+    /// Sequence of the last settle frame answered; answers come in order.
+    answered: u64,
+    /// Failed tags not yet handed to a flush.
+    failures: Vec<SettleOutcome>,
+    /// Flushes waiting for `answered` to reach their sequence.
+    flushes: Vec<(u64, oneshot::Sender<Result<Vec<SettleOutcome>>>)>,
+    /// Why the stream ended, once it has.
+    ended: Option<tonic::Status>,
+}
+
+impl Batcher {
+    fn new(requests: mpsc::Sender<ConsumeRequest>) -> Self {
+        Self {
+            requests,
+            batch: None,
+            sent: 0,
+            answered: 0,
+            failures: Vec::new(),
+            flushes: Vec::new(),
+            ended: None,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut ops: mpsc::UnboundedReceiver<Op>,
+        mut results: mpsc::UnboundedReceiver<Result<SettleResult, tonic::Status>>,
+    ) {
+        let mut results_open = true;
+        loop {
+            let linger_until = self.batch.as_ref().map(|b| b.3);
+            tokio::select! {
+                op = ops.recv() => match op {
+                    // The consumer is gone (its Drop aborts us anyway).
+                    None => return,
+                    Some(Op::Settle { action, tag, delay_ms }) => self.queue(action, tag, delay_ms).await,
+                    Some(Op::Flush(reply)) => {
+                        self.send_batch().await;
+                        self.flushes.push((self.sent, reply));
+                        self.answer_flushes();
+                    }
+                },
+                _ = tokio::time::sleep_until(linger_until.unwrap_or_else(Instant::now)), if linger_until.is_some() => {
+                    self.send_batch().await;
+                }
+                result = results.recv(), if results_open => match result {
+                    Some(Ok(result)) => {
+                        self.answered = result.sequence;
+                        self.failures.extend(result.failures);
+                        self.answer_flushes();
+                    }
+                    Some(Err(status)) => {
+                        results_open = false;
+                        self.ended = Some(status);
+                        self.answer_flushes();
+                    }
+                    None => {
+                        results_open = false;
+                        self.ended.get_or_insert(tonic::Status::unavailable("consume stream closed"));
+                        self.answer_flushes();
+                    }
+                },
+            }
+        }
+    }
+
+    async fn queue(&mut self, action: SettleAction, tag: DeliveryTag, delay_ms: u64) {
+        let same_run = matches!(&self.batch, Some((a, d, _, _)) if *a == action && *d == delay_ms);
+        if !same_run {
+            self.send_batch().await;
+        }
+        let (_, _, tags, _) = self
+            .batch
+            .get_or_insert_with(|| (action, delay_ms, Vec::new(), Instant::now() + SETTLE_LINGER));
+        tags.push(tag);
+        if tags.len() >= SETTLE_BATCH_MAX {
+            self.send_batch().await;
+        }
+    }
+
+    async fn send_batch(&mut self) {
+        let Some((action, delay_ms, tags, _)) = self.batch.take() else { return };
+        if self.ended.is_some() {
+            return; // Flushes report the end; these tags can no longer be settled here.
+        }
+        self.sent += 1;
+        let settle = Settle { action: action as i32, tags, delay_ms };
+        let frame = ConsumeRequest { sequence: self.sent, request: Some(Frame::Settle(settle)) };
+        if self.requests.send(frame).await.is_err() {
+            self.ended.get_or_insert(tonic::Status::unavailable("consume stream closed"));
+        }
+    }
+
+    fn answer_flushes(&mut self) {
+        let answered = self.answered;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flushes)
+            .into_iter()
+            .partition(|(upto, _)| *upto <= answered || self.ended.is_some());
+        self.flushes = waiting;
+        for (upto, reply) in ready {
+            let answer = match &self.ended {
+                Some(status) if upto > answered => Err(Error::Status(status.clone())),
+                _ => Ok(std::mem::take(&mut self.failures)),
+            };
+            let _ = reply.send(answer);
+        }
+    }
+}
