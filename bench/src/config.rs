@@ -1,0 +1,144 @@
+//! Command-line flags of `sluice-bench`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// A system the harness can measure besides Sluice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Peer {
+    /// RabbitMQ: a quorum queue and a classic durable queue, publisher confirms.
+    Rabbitmq,
+    /// NATS JetStream: a file-storage stream.
+    Nats,
+    /// Redis streams with `appendfsync always`.
+    Redis,
+}
+
+/// Measure Sluice (and peers, in the same run) and print a Markdown table.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sluice-bench", version, about)]
+pub struct Args {
+    /// Messages published (and then consumed) in the throughput phases.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub messages: u64,
+
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+
+    /// Concurrent producers, each on its own connection (channel, stream).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub producers: u32,
+
+    /// Concurrent consumers, each on its own connection.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub consumers: u32,
+
+    /// Messages per publish batch (one stream frame, one pipeline, one run of publishes whose
+    /// confirms are awaited together).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch: u32,
+
+    /// Unconfirmed batches each producer keeps in flight.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub window: u32,
+
+    /// Unacked deliveries each consumer may hold (prefetch / max ack pending).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub prefetch: u32,
+
+    /// Open-loop publish rate of the latency phase in messages/s. Default: half of each
+    /// system's own measured publish throughput.
+    #[arg(long)]
+    pub latency_rate: Option<u64>,
+
+    /// Length of the latency phase in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub latency_secs: u64,
+
+    /// Peers measured in the same run, comma-separated; `--peers none` measures Sluice only.
+    #[arg(long, value_delimiter = ',', default_value = "rabbitmq,nats,redis", value_parser = parse_peer)]
+    pub peers: Vec<Option<Peer>>,
+
+    /// Skip Sluice (measure peers only).
+    #[arg(long)]
+    pub no_sluice: bool,
+
+    /// The `sluice-agent` binary. Default: next to this binary (`target/release/sluice-agent`).
+    #[arg(long, env = "SLUICE_AGENT_BIN")]
+    pub agent_bin: Option<PathBuf>,
+
+    /// Backlog mode: instead of the throughput/latency table, publish this many messages,
+    /// report server memory while the backlog is held, then (with `--drain`) consume it.
+    #[arg(long)]
+    pub backlog: Option<u64>,
+
+    /// Seconds to hold the backlog while sampling memory.
+    #[arg(long, default_value_t = 5)]
+    pub hold_secs: u64,
+
+    /// In backlog mode, consume and ack the whole backlog afterwards and report the rate.
+    #[arg(long)]
+    pub drain: bool,
+
+    /// Upper bound in seconds for any single phase; a system that exceeds it is reported as
+    /// failed rather than hanging the run.
+    #[arg(long, default_value_t = 600)]
+    pub phase_timeout_secs: u64,
+
+    /// Keep server data directories and logs (printed at the end) instead of deleting them.
+    #[arg(long)]
+    pub keep_data: bool,
+}
+
+impl Args {
+    /// The peers asked for, without duplicates, in the order given.
+    pub fn selected_peers(&self) -> Vec<Peer> {
+        let mut peers = Vec::new();
+        for peer in self.peers.iter().flatten() {
+            if !peers.contains(peer) {
+                peers.push(*peer);
+            }
+        }
+        peers
+    }
+}
+
+/// `none` selects no peer; anything else must name one.
+fn parse_peer(value: &str) -> Result<Option<Peer>, String> {
+    if value.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    Peer::from_str(value, true).map(Some).map_err(|_| {
+        format!("unknown peer {value:?}; expected rabbitmq, nats, redis or none")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_default_to_all_three_in_order() {
+        let args = Args::try_parse_from(["sluice-bench"]).expect("defaults parse");
+        assert_eq!(args.selected_peers(), vec![Peer::Rabbitmq, Peer::Nats, Peer::Redis]);
+    }
+
+    #[test]
+    fn peers_none_selects_no_peer() {
+        let args = Args::try_parse_from(["sluice-bench", "--peers", "none"]).expect("parses");
+        assert!(args.selected_peers().is_empty());
+    }
+
+    #[test]
+    fn an_unknown_peer_is_refused_with_its_name() {
+        let err = Args::try_parse_from(["sluice-bench", "--peers", "kafka"]).expect_err("refused");
+        assert!(err.to_string().contains("kafka"), "{err}");
+    }
+
+    #[test]
+    fn zero_messages_is_refused() {
+        assert!(Args::try_parse_from(["sluice-bench", "--messages", "0"]).is_err());
+    }
+}
