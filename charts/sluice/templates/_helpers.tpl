@@ -53,6 +53,11 @@ app.kubernetes.io/part-of: sluice
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
+{{/* Image of the agents for MessageQueues that do not set spec.image; same version as the operator. */}}
+{{- define "sluice.agentImage" -}}
+{{- printf "%s:%s" .Values.agentImage.repository (default .Chart.AppVersion .Values.agentImage.tag) -}}
+{{- end -}}
+
 {{/* True (non-empty) when the operator watches a single namespace. */}}
 {{- define "sluice.namespaced" -}}
 {{- if .Values.watchNamespace -}}true{{- end -}}

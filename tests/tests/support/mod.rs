@@ -1,0 +1,69 @@
+//! Helpers shared by the chart, manifest and image tests.
+//!
+//! Each test binary (`chart`, `manifests`, `images`) uses a different subset of these helpers, so
+//! unused-item warnings in one binary say nothing about the others.
+#![allow(dead_code)]
+
+pub mod crd_schema;
+pub mod dockerfile;
+pub mod helm;
+pub mod kube_validate;
+pub mod manifest;
+pub mod operator_flags;
+pub mod rbac;
+
+use std::path::{Path, PathBuf};
+
+/// Environment variable that turns a missing tool from "skipped" into a failure (CI sets it).
+pub const REQUIRE_TOOLS_ENV: &str = "SLUICE_REQUIRE_TOOLS";
+
+/// Kubernetes version every manifest is validated against (the oldest the project supports is
+/// older, but the schemas of 1.34 are what the operator's k8s-openapi feature targets).
+pub const KUBERNETES_VERSION: &str = "1.34.0";
+
+/// Root of the repository (the workspace), whatever directory the test runs in.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Finds an executable on `PATH` or in the places `.ci/install-tools` installs to.
+pub fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let home_bin = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/bin"));
+    std::env::split_paths(&path)
+        .chain(home_bin)
+        .chain([PathBuf::from("/usr/local/bin")])
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The tool, or `None` after printing why the calling test is skipped. Panics instead when
+/// [`REQUIRE_TOOLS_ENV`] is `1`, so CI cannot pass by skipping.
+pub fn tool_or_skip(name: &str, test: &str) -> Option<PathBuf> {
+    if let Some(found) = find_tool(name) {
+        return Some(found);
+    }
+    let message = format!(
+        "{test}: `{name}` is not installed (run .ci/install-tools to install helm, kubectl and \
+         kubernetes-validate)"
+    );
+    if std::env::var(REQUIRE_TOOLS_ENV).as_deref() == Ok("1") {
+        panic!("{message}; {REQUIRE_TOOLS_ENV}=1 forbids skipping");
+    }
+    eprintln!("skipped: {message}");
+    None
+}
+
+/// Reads a file of the repository as text, naming it when it cannot.
+pub fn read_repo_file(relative: &str) -> String {
+    let path = repo_root().join(relative);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
