@@ -1,9 +1,10 @@
-//! Compiles `sluice/v1/*.proto` with protox (pure Rust), so no system `protoc` is needed.
+//! Compiles `sluice/v1/*.proto` and the internal `sluice/storage/v1/*.proto` with protox (pure
+//! Rust), so no system `protoc` is needed.
 
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["sluice/v1/sluice.proto"];
+    let protos = ["sluice/v1/sluice.proto", "sluice/storage/v1/log.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -4,14 +4,27 @@
 //! publishes to partitions, and hands out [`Subscription`]s. It speaks in `sluice.v1` protobuf
 //! types so the gRPC layer is a thin translation; [`BrokerError`] carries the gRPC code.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
 
+use prost::Message as _;
 use sluice_proto::v1::{
     Confirm, Delivery, GetQueueStatsResponse, Message, QueueSpec, Settle, SettleOutcome,
 };
+use tokio::task::JoinHandle;
 
-use crate::log::LogError;
+use crate::layout::Layout;
+use crate::log::{LogError, LogStore};
+use crate::queue::clock::{Clock, SystemClock};
+use crate::queue::consumer::ConsumerSlot;
+use crate::queue::partition::Partition;
+use crate::queue::queue::Queue;
+use crate::queue::spec::{difference, effective_spec, validate_name};
+use crate::queue::state::DisposalItem;
 
 /// Errors of broker operations, each mapping to one gRPC status code.
 #[derive(Debug, thiserror::Error)]
@@ -77,15 +90,76 @@ pub struct BrokerConfig {
     pub log: crate::config::LogConfig,
 }
 
+/// Most messages in one publish call.
+pub const PUBLISH_BATCH_MAX: usize = 10_000;
+/// Prefetch when a subscription asks for 0.
+pub const PREFETCH_DEFAULT: u32 = 100;
+/// Largest prefetch.
+pub const PREFETCH_MAX: u32 = 10_000;
+/// Most deliveries a subscription takes from a partition at once (one `Deliver` command).
+const TAKE_BATCH_MAX: usize = 256;
+/// Longest the timer task sleeps without a known deadline: bounds how late a TTL head sweep or
+/// segment purge runs on an idle queue.
+const TIMER_IDLE_MS: u64 = 250;
+/// Shortest pause between timer passes, so a busy queue is not ticked on every delivery.
+const TIMER_MIN_MS: u64 = 5;
+
+/// Opens the log of one partition directory. The broker uses `FileLog`; tests substitute
+/// in-memory logs that survive a "restart" of the broker.
+pub trait LogOpener: Send + Sync + 'static {
+    /// Opens (recovering) or creates the log in `dir`.
+    fn open(&self, dir: &Path) -> Result<Arc<dyn LogStore>, LogError>;
+}
+
+/// What a broker is built from besides its config; [`Broker::open`] uses the defaults.
+#[derive(Clone)]
+pub struct BrokerOptions {
+    /// Time source of every queue.
+    pub clock: Arc<dyn Clock>,
+    /// How partition logs are opened.
+    pub logs: Arc<dyn LogOpener>,
+    /// Run one timer task per queue (ack deadlines, delays, TTL, dead-lettering, purging).
+    /// Tests driving time by hand turn it off and call [`Broker::tick`].
+    pub timers: bool,
+}
+
 /// All queues of this agent.
 pub struct Broker {
-    // Owned by the queue work.
+    layout: Layout,
+    options: BrokerOptions,
+    /// Held for the broker's life: the OS lock keeps other agents off the directory.
+    _lock: std::fs::File,
+    /// Queues by name; the map is only changed under `admin`.
+    queues: RwLock<BTreeMap<String, Arc<Queue>>>,
+    /// Serialises declare and delete (they touch the disk and the DLQ relation).
+    admin: tokio::sync::Mutex<()>,
+    shutting_down: AtomicBool,
+    next_consumer: AtomicU64,
+    /// Timer task per queue.
+    timers: Mutex<Vec<JoinHandle<()>>>,
+    /// Handed to subscriptions and timer tasks.
+    me: Weak<Broker>,
 }
 
 /// A consumer's open subscription. Dropping it ends the consumer: its unsettled deliveries are
 /// made ready again (redelivered to other consumers).
 pub struct Subscription {
-    // Owned by the queue work.
+    broker: Arc<Broker>,
+    queue: Arc<Queue>,
+    slot: Arc<ConsumerSlot>,
+    /// Deliveries taken in one batch and not yet returned by `next` (already in flight).
+    buffer: VecDeque<Delivery>,
+    /// Partition to try first (round-robin across partitions).
+    next_partition: usize,
+}
+
+fn io_error(op: &'static str, path: &Path, source: std::io::Error) -> BrokerError {
+    BrokerError::Storage(LogError::Io { op, path: path.to_owned(), source })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The guarded values (task handles) stay consistent whatever panicked while holding them.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Broker {
@@ -93,32 +167,290 @@ impl Broker {
     /// needed. Fails when the directory is unusable or locked by another agent; a partition
     /// whose log is corrupted is kept offline and its queue answers FAILED_PRECONDITION.
     pub async fn open(config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
-        let _ = config;
-        todo!()
+        let options = BrokerOptions {
+            clock: Arc::new(SystemClock),
+            logs: Arc::new(FileLogOpener { config: config.log }),
+            timers: true,
+        };
+        Self::open_with(config, options).await
+    }
+
+    /// [`Broker::open`] with a chosen clock, log backend and timer mode.
+    pub async fn open_with(config: BrokerConfig, options: BrokerOptions) -> Result<Arc<Broker>, BrokerError> {
+        let layout = Layout::new(&config.data_dir);
+        std::fs::create_dir_all(layout.queues_dir()).map_err(|e| io_error("create", &layout.queues_dir(), e))?;
+        let lock_path = layout.lock_file();
+        let lock_file = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| io_error("open", &lock_path, e))?;
+        match lock_file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "data directory {} is in use by another agent (lock {} is held)",
+                    layout.root().display(),
+                    lock_path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_error("lock", &lock_path, e)),
+        }
+        let mut queues = BTreeMap::new();
+        let dir = layout.queues_dir();
+        let entries = std::fs::read_dir(&dir).map_err(|e| io_error("list", &dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error("list", &dir, e))?;
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            if !entry.path().is_dir() {
+                continue;
+            }
+            if let Some(queue) = open_queue(&layout, &options, &name) {
+                queues.insert(name, Arc::new(queue));
+            }
+        }
+        let broker = Arc::new_cyclic(|me| Broker {
+            layout,
+            options,
+            _lock: lock_file,
+            queues: RwLock::new(queues),
+            admin: tokio::sync::Mutex::new(()),
+            shutting_down: AtomicBool::new(false),
+            next_consumer: AtomicU64::new(1),
+            timers: Mutex::new(Vec::new()),
+            me: me.clone(),
+        });
+        let all: Vec<Arc<Queue>> = broker.read_queues().values().cloned().collect();
+        for queue in all {
+            broker.start_timer(queue);
+        }
+        Ok(broker)
+    }
+
+    fn read_queues(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Queue>>> {
+        // Map updates are single insert/remove calls; a panic elsewhere cannot half-apply one.
+        self.queues.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_queues(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Queue>>> {
+        self.queues.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn start_timer(&self, queue: Arc<Queue>) {
+        if !self.options.timers || queue.check_online().is_err() {
+            return;
+        }
+        let me = self.me.clone();
+        let clock = self.options.clock.clone();
+        let handle = tokio::spawn(async move {
+            loop {
+                if queue.is_closed() {
+                    break;
+                }
+                let next = {
+                    let Some(broker) = me.upgrade() else { break };
+                    broker.maintain(&queue).await
+                };
+                let now = clock.now_ms();
+                let wait = next.map_or(TIMER_IDLE_MS, |t| t.saturating_sub(now)).clamp(TIMER_MIN_MS, TIMER_IDLE_MS);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                    _ = queue.timer().notified() => {}
+                }
+                // Coalesce bursts of wake-ups (every delivery batch notifies).
+                tokio::time::sleep(Duration::from_millis(TIMER_MIN_MS)).await;
+            }
+        });
+        let mut timers = lock(&self.timers);
+        timers.retain(|h| !h.is_finished());
+        timers.push(handle);
+    }
+
+    /// One timer pass of one queue: deadlines, delays, TTL, dead-lettering, purging. Returns
+    /// when the next pass is due.
+    async fn maintain(&self, queue: &Arc<Queue>) -> Option<u64> {
+        match queue.tick() {
+            Ok((disposals, next)) => {
+                for (partition, items) in disposals {
+                    if let Err(e) = self.dead_letter(queue, &partition, items).await {
+                        tracing::warn!(queue = %queue.spec().name, partition = partition.id(), error = %e, "dead-lettering failed; will retry");
+                    }
+                }
+                next
+            }
+            Err(e) => {
+                tracing::warn!(queue = %queue.spec().name, error = %e, "timer pass failed");
+                None
+            }
+        }
+    }
+
+    /// Runs one timer pass over every queue now (tests with a manual clock call this instead
+    /// of waiting for the timer tasks).
+    pub async fn tick(&self) {
+        let all: Vec<Arc<Queue>> = self.read_queues().values().cloned().collect();
+        for queue in all {
+            if queue.check_online().is_ok() {
+                self.maintain(&queue).await;
+            }
+        }
+    }
+
+    /// Copies messages to the source queue's dead-letter queue durably, then settles them in
+    /// the source. A crash between the two duplicates a message in the DLQ, never loses it.
+    async fn dead_letter(
+        &self,
+        source: &Queue,
+        partition: &Arc<Partition>,
+        items: Vec<DisposalItem>,
+    ) -> Result<(), BrokerError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let result = self.dead_letter_inner(source, partition, &items).await;
+        match result {
+            Ok(failed) => {
+                if !failed.is_empty() {
+                    partition.retry_disposals(failed);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                partition.retry_disposals(items);
+                Err(e)
+            }
+        }
+    }
+
+    /// Returns the items the DLQ refused (to retry).
+    async fn dead_letter_inner(
+        &self,
+        source: &Queue,
+        partition: &Arc<Partition>,
+        items: &[DisposalItem],
+    ) -> Result<Vec<DisposalItem>, BrokerError> {
+        let target = self.dead_letter_target(&source.spec().dead_letter_queue).await?;
+        let mut refused = Vec::new();
+        let mut reasons: Vec<&'static str> = items.iter().map(|i| i.disposal.reason()).collect();
+        reasons.sort_unstable();
+        reasons.dedup();
+        for reason in reasons {
+            let group: Vec<DisposalItem> = items.iter().filter(|i| i.disposal.reason() == reason).cloned().collect();
+            let mut messages = Vec::with_capacity(group.len());
+            for item in &group {
+                let mut message = partition.read_publish(item.message.offset)?.message.unwrap_or_default();
+                // The copy is a fresh message of the DLQ: its delay, TTL and idempotency key
+                // belonged to the source (the DLQ's own TTL applies), and its priority only
+                // counts if the DLQ has priorities.
+                message.delay_ms = 0;
+                message.ttl_ms = 0;
+                message.idempotency_key.clear();
+                if !target.spec().priorities {
+                    message.priority = 0;
+                }
+                messages.push(message);
+            }
+            let confirms = target.publish(messages, Some((&source.spec().name, reason))).await?;
+            let mut done = Vec::with_capacity(group.len());
+            for (item, confirm) in group.into_iter().zip(confirms) {
+                if confirm.code == 0 {
+                    done.push(item);
+                } else {
+                    tracing::warn!(queue = %source.spec().name, dlq = %target.spec().name, offset = item.message.offset, error = %confirm.error, "dead-letter queue refused a message");
+                    refused.push(item);
+                }
+            }
+            let index = partition.settle_dead_lettered(&done)?;
+            partition.wait_durable(index).await?;
+        }
+        source.wake_consumers();
+        Ok(refused)
+    }
+
+    /// The dead-letter queue, created with default settings if missing.
+    async fn dead_letter_target(&self, name: &str) -> Result<Arc<Queue>, BrokerError> {
+        if let Some(queue) = self.read_queues().get(name) {
+            return Ok(queue.clone());
+        }
+        self.declare(QueueSpec { name: name.to_owned(), ..QueueSpec::default() }).await?;
+        self.queue(name)
+    }
+
+    fn check_running(&self) -> Result<(), BrokerError> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(BrokerError::Unavailable("the agent is shutting down".into()));
+        }
+        Ok(())
+    }
+
+    fn queue(&self, name: &str) -> Result<Arc<Queue>, BrokerError> {
+        self.read_queues().get(name).cloned().ok_or_else(|| BrokerError::QueueNotFound { queue: name.to_owned() })
     }
 
     /// Creates a queue or confirms an identical one; returns the spec with defaults filled in
     /// and whether it was created.
     pub async fn declare(&self, spec: QueueSpec) -> Result<(QueueSpec, bool), BrokerError> {
-        let _ = spec;
-        todo!()
+        let spec = effective_spec(&spec)?;
+        self.check_running()?;
+        let _admin = self.admin.lock().await;
+        if let Some(existing) = self.read_queues().get(&spec.name) {
+            return match difference(existing.spec(), &spec) {
+                Some(difference) => Err(BrokerError::QueueExists { queue: spec.name.clone(), difference }),
+                None => Ok((spec, false)),
+            };
+        }
+        let dlq = spec.dead_letter_queue.clone();
+        if !dlq.is_empty() && !self.read_queues().contains_key(&dlq) {
+            let dlq_spec = effective_spec(&QueueSpec { name: dlq, ..QueueSpec::default() })?;
+            self.create_queue(dlq_spec)?;
+        }
+        self.create_queue(spec.clone())?;
+        Ok((spec, true))
+    }
+
+    fn create_queue(&self, spec: QueueSpec) -> Result<(), BrokerError> {
+        let dir = self.layout.queue_dir(&spec.name);
+        std::fs::create_dir_all(&dir).map_err(|e| io_error("create", &dir, e))?;
+        write_spec(&self.layout, &spec)?;
+        let queue = open_partitions(&self.layout, &self.options, spec.clone()).map_err(|reason| {
+            BrokerError::FailedPrecondition(format!("queue {:?} could not be created: {reason}", spec.name))
+        })?;
+        let queue = Arc::new(queue);
+        self.write_queues().insert(spec.name.clone(), queue.clone());
+        self.start_timer(queue);
+        Ok(())
     }
 
     /// Deletes a queue; returns how many messages were discarded.
     pub async fn delete(&self, queue: &str, if_empty: bool) -> Result<u64, BrokerError> {
-        let _ = (queue, if_empty);
-        todo!()
+        validate_name("name", queue)?;
+        let _admin = self.admin.lock().await;
+        let q = self.queue(queue)?;
+        let (messages, _) = q.backlog();
+        if if_empty {
+            q.check_online()?;
+            if messages > 0 {
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "queue {queue:?} still holds {messages} messages"
+                )));
+            }
+        }
+        self.write_queues().remove(queue);
+        q.close();
+        let dir = self.layout.queue_dir(queue);
+        std::fs::remove_dir_all(&dir).map_err(|e| io_error("remove", &dir, e))?;
+        Ok(messages)
     }
 
     /// Every queue's spec, sorted by name.
     pub fn list(&self) -> Vec<QueueSpec> {
-        todo!()
+        self.read_queues().values().map(|q| q.spec().clone()).collect()
     }
 
     /// Counters of one queue.
     pub fn stats(&self, queue: &str) -> Result<GetQueueStatsResponse, BrokerError> {
-        let _ = queue;
-        todo!()
+        self.queue(queue)?.stats()
     }
 
     /// Publishes messages; returns once every accepted message is durable, one confirm per
@@ -129,8 +461,14 @@ impl Broker {
         queue: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<Confirm>, BrokerError> {
-        let _ = (queue, messages);
-        todo!()
+        self.check_running()?;
+        if messages.len() > PUBLISH_BATCH_MAX {
+            return Err(BrokerError::InvalidArgument {
+                field: "messages".into(),
+                reason: format!("{} messages, at most {PUBLISH_BATCH_MAX} per request", messages.len()),
+            });
+        }
+        self.queue(queue)?.publish(messages, None).await
     }
 
     /// Opens a subscription to all partitions of `queue` with at most `prefetch` unsettled
@@ -141,8 +479,27 @@ impl Broker {
         prefetch: u32,
         consumer_name: &str,
     ) -> Result<Subscription, BrokerError> {
-        let _ = (queue, prefetch, consumer_name);
-        todo!()
+        self.check_running()?;
+        let prefetch = if prefetch == 0 { PREFETCH_DEFAULT } else { prefetch };
+        if prefetch > PREFETCH_MAX {
+            return Err(BrokerError::InvalidArgument {
+                field: "subscribe.prefetch".into(),
+                reason: format!("{prefetch} is more than {PREFETCH_MAX}"),
+            });
+        }
+        let q = self.queue(queue)?;
+        q.check_online()?;
+        let broker = self.me.upgrade().ok_or_else(|| BrokerError::Unavailable("the broker is closed".into()))?;
+        let id = self.next_consumer.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(queue, consumer = consumer_name, id, prefetch, "subscribed");
+        q.consumer_joined();
+        Ok(Subscription {
+            broker,
+            queue: q,
+            slot: Arc::new(ConsumerSlot::new(id, prefetch as usize)),
+            buffer: VecDeque::new(),
+            next_partition: 0,
+        })
     }
 
     /// Settles deliveries of `queue` by tag, from any holder; returns once durable, listing
@@ -152,13 +509,50 @@ impl Broker {
         queue: &str,
         settle: Settle,
     ) -> Result<Vec<SettleOutcome>, BrokerError> {
-        let _ = (queue, settle);
-        todo!()
+        let q = self.queue(queue)?;
+        self.settle_on(&q, settle).await
+    }
+
+    async fn settle_on(&self, q: &Arc<Queue>, settle: Settle) -> Result<Vec<SettleOutcome>, BrokerError> {
+        self.check_running()?;
+        let settled = q.settle(&settle)?;
+        for (partition, items) in settled.disposals {
+            self.dead_letter(q, &partition, items).await?;
+        }
+        for (partition, index) in settled.waits {
+            partition.wait_durable(index).await?;
+        }
+        Ok(settled.failures)
     }
 
     /// Stops accepting work and makes everything durable.
     pub async fn shutdown(&self) {
-        todo!()
+        self.shutting_down.store(true, Ordering::Release);
+        let queues: Vec<Arc<Queue>> = self.read_queues().values().cloned().collect();
+        for queue in &queues {
+            queue.close();
+        }
+        let timers: Vec<JoinHandle<()>> = lock(&self.timers).drain(..).collect();
+        for timer in timers {
+            // A timer task only ends by itself; an error here means it panicked, which it
+            // reported already.
+            let _ = timer.await;
+        }
+        for queue in &queues {
+            for partition in queue.partitions() {
+                if let Err(e) = partition.log().sync() {
+                    tracing::error!(queue = %queue.spec().name, partition = partition.id(), error = %e, "final sync failed");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        for queue in self.read_queues().values() {
+            queue.close();
+        }
     }
 }
 
@@ -166,12 +560,128 @@ impl Subscription {
     /// The next delivery; `None` when the broker shuts down or the queue is deleted. Waits
     /// while the consumer holds `prefetch` unsettled deliveries.
     pub async fn next(&mut self) -> Option<Delivery> {
-        todo!()
+        loop {
+            if let Some(delivery) = self.buffer.pop_front() {
+                return Some(delivery);
+            }
+            if self.queue.is_closed() || self.broker.shutting_down.load(Ordering::Acquire) {
+                return None;
+            }
+            // Register for wake-ups before looking, so a publish or settle between the look
+            // and the wait is not missed.
+            let notified = self.queue.notify().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let free = self.slot.free();
+            if free > 0 {
+                match self.queue.take(&self.slot, free.min(TAKE_BATCH_MAX), &mut self.next_partition) {
+                    Ok(deliveries) if !deliveries.is_empty() => {
+                        self.buffer.extend(deliveries);
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(queue = %self.queue.spec().name, error = %e, "delivery failed");
+                    }
+                }
+            }
+            notified.await;
+        }
     }
 
     /// Settles deliveries made to this subscription; returns once durable, listing failures.
     pub async fn settle(&self, settle: Settle) -> Result<Vec<SettleOutcome>, BrokerError> {
-        let _ = settle;
-        todo!()
+        self.broker.settle_on(&self.queue, settle).await
+    }
+
+    /// Deliveries this consumer holds unsettled (including ones taken but not yet returned).
+    pub fn unsettled(&self) -> usize {
+        self.slot.unsettled()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.queue.consumer_left(self.slot.id);
+    }
+}
+
+/// Writes the spec atomically: temp file, fsync, rename, fsync the directory.
+fn write_spec(layout: &Layout, spec: &QueueSpec) -> Result<(), BrokerError> {
+    let path = layout.queue_spec(&spec.name);
+    let tmp = path.with_extension("pb.tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(|e| io_error("create", &tmp, e))?;
+    file.write_all(&spec.encode_to_vec()).map_err(|e| io_error("write", &tmp, e))?;
+    file.sync_all().map_err(|e| io_error("fsync", &tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| io_error("rename", &path, e))?;
+    let dir = layout.queue_dir(&spec.name);
+    std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| io_error("fsync", &dir, e))?;
+    Ok(())
+}
+
+/// Loads one queue directory; `None` for a directory without a spec (a create that crashed
+/// before its spec was written holds no messages).
+fn open_queue(layout: &Layout, options: &BrokerOptions, name: &str) -> Option<Queue> {
+    let path = layout.queue_spec(name);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(dir = %layout.queue_dir(name).display(), "queue directory without spec.pb ignored");
+            return None;
+        }
+        Err(e) => {
+            let spec = QueueSpec { name: name.to_owned(), ..QueueSpec::default() };
+            return Some(Queue::offline(spec, format!("read {}: {e}", path.display())));
+        }
+    };
+    let stored = match QueueSpec::decode(bytes.as_slice()) {
+        Ok(spec) => spec,
+        Err(e) => {
+            let spec = QueueSpec { name: name.to_owned(), ..QueueSpec::default() };
+            return Some(Queue::offline(spec, format!("{} is not a valid QueueSpec: {e}", path.display())));
+        }
+    };
+    let spec = match effective_spec(&stored) {
+        Ok(spec) if spec.name == name => spec,
+        Ok(spec) => {
+            return Some(Queue::offline(spec.clone(), format!("{} names queue {:?}", path.display(), spec.name)));
+        }
+        Err(e) => return Some(Queue::offline(stored, format!("{}: {e}", path.display()))),
+    };
+    Some(match open_partitions(layout, options, spec.clone()) {
+        Ok(queue) => queue,
+        Err(reason) => {
+            tracing::error!(queue = name, %reason, "queue kept offline");
+            Queue::offline(spec, reason)
+        }
+    })
+}
+
+/// Opens every partition of a queue, replaying its log; the error names the partition and,
+/// for corruption, the file and offset.
+fn open_partitions(layout: &Layout, options: &BrokerOptions, spec: QueueSpec) -> Result<Queue, String> {
+    let config = Queue::state_config(&spec);
+    let mut partitions = Vec::with_capacity(spec.partitions as usize);
+    for id in 0..spec.partitions {
+        let dir = layout.partition_dir(&spec.name, id);
+        let log = options.logs.open(&dir).map_err(|e| format!("partition {id}: {e}"))?;
+        let partition = Partition::open(&spec.name, id, log, config, options.clock.clone())
+            .map_err(|e| format!("partition {id}: {e}"))?;
+        partitions.push(Arc::new(partition));
+    }
+    Ok(Queue::new(spec, partitions))
+}
+
+/// Opens `FileLog`s with the broker's storage knobs.
+#[derive(Debug)]
+pub struct FileLogOpener {
+    /// Segment size and fsync policy.
+    pub config: crate::config::LogConfig,
+}
+
+impl LogOpener for FileLogOpener {
+    fn open(&self, dir: &Path) -> Result<Arc<dyn LogStore>, LogError> {
+        let _ = (dir, self.config);
+        Err(LogError::Failed("FileLog is not available yet".into()))
     }
 }

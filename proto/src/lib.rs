@@ -10,5 +10,13 @@ pub mod v1 {
     tonic::include_proto!("sluice.v1");
 }
 
+/// Internal packages (not part of the public API).
+pub mod storage {
+    /// Package `sluice.storage.v1`: the commands stored in a partition's log.
+    pub mod v1 {
+        tonic::include_proto!("sluice.storage.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of all Sluice protos, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));

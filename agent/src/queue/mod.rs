@@ -1,1 +1,26 @@
 //! Delivery semantics of partitions and queues.
+//!
+//! The log is the store: every state change of a partition is a `sluice.storage.v1.LogCommand`
+//! appended to its log (publish, deliver, settle), and the in-memory state is a pure function of
+//! those commands, so a restart (and later a Raft follower) rebuilds it by replay. See
+//! `docs/decisions/0003-delivery-state.md`.
+//!
+//! # Layout
+//! - [`state`]: [`state::PartitionState`], the state machine (apply) plus the leader's dispatch
+//!   bookkeeping (cursors, in-flight deadlines, delays).
+//! - [`partition`]: [`partition::Partition`], the log + state + I/O (append, wait, read bodies).
+//! - [`queue`]: [`queue::Queue`], routing to partitions, competing consumers, stats.
+//! - [`spec`]: validation and defaults of queue specs and messages.
+//! - [`consumer`]: [`consumer::ConsumerSlot`], a subscription's credit.
+//! - [`dedup`], [`rates`], [`clock`]: idempotency window, per-minute rates, injectable time.
+
+pub mod clock;
+pub mod consumer;
+pub mod dedup;
+pub mod partition;
+// The type is `Queue`, the module owns it; `queue::queue::Queue` is the honest name.
+#[allow(clippy::module_inception)]
+pub mod queue;
+pub mod rates;
+pub mod spec;
+pub mod state;

@@ -1,0 +1,528 @@
+//! [`Partition`]: one partition's log, its delivery state behind a lock, and the I/O around it.
+//!
+//! The lock is held only to validate, encode, append and apply a whole batch; waiting for
+//! durability and reading message bodies happen outside it. Every state change goes through
+//! [`Partition::execute`]: append the commands, then apply the same commands, under one lock
+//! hold, so the in-memory state always equals "the log replayed".
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use prost::Message as _;
+use sluice_proto::storage::v1::{
+    DeliverCommand, LogCommand, MessageRef, PublishCommand, SettleCommand, SettleKind, log_command::Command,
+};
+use sluice_proto::v1::{Confirm, Delivery, DeliveryTag, Message, MessageId, SettleAction, SettleOutcome};
+
+use super::clock::Clock;
+use super::consumer::ConsumerSlot;
+use super::state::{Counters, Disposal, DisposalItem, PartitionState, StateConfig};
+use crate::broker::BrokerError;
+use crate::log::{LogError, LogStore};
+
+/// Raft term of every entry on a single agent.
+const TERM: u64 = 1;
+/// Entries read per cursor read-ahead or replay batch.
+const READ_BATCH_ENTRIES: usize = 512;
+/// Bytes read per cursor read-ahead or replay batch.
+const READ_BATCH_BYTES: usize = 1024 * 1024;
+
+/// Limits and routing data a publish batch needs from its queue.
+#[derive(Debug, Clone, Default)]
+pub struct PublishContext {
+    /// Queue default TTL (0 = none).
+    pub message_ttl_ms: u64,
+    /// Backlog limit in messages (0 = none).
+    pub max_backlog_messages: u64,
+    /// Backlog limit in bytes (0 = none).
+    pub max_backlog_bytes: u64,
+    /// Backlog of the queue's other partitions (messages, bytes), counted against the limits.
+    pub others_backlog: (u64, u64),
+    /// For dead-letter copies: source queue name.
+    pub dead_letter_source: String,
+    /// For dead-letter copies: reason.
+    pub dead_letter_reason: String,
+}
+
+/// What a publish under the lock produced.
+#[derive(Debug, Default)]
+pub struct Published {
+    /// (position in the request, confirm).
+    pub confirms: Vec<(usize, Confirm)>,
+    /// Wait until the log is durable past this index before confirming (0 = nothing).
+    pub wait_index: u64,
+    /// Whether new messages were enqueued.
+    pub enqueued: bool,
+}
+
+/// What a settle under the lock produced.
+#[derive(Debug, Default)]
+pub struct Settled {
+    /// Tags that failed.
+    pub failures: Vec<SettleOutcome>,
+    /// Wait until durable past this index (0 = nothing).
+    pub wait_index: u64,
+    /// Messages to dead-letter now (rejects, nacks past `max_deliveries`).
+    pub disposals: Vec<DisposalItem>,
+}
+
+/// What a timer pass produced.
+#[derive(Debug, Default)]
+pub struct Ticked {
+    /// Something became deliverable.
+    pub became_ready: bool,
+    /// Messages to dead-letter.
+    pub disposals: Vec<DisposalItem>,
+    /// Earliest time the next pass is needed.
+    pub next_timer_ms: Option<u64>,
+}
+
+/// One partition of a queue.
+pub struct Partition {
+    /// Queue name (for deliveries and errors).
+    queue: String,
+    /// Partition number.
+    id: u32,
+    log: Arc<dyn LogStore>,
+    state: Mutex<PartitionState>,
+    clock: Arc<dyn Clock>,
+    /// (offset, publish time) of the oldest unsettled message last looked up, so stats do
+    /// not read the log every time.
+    oldest: Mutex<Option<(u64, u64)>>,
+}
+
+impl std::fmt::Debug for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partition").field("queue", &self.queue).field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+/// Why a partition could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The log failed (I/O, or corruption naming the file and offset).
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// An entry passed its checksum but is not a valid command.
+    #[error(transparent)]
+    BadCommand(#[from] super::state::BadCommand),
+}
+
+impl Partition {
+    /// Opens a partition on `log`, rebuilding its state by replaying every retained entry.
+    pub fn open(
+        queue: &str,
+        id: u32,
+        log: Arc<dyn LogStore>,
+        config: StateConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, OpenError> {
+        let first = log.first_index();
+        let mut state = PartitionState::new(config, first);
+        let mut next = first;
+        let end = log.next_index();
+        while next < end {
+            let entries = log.read_range(next, READ_BATCH_ENTRIES, READ_BATCH_BYTES)?;
+            let Some(last) = entries.last() else { break };
+            next = last.index + 1;
+            for entry in &entries {
+                state.apply_entry(entry)?;
+            }
+        }
+        state.finish_replay();
+        Ok(Self { queue: queue.to_owned(), id, log, state: Mutex::new(state), clock, oldest: Mutex::new(None) })
+    }
+
+    /// Partition number.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The partition's log.
+    pub fn log(&self) -> &Arc<dyn LogStore> {
+        &self.log
+    }
+
+    fn state(&self) -> MutexGuard<'_, PartitionState> {
+        // Every mutation of the state runs to completion without panicking on input; if a bug
+        // ever panicked mid-update, continuing with the state is no worse than poisoning every
+        // later request of the partition.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends `commands` and applies them to `state`; returns the index of the last one.
+    fn execute(&self, state: &mut PartitionState, commands: &[LogCommand]) -> Result<u64, LogError> {
+        if commands.is_empty() {
+            return Ok(0);
+        }
+        // One allocation for the whole batch; each entry is a cheap slice of it.
+        let total: usize = commands.iter().map(|c| c.encoded_len()).sum();
+        let mut buf = BytesMut::with_capacity(total);
+        let mut data: Vec<Bytes> = Vec::with_capacity(commands.len());
+        for command in commands {
+            command.encode_raw(&mut buf);
+            data.push(buf.split().freeze());
+        }
+        let first = self.log.append(TERM, &data)?;
+        for (index, command) in (first..).zip(commands) {
+            state.apply(index, command);
+        }
+        Ok(first + commands.len() as u64 - 1)
+    }
+
+    /// Enqueues a batch (already validated) under one lock hold. Duplicates (idempotency key
+    /// seen in the window, or earlier in the batch) are confirmed with the first id; messages
+    /// over the backlog limit get RESOURCE_EXHAUSTED. Confirm only after
+    /// [`Partition::wait_durable`] on `wait_index`.
+    pub fn publish(&self, items: Vec<(usize, Message)>, ctx: &PublishContext) -> Result<Published, BrokerError> {
+        let now = self.clock.now_ms();
+        let mut st = self.state();
+        let (own_messages, own_bytes) = st.backlog();
+        let mut messages = own_messages + ctx.others_backlog.0;
+        let mut bytes = own_bytes + ctx.others_backlog.1;
+        let mut out = Published::default();
+        let mut commands = Vec::with_capacity(items.len());
+        // Positions (in the request) of new messages, parallel to `commands`.
+        let mut positions = Vec::with_capacity(items.len());
+        // Keys first seen in this batch → index into `commands`; and duplicates of them.
+        let mut batch_keys: HashMap<String, usize> = HashMap::new();
+        let mut batch_duplicates: Vec<(usize, usize)> = Vec::new();
+        for (position, message) in items {
+            let key = &message.idempotency_key;
+            if !key.is_empty() {
+                if let Some(offset) = st.dedup(key, now) {
+                    out.wait_index = out.wait_index.max(offset);
+                    out.confirms.push((position, self.confirm(offset, true)));
+                    continue;
+                }
+                if let Some(&first) = batch_keys.get(key) {
+                    batch_duplicates.push((position, first));
+                    continue;
+                }
+            }
+            let size = message.payload.len() as u64;
+            if (ctx.max_backlog_messages > 0 && messages + 1 > ctx.max_backlog_messages)
+                || (ctx.max_backlog_bytes > 0 && bytes + size > ctx.max_backlog_bytes)
+            {
+                out.confirms.push((
+                    position,
+                    Confirm {
+                        code: tonic::Code::ResourceExhausted as i32,
+                        error: format!(
+                            "queue {:?} backlog limit reached ({messages} messages, {bytes} bytes)",
+                            self.queue
+                        ),
+                        ..Confirm::default()
+                    },
+                ));
+                continue;
+            }
+            messages += 1;
+            bytes += size;
+            if !key.is_empty() {
+                batch_keys.insert(key.clone(), commands.len());
+            }
+            commands.push(LogCommand { command: Some(Command::Publish(publish_command(message, now, ctx))) });
+            positions.push(position);
+        }
+        let last = self.execute(&mut st, &commands)?;
+        drop(st);
+        if !commands.is_empty() {
+            let first = last + 1 - commands.len() as u64;
+            out.wait_index = out.wait_index.max(last);
+            out.enqueued = true;
+            for (i, position) in positions.into_iter().enumerate() {
+                out.confirms.push((position, self.confirm(first + i as u64, false)));
+            }
+            for (position, first_of_key) in batch_duplicates {
+                out.confirms.push((position, self.confirm(first + first_of_key as u64, true)));
+            }
+        }
+        Ok(out)
+    }
+
+    fn confirm(&self, offset: u64, duplicate: bool) -> Confirm {
+        Confirm { id: Some(MessageId { partition: self.id, offset }), duplicate, ..Confirm::default() }
+    }
+
+    /// Waits until every entry up to `index` is durable (immediately for 0).
+    pub async fn wait_durable(&self, index: u64) -> Result<(), BrokerError> {
+        if index == 0 {
+            return Ok(());
+        }
+        let mut rx = self.log.durability();
+        let durability = rx
+            .wait_for(|d| d.durable_next > index || d.failure.is_some())
+            .await
+            .map_err(|_| BrokerError::Unavailable(format!("partition {} of {:?} is closed", self.id, self.queue)))?;
+        if durability.durable_next > index {
+            return Ok(());
+        }
+        match &durability.failure {
+            Some(failure) => Err(BrokerError::Storage(LogError::Failed(failure.clone()))),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs the read cursors until every level with unseen messages has read-ahead (reads
+    /// outside the lock).
+    fn fill(&self) -> Result<(), BrokerError> {
+        loop {
+            let request = self.state().fill_request(self.log.first_index());
+            let Some((level, from)) = request else { return Ok(()) };
+            let entries = self.log.read_range(from, READ_BATCH_ENTRIES, READ_BATCH_BYTES)?;
+            if entries.is_empty() {
+                return Ok(());
+            }
+            let now = self.clock.now_ms();
+            self.state().fill(level, &entries, now).map_err(|e| self.corrupted(e.to_string()))?;
+        }
+    }
+
+    fn corrupted(&self, reason: String) -> BrokerError {
+        BrokerError::FailedPrecondition(format!("partition {} of queue {:?}: {reason}", self.id, self.queue))
+    }
+
+    /// Delivers up to `max` messages to `consumer`: records the deliveries in the log (not
+    /// waiting for durability: losing them in a crash only undercounts attempts), then reads
+    /// the bodies of redeliveries outside the lock.
+    pub fn take(&self, max: usize, consumer: &Arc<ConsumerSlot>) -> Result<Vec<Delivery>, BrokerError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        self.fill()?;
+        let now = self.clock.now_ms();
+        let picks = {
+            let mut st = self.state();
+            let picks = st.take(max, now);
+            if !picks.is_empty() {
+                let deliver = DeliverCommand { time_ms: now, messages: picks.iter().map(|p| p.message).collect() };
+                self.execute(&mut st, &[LogCommand { command: Some(Command::Deliver(deliver)) }])?;
+                st.hand_over(&picks, consumer, now);
+            }
+            self.discard_disposals(&mut st, now)?;
+            picks
+        };
+        let mut deliveries = Vec::with_capacity(picks.len());
+        for pick in picks {
+            let publish = match pick.publish {
+                Some(p) => p,
+                None => self.read_publish(pick.message.offset)?,
+            };
+            deliveries.push(self.delivery(pick.message, publish));
+        }
+        Ok(deliveries)
+    }
+
+    fn delivery(&self, message: MessageRef, publish: PublishCommand) -> Delivery {
+        Delivery {
+            id: Some(MessageId { partition: self.id, offset: message.offset }),
+            tag: Some(DeliveryTag { partition: self.id, offset: message.offset, attempt: message.attempt }),
+            message: publish.message,
+            publish_time_ms: publish.publish_time_ms,
+            attempt: message.attempt,
+            queue: self.queue.clone(),
+            dead_letter_source: publish.dead_letter_source,
+            dead_letter_reason: publish.dead_letter_reason,
+        }
+    }
+
+    /// Reads a stored message.
+    pub fn read_publish(&self, offset: u64) -> Result<PublishCommand, BrokerError> {
+        let entry = self
+            .log
+            .read(offset)?
+            .ok_or_else(|| self.corrupted(format!("message at offset {offset} is missing from the log")))?;
+        match LogCommand::decode(entry.data.as_ref()) {
+            Ok(LogCommand { command: Some(Command::Publish(p)) }) => Ok(p),
+            Ok(_) => Err(self.corrupted(format!("log entry {offset} is not a message"))),
+            Err(e) => Err(self.corrupted(format!("log entry {offset} is not a valid command: {e}"))),
+        }
+    }
+
+    /// Without a dead-letter queue, disposals are discarded at once (a settle command each
+    /// kind); with one, they wait for the broker to copy them.
+    fn discard_disposals(&self, st: &mut PartitionState, now: u64) -> Result<(), BrokerError> {
+        if st.config().has_dead_letter_queue {
+            return Ok(());
+        }
+        let items = st.take_disposals();
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut by_kind: HashMap<i32, Vec<MessageRef>> = HashMap::new();
+        for item in items {
+            by_kind.entry(item.disposal.discard_kind() as i32).or_default().push(item.message);
+        }
+        let commands: Vec<LogCommand> = by_kind
+            .into_iter()
+            .map(|(kind, messages)| LogCommand {
+                command: Some(Command::Settle(SettleCommand { time_ms: now, kind, messages, ..Default::default() })),
+            })
+            .collect();
+        self.execute(st, &commands)?;
+        Ok(())
+    }
+
+    /// Applies one settle operation to the tags of this partition. Failed tags change nothing.
+    pub fn settle(&self, action: SettleAction, tags: &[DeliveryTag], delay_ms: u64) -> Result<Settled, BrokerError> {
+        let now = self.clock.now_ms();
+        let mut st = self.state();
+        let mut out = Settled::default();
+        let mut seen = HashSet::new();
+        let mut settled = Vec::new();
+        for tag in tags {
+            if !seen.insert(tag.offset) {
+                out.failures.push(failure(tag, "the same message appears twice in one settle".to_owned()));
+                continue;
+            }
+            let message = match st.check_tag(tag.offset, tag.attempt) {
+                Ok(m) => m,
+                Err(reason) => {
+                    out.failures.push(failure(tag, format!("partition {}: {reason}", self.id)));
+                    continue;
+                }
+            };
+            match action {
+                SettleAction::Extend => {
+                    let timeout = if delay_ms == 0 { st.config().ack_timeout_ms } else { delay_ms };
+                    st.extend(tag.offset, timeout, now);
+                }
+                SettleAction::Nack if st.is_out_of_deliveries(&message) => {
+                    st.dispose(tag.offset, Disposal::MaxDeliveries);
+                }
+                SettleAction::Reject if st.config().has_dead_letter_queue => {
+                    st.dispose(tag.offset, Disposal::Rejected);
+                }
+                _ => settled.push(message),
+            }
+        }
+        if !settled.is_empty() {
+            let (kind, not_before_ms) = match action {
+                SettleAction::Ack => (SettleKind::Ack, 0),
+                SettleAction::Nack => (SettleKind::Nack, if delay_ms == 0 { 0 } else { now.saturating_add(delay_ms) }),
+                _ => (SettleKind::Reject, 0),
+            };
+            let command = SettleCommand { time_ms: now, kind: kind as i32, messages: settled, not_before_ms, reason: String::new() };
+            out.wait_index = self.execute(&mut st, &[LogCommand { command: Some(Command::Settle(command)) }])?;
+        }
+        out.disposals = st.take_disposals();
+        Ok(out)
+    }
+
+    /// Records that `items` were copied durably to the dead-letter queue; returns the index
+    /// to wait on.
+    pub fn settle_dead_lettered(&self, items: &[DisposalItem]) -> Result<u64, BrokerError> {
+        let now = self.clock.now_ms();
+        let mut by_reason: HashMap<&'static str, Vec<MessageRef>> = HashMap::new();
+        for item in items {
+            by_reason.entry(item.disposal.reason()).or_default().push(item.message);
+        }
+        let commands: Vec<LogCommand> = by_reason
+            .into_iter()
+            .map(|(reason, messages)| LogCommand {
+                command: Some(Command::Settle(SettleCommand {
+                    time_ms: now,
+                    kind: SettleKind::DeadLettered as i32,
+                    messages,
+                    not_before_ms: 0,
+                    reason: reason.to_owned(),
+                })),
+            })
+            .collect();
+        let mut st = self.state();
+        Ok(self.execute(&mut st, &commands)?)
+    }
+
+    /// Puts back disposals that could not be dead-lettered, for the next timer pass.
+    pub fn retry_disposals(&self, items: Vec<DisposalItem>) {
+        self.state().retry_disposals(items);
+    }
+
+    /// One timer pass: ack deadlines, due delays, TTL at the head (reading ahead if needed),
+    /// disposals, and deleting segments below the low-water mark.
+    pub fn tick(&self) -> Result<Ticked, BrokerError> {
+        let now = self.clock.now_ms();
+        let mut became_ready = {
+            let mut st = self.state();
+            st.expire_deadlines(now) + st.due(now) > 0
+        };
+        // Read ahead so an idle queue still finds its expired head; bounded by one batch per
+        // level because only empty buffers are filled.
+        self.fill()?;
+        let (disposals, next_timer_ms, low_water) = {
+            let mut st = self.state();
+            st.expire_buffered(now);
+            self.discard_disposals(&mut st, now)?;
+            became_ready |= st.has_ready();
+            (st.take_disposals(), st.next_timer(), st.low_water())
+        };
+        if low_water > self.log.first_index() {
+            self.log.purge_before(low_water)?;
+        }
+        Ok(Ticked { became_ready, disposals, next_timer_ms })
+    }
+
+    /// Makes every delivery held by consumer `id` ready again; returns how many.
+    pub fn release_consumer(&self, id: u64) -> usize {
+        self.state().release_consumer(id)
+    }
+
+    /// Whether a delivery could be made now.
+    pub fn has_ready(&self) -> bool {
+        self.state().has_ready()
+    }
+
+    /// Unsettled messages and bytes.
+    pub fn backlog(&self) -> (u64, u64) {
+        self.state().backlog()
+    }
+
+    /// Counters and the age of the oldest unsettled message.
+    pub fn stats(&self) -> (Counters, u64) {
+        let now = self.clock.now_ms();
+        let (counters, low_water, next) = {
+            let st = self.state();
+            (st.counters(now), st.low_water(), st.next_index())
+        };
+        if low_water >= next {
+            return (counters, 0);
+        }
+        let mut oldest = self.oldest.lock().unwrap_or_else(|p| p.into_inner());
+        let publish_time = match *oldest {
+            Some((offset, time)) if offset == low_water => Some(time),
+            _ => self.read_publish(low_water).ok().map(|p| p.publish_time_ms),
+        };
+        if let Some(time) = publish_time {
+            *oldest = Some((low_water, time));
+        }
+        (counters, publish_time.map_or(0, |t| now.saturating_sub(t)))
+    }
+
+    /// Entries of per-message memory.
+    pub fn tracked_len(&self) -> usize {
+        self.state().tracked_len()
+    }
+}
+
+fn failure(tag: &DeliveryTag, error: String) -> SettleOutcome {
+    SettleOutcome { tag: Some(*tag), code: tonic::Code::FailedPrecondition as i32, error }
+}
+
+/// The stored form of a message accepted at `now`.
+fn publish_command(message: Message, now: u64, ctx: &PublishContext) -> PublishCommand {
+    let ttl = match (message.ttl_ms, ctx.message_ttl_ms) {
+        (0, q) => q,
+        (m, 0) => m,
+        (m, q) => m.min(q),
+    };
+    PublishCommand {
+        publish_time_ms: now,
+        not_before_ms: if message.delay_ms == 0 { 0 } else { now.saturating_add(message.delay_ms) },
+        expires_at_ms: if ttl == 0 { 0 } else { now.saturating_add(ttl) },
+        message: Some(message),
+        dead_letter_source: ctx.dead_letter_source.clone(),
+        dead_letter_reason: ctx.dead_letter_reason.clone(),
+    }
+}

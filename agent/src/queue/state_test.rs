@@ -1,0 +1,299 @@
+//! Unit tests of the partition state machine, driven by commands and explicit times (no log).
+
+use std::sync::Arc;
+
+use sluice_proto::storage::v1::{
+    DeliverCommand, LogCommand, MessageRef, PublishCommand, SettleCommand, SettleKind, log_command::Command,
+};
+use sluice_proto::v1::Message;
+
+use super::*;
+use crate::queue::consumer::ConsumerSlot;
+
+const T0: u64 = 1_000_000;
+
+fn config() -> StateConfig {
+    StateConfig { ack_timeout_ms: 1_000, max_deliveries: 0, has_dead_letter_queue: false, dedup_window_ms: 60_000 }
+}
+
+/// A state plus the log it was built from, so tests can replay it.
+struct Harness {
+    state: PartitionState,
+    log: Vec<Entry>,
+}
+
+impl Harness {
+    fn new(config: StateConfig) -> Self {
+        Self { state: PartitionState::new(config, 1), log: Vec::new() }
+    }
+
+    fn append(&mut self, command: Command) -> u64 {
+        let index = self.log.len() as u64 + 1;
+        let command = LogCommand { command: Some(command) };
+        self.log.push(Entry { index, term: 1, data: command.encode_to_vec().into() });
+        self.state.apply(index, &command);
+        index
+    }
+
+    fn publish(&mut self, publish: PublishCommand) -> u64 {
+        self.append(Command::Publish(publish))
+    }
+
+    fn message(&mut self, payload: &str) -> u64 {
+        self.publish(PublishCommand {
+            message: Some(Message { payload: payload.as_bytes().to_vec(), ..Default::default() }),
+            publish_time_ms: T0,
+            ..Default::default()
+        })
+    }
+
+    /// What a leader does to deliver: fill from its own log, take, record, hand over.
+    fn deliver(&mut self, max: usize, consumer: &Arc<ConsumerSlot>, now: u64) -> Vec<MessageRef> {
+        while let Some((level, from)) = self.state.fill_request(1) {
+            let entries: Vec<Entry> = self.log.iter().filter(|e| e.index >= from).cloned().collect();
+            if entries.is_empty() {
+                break;
+            }
+            self.state.fill(level, &entries, now).expect("valid commands");
+        }
+        let picks = self.state.take(max, now);
+        if picks.is_empty() {
+            return Vec::new();
+        }
+        let messages: Vec<MessageRef> = picks.iter().map(|p| p.message).collect();
+        self.append(Command::Deliver(DeliverCommand { time_ms: now, messages: messages.clone() }));
+        self.state.hand_over(&picks, consumer, now);
+        messages
+    }
+
+    fn settle(&mut self, kind: SettleKind, messages: Vec<MessageRef>, not_before_ms: u64) {
+        self.append(Command::Settle(SettleCommand {
+            time_ms: T0,
+            kind: kind as i32,
+            messages,
+            not_before_ms,
+            reason: String::new(),
+        }));
+    }
+
+    fn replayed(&self) -> PartitionState {
+        let mut state = PartitionState::new(self.state.config(), 1);
+        for entry in &self.log {
+            state.apply_entry(entry).expect("valid commands");
+        }
+        state.finish_replay();
+        state
+    }
+}
+
+fn consumer() -> Arc<ConsumerSlot> {
+    Arc::new(ConsumerSlot::new(1, 1_000))
+}
+
+#[test]
+fn first_deliveries_follow_publish_order_and_acks_move_the_low_water_mark() {
+    let mut h = Harness::new(config());
+    let a = h.message("a");
+    let b = h.message("b");
+    let c = h.message("c");
+    let slot = consumer();
+    let got = h.deliver(2, &slot, T0);
+    assert_eq!(got.iter().map(|m| m.offset).collect::<Vec<_>>(), vec![a, b]);
+    assert!(got.iter().all(|m| m.attempt == 1));
+    assert_eq!(slot.unsettled(), 2);
+    h.settle(SettleKind::Ack, vec![got[1]], 0);
+    assert_eq!(h.state.low_water(), a, "a is still unsettled");
+    h.settle(SettleKind::Ack, vec![got[0]], 0);
+    assert_eq!(h.state.low_water(), c, "everything below c is settled");
+    assert_eq!(slot.unsettled(), 0);
+    let counters = h.state.counters(T0);
+    assert_eq!((counters.ready, counters.in_flight, counters.unsettled), (1, 0, 1));
+}
+
+#[test]
+fn an_expired_deadline_makes_the_message_ready_again_with_the_next_attempt() {
+    let mut h = Harness::new(config());
+    let a = h.message("a");
+    let slot = consumer();
+    let first = h.deliver(10, &slot, T0);
+    assert_eq!(h.state.expire_deadlines(T0 + 999), 0, "not yet");
+    assert_eq!(h.state.expire_deadlines(T0 + 1_000), 1);
+    assert_eq!(slot.unsettled(), 0, "the timed-out delivery no longer counts against prefetch");
+    assert!(h.state.check_tag(a, first[0].attempt).is_err(), "the old tag is stale now");
+    let second = h.deliver(10, &slot, T0 + 1_000);
+    assert_eq!((second[0].offset, second[0].attempt), (a, 2));
+}
+
+#[test]
+fn extend_moves_the_deadline() {
+    let mut h = Harness::new(config());
+    let a = h.message("a");
+    let slot = consumer();
+    h.deliver(1, &slot, T0);
+    h.state.extend(a, 5_000, T0 + 500);
+    assert_eq!(h.state.expire_deadlines(T0 + 1_000), 0, "the first deadline is stale");
+    assert_eq!(h.state.expire_deadlines(T0 + 5_500), 1);
+}
+
+#[test]
+fn a_nack_with_delay_waits_then_redelivers_before_new_messages() {
+    let mut h = Harness::new(config());
+    let a = h.message("a");
+    let slot = consumer();
+    let got = h.deliver(1, &slot, T0);
+    h.settle(SettleKind::Nack, got, T0 + 2_000);
+    let b = h.message("b");
+    assert_eq!(h.state.counters(T0).delayed, 1);
+    let next = h.deliver(1, &slot, T0 + 10);
+    assert_eq!(next[0].offset, b, "a is delayed");
+    assert_eq!(h.state.due(T0 + 1_999), 0);
+    assert_eq!(h.state.due(T0 + 2_000), 1);
+    h.message("c");
+    let again = h.deliver(1, &slot, T0 + 2_000);
+    assert_eq!((again[0].offset, again[0].attempt), (a, 2), "redeliveries come first");
+}
+
+#[test]
+fn replay_keeps_acks_and_attempts_and_makes_in_flight_ready() {
+    let mut h = Harness::new(config());
+    let a = h.message("a");
+    let b = h.message("b");
+    let c = h.message("c");
+    let slot = consumer();
+    let got = h.deliver(2, &slot, T0);
+    h.settle(SettleKind::Ack, vec![got[0]], 0);
+    let mut replayed = h.replayed();
+    let counters = replayed.counters(T0);
+    assert_eq!((counters.unsettled, counters.in_flight), (2, 0));
+    let fresh = consumer();
+    // Drive the replayed state with the same log.
+    let mut h2 = Harness { state: replayed, log: h.log.clone() };
+    let again = h2.deliver(10, &fresh, T0);
+    let offsets: Vec<(u64, u32)> = again.iter().map(|m| (m.offset, m.attempt)).collect();
+    assert_eq!(offsets, vec![(b, 2), (c, 1)], "b was in flight (attempt 2 now), a stays acked");
+    assert!(!offsets.iter().any(|(o, _)| *o == a));
+    replayed = h2.replayed();
+    assert_eq!(replayed.low_water(), b);
+}
+
+#[test]
+fn max_deliveries_sends_the_message_to_disposal_after_the_last_attempt() {
+    let mut h = Harness::new(StateConfig { max_deliveries: 2, has_dead_letter_queue: true, ..config() });
+    let a = h.message("a");
+    let slot = consumer();
+    let first = h.deliver(1, &slot, T0);
+    h.settle(SettleKind::Nack, first, 0);
+    let second = h.deliver(1, &slot, T0);
+    assert_eq!(second[0].attempt, 2);
+    assert!(h.state.is_out_of_deliveries(&second[0]));
+    h.state.expire_deadlines(T0 + 1_000);
+    let disposals = h.state.take_disposals();
+    assert_eq!(disposals.len(), 1);
+    assert_eq!((disposals[0].message.offset, disposals[0].disposal), (a, Disposal::MaxDeliveries));
+    assert!(h.deliver(1, &slot, T0 + 1_000).is_empty(), "a disposing message is never delivered");
+    h.append(Command::Settle(SettleCommand {
+        time_ms: T0,
+        kind: SettleKind::DeadLettered as i32,
+        messages: vec![disposals[0].message],
+        not_before_ms: 0,
+        reason: "max-deliveries".into(),
+    }));
+    let counters = h.state.counters(T0);
+    assert_eq!((counters.dead_lettered, counters.unsettled, counters.in_flight), (1, 0, 0));
+}
+
+#[test]
+fn expired_and_delayed_messages_are_held_back_when_the_cursor_reaches_them() {
+    let mut h = Harness::new(config());
+    let expired = h.publish(PublishCommand {
+        message: Some(Message::default()),
+        publish_time_ms: T0,
+        expires_at_ms: T0 + 10,
+        ..Default::default()
+    });
+    let delayed = h.publish(PublishCommand {
+        message: Some(Message::default()),
+        publish_time_ms: T0,
+        not_before_ms: T0 + 500,
+        ..Default::default()
+    });
+    let slot = consumer();
+    assert!(h.deliver(10, &slot, T0 + 20).is_empty());
+    let disposals = h.state.take_disposals();
+    assert_eq!(disposals.iter().map(|d| d.message.offset).collect::<Vec<_>>(), vec![expired]);
+    assert_eq!(h.state.counters(T0).delayed, 1);
+    assert_eq!(h.state.next_timer(), Some(T0 + 500));
+    h.state.due(T0 + 500);
+    let got = h.deliver(10, &slot, T0 + 500);
+    assert_eq!((got[0].offset, got[0].attempt), (delayed, 1));
+}
+
+#[test]
+fn higher_priorities_are_delivered_first_and_fifo_within_a_priority() {
+    let mut h = Harness::new(config());
+    let mut publish = |p: u32| {
+        h.publish(PublishCommand {
+            message: Some(Message { priority: p, ..Default::default() }),
+            publish_time_ms: T0,
+            ..Default::default()
+        })
+    };
+    let low1 = publish(0);
+    let high1 = publish(7);
+    let low2 = publish(0);
+    let high2 = publish(7);
+    let slot = consumer();
+    let got: Vec<u64> = h.deliver(10, &slot, T0).iter().map(|m| m.offset).collect();
+    assert_eq!(got, vec![high1, high2, low1, low2]);
+}
+
+#[test]
+fn tags_of_other_attempts_or_settled_messages_are_refused() {
+    let mut h = Harness::new(config());
+    let a = h.message("a");
+    let slot = consumer();
+    let got = h.deliver(1, &slot, T0);
+    assert!(h.state.check_tag(a, 2).expect_err("stale").contains("stale"));
+    assert!(h.state.check_tag(a, 1).is_ok());
+    h.settle(SettleKind::Ack, got, 0);
+    assert!(h.state.check_tag(a, 1).expect_err("settled").contains("already settled"));
+    assert!(h.state.check_tag(99, 1).is_err());
+}
+
+#[test]
+fn idempotency_keys_are_rebuilt_by_replay() {
+    let mut h = Harness::new(config());
+    let first = h.publish(PublishCommand {
+        message: Some(Message { idempotency_key: "k".into(), ..Default::default() }),
+        publish_time_ms: T0,
+        ..Default::default()
+    });
+    assert_eq!(h.state.dedup("k", T0 + 1), Some(first));
+    assert_eq!(h.replayed().dedup("k", T0 + 1), Some(first));
+    assert_eq!(h.replayed().dedup("k", T0 + 60_000), None, "outside the window");
+}
+
+#[test]
+fn a_departed_consumer_s_deliveries_become_ready() {
+    let mut h = Harness::new(config());
+    h.message("a");
+    h.message("b");
+    let slot = consumer();
+    h.deliver(2, &slot, T0);
+    assert_eq!(h.state.release_consumer(slot.id), 2);
+    assert_eq!(slot.unsettled(), 0);
+    assert_eq!(h.state.counters(T0).ready, 2);
+}
+
+#[test]
+fn a_deep_backlog_costs_no_per_message_memory() {
+    let mut h = Harness::new(config());
+    for _ in 0..10_000 {
+        h.message("x");
+    }
+    let slot = consumer();
+    let got = h.deliver(100, &slot, T0);
+    h.settle(SettleKind::Ack, got, 0);
+    assert_eq!(h.state.tracked_len(), 0);
+    assert_eq!(h.state.counters(T0).ready, 9_900);
+}
