@@ -48,6 +48,10 @@ pub struct Args {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub prefetch: u32,
 
+    /// Partitions of Sluice's benchmark queue (each its own log and group commit).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub partitions: u32,
+
     /// Open-loop publish rate of the latency phase in messages/s. Default: half of each
     /// system's own measured publish throughput.
     #[arg(long)]
@@ -110,9 +114,9 @@ fn parse_peer(value: &str) -> Result<Option<Peer>, String> {
     if value.eq_ignore_ascii_case("none") {
         return Ok(None);
     }
-    Peer::from_str(value, true).map(Some).map_err(|_| {
-        format!("unknown peer {value:?}; expected rabbitmq, nats, redis or none")
-    })
+    Peer::from_str(value, true)
+        .map(Some)
+        .map_err(|_| format!("unknown peer {value:?}; expected rabbitmq, nats, redis or none"))
 }
 
 #[cfg(test)]
@@ -122,7 +126,10 @@ mod tests {
     #[test]
     fn peers_default_to_all_three_in_order() {
         let args = Args::try_parse_from(["sluice-bench"]).expect("defaults parse");
-        assert_eq!(args.selected_peers(), vec![Peer::Rabbitmq, Peer::Nats, Peer::Redis]);
+        assert_eq!(
+            args.selected_peers(),
+            vec![Peer::Rabbitmq, Peer::Nats, Peer::Redis]
+        );
     }
 
     #[test]

@@ -108,6 +108,10 @@ impl Error {
         operation: &'static str,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
-        Self::Client { system, operation, source: source.into() }
+        Self::Client {
+            system,
+            operation,
+            source: source.into(),
+        }
     }
 }

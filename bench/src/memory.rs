@@ -43,17 +43,28 @@ impl Memory {
 /// `root` followed by every process whose parent chain leads to it.
 fn descendants_and_self(root: u32) -> Result<Vec<u32>> {
     let proc_dir = Path::new("/proc");
-    let entries =
-        std::fs::read_dir(proc_dir).map_err(|source| Error::Io { path: proc_dir.into(), source })?;
+    let entries = std::fs::read_dir(proc_dir).map_err(|source| Error::Io {
+        path: proc_dir.into(),
+        source,
+    })?;
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
             continue;
         };
         let path = entry.path().join("stat");
         // A process may exit between listing and reading; it is then no longer part of any tree.
-        let Ok(stat) = std::fs::read_to_string(&path) else { continue };
-        children.entry(parse_ppid(&stat, &path)?).or_default().push(pid);
+        let Ok(stat) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        children
+            .entry(parse_ppid(&stat, &path)?)
+            .or_default()
+            .push(pid);
     }
     let mut tree = vec![root];
     let mut next = 0;
@@ -69,8 +80,14 @@ fn descendants_and_self(root: u32) -> Result<Vec<u32>> {
 /// The parent pid from `/proc/<pid>/stat`: the second field after the command name, which is
 /// parenthesised and may itself contain spaces and parentheses, hence the last `)`.
 fn parse_ppid(stat: &str, path: &Path) -> Result<u32> {
-    let bad = |reason: &str| Error::Proc { path: path.into(), reason: reason.into() };
-    let after_comm = stat.rfind(')').map(|at| &stat[at + 1..]).ok_or_else(|| bad("no ')'"))?;
+    let bad = |reason: &str| Error::Proc {
+        path: path.into(),
+        reason: reason.into(),
+    };
+    let after_comm = stat
+        .rfind(')')
+        .map(|at| &stat[at + 1..])
+        .ok_or_else(|| bad("no ')'"))?;
     let mut fields = after_comm.split_whitespace();
     let _state = fields.next().ok_or_else(|| bad("no state field"))?;
     fields
@@ -113,7 +130,13 @@ mod tests {
     fn status_lines_are_read_in_kibibytes() {
         let text = "Name:\tbeam.smp\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\nThreads:\t4\n";
         let memory = parse_status(text, Path::new("status")).expect("parses");
-        assert_eq!(memory, Memory { rss_bytes: 1024 * 1024, peak_rss_bytes: 2048 * 1024 });
+        assert_eq!(
+            memory,
+            Memory {
+                rss_bytes: 1024 * 1024,
+                peak_rss_bytes: 2048 * 1024
+            }
+        );
     }
 
     #[test]
@@ -137,7 +160,10 @@ mod tests {
 
     #[test]
     fn a_child_process_is_part_of_the_tree() {
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().expect("spawns sleep");
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("spawns sleep");
         let tree = descendants_and_self(std::process::id()).expect("reads /proc");
         let _ = child.kill();
         let _ = child.wait();

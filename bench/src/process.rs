@@ -39,14 +39,21 @@ impl ServerProcess {
     /// Starts `command` with stdout and stderr appended to `log`.
     pub fn spawn(name: &str, mut command: Command, log: &Path) -> Result<Self> {
         let out = open_log(log)?;
-        let err = out.try_clone().map_err(|source| Error::Io { path: log.into(), source })?;
+        let err = out.try_clone().map_err(|source| Error::Io {
+            path: log.into(),
+            source,
+        })?;
         command.stdout(out).stderr(err);
         Self::start(name, command, log)
     }
 
     /// Starts `command` with stdout piped back (for servers that announce their addresses
     /// there) and stderr appended to `log`.
-    pub fn spawn_piped(name: &str, mut command: Command, log: &Path) -> Result<(Self, ChildStdout)> {
+    pub fn spawn_piped(
+        name: &str,
+        mut command: Command,
+        log: &Path,
+    ) -> Result<(Self, ChildStdout)> {
         let err = open_log(log)?;
         command.stdout(Stdio::piped()).stderr(err);
         let mut server = Self::start(name, command, log)?;
@@ -59,14 +66,26 @@ impl ServerProcess {
     }
 
     fn start(name: &str, mut command: Command, log: &Path) -> Result<Self> {
-        command.stdin(Stdio::null()).process_group(0).kill_on_drop(true);
-        let child = command.spawn().map_err(|source| Error::Spawn { program: name.into(), source })?;
+        command
+            .stdin(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true);
+        let child = command.spawn().map_err(|source| Error::Spawn {
+            program: name.into(),
+            source,
+        })?;
         let pid = child.id().ok_or_else(|| Error::NotReady {
             server: name.into(),
             reason: "exited immediately".into(),
             log: log.into(),
         })?;
-        Ok(Self { name: name.into(), child, pid, log: log.into(), stopped: false })
+        Ok(Self {
+            name: name.into(),
+            child,
+            pid,
+            log: log.into(),
+            stopped: false,
+        })
     }
 
     /// The server's pid (the root of the tree whose memory is measured).
@@ -89,13 +108,20 @@ impl ServerProcess {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
             Ok(Some(status)) => Err(self.not_ready(format!("exited with {status}"))),
-            Err(source) => Err(Error::Io { path: self.log.clone(), source }),
+            Err(source) => Err(Error::Io {
+                path: self.log.clone(),
+                source,
+            }),
         }
     }
 
     /// An error saying the server is not ready because of `reason`.
     pub fn not_ready(&self, reason: impl Into<String>) -> Error {
-        Error::NotReady { server: self.name.clone(), reason: reason.into(), log: self.log.clone() }
+        Error::NotReady {
+            server: self.name.clone(),
+            reason: reason.into(),
+            log: self.log.clone(),
+        }
     }
 
     /// Waits until a TCP connection to `addr` succeeds, failing early if the server exits.
@@ -127,7 +153,12 @@ impl ServerProcess {
                 match line {
                     Ok(line) if line.starts_with(prefix) => return Ok(Some(line)),
                     Ok(_) => continue,
-                    Err(source) => return Err(Error::Io { path: self.log.clone(), source }),
+                    Err(source) => {
+                        return Err(Error::Io {
+                            path: self.log.clone(),
+                            source,
+                        });
+                    }
                 }
             }
             Ok(None)
@@ -140,7 +171,9 @@ impl ServerProcess {
             }
             Ok(Ok(None)) => Err(self.not_ready(format!("stdout closed before {prefix:?}"))),
             Ok(Err(err)) => Err(err),
-            Err(_) => Err(self.not_ready(format!("no {prefix:?} line on stdout after {timeout:?}"))),
+            Err(_) => {
+                Err(self.not_ready(format!("no {prefix:?} line on stdout after {timeout:?}")))
+            }
         }
     }
 
@@ -149,7 +182,10 @@ impl ServerProcess {
     pub async fn stop(mut self) {
         self.signal_group(Signal::SIGTERM);
         let grace = Duration::from_secs(STOP_GRACE_SECS);
-        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
             self.signal_group(Signal::SIGKILL);
             let _ = self.child.wait().await;
         }
@@ -180,15 +216,23 @@ fn open_log(path: &Path) -> Result<std::fs::File> {
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|source| Error::Io { path: path.into(), source })
+        .map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })
 }
 
 /// A loopback TCP port that was free a moment ago, for servers that cannot bind port 0 and
 /// report it back. The window between release and reuse is the usual small race.
 pub fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|source| Error::Io { path: "127.0.0.1:0".into(), source })?;
-    let addr = listener.local_addr().map_err(|source| Error::Io { path: "127.0.0.1:0".into(), source })?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| Error::Io {
+        path: "127.0.0.1:0".into(),
+        source,
+    })?;
+    let addr = listener.local_addr().map_err(|source| Error::Io {
+        path: "127.0.0.1:0".into(),
+        source,
+    })?;
     Ok(addr.port())
 }
 
@@ -200,12 +244,15 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
         return is_executable(direct).then(|| direct.to_path_buf());
     }
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| is_executable(candidate))
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
 }
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+    std::fs::metadata(path)
+        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
 
 #[cfg(test)]
@@ -223,9 +270,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("server.log");
         let mut command = Command::new("sh");
-        command.args(["-c", "echo starting; echo 'ready at 1.2.3.4'; exec sleep 30"]);
-        let (mut server, stdout) =
-            ServerProcess::spawn_piped("sh", command, &log).expect("spawns");
+        command.args([
+            "-c",
+            "echo starting; echo 'ready at 1.2.3.4'; exec sleep 30",
+        ]);
+        let (mut server, stdout) = ServerProcess::spawn_piped("sh", command, &log).expect("spawns");
         let line = server
             .wait_for_line(stdout, "ready at", Duration::from_secs(5))
             .await
@@ -246,9 +295,15 @@ mod tests {
         let mut server = ServerProcess::spawn("sh", command, &log).expect("spawns");
         let port = free_port().expect("free port");
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let err = server.wait_for_tcp(addr, Duration::from_secs(5)).await.expect_err("exits");
+        let err = server
+            .wait_for_tcp(addr, Duration::from_secs(5))
+            .await
+            .expect_err("exits");
         let text = err.to_string();
-        assert!(text.contains("exit status: 3") && text.contains("server.log"), "{text}");
+        assert!(
+            text.contains("exit status: 3") && text.contains("server.log"),
+            "{text}"
+        );
         assert_eq!(std::fs::read_to_string(&log).expect("log"), "boom\n");
     }
 

@@ -102,7 +102,12 @@ pub fn ratios_table(rows: &[Row<Measurement>]) -> Option<String> {
     );
     for row in rows.iter().filter(|row| row.system != crate::suite::SLUICE) {
         let Outcome::Measured(peer) = &row.outcome else {
-            let _ = writeln!(out, "| {} | {} | | | |", row.system, no_figures(&row.outcome));
+            let _ = writeln!(
+                out,
+                "| {} | {} | | | |",
+                row.system,
+                no_figures(&row.outcome)
+            );
             continue;
         };
         let p99 = match (sluice.p99, peer.p99) {
@@ -133,7 +138,10 @@ pub fn backlog_table(messages: u64, size: usize, rows: &[Row<BacklogMeasurement>
         let _ = write!(out, "| {} | {} | ", row.system, row.durability);
         match &row.outcome {
             Outcome::Measured(m) => {
-                let drain = m.drain.map(|d| rate(d.per_sec())).unwrap_or_else(|| "not run".into());
+                let drain = m
+                    .drain
+                    .map(|d| rate(d.per_sec()))
+                    .unwrap_or_else(|| "not run".into());
                 let _ = writeln!(
                     out,
                     "{} | {:.1} | {:.1} | {} |",
@@ -166,7 +174,7 @@ fn rate(per_sec: f64) -> String {
     let digits = whole.to_string();
     let mut out = String::new();
     for (index, digit) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index) % 3 == 0 {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
             out.push(',');
         }
         out.push(digit);
@@ -175,11 +183,17 @@ fn rate(per_sec: f64) -> String {
 }
 
 fn millis(latency: Option<Duration>) -> String {
-    latency.map(|d| format!("{:.2}", d.as_secs_f64() * 1000.0)).unwrap_or_else(|| "n/a".into())
+    latency
+        .map(|d| format!("{:.2}", d.as_secs_f64() * 1000.0))
+        .unwrap_or_else(|| "n/a".into())
 }
 
 fn ratio(sluice: f64, peer: f64) -> String {
-    if peer > 0.0 { format!("{:.2}×", sluice / peer) } else { "n/a".into() }
+    if peer > 0.0 {
+        format!("{:.2}×", sluice / peer)
+    } else {
+        "n/a".into()
+    }
 }
 
 #[cfg(test)]
@@ -188,8 +202,14 @@ mod tests {
 
     fn measured(publish: u64, consume: u64, p99_ms: u64, rss_mib: u64) -> Outcome<Measurement> {
         Outcome::Measured(Measurement {
-            publish: Throughput { messages: publish, elapsed: Duration::from_secs(1) },
-            consume: Throughput { messages: consume, elapsed: Duration::from_secs(1) },
+            publish: Throughput {
+                messages: publish,
+                elapsed: Duration::from_secs(1),
+            },
+            consume: Throughput {
+                messages: consume,
+                elapsed: Duration::from_secs(1),
+            },
             latency_rate: publish / 2,
             p50: Some(Duration::from_millis(p99_ms / 2)),
             p99: Some(Duration::from_millis(p99_ms)),
@@ -198,7 +218,11 @@ mod tests {
     }
 
     fn row(system: &str, outcome: Outcome<Measurement>) -> Row<Measurement> {
-        Row { system: system.into(), durability: "fsync".into(), outcome }
+        Row {
+            system: system.into(),
+            durability: "fsync".into(),
+            outcome,
+        }
     }
 
     #[test]
@@ -213,12 +237,21 @@ mod tests {
     fn results_table_shows_figures_and_missing_peers() {
         let rows = vec![
             row(crate::suite::SLUICE, measured(100_000, 80_000, 8, 50)),
-            row("Redis streams", Outcome::NotInstalled("redis-server".into())),
+            row(
+                "Redis streams",
+                Outcome::NotInstalled("redis-server".into()),
+            ),
             row("NATS", Outcome::Failed("boom | bad\nthing".into())),
         ];
         let table = results_table(&rows);
-        assert!(table.contains("| Sluice | fsync | 100,000 | 80,000 | 50,000 | 4.00 | 8.00 | 50.0 |"), "{table}");
-        assert!(table.contains("| Redis streams | fsync | not installed (redis-server) |"), "{table}");
+        assert!(
+            table.contains("| Sluice | fsync | 100,000 | 80,000 | 50,000 | 4.00 | 8.00 | 50.0 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| Redis streams | fsync | not installed (redis-server) |"),
+            "{table}"
+        );
         assert!(table.contains("failed: boom   bad thing"), "{table}");
         assert_eq!(table.lines().count(), 5);
     }
@@ -228,17 +261,29 @@ mod tests {
         let rows = vec![
             row(crate::suite::SLUICE, measured(100_000, 80_000, 8, 50)),
             row("RabbitMQ quorum", measured(25_000, 40_000, 16, 200)),
-            row("Redis streams", Outcome::NotInstalled("redis-server".into())),
+            row(
+                "Redis streams",
+                Outcome::NotInstalled("redis-server".into()),
+            ),
         ];
         let table = ratios_table(&rows).expect("sluice measured");
-        assert!(table.contains("| RabbitMQ quorum | 4.00× | 2.00× | 0.50× | 0.25× |"), "{table}");
-        assert!(table.contains("| Redis streams | not installed (redis-server) |"), "{table}");
+        assert!(
+            table.contains("| RabbitMQ quorum | 4.00× | 2.00× | 0.50× | 0.25× |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| Redis streams | not installed (redis-server) |"),
+            "{table}"
+        );
     }
 
     #[test]
     fn no_ratios_without_a_sluice_measurement() {
         let rows = vec![
-            row(crate::suite::SLUICE, Outcome::Failed("agent missing".into())),
+            row(
+                crate::suite::SLUICE,
+                Outcome::Failed("agent missing".into()),
+            ),
             row("Redis streams", measured(1, 1, 1, 1)),
         ];
         assert_eq!(ratios_table(&rows), None);
@@ -250,14 +295,23 @@ mod tests {
             system: crate::suite::SLUICE.into(),
             durability: "fsync".into(),
             outcome: Outcome::Measured(BacklogMeasurement {
-                publish: Throughput { messages: 10, elapsed: Duration::from_secs(1) },
+                publish: Throughput {
+                    messages: 10,
+                    elapsed: Duration::from_secs(1),
+                },
                 held_rss_bytes: 3 * 1024 * 1024,
                 peak_rss_bytes: 4 * 1024 * 1024,
                 drain: None,
             }),
         }];
         let table = backlog_table(10, 256, &rows);
-        assert!(table.starts_with("Backlog of 10 × 256 B messages."), "{table}");
-        assert!(table.contains("| Sluice | fsync | 10 | 3.0 | 4.0 | not run |"), "{table}");
+        assert!(
+            table.starts_with("Backlog of 10 × 256 B messages."),
+            "{table}"
+        );
+        assert!(
+            table.contains("| Sluice | fsync | 10 | 3.0 | 4.0 | not run |"),
+            "{table}"
+        );
     }
 }

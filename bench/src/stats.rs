@@ -17,7 +17,11 @@ impl Throughput {
     /// Messages per second; zero for an empty interval.
     pub fn per_sec(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 { self.messages as f64 / secs } else { 0.0 }
+        if secs > 0.0 {
+            self.messages as f64 / secs
+        } else {
+            0.0
+        }
     }
 }
 
@@ -78,9 +82,19 @@ mod tests {
 
     #[test]
     fn throughput_divides_messages_by_seconds() {
-        let t = Throughput { messages: 5_000, elapsed: Duration::from_millis(500) };
+        let t = Throughput {
+            messages: 5_000,
+            elapsed: Duration::from_millis(500),
+        };
         assert!((t.per_sec() - 10_000.0).abs() < 1e-6);
-        assert_eq!(Throughput { messages: 3, elapsed: Duration::ZERO }.per_sec(), 0.0);
+        assert_eq!(
+            Throughput {
+                messages: 3,
+                elapsed: Duration::ZERO
+            }
+            .per_sec(),
+            0.0
+        );
     }
 
     #[test]
@@ -90,7 +104,10 @@ mod tests {
         latency.record(Duration::from_millis(50), 2);
         let p50 = latency.quantile(0.5).expect("has samples");
         let p99 = latency.quantile(0.99).expect("has samples");
-        assert!(p50 >= Duration::from_micros(1_990) && p50 <= Duration::from_micros(2_010), "{p50:?}");
+        assert!(
+            p50 >= Duration::from_micros(1_990) && p50 <= Duration::from_micros(2_010),
+            "{p50:?}"
+        );
         assert!(p99 >= Duration::from_micros(49_900), "{p99:?}");
         assert_eq!(latency.count(), 100);
     }

@@ -101,7 +101,11 @@ pub async fn run_table(args: &Args) -> Vec<Row<Measurement>> {
             Outcome::NotInstalled(what) => Outcome::NotInstalled(what),
             Outcome::Failed(error) => Outcome::Failed(error),
         };
-        rows.push(Row { system: target.label().into(), durability: target.durability().into(), outcome });
+        rows.push(Row {
+            system: target.label().into(),
+            durability: target.durability().into(),
+            outcome,
+        });
     }
     rows
 }
@@ -118,7 +122,11 @@ pub async fn run_backlog(args: &Args, messages: u64) -> Vec<Row<BacklogMeasureme
             Outcome::NotInstalled(what) => Outcome::NotInstalled(what),
             Outcome::Failed(error) => Outcome::Failed(error),
         };
-        rows.push(Row { system: target.label().into(), durability: target.durability().into(), outcome });
+        rows.push(Row {
+            system: target.label().into(),
+            durability: target.durability().into(),
+            outcome,
+        });
     }
     rows
 }
@@ -168,20 +176,9 @@ async fn run_target(target: Target, plan: &Plan<'_>, mode: Mode) -> Outcome<Meas
     }
     match result {
         Ok(measured) => Outcome::Measured(measured),
-        Err(err) => Outcome::Failed(error_chain(&err)),
+        // Every variant prints its cause, and client errors print theirs.
+        Err(err) => Outcome::Failed(err.to_string()),
     }
-}
-
-/// The error and its sources on one line.
-fn error_chain(err: &Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// The server program of `target`, or a description of what is missing.
@@ -197,7 +194,10 @@ fn program_of(target: Target, args: &Args) -> Result<PathBuf, String> {
                     .unwrap_or_else(|| PathBuf::from("sluice-agent")),
             };
             find_program(&path.to_string_lossy()).ok_or_else(|| {
-                format!("{}; build it with `cargo build --release -p sluice-agent`", path.display())
+                format!(
+                    "{}; build it with `cargo build --release -p sluice-agent`",
+                    path.display()
+                )
             })
         }
         // RabbitMQ also needs `epmd`; the node's script is checked when it starts.
@@ -210,17 +210,27 @@ fn program_of(target: Target, args: &Args) -> Result<PathBuf, String> {
     }
 }
 
-async fn run_in(target: Target, program: &Path, dir: &Path, plan: &Plan<'_>, mode: Mode) -> Result<Measured> {
+async fn run_in(
+    target: Target,
+    program: &Path,
+    dir: &Path,
+    plan: &Plan<'_>,
+    mode: Mode,
+) -> Result<Measured> {
     let payload = plan.payload.clone();
     match target {
         Target::Sluice => {
             let (server, addr) = sluice::start(program, dir, READY_TIMEOUT).await?;
-            let driver = SluiceDriver::connect(addr, payload).await;
+            let window = plan.shape.window as usize;
+            let driver = SluiceDriver::connect(addr, payload, plan.args.partitions, window).await;
             finish(driver, server, plan, mode).await
         }
         Target::RabbitQuorum | Target::RabbitClassic => {
-            let queue_type =
-                if target == Target::RabbitQuorum { QueueType::Quorum } else { QueueType::Classic };
+            let queue_type = if target == Target::RabbitQuorum {
+                QueueType::Quorum
+            } else {
+                QueueType::Classic
+            };
             let server = rabbitmq::start(program, dir, READY_TIMEOUT).await?;
             let driver = RabbitDriver::connect(server.addr, queue_type, payload).await;
             let result = finish(driver, server.node, plan, mode).await;
@@ -250,10 +260,12 @@ async fn finish<D: Driver>(
 ) -> Result<Measured> {
     let result = match driver {
         Ok(driver) => match mode {
-            Mode::Table => measure_table(&driver, &server, plan).await.map(Measured::Table),
-            Mode::Backlog(messages) => {
-                measure_backlog(&driver, &server, plan, messages).await.map(Measured::Backlog)
-            }
+            Mode::Table => measure_table(&driver, &server, plan)
+                .await
+                .map(Measured::Table),
+            Mode::Backlog(messages) => measure_backlog(&driver, &server, plan, messages)
+                .await
+                .map(Measured::Backlog),
         },
         Err(err) => Err(err),
     };
@@ -261,15 +273,31 @@ async fn finish<D: Driver>(
     result
 }
 
-async fn measure_table<D: Driver>(driver: &D, server: &ServerProcess, plan: &Plan<'_>) -> Result<Measurement> {
+async fn measure_table<D: Driver>(
+    driver: &D,
+    server: &ServerProcess,
+    plan: &Plan<'_>,
+) -> Result<Measurement> {
     let messages = plan.args.messages;
-    let publish =
-        bounded("publish", plan.phase_timeout, workload::publish(driver, messages, plan.shape)).await?;
+    let publish = bounded(
+        "publish",
+        plan.phase_timeout,
+        workload::publish(driver, messages, plan.shape),
+    )
+    .await?;
     eprintln!("  publish: {:.0} msgs/s", publish.per_sec());
-    let consume =
-        bounded("consume", plan.phase_timeout, workload::consume(driver, messages, plan.shape)).await?;
+    let consume = bounded(
+        "consume",
+        plan.phase_timeout,
+        workload::consume(driver, messages, plan.shape),
+    )
+    .await?;
     eprintln!("  consume+ack: {:.0} msgs/s", consume.per_sec());
-    let latency_rate = plan.args.latency_rate.unwrap_or((publish.per_sec() / 2.0) as u64).max(1);
+    let latency_rate = plan
+        .args
+        .latency_rate
+        .unwrap_or((publish.per_sec() / 2.0) as u64)
+        .max(1);
     let duration = Duration::from_secs(plan.args.latency_secs);
     let latency = bounded(
         "latency",
@@ -297,10 +325,16 @@ async fn measure_backlog<D: Driver>(
     plan: &Plan<'_>,
     messages: u64,
 ) -> Result<BacklogMeasurement> {
-    let publish =
-        bounded("backlog publish", plan.phase_timeout, workload::publish(driver, messages, plan.shape))
-            .await?;
-    eprintln!("  published {messages} at {:.0} msgs/s; holding", publish.per_sec());
+    let publish = bounded(
+        "backlog publish",
+        plan.phase_timeout,
+        workload::publish(driver, messages, plan.shape),
+    )
+    .await?;
+    eprintln!(
+        "  published {messages} at {:.0} msgs/s; holding",
+        publish.per_sec()
+    );
     let hold_until = Instant::now() + Duration::from_secs(plan.args.hold_secs);
     let mut held_rss_bytes = 0;
     loop {
@@ -312,15 +346,23 @@ async fn measure_backlog<D: Driver>(
     }
     let peak_rss_bytes = server.memory()?.peak_rss_bytes;
     let drain: Option<Throughput> = if plan.args.drain {
-        let drained =
-            bounded("backlog drain", plan.phase_timeout, workload::consume(driver, messages, plan.shape))
-                .await?;
+        let drained = bounded(
+            "backlog drain",
+            plan.phase_timeout,
+            workload::consume(driver, messages, plan.shape),
+        )
+        .await?;
         eprintln!("  drained at {:.0} msgs/s", drained.per_sec());
         Some(drained)
     } else {
         None
     };
-    Ok(BacklogMeasurement { publish, held_rss_bytes, peak_rss_bytes, drain })
+    Ok(BacklogMeasurement {
+        publish,
+        held_rss_bytes,
+        peak_rss_bytes,
+        drain,
+    })
 }
 
 async fn bounded<T>(
@@ -330,5 +372,8 @@ async fn bounded<T>(
 ) -> Result<T> {
     tokio::time::timeout(limit, work)
         .await
-        .map_err(|_| Error::Timeout { phase, limit_secs: limit.as_secs() })?
+        .map_err(|_| Error::Timeout {
+            phase,
+            limit_secs: limit.as_secs(),
+        })?
 }

@@ -47,7 +47,10 @@ pub async fn publish<D: Driver>(driver: &D, messages: u64, shape: Shape) -> Resu
         tasks.spawn(publish_quota(producer, quota, shape.batch, shape.window));
     }
     join_all(tasks, "publish").await?;
-    Ok(Throughput { messages, elapsed: started.elapsed() })
+    Ok(Throughput {
+        messages,
+        elapsed: started.elapsed(),
+    })
 }
 
 /// This producer's part of `total` split over `parts`: the remainder goes to the first ones.
@@ -57,7 +60,12 @@ fn share(total: u64, parts: u32, index: usize) -> u64 {
     total / parts + u64::from(index < total % parts)
 }
 
-async fn publish_quota<P: Producer>(mut producer: P, quota: u64, batch: u32, window: u32) -> Result<()> {
+async fn publish_quota<P: Producer>(
+    mut producer: P,
+    quota: u64,
+    batch: u32,
+    window: u32,
+) -> Result<()> {
     // Confirms progress on their own (see `Producer::send`), so waiting for the oldest one
     // first never holds the others back.
     let mut in_flight = VecDeque::new();
@@ -88,11 +96,24 @@ pub async fn consume<D: Driver>(driver: &D, messages: u64, shape: Shape) -> Resu
     for _ in 0..shape.consumers {
         let consumer = driver.consumer(shape.prefetch).await?;
         let (received, finished) = (received.clone(), finished.clone());
-        tasks.spawn(consume_until(consumer, messages, shape.prefetch, received, finished));
+        tasks.spawn(consume_until(
+            consumer,
+            messages,
+            shape.prefetch,
+            received,
+            finished,
+        ));
     }
     join_all(tasks, "consume").await?;
-    let finished = finished.lock().ok().and_then(|at| *at).unwrap_or_else(Instant::now);
-    Ok(Throughput { messages, elapsed: finished - started })
+    let finished = finished
+        .lock()
+        .ok()
+        .and_then(|at| *at)
+        .unwrap_or_else(Instant::now);
+    Ok(Throughput {
+        messages,
+        elapsed: finished - started,
+    })
 }
 
 async fn consume_until<C: Consumer>(
@@ -107,7 +128,8 @@ async fn consume_until<C: Consumer>(
     while received.load(Ordering::Acquire) < target {
         let got = consumer.receive_and_ack(prefetch as usize).await? as u64;
         let before = received.fetch_add(got, Ordering::AcqRel);
-        if before < target && before + got >= target
+        if before < target
+            && before + got >= target
             && let Ok(mut at) = finished.lock()
         {
             *at = Some(Instant::now());
@@ -197,7 +219,10 @@ async fn publish_on_schedule<P: Producer>(
         });
         // Reap finished confirms as we go so the set stays small and errors surface early.
         while let Some(done) = confirms.try_join_next() {
-            done.map_err(|source| Error::Task { phase: "latency", source })??;
+            done.map_err(|source| Error::Task {
+                phase: "latency",
+                source,
+            })??;
         }
     }
     join_all(confirms, "latency").await

@@ -34,7 +34,11 @@ const MAX_ACK_INFLIGHT: usize = 65_536;
 const RECEIVE_WAIT: Duration = Duration::from_millis(500);
 
 /// Starts `nats-server` with JetStream on loopback, its store in `dir`.
-pub async fn start(program: &Path, dir: &Path, ready_timeout: Duration) -> Result<(ServerProcess, SocketAddr)> {
+pub async fn start(
+    program: &Path,
+    dir: &Path,
+    ready_timeout: Duration,
+) -> Result<(ServerProcess, SocketAddr)> {
     let port = free_port()?;
     let store = dir.join("jetstream");
     let config = dir.join("nats.conf");
@@ -42,7 +46,10 @@ pub async fn start(program: &Path, dir: &Path, ready_timeout: Duration) -> Resul
         "listen: 127.0.0.1:{port}\nmax_payload: 8MB\njetstream {{\n  store_dir: {:?}\n}}\n",
         store.display().to_string()
     );
-    std::fs::write(&config, text).map_err(|source| Error::Io { path: config.clone(), source })?;
+    std::fs::write(&config, text).map_err(|source| Error::Io {
+        path: config.clone(),
+        source,
+    })?;
     let mut command = Command::new(program);
     command.arg("-c").arg(&config);
     let mut server = ServerProcess::spawn("nats-server", command, &dir.join("nats.log"))?;
@@ -100,7 +107,10 @@ impl Driver for NatsDriver {
     type Consumer = NatsConsumer;
 
     async fn producer(&self) -> Result<NatsProducer> {
-        Ok(NatsProducer { context: jetstream_context(self.addr).await?, payload: self.payload.clone() })
+        Ok(NatsProducer {
+            context: jetstream_context(self.addr).await?,
+            payload: self.payload.clone(),
+        })
     }
 
     async fn consumer(&self, prefetch: u32) -> Result<NatsConsumer> {
@@ -143,12 +153,16 @@ impl Producer for NatsProducer {
         }
         let confirmed = tokio::spawn(async move {
             for ack in acks {
-                ack.await.map_err(|err| Error::client(SYSTEM, "publish ack", err))?;
+                ack.await
+                    .map_err(|err| Error::client(SYSTEM, "publish ack", err))?;
             }
             Ok(())
         });
         Ok(Box::pin(async move {
-            confirmed.await.map_err(|source| Error::Task { phase: "publish", source })?
+            confirmed.await.map_err(|source| Error::Task {
+                phase: "publish",
+                source,
+            })?
         }))
     }
 }
@@ -181,7 +195,10 @@ impl Consumer for NatsConsumer {
             }
         }
         for message in &batch {
-            message.ack().await.map_err(|err| Error::client(SYSTEM, "ack", err))?;
+            message
+                .ack()
+                .await
+                .map_err(|err| Error::client(SYSTEM, "ack", err))?;
         }
         Ok(batch.len())
     }

@@ -17,8 +17,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -56,20 +56,31 @@ pub struct RabbitServer {
 }
 
 /// Starts `epmd` and a RabbitMQ node on loopback with all state under `dir`.
-pub async fn start(epmd_program: &Path, dir: &Path, ready_timeout: Duration) -> Result<RabbitServer> {
+pub async fn start(
+    epmd_program: &Path,
+    dir: &Path,
+    ready_timeout: Duration,
+) -> Result<RabbitServer> {
     let epmd_port = free_port()?;
     let mut command = Command::new(epmd_program);
     command.args(["-address", "127.0.0.1", "-port", &epmd_port.to_string()]);
     let mut epmd = ServerProcess::spawn("epmd", command, &dir.join("epmd.log"))?;
-    epmd.wait_for_tcp(SocketAddr::from(([127, 0, 0, 1], epmd_port)), ready_timeout).await?;
+    epmd.wait_for_tcp(SocketAddr::from(([127, 0, 0, 1], epmd_port)), ready_timeout)
+        .await?;
 
     let amqp_port = free_port()?;
     let dist_port = free_port()?;
     let config = dir.join("rabbitmq.conf");
     let text = format!("listeners.tcp.1 = 127.0.0.1:{amqp_port}\nloopback_users = none\n");
-    std::fs::write(&config, text).map_err(|source| Error::Io { path: config.clone(), source })?;
+    std::fs::write(&config, text).map_err(|source| Error::Io {
+        path: config.clone(),
+        source,
+    })?;
     let plugins = dir.join("enabled_plugins");
-    std::fs::write(&plugins, "[].\n").map_err(|source| Error::Io { path: plugins.clone(), source })?;
+    std::fs::write(&plugins, "[].\n").map_err(|source| Error::Io {
+        path: plugins.clone(),
+        source,
+    })?;
 
     let mut command = Command::new(SERVER_PROGRAM);
     command
@@ -85,7 +96,10 @@ pub async fn start(epmd_program: &Path, dir: &Path, ready_timeout: Duration) -> 
         .env("RABBITMQ_LOGS", "-")
         .env("RABBITMQ_CONFIG_FILE", &config)
         .env("RABBITMQ_ENABLED_PLUGINS_FILE", &plugins)
-        .env("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", "-kernel inet_dist_use_interface {127,0,0,1}")
+        .env(
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+            "-kernel inet_dist_use_interface {127,0,0,1}",
+        )
         .env("ERL_EPMD_PORT", epmd_port.to_string())
         // Any value here turns the Erlang shell on, which exits at once on a closed stdin.
         .env_remove("RABBITMQ_ALLOW_INPUT");
@@ -112,14 +126,28 @@ impl RabbitDriver {
         };
         let mut arguments = FieldTable::default();
         if queue_type == QueueType::Quorum {
-            arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
         }
         let channel = open_channel(&uri).await?.1;
         channel
-            .queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, arguments)
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                arguments,
+            )
             .await
             .map_err(|err| Error::client(SYSTEM, "declare queue", err))?;
-        Ok(Self { uri, queue, payload })
+        Ok(Self {
+            uri,
+            queue,
+            payload,
+        })
     }
 }
 
@@ -127,8 +155,10 @@ async fn open_channel(uri: &str) -> Result<(Connection, Channel)> {
     let connection = Connection::connect(uri, ConnectionProperties::default())
         .await
         .map_err(|err| Error::client(SYSTEM, "connect", err))?;
-    let channel =
-        connection.create_channel().await.map_err(|err| Error::client(SYSTEM, "open channel", err))?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|err| Error::client(SYSTEM, "open channel", err))?;
     Ok((connection, channel))
 }
 
@@ -142,7 +172,12 @@ impl Driver for RabbitDriver {
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|err| Error::client(SYSTEM, "confirm.select", err))?;
-        Ok(RabbitProducer { _connection: connection, channel, queue: self.queue, payload: self.payload.clone() })
+        Ok(RabbitProducer {
+            _connection: connection,
+            channel,
+            queue: self.queue,
+            payload: self.payload.clone(),
+        })
     }
 
     async fn consumer(&self, prefetch: u32) -> Result<RabbitConsumer> {
@@ -153,10 +188,19 @@ impl Driver for RabbitDriver {
             .await
             .map_err(|err| Error::client(SYSTEM, "basic.qos", err))?;
         let deliveries = channel
-            .basic_consume(self.queue.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                self.queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await
             .map_err(|err| Error::client(SYSTEM, "basic.consume", err))?;
-        Ok(RabbitConsumer { _connection: connection, channel, deliveries })
+        Ok(RabbitConsumer {
+            _connection: connection,
+            channel,
+            deliveries,
+        })
     }
 }
 
@@ -193,16 +237,24 @@ impl Producer for RabbitProducer {
         }
         let confirmed = tokio::spawn(async move {
             for confirm in confirms {
-                let confirmation =
-                    confirm.await.map_err(|err| Error::client(SYSTEM, "publisher confirm", err))?;
+                let confirmation = confirm
+                    .await
+                    .map_err(|err| Error::client(SYSTEM, "publisher confirm", err))?;
                 if confirmation.is_nack() {
-                    return Err(Error::client(SYSTEM, "publisher confirm", "the broker nacked a message"));
+                    return Err(Error::client(
+                        SYSTEM,
+                        "publisher confirm",
+                        "the broker nacked a message",
+                    ));
                 }
             }
             Ok(())
         });
         Ok(Box::pin(async move {
-            confirmed.await.map_err(|source| Error::Task { phase: "publish", source })?
+            confirmed.await.map_err(|source| Error::Task {
+                phase: "publish",
+                source,
+            })?
         }))
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamReadOptions, StreamReadReply};
-use redis::AsyncCommands;
+use redis::{AsyncCommands, AsyncConnectionConfig};
 use tokio::process::Command;
 
 use crate::driver::{Consumer, Driver, Producer};
@@ -26,16 +26,36 @@ const STREAM_KEY: &str = "bench";
 const GROUP: &str = "bench";
 /// How long one `XREADGROUP` blocks when the stream is drained.
 const READ_BLOCK_MS: usize = 500;
+/// Longest wait for any reply (a large pipeline behind an fsync, a blocking read).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Starts `redis-server` on loopback with its data in `dir` and AOF `appendfsync always`.
-pub async fn start(program: &Path, dir: &Path, ready_timeout: Duration) -> Result<(ServerProcess, SocketAddr)> {
+pub async fn start(
+    program: &Path,
+    dir: &Path,
+    ready_timeout: Duration,
+) -> Result<(ServerProcess, SocketAddr)> {
     let port = free_port()?;
     let mut command = Command::new(program);
     command
         .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--dir"])
         .arg(dir)
-        .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
-        .args(["--daemonize", "no", "--protected-mode", "no", "--logfile", ""]);
+        .args([
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+        ])
+        .args([
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+            "--logfile",
+            "",
+        ]);
     let mut server = ServerProcess::spawn("redis-server", command, &dir.join("redis.log"))?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     server.wait_for_tcp(addr, ready_timeout).await?;
@@ -53,20 +73,20 @@ impl RedisDriver {
     pub async fn connect(addr: SocketAddr, payload: Bytes) -> Result<Self> {
         let client = redis::Client::open(format!("redis://{addr}/"))
             .map_err(|err| Error::client(SYSTEM, "open client", err))?;
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .map_err(|err| Error::client(SYSTEM, "connect", err))?;
+        let driver = Self { client, payload };
+        let mut conn = driver.connection().await?;
         let _: () = conn
             .xgroup_create_mkstream(STREAM_KEY, GROUP, "$")
             .await
             .map_err(|err| Error::client(SYSTEM, "create consumer group", err))?;
-        Ok(Self { client, payload })
+        Ok(driver)
     }
 
     async fn connection(&self) -> Result<MultiplexedConnection> {
+        // The default response timeout is shorter than a blocking XREADGROUP may take.
+        let config = AsyncConnectionConfig::new().set_response_timeout(Some(RESPONSE_TIMEOUT));
         self.client
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(|err| Error::client(SYSTEM, "connect", err))
     }
@@ -77,13 +97,23 @@ impl Driver for RedisDriver {
     type Consumer = RedisConsumer;
 
     async fn producer(&self) -> Result<RedisProducer> {
-        Ok(RedisProducer { conn: self.connection().await?, payload: self.payload.clone() })
+        Ok(RedisProducer {
+            conn: self.connection().await?,
+            payload: self.payload.clone(),
+        })
     }
 
     async fn consumer(&self, prefetch: u32) -> Result<RedisConsumer> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let name = format!("c{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        Ok(RedisConsumer { conn: self.connection().await?, name, prefetch })
+        let name = format!(
+            "c{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        Ok(RedisConsumer {
+            conn: self.connection().await?,
+            name,
+            prefetch,
+        })
     }
 }
 
@@ -102,17 +132,24 @@ impl Producer for RedisProducer {
     async fn send(&mut self, count: usize) -> Result<RedisConfirm> {
         let mut pipe = redis::pipe();
         for _ in 0..count {
-            pipe.cmd("XADD").arg(STREAM_KEY).arg("*").arg("d").arg(self.payload.as_ref()).ignore();
+            pipe.cmd("XADD")
+                .arg(STREAM_KEY)
+                .arg("*")
+                .arg("d")
+                .arg(self.payload.as_ref())
+                .ignore();
         }
         let mut conn = self.conn.clone();
-        // The multiplexed connection writes requests in the order they are issued, so
-        // spawning here keeps batches in order and lets them overlap on the wire.
+        // Spawned so the pipeline goes out now and overlaps with the next ones on the wire.
         let reply = tokio::spawn(async move { pipe.query_async::<()>(&mut conn).await });
         Ok(Box::pin(async move {
             match reply.await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(err)) => Err(Error::client(SYSTEM, "XADD pipeline", err)),
-                Err(source) => Err(Error::Task { phase: "publish", source }),
+                Err(source) => Err(Error::Task {
+                    phase: "publish",
+                    source,
+                }),
             }
         }))
     }

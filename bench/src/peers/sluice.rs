@@ -1,31 +1,21 @@
 //! Sluice: a real `sluice-agent broker` process (fsync `always`, the default) in a temporary
 //! data directory.
 //!
-//! Publishing uses the `PublishStream` RPC: each batch is one frame and confirms stream back
-//! per frame, with several frames in flight per stream. Consuming uses one `Consume` stream
-//! per consumer with `prefetch` credit and one ack frame per received batch.
+//! Driven through the `sluice-client` crate, the way applications use it. Publishing uses its
+//! pipelined `Publisher` over the `PublishStream` RPC: each batch is one frame, confirms stream
+//! back per frame, several frames in flight per stream. Consuming uses one `Consume` stream per
+//! consumer with `prefetch` credit; the client batches acks into settle frames.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
-use sluice_proto::v1::admin_client::AdminClient;
-use sluice_proto::v1::consume_request::Request as ConsumeFrame;
-use sluice_proto::v1::consume_response::Response as ConsumeReply;
-use sluice_proto::v1::consumer_client::ConsumerClient;
-use sluice_proto::v1::publisher_client::PublisherClient;
-use sluice_proto::v1::{
-    ConsumeRequest, ConsumeResponse, DeclareQueueRequest, Message, PublishStreamRequest, QueueSpec,
-    Settle, SettleAction, Subscribe,
-};
+use futures::FutureExt;
+use sluice_client::client::check_confirms;
+use sluice_client::proto::{Message, QueueSpec};
+use sluice_client::{Client, Publisher, tag};
 use tokio::process::Command;
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::driver::{Consumer, Driver, Producer};
 use crate::process::ServerProcess;
@@ -41,15 +31,29 @@ const RECEIVE_WAIT: Duration = Duration::from_millis(500);
 
 /// Starts `sluice-agent broker` on loopback port 0 with its data in `dir`, and returns the
 /// gRPC address it announces.
-pub async fn start(program: &Path, dir: &Path, ready_timeout: Duration) -> Result<(ServerProcess, SocketAddr)> {
+pub async fn start(
+    program: &Path,
+    dir: &Path,
+    ready_timeout: Duration,
+) -> Result<(ServerProcess, SocketAddr)> {
     let mut command = Command::new(program);
     command
         .arg("broker")
         .arg("--data-dir")
         .arg(dir.join("data"))
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--fsync", "always"]);
-    let (mut server, stdout) = ServerProcess::spawn_piped("sluice-agent", command, &dir.join("agent.log"))?;
-    let line = server.wait_for_line(stdout, LISTENING_PREFIX, ready_timeout).await?;
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--fsync",
+            "always",
+        ]);
+    let (mut server, stdout) =
+        ServerProcess::spawn_piped("sluice-agent", command, &dir.join("agent.log"))?;
+    let line = server
+        .wait_for_line(stdout, LISTENING_PREFIX, ready_timeout)
+        .await?;
     let addr = parse_listening_line(&line)
         .ok_or_else(|| server.not_ready(format!("cannot read the gRPC address from {line:?}")))?;
     Ok((server, addr))
@@ -57,33 +61,57 @@ pub async fn start(program: &Path, dir: &Path, ready_timeout: Duration) -> Resul
 
 /// The `grpc=` address of `sluice-agent listening grpc=<addr> metrics=<addr>`.
 fn parse_listening_line(line: &str) -> Option<SocketAddr> {
-    line.split_whitespace().find_map(|field| field.strip_prefix("grpc="))?.parse().ok()
+    line.split_whitespace()
+        .find_map(|field| field.strip_prefix("grpc="))?
+        .parse()
+        .ok()
 }
 
-/// Sluice as a [`Driver`].
+/// Sluice as a [`Driver`], through the `sluice-client` crate.
 pub struct SluiceDriver {
-    endpoint: Endpoint,
-    payload: Bytes,
+    endpoint: String,
+    message: Message,
+    window: usize,
 }
 
 impl SluiceDriver {
-    /// Connects to the agent at `addr` and declares the benchmark queue.
-    pub async fn connect(addr: SocketAddr, payload: Bytes) -> Result<Self> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|err| Error::client(SYSTEM, "endpoint", err))?;
-        let channel = connect(&endpoint).await?;
-        AdminClient::new(channel)
-            .declare_queue(DeclareQueueRequest {
-                queue: Some(QueueSpec { name: QUEUE.into(), ..Default::default() }),
+    /// Connects to the agent at `addr`, declares the benchmark queue with `partitions`
+    /// partitions, and publishes with `window` frames in flight per stream.
+    pub async fn connect(
+        addr: SocketAddr,
+        payload: Bytes,
+        partitions: u32,
+        window: usize,
+    ) -> Result<Self> {
+        let endpoint = format!("http://{addr}");
+        let client = Client::connect(endpoint.clone())
+            .await
+            .map_err(|err| Error::client(SYSTEM, "connect", err))?;
+        client
+            .declare_queue(QueueSpec {
+                name: QUEUE.into(),
+                partitions,
+                ..Default::default()
             })
             .await
             .map_err(|err| Error::client(SYSTEM, "declare queue", err))?;
-        Ok(Self { endpoint, payload })
+        let message = Message {
+            payload: payload.to_vec(),
+            ..Default::default()
+        };
+        Ok(Self {
+            endpoint,
+            message,
+            window,
+        })
     }
-}
 
-async fn connect(endpoint: &Endpoint) -> Result<Channel> {
-    endpoint.connect().await.map_err(|err| Error::client(SYSTEM, "connect", err))
+    /// A client on its own HTTP/2 connection, so producers and consumers do not share one.
+    async fn client(&self) -> Result<Client> {
+        Client::connect(self.endpoint.clone())
+            .await
+            .map_err(|err| Error::client(SYSTEM, "connect", err))
+    }
 }
 
 impl Driver for SluiceDriver {
@@ -91,157 +119,105 @@ impl Driver for SluiceDriver {
     type Consumer = SluiceConsumer;
 
     async fn producer(&self) -> Result<SluiceProducer> {
-        let mut client = PublisherClient::new(connect(&self.endpoint).await?);
-        let (frames, outgoing) = mpsc::channel(1024);
-        let mut confirms = client
-            .publish_stream(ReceiverStream::new(outgoing))
+        let publisher = self
+            .client()
+            .await?
+            .publisher(self.window)
             .await
-            .map_err(|err| Error::client(SYSTEM, "open publish stream", err))?
-            .into_inner();
-        let waiting: Pending = Arc::new(Mutex::new(HashMap::new()));
-        let dispatch = waiting.clone();
-        // Confirms arrive per frame; hand each to the batch waiting for it. A stream error
-        // fails every waiting batch (dropping their senders).
-        tokio::spawn(async move {
-            while let Some(Ok(reply)) = confirms.next().await {
-                let Some(done) = dispatch.lock().ok().and_then(|mut w| w.remove(&reply.sequence)) else {
-                    continue;
-                };
-                let failed = reply.confirms.iter().find(|confirm| confirm.code != 0);
-                let _ = done.send(match failed {
-                    None => Ok(()),
-                    Some(confirm) => Err(confirm.error.clone()),
-                });
-            }
-            if let Ok(mut waiting) = dispatch.lock() {
-                waiting.clear();
-            }
-        });
-        let message = Message { payload: self.payload.to_vec(), ..Default::default() };
-        Ok(SluiceProducer { frames, waiting, sequence: 0, message })
+            .map_err(|err| Error::client(SYSTEM, "open publish stream", err))?;
+        Ok(SluiceProducer {
+            publisher,
+            message: self.message.clone(),
+        })
     }
 
     async fn consumer(&self, prefetch: u32) -> Result<SluiceConsumer> {
-        let mut client = ConsumerClient::new(connect(&self.endpoint).await?);
-        let (frames, outgoing) = mpsc::channel(1024);
-        let subscribe = ConsumeRequest {
-            sequence: 0,
-            request: Some(ConsumeFrame::Subscribe(Subscribe {
-                queue: QUEUE.into(),
-                prefetch,
-                consumer_name: "sluice-bench".into(),
-            })),
-        };
-        frames.send(subscribe).await.map_err(|err| Error::client(SYSTEM, "subscribe", err.to_string()))?;
-        let replies = client
-            .consume(ReceiverStream::new(outgoing))
+        let consumer = self
+            .client()
+            .await?
+            .subscribe(QUEUE, prefetch)
             .await
-            .map_err(|err| Error::client(SYSTEM, "open consume stream", err))?
-            .into_inner();
-        Ok(SluiceConsumer { frames, replies, sequence: 0 })
+            .map_err(|err| Error::client(SYSTEM, "subscribe", err))?;
+        Ok(SluiceConsumer { consumer })
     }
 }
 
-/// Batches waiting for their confirms, by frame sequence.
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<(), String>>>>>;
-
 /// One `PublishStream`.
 pub struct SluiceProducer {
-    frames: mpsc::Sender<PublishStreamRequest>,
-    waiting: Pending,
-    sequence: u64,
+    publisher: Publisher,
     message: Message,
 }
 
-/// Resolves when a frame's confirms arrive.
+/// Resolves when a frame's confirms arrive (the client's reader task fills it).
 pub type SluiceConfirm = futures::future::BoxFuture<'static, Result<()>>;
 
 impl Producer for SluiceProducer {
     type Confirm = SluiceConfirm;
 
     async fn send(&mut self, count: usize) -> Result<SluiceConfirm> {
-        self.sequence += 1;
-        let (done, confirmed) = oneshot::channel();
-        if let Ok(mut waiting) = self.waiting.lock() {
-            waiting.insert(self.sequence, done);
-        }
-        let frame = PublishStreamRequest {
-            sequence: self.sequence,
-            queue: QUEUE.into(),
-            messages: vec![self.message.clone(); count],
-        };
-        self.frames
-            .send(frame)
+        let pending = self
+            .publisher
+            .send(QUEUE, vec![self.message.clone(); count])
             .await
-            .map_err(|_| Error::client(SYSTEM, "publish", "the publish stream closed"))?;
+            .map_err(|err| Error::client(SYSTEM, "publish", err))?;
         Ok(Box::pin(async move {
-            match confirmed.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(Error::client(SYSTEM, "confirm", error)),
-                Err(_) => Err(Error::client(SYSTEM, "confirm", "the publish stream ended before the confirm")),
-            }
+            let confirms = pending
+                .await
+                .map_err(|err| Error::client(SYSTEM, "confirm", err))?;
+            check_confirms(&confirms).map_err(|err| Error::client(SYSTEM, "confirm", err))
         }))
     }
 }
 
-/// One `Consume` stream.
+/// One `Consume` stream; the client batches the acks into settle frames.
 pub struct SluiceConsumer {
-    frames: mpsc::Sender<ConsumeRequest>,
-    replies: tonic::Streaming<ConsumeResponse>,
-    sequence: u64,
+    consumer: sluice_client::Consumer,
 }
 
 impl Consumer for SluiceConsumer {
     async fn receive_and_ack(&mut self, max: usize) -> Result<usize> {
-        let deadline = tokio::time::Instant::now() + RECEIVE_WAIT;
-        let mut tags = Vec::new();
-        loop {
-            let next = if tags.is_empty() {
-                match tokio::time::timeout_at(deadline, self.replies.next()).await {
-                    Ok(next) => next,
-                    Err(_) => return Ok(0),
+        let first = match tokio::time::timeout(RECEIVE_WAIT, self.consumer.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                // Idle: a good moment to make sure earlier acks all succeeded.
+                let failures = self
+                    .consumer
+                    .flush()
+                    .await
+                    .map_err(|err| Error::client(SYSTEM, "ack", err))?;
+                if let Some(failure) = failures.first() {
+                    return Err(Error::client(SYSTEM, "ack", failure.error.clone()));
                 }
-            } else {
-                // Take only what has already arrived; waiting here would add latency.
-                match self.replies.next().now_or_never() {
-                    Some(next) => next,
-                    None => break,
-                }
-            };
-            match next {
-                Some(Ok(ConsumeResponse { response: Some(ConsumeReply::Delivery(delivery)) })) => {
-                    if let Some(tag) = delivery.tag {
-                        tags.push(tag);
-                    }
-                }
-                Some(Ok(ConsumeResponse { response: Some(ConsumeReply::Settled(result)) })) => {
-                    if let Some(failure) = result.failures.first() {
-                        return Err(Error::client(SYSTEM, "ack", failure.error.clone()));
-                    }
-                }
-                Some(Ok(ConsumeResponse { response: None })) => {}
-                Some(Err(status)) => return Err(Error::client(SYSTEM, "consume", status)),
-                None => return Err(Error::client(SYSTEM, "consume", "the consume stream ended")),
+                return Ok(0);
             }
-            if tags.len() >= max {
+        };
+        let mut received = 0;
+        let mut next = first;
+        loop {
+            match next {
+                Ok(Some(delivery)) => {
+                    received += 1;
+                    self.consumer
+                        .ack(tag(&delivery))
+                        .map_err(|err| Error::client(SYSTEM, "ack", err))?;
+                }
+                Ok(None) => {
+                    return Err(Error::client(
+                        SYSTEM,
+                        "consume",
+                        "the agent ended the subscription",
+                    ));
+                }
+                Err(err) => return Err(Error::client(SYSTEM, "consume", err)),
+            }
+            if received >= max {
                 break;
             }
-        }
-        let received = tags.len();
-        if received > 0 {
-            self.sequence += 1;
-            let settle = ConsumeRequest {
-                sequence: self.sequence,
-                request: Some(ConsumeFrame::Settle(Settle {
-                    action: SettleAction::Ack.into(),
-                    tags,
-                    delay_ms: 0,
-                })),
-            };
-            self.frames
-                .send(settle)
-                .await
-                .map_err(|_| Error::client(SYSTEM, "ack", "the consume stream closed"))?;
+            // Take only what has already arrived; waiting here would add latency.
+            match self.consumer.next().now_or_never() {
+                Some(item) => next = item,
+                None => break,
+            }
         }
         Ok(received)
     }
@@ -254,8 +230,17 @@ mod tests {
     #[test]
     fn the_grpc_address_is_read_from_the_listening_line() {
         let line = "sluice-agent listening grpc=127.0.0.1:40123 metrics=127.0.0.1:40124";
-        assert_eq!(parse_listening_line(line), Some(SocketAddr::from(([127, 0, 0, 1], 40123))));
-        assert_eq!(parse_listening_line("sluice-agent listening metrics=127.0.0.1:1"), None);
-        assert_eq!(parse_listening_line("sluice-agent listening grpc=nonsense"), None);
+        assert_eq!(
+            parse_listening_line(line),
+            Some(SocketAddr::from(([127, 0, 0, 1], 40123)))
+        );
+        assert_eq!(
+            parse_listening_line("sluice-agent listening metrics=127.0.0.1:1"),
+            None
+        );
+        assert_eq!(
+            parse_listening_line("sluice-agent listening grpc=nonsense"),
+            None
+        );
     }
 }

@@ -1,8 +1,8 @@
 //! The workload against an in-process system whose timing the tests control: a producer whose
 //! confirms arrive a fixed delay after the send, and a queue the consumers drain.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::*;
@@ -42,7 +42,9 @@ impl Driver for FakeSystem {
     }
 
     async fn consumer(&self, _prefetch: u32) -> Result<FakeConsumer> {
-        Ok(FakeConsumer { stored: self.stored.clone() })
+        Ok(FakeConsumer {
+            stored: self.stored.clone(),
+        })
     }
 }
 
@@ -60,7 +62,12 @@ impl Producer for FakeProducer {
             tokio::time::sleep(delay).await;
             stored.fetch_add(count as u64, Ordering::Relaxed);
         });
-        Ok(Box::pin(async move { confirm.await.map_err(|source| Error::Task { phase: "fake", source }) }))
+        Ok(Box::pin(async move {
+            confirm.await.map_err(|source| Error::Task {
+                phase: "fake",
+                source,
+            })
+        }))
     }
 }
 
@@ -68,7 +75,9 @@ impl Consumer for FakeConsumer {
     async fn receive_and_ack(&mut self, max: usize) -> Result<usize> {
         let taken = self
             .stored
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| Some(left - left.min(max as u64)))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                Some(left - left.min(max as u64))
+            })
             .map(|left| left.min(max as u64))
             .unwrap_or(0);
         if taken == 0 {
@@ -79,12 +88,21 @@ impl Consumer for FakeConsumer {
 }
 
 fn shape() -> Shape {
-    Shape { producers: 3, consumers: 2, batch: 10, window: 4, prefetch: 7 }
+    Shape {
+        producers: 3,
+        consumers: 2,
+        batch: 10,
+        window: 4,
+        prefetch: 7,
+    }
 }
 
 #[tokio::test]
 async fn publish_confirms_every_message_split_over_producers() {
-    let system = FakeSystem { confirm_delay: Duration::from_millis(1), ..Default::default() };
+    let system = FakeSystem {
+        confirm_delay: Duration::from_millis(1),
+        ..Default::default()
+    };
     let throughput = publish(&system, 1_001, shape()).await.expect("publishes");
     assert_eq!(throughput.messages, 1_001);
     assert_eq!(system.stored.load(Ordering::Relaxed), 1_001);
@@ -96,10 +114,22 @@ async fn publish_confirms_every_message_split_over_producers() {
 async fn pipelining_overlaps_confirm_waits() {
     // 40 batches of 10 with a 20 ms confirm: serially 800 ms, with 4 in flight per producer
     // and 1 producer about 200 ms.
-    let system = FakeSystem { confirm_delay: Duration::from_millis(20), ..Default::default() };
-    let one_producer = Shape { producers: 1, ..shape() };
-    let throughput = publish(&system, 400, one_producer).await.expect("publishes");
-    assert!(throughput.elapsed < Duration::from_millis(500), "{:?}", throughput.elapsed);
+    let system = FakeSystem {
+        confirm_delay: Duration::from_millis(20),
+        ..Default::default()
+    };
+    let one_producer = Shape {
+        producers: 1,
+        ..shape()
+    };
+    let throughput = publish(&system, 400, one_producer)
+        .await
+        .expect("publishes");
+    assert!(
+        throughput.elapsed < Duration::from_millis(500),
+        "{:?}",
+        throughput.elapsed
+    );
 }
 
 #[tokio::test]
@@ -113,12 +143,23 @@ async fn consume_stops_once_the_published_count_is_acked() {
 
 #[tokio::test]
 async fn latency_is_recorded_for_every_message_at_the_requested_rate() {
-    let system = FakeSystem { confirm_delay: Duration::from_millis(5), ..Default::default() };
-    let latency = confirm_latency(&system, 3_000, Duration::from_secs(1), shape()).await.expect("runs");
+    let system = FakeSystem {
+        confirm_delay: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let latency = confirm_latency(&system, 3_000, Duration::from_secs(1), shape())
+        .await
+        .expect("runs");
     let count = latency.count();
-    assert!((2_900..=3_000).contains(&count), "{count} messages in one second at 3000/s");
+    assert!(
+        (2_900..=3_000).contains(&count),
+        "{count} messages in one second at 3000/s"
+    );
     let p50 = latency.quantile(0.5).expect("samples");
-    assert!(p50 >= Duration::from_millis(5) && p50 < Duration::from_millis(30), "{p50:?}");
+    assert!(
+        p50 >= Duration::from_millis(5) && p50 < Duration::from_millis(30),
+        "{p50:?}"
+    );
 }
 
 #[tokio::test]
@@ -130,11 +171,19 @@ async fn a_stalled_send_counts_against_every_message_scheduled_behind_it() {
         first_send_stall: Duration::from_millis(300),
         ..Default::default()
     };
-    let latency = confirm_latency(&system, 1_000, Duration::from_secs(1), shape()).await.expect("runs");
+    let latency = confirm_latency(&system, 1_000, Duration::from_secs(1), shape())
+        .await
+        .expect("runs");
     // The first 300 ms of a one-second run were stalled: the slowest 30% of messages waited
     // for it, spread from ~300 ms down to ~0.
     let p90 = latency.quantile(0.90).expect("samples");
-    assert!(p90 >= Duration::from_millis(100), "p90 {p90:?} should include the stall");
+    assert!(
+        p90 >= Duration::from_millis(100),
+        "p90 {p90:?} should include the stall"
+    );
     let p99 = latency.quantile(0.99).expect("samples");
-    assert!(p99 >= Duration::from_millis(250), "p99 {p99:?} should include the stall");
+    assert!(
+        p99 >= Duration::from_millis(250),
+        "p99 {p99:?} should include the stall"
+    );
 }
