@@ -589,6 +589,21 @@ impl Subscription {
         }
     }
 
+    /// The next delivery if one can be made now, without waiting (`None`: nothing ready, no
+    /// credit, or the queue closed).
+    pub fn try_next(&mut self) -> Result<Option<Delivery>, BrokerError> {
+        if let Some(delivery) = self.buffer.pop_front() {
+            return Ok(Some(delivery));
+        }
+        let free = self.slot.free();
+        if free == 0 || self.queue.is_closed() {
+            return Ok(None);
+        }
+        let deliveries = self.queue.take(&self.slot, free.min(TAKE_BATCH_MAX), &mut self.next_partition)?;
+        self.buffer.extend(deliveries);
+        Ok(self.buffer.pop_front())
+    }
+
     /// Settles deliveries made to this subscription; returns once durable, listing failures.
     pub async fn settle(&self, settle: Settle) -> Result<Vec<SettleOutcome>, BrokerError> {
         self.broker.settle_on(&self.queue, settle).await
@@ -681,7 +696,10 @@ pub struct FileLogOpener {
 
 impl LogOpener for FileLogOpener {
     fn open(&self, dir: &Path) -> Result<Arc<dyn LogStore>, LogError> {
-        let _ = (dir, self.config);
-        Err(LogError::Failed("FileLog is not available yet".into()))
+        let (log, recovery) = crate::log::FileLog::open(dir, self.config)?;
+        if recovery.truncated_bytes > 0 {
+            tracing::warn!(dir = %dir.display(), bytes = recovery.truncated_bytes, "cut a torn tail (never confirmed)");
+        }
+        Ok(Arc::new(log))
     }
 }
