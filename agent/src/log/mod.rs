@@ -10,13 +10,23 @@
 //! [`MemLog`] (in memory, for fast tests of the layers above). One conformance suite runs
 //! against both.
 
-// Module files (owned by the storage work): record (format + checksum), segment, layout,
-// file_log (FileLog + flusher), mem_log (MemLog), and tests.
+mod file_cache;
+mod file_log;
+mod flusher;
+mod mem_log;
+pub mod record;
+mod recovery;
+mod segment;
+#[cfg(test)]
+mod suite;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::watch;
+
+pub use file_log::FileLog;
+pub use mem_log::MemLog;
 
 /// One log entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +76,15 @@ pub enum LogError {
     /// The log failed earlier (see [`Durability::failure`]) and accepts no more writes.
     #[error("log is failed: {0}")]
     Failed(Arc<str>),
+    /// An appended entry is larger than one record may be ([`record::MAX_DATA_BYTES`]); the
+    /// whole batch was refused.
+    #[error("entry of {len} bytes exceeds the maximum of {max} bytes per log entry")]
+    EntryTooLarge {
+        /// Size of the offending entry's data.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// An index outside `first_index()..next_index()` was asked for where it must exist.
     #[error("index {index} out of range {first}..{next}")]
     OutOfRange {
@@ -103,8 +122,12 @@ pub trait LogStore: Send + Sync + 'static {
     fn read(&self, index: u64) -> Result<Option<Entry>, LogError>;
     /// Reads consecutive entries from `from`, stopping after `max_entries` entries or once
     /// `max_bytes` of data is reached (at least one entry if any exists).
-    fn read_range(&self, from: u64, max_entries: usize, max_bytes: usize)
-    -> Result<Vec<Entry>, LogError>;
+    fn read_range(
+        &self,
+        from: u64,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Entry>, LogError>;
     /// First retained index (1 for a new log; moves up as segments are purged).
     fn first_index(&self) -> u64;
     /// Index the next append will get.
@@ -112,10 +135,23 @@ pub trait LogStore: Send + Sync + 'static {
     /// Deletes whole segments whose entries are all below `index`; never the active segment.
     /// Returns the new `first_index()`.
     fn purge_before(&self, index: u64) -> Result<u64, LogError>;
-    /// Removes every entry with index `>= index` (Raft log conflict resolution).
+    /// Removes every entry with index `>= index` (Raft log conflict resolution); a no-op when
+    /// `index >= next_index()`, [`LogError::OutOfRange`] when `index < first_index()` (purged
+    /// entries cannot be rewritten). Durable before it returns.
     fn truncate_from(&self, index: u64) -> Result<(), LogError>;
     /// Writes and fsyncs everything pending, then returns (used at shutdown and by tests).
     fn sync(&self) -> Result<(), LogError>;
     /// Total bytes the log occupies on disk (or in memory).
     fn size_bytes(&self) -> u64;
+}
+
+/// Refuses a batch holding an entry too large for one record, before anything is appended.
+fn check_entry_sizes(data: &[Bytes]) -> Result<(), LogError> {
+    match data.iter().find(|d| d.len() > record::MAX_DATA_BYTES) {
+        Some(too_large) => Err(LogError::EntryTooLarge {
+            len: too_large.len(),
+            max: record::MAX_DATA_BYTES,
+        }),
+        None => Ok(()),
+    }
 }
