@@ -1,0 +1,273 @@
+//! The agents' StatefulSet.
+//!
+//! Each pod runs `sluice-agent broker` with its data directory on its own claim. Peers are
+//! passed as the StatefulSet's stable DNS names, so a restarted pod finds the same peers under
+//! the same names. There is deliberately no `preStop` hook yet: the hook must hand partition
+//! leadership away (`sluice-agent` gains that with replication, issue 3), and a sleep in its
+//! place would only delay shutdown without making it safe.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{
+            StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+            StatefulSetUpdateStrategy,
+        },
+        core::v1::{
+            Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+            EnvVar, EnvVarSource, GRPCAction, ObjectFieldSelector, PersistentVolumeClaim,
+            PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+            SeccompProfile, SecurityContext, TopologySpreadConstraint, Volume, VolumeMount,
+            VolumeResourceRequirements,
+        },
+    },
+    apimachinery::pkg::{
+        api::resource::Quantity,
+        apis::meta::v1::{LabelSelector, ObjectMeta},
+    },
+};
+
+use crate::{
+    Result,
+    crd::MessageQueue,
+    names::{
+        CONFIG_MOUNT_PATH, CONFIG_VOLUME, DATA_DIR, DATA_MOUNT_PATH, DATA_VOLUME, GRPC_PORT,
+        GRPC_PORT_NAME, METRICS_PORT, METRICS_PORT_NAME, Names, PEER_PORT, PEER_PORT_NAME,
+        QUEUES_FILE_KEY, child_meta,
+    },
+    settings::Settings,
+};
+
+/// Name of the agent container.
+pub const AGENT_CONTAINER: &str = "agent";
+/// The agent binary inside the image.
+pub const AGENT_COMMAND: &str = "sluice-agent";
+/// UID and GID the agent runs as (the distroless `nonroot` user).
+pub const AGENT_UID: i64 = 65532;
+/// Seconds a stopping agent gets to finish in-flight fsyncs and close streams.
+pub const TERMINATION_GRACE_SECS: i64 = 60;
+/// Startup probe budget: a restarting agent replays its logs before it serves, so it gets
+/// `STARTUP_FAILURES * STARTUP_PERIOD_SECS` (5 minutes) before liveness takes over.
+const STARTUP_PERIOD_SECS: i32 = 5;
+const STARTUP_FAILURES: i32 = 60;
+
+/// Environment variable names the agent reads (beside its flags' `SLUICE_*` twins).
+pub mod env {
+    /// The pod's own name (`<mq>-<ordinal>`), the agent's identity among its peers.
+    pub const POD_NAME: &str = "SLUICE_POD_NAME";
+    /// The pod's namespace.
+    pub const NAMESPACE: &str = "SLUICE_NAMESPACE";
+    /// Comma-separated `host:port` of every agent's replication endpoint, in ordinal order.
+    pub const PEERS: &str = "SLUICE_PEERS";
+    /// Where the replication API listens.
+    pub const PEER_LISTEN: &str = "SLUICE_PEER_LISTEN";
+    /// Path of the queue definitions file.
+    pub const QUEUES_FILE: &str = "SLUICE_QUEUES_FILE";
+}
+
+fn container_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: port,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    }
+}
+
+fn env_value(name: &str, value: String) -> EnvVar {
+    EnvVar { name: name.to_owned(), value: Some(value), ..EnvVar::default() }
+}
+
+fn env_field(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: path.to_owned(), ..ObjectFieldSelector::default() }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+/// A probe on the agent's `grpc.health.v1` service, with the kubelet's native gRPC prober.
+fn grpc_probe(period: i32, failures: i32) -> Probe {
+    Probe {
+        grpc: Some(GRPCAction { port: GRPC_PORT, service: None }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+/// The agent's command line: exactly what the end-to-end harness runs as a local process.
+pub fn agent_args() -> Vec<String> {
+    [
+        "broker",
+        "--data-dir",
+        DATA_DIR,
+        "--listen",
+        &format!("0.0.0.0:{GRPC_PORT}"),
+        "--metrics-listen",
+        &format!("0.0.0.0:{METRICS_PORT}"),
+        "--log-format",
+        "json",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
+fn agent_container(mq: &MessageQueue, names: &Names, settings: &Settings) -> Container {
+    let image = mq.spec.image.clone().filter(|i| !i.is_empty()).unwrap_or_else(|| settings.default_image.clone());
+    Container {
+        name: AGENT_CONTAINER.to_owned(),
+        image: Some(image),
+        command: Some(vec![AGENT_COMMAND.to_owned()]),
+        args: Some(agent_args()),
+        ports: Some(vec![
+            container_port(GRPC_PORT_NAME, GRPC_PORT),
+            container_port(PEER_PORT_NAME, PEER_PORT),
+            container_port(METRICS_PORT_NAME, METRICS_PORT),
+        ]),
+        env: Some(vec![
+            env_field(env::POD_NAME, "metadata.name"),
+            env_field(env::NAMESPACE, "metadata.namespace"),
+            env_value(env::PEERS, names.peers(mq.spec.replicas, &settings.cluster_domain).join(",")),
+            env_value(env::PEER_LISTEN, format!("0.0.0.0:{PEER_PORT}")),
+            env_value(env::QUEUES_FILE, format!("{CONFIG_MOUNT_PATH}/{QUEUES_FILE_KEY}")),
+        ]),
+        resources: mq.spec.resources.clone(),
+        startup_probe: Some(grpc_probe(STARTUP_PERIOD_SECS, STARTUP_FAILURES)),
+        readiness_probe: Some(grpc_probe(5, 3)),
+        liveness_probe: Some(grpc_probe(10, 3)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(AGENT_UID),
+            run_as_group: Some(AGENT_UID),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), add: None }),
+            seccomp_profile: Some(runtime_default_seccomp()),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount { name: DATA_VOLUME.to_owned(), mount_path: DATA_MOUNT_PATH.to_owned(), ..VolumeMount::default() },
+            VolumeMount {
+                name: CONFIG_VOLUME.to_owned(),
+                mount_path: CONFIG_MOUNT_PATH.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..VolumeMount::default() },
+        ]),
+        ..Container::default()
+    }
+}
+
+fn runtime_default_seccomp() -> SeccompProfile {
+    SeccompProfile { type_: "RuntimeDefault".to_owned(), localhost_profile: None }
+}
+
+/// Spread agents over zones and nodes so that one failure domain holds as few replicas of a
+/// partition as possible. `ScheduleAnyway`: a single-node development cluster must still run.
+fn topology_spread(names: &Names) -> Vec<TopologySpreadConstraint> {
+    ["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+        .iter()
+        .map(|key| TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: (*key).to_owned(),
+            when_unsatisfiable: "ScheduleAnyway".to_owned(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(names.selector_labels()),
+                ..LabelSelector::default()
+            }),
+            ..TopologySpreadConstraint::default()
+        })
+        .collect()
+}
+
+fn claim_template(mq: &MessageQueue, claim_size: &str) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: ObjectMeta { name: Some(DATA_VOLUME.to_owned()), ..ObjectMeta::default() },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+            storage_class_name: mq.spec.storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_owned(), Quantity(claim_size.to_owned()))])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    }
+}
+
+/// The StatefulSet of `mq`'s agents. `claim_size` is the claim template's size (see
+/// [`crate::builders::build_all`]).
+pub fn build(mq: &MessageQueue, names: &Names, settings: &Settings, claim_size: &str) -> Result<StatefulSet> {
+    Ok(StatefulSet {
+        metadata: child_meta(mq, names, names.statefulset())?,
+        spec: Some(StatefulSetSpec {
+            replicas: Some(mq.spec.replicas),
+            service_name: Some(names.headless_service()),
+            selector: LabelSelector { match_labels: Some(names.selector_labels()), ..LabelSelector::default() },
+            // All agents start together: a partition needs a quorum of them to elect a leader,
+            // so starting one at a time would have the first wait for peers that are not started.
+            pod_management_policy: Some("Parallel".to_owned()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: None,
+            }),
+            // Retain on delete and on scale-in: the claims hold confirmed messages, and losing
+            // them must take a deliberate `kubectl delete pvc` (decision 0005).
+            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
+                when_deleted: Some("Retain".to_owned()),
+                when_scaled: Some("Retain".to_owned()),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(names.labels()), ..ObjectMeta::default() }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(names.service_account()),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    termination_grace_period_seconds: Some(TERMINATION_GRACE_SECS),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(AGENT_UID),
+                        run_as_group: Some(AGENT_UID),
+                        fs_group: Some(AGENT_UID),
+                        fs_group_change_policy: Some("OnRootMismatch".to_owned()),
+                        seccomp_profile: Some(runtime_default_seccomp()),
+                        ..PodSecurityContext::default()
+                    }),
+                    topology_spread_constraints: Some(topology_spread(names)),
+                    containers: vec![agent_container(mq, names, settings)],
+                    volumes: Some(vec![
+                        Volume {
+                            name: CONFIG_VOLUME.to_owned(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: names.configmap(),
+                                ..ConfigMapVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                        Volume {
+                            name: "tmp".to_owned(),
+                            empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Volume::default()
+                        },
+                    ]),
+                    ..PodSpec::default()
+                }),
+            },
+            volume_claim_templates: Some(vec![claim_template(mq, claim_size)]),
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    })
+}
+
+#[cfg(test)]
+mod tests;

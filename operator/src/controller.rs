@@ -1,0 +1,359 @@
+//! The MessageQueue controller: `Context`, `reconcile`, `error_policy` and `run`.
+//!
+//! Reconcile is level-based and idempotent: every pass server-side-applies all children from
+//! the spec (so drift is repaired at the next pass), reads the StatefulSet and the agents, and
+//! writes the status only when it says something new. The controller watches MessageQueues and
+//! the StatefulSets they own (whose status drives readiness); other children are re-applied on
+//! the periodic requeue rather than watched, which keeps the operator's RBAC and memory small.
+//!
+//! Deletion: there is no finalizer, because nothing outside Kubernetes needs cleaning up.
+//! Every child carries a controller owner reference and is garbage-collected with the
+//! MessageQueue; the agents' PersistentVolumeClaims are retained (decision 0005).
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::{Future, StreamExt};
+use k8s_openapi::{
+    api::apps::v1::StatefulSet,
+    apimachinery::pkg::apis::meta::v1::Time,
+};
+use kube::{
+    Api, Client, Resource,
+    api::{Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tracing::{info, warn};
+
+use crate::{
+    Error, FIELD_MANAGER, Result,
+    agent_admin::{ADMIN_TIMEOUT, AgentAdmin, QueueStats},
+    builders::{self, Children},
+    crd::{MessageQueue, condition_types},
+    metrics::Metrics,
+    names::{DATA_VOLUME, Names, display_name},
+    settings::Settings,
+    status::{self, Observed},
+};
+
+/// Event reasons, constant so that `kubectl get events --field-selector reason=...` and alerts
+/// can rely on them.
+pub mod event_reasons {
+    /// The agents' StatefulSet was created.
+    pub const CREATED: &str = "Created";
+    /// A spec change was applied to the agents' StatefulSet.
+    pub const UPDATED: &str = "Updated";
+    /// Applying a child object failed.
+    pub const APPLY_FAILED: &str = "ApplyFailed";
+    /// The spec holds a value the operator cannot use.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// Writing the status failed.
+    pub const STATUS_UPDATE_FAILED: &str = "StatusUpdateFailed";
+    /// The agents could not be asked for their counters.
+    pub const AGENT_STATS_UNAVAILABLE: &str = "AgentStatsUnavailable";
+    /// `spec.storage.size` grew; the claims are not expanded by this operator version yet.
+    pub const STORAGE_RESIZE_PENDING: &str = "StorageResizePending";
+    /// Every agent became ready.
+    pub const READY: &str = "Ready";
+    /// The cluster stopped being ready.
+    pub const NOT_READY: &str = "NotReady";
+    /// Partitions may be unable to confirm publishes.
+    pub const QUORUM_LOST: &str = "QuorumLost";
+    /// Partitions run with fewer replicas than configured.
+    pub const UNDER_REPLICATED: &str = "UnderReplicated";
+}
+
+/// Requeue interval while everything is ready: refreshes backlog counters and repairs drift.
+pub const REQUEUE_READY: Duration = Duration::from_secs(30);
+/// Requeue interval while the cluster is converging.
+pub const REQUEUE_CONVERGING: Duration = Duration::from_secs(10);
+/// First retry delay after a failed reconcile; doubles per consecutive failure.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
+/// Longest retry delay after failures.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Shared state of all reconciles.
+pub struct Context {
+    /// Client of the Kubernetes API.
+    pub client: Client,
+    /// Publishes Kubernetes events about MessageQueues.
+    pub recorder: Recorder,
+    /// Operator-wide settings of the builders.
+    pub settings: Settings,
+    /// Calls into the agents (stats now; day-2 operations later).
+    pub admin: Arc<dyn AgentAdmin>,
+    /// Prometheus metrics of the controller.
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per MessageQueue, for `error_policy`'s exponential backoff; an
+    /// entry is removed by the next successful reconcile.
+    pub failures: Mutex<HashMap<ObjectRef<MessageQueue>, u32>>,
+}
+
+impl Context {
+    /// A context with an empty failure table.
+    pub fn new(client: Client, settings: Settings, admin: Arc<dyn AgentAdmin>, metrics: Arc<Metrics>, reporter: Reporter) -> Self {
+        let recorder = Recorder::new(client.clone(), reporter);
+        Self { client, recorder, settings, admin, metrics, failures: Mutex::new(HashMap::new()) }
+    }
+
+    fn failure_count(&self, key: &ObjectRef<MessageQueue>) -> u32 {
+        self.failures.lock().map(|f| f.get(key).copied().unwrap_or(0)).unwrap_or(0)
+    }
+
+    fn record_failure(&self, key: ObjectRef<MessageQueue>) -> u32 {
+        match self.failures.lock() {
+            Ok(mut f) => {
+                let n = f.entry(key).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 1,
+        }
+    }
+
+    fn clear_failures(&self, key: &ObjectRef<MessageQueue>) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(key);
+        }
+    }
+
+    async fn publish(&self, mq: &MessageQueue, type_: EventType, reason: &str, action: &str, note: String) {
+        let event = Event { type_, reason: reason.to_owned(), note: Some(note), action: action.to_owned(), secondary: None };
+        // An event that cannot be written must not fail the reconcile it describes.
+        if let Err(e) = self.recorder.publish(&event, &mq.object_ref(&())).await {
+            warn!(mq = %display_name(mq), reason, error = %e, "publishing event failed");
+        }
+    }
+}
+
+/// Retry delay after `failures` consecutive failures: 5 s, 10 s, 20 s ... at most 5 minutes.
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    BACKOFF_BASE.saturating_mul(1u32 << exp).min(BACKOFF_MAX)
+}
+
+async fn apply<K>(client: &Client, namespace: &str, obj: &K, kind: &'static str) -> Result<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj))
+        .await
+        .map_err(|source| Error::ApplyFailed { kind, name, source })
+}
+
+async fn apply_children(client: &Client, namespace: &str, c: &Children) -> Result<StatefulSet> {
+    apply(client, namespace, &c.service_account, "ServiceAccount").await?;
+    apply(client, namespace, &c.configmap, "ConfigMap").await?;
+    apply(client, namespace, &c.headless_service, "Service").await?;
+    apply(client, namespace, &c.client_service, "Service").await?;
+    apply(client, namespace, &c.pdb, "PodDisruptionBudget").await?;
+    apply(client, namespace, &c.network_policy, "NetworkPolicy").await?;
+    apply(client, namespace, &c.statefulset, "StatefulSet").await
+}
+
+/// Size of the claim template of an existing StatefulSet.
+fn template_claim_size(sts: &StatefulSet) -> Option<String> {
+    sts.spec
+        .as_ref()?
+        .volume_claim_templates
+        .as_ref()?
+        .iter()
+        .find(|t| t.metadata.name.as_deref() == Some(DATA_VOLUME))?
+        .spec
+        .as_ref()?
+        .resources
+        .as_ref()?
+        .requests
+        .as_ref()?
+        .get("storage")
+        .map(|q| q.0.clone())
+}
+
+async fn read_stats(mq: &MessageQueue, names: &Names, ctx: &Context) -> Option<Vec<(String, QueueStats)>> {
+    let endpoint = names.client_endpoint(&ctx.settings.cluster_domain);
+    let mut all = Vec::new();
+    for queue in mq.spec.effective_queues(&names.instance) {
+        let result = tokio::time::timeout(ADMIN_TIMEOUT, ctx.admin.queue_stats(&endpoint, &queue.name)).await;
+        match result {
+            Ok(Ok(stats)) => all.push((queue.name, stats)),
+            Ok(Err(e)) => {
+                ctx.publish(mq, EventType::Warning, event_reasons::AGENT_STATS_UNAVAILABLE, "ReadStats", e.to_string()).await;
+                return None;
+            }
+            Err(_) => {
+                let note = format!("reading stats of queue {} from {endpoint} took longer than {ADMIN_TIMEOUT:?}", queue.name);
+                ctx.publish(mq, EventType::Warning, event_reasons::AGENT_STATS_UNAVAILABLE, "ReadStats", note).await;
+                return None;
+            }
+        }
+    }
+    Some(all)
+}
+
+fn condition_status<'a>(s: Option<&'a crate::crd::MessageQueueStatus>, type_: &str) -> Option<(&'a str, &'a str)> {
+    s?.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.as_str(), c.reason.as_str()))
+}
+
+async fn publish_transitions(mq: &MessageQueue, new: &crate::crd::MessageQueueStatus, ctx: &Context) {
+    let old = mq.status.as_ref();
+    let new_ready = condition_status(Some(new), condition_types::READY);
+    if new_ready != condition_status(old, condition_types::READY) {
+        if let Some((status, reason)) = new_ready {
+            let (type_, event) = if status == "True" {
+                (EventType::Normal, event_reasons::READY)
+            } else {
+                (EventType::Warning, event_reasons::NOT_READY)
+            };
+            // The first "not ready" while the StatefulSet is still being created is expected.
+            if status == "True" || old.is_some() {
+                ctx.publish(mq, type_, event, "Observe", format!("{reason}: {}", message_of(new, condition_types::READY))).await;
+            }
+        }
+    }
+    let new_degraded = condition_status(Some(new), condition_types::DEGRADED);
+    if new_degraded != condition_status(old, condition_types::DEGRADED)
+        && let Some(("True", reason)) = new_degraded
+    {
+        let event = if reason == crate::crd::condition_reasons::QUORUM_LOST {
+            event_reasons::QUORUM_LOST
+        } else {
+            event_reasons::UNDER_REPLICATED
+        };
+        ctx.publish(mq, EventType::Warning, event, "Observe", message_of(new, condition_types::DEGRADED)).await;
+    }
+}
+
+fn message_of(s: &crate::crd::MessageQueueStatus, type_: &str) -> String {
+    s.conditions.iter().find(|c| c.type_ == type_).map(|c| c.message.clone()).unwrap_or_default()
+}
+
+/// Brings one MessageQueue's children and status in line with its spec.
+pub async fn reconcile(mq: Arc<MessageQueue>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile_timer();
+    let names = Names::of(&mq)?;
+    if mq.metadata.deletion_timestamp.is_some() {
+        // Owner references let the garbage collector remove the children; nothing to do.
+        return Ok(Action::await_change());
+    }
+    let result = reconcile_inner(&mq, &names, &ctx).await;
+    if let Err(e) = &result {
+        let reason = match e {
+            Error::ApplyFailed { .. } => event_reasons::APPLY_FAILED,
+            Error::InvalidSpec { .. } => event_reasons::INVALID_SPEC,
+            Error::StatusPatchFailed { .. } => event_reasons::STATUS_UPDATE_FAILED,
+            _ => event_reasons::APPLY_FAILED,
+        };
+        ctx.publish(&mq, EventType::Warning, reason, "Reconcile", e.to_string()).await;
+    } else {
+        ctx.clear_failures(&ObjectRef::from_obj(mq.as_ref()));
+    }
+    result
+}
+
+async fn reconcile_inner(mq: &MessageQueue, names: &Names, ctx: &Context) -> Result<Action> {
+    let sts_api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &names.namespace);
+    let existing = sts_api
+        .get_opt(&names.statefulset())
+        .await
+        .map_err(|source| Error::ReadFailed { kind: "StatefulSet", name: names.statefulset(), source })?;
+
+    // Claim templates are immutable: keep the size the StatefulSet was created with.
+    let claim_size = existing.as_ref().and_then(template_claim_size).unwrap_or_else(|| mq.spec.storage.size.clone());
+    if claim_size != mq.spec.storage.size {
+        let note = format!(
+            "spec.storage.size is {} but the agents' claims were created with {claim_size}; this operator version does not expand claims yet",
+            mq.spec.storage.size
+        );
+        ctx.publish(mq, EventType::Warning, event_reasons::STORAGE_RESIZE_PENDING, "ResizeStorage", note).await;
+    }
+
+    let children = builders::build_all(mq, &ctx.settings, &claim_size)?;
+    let applied = apply_children(&ctx.client, &names.namespace, &children).await?;
+    match &existing {
+        None => {
+            let note = format!("created StatefulSet {} with {} agents", names.statefulset(), mq.spec.replicas);
+            ctx.publish(mq, EventType::Normal, event_reasons::CREATED, "Apply", note).await;
+        }
+        Some(old) if old.metadata.generation != applied.metadata.generation => {
+            let note = format!("applied spec generation {} to StatefulSet {}", mq.metadata.generation.unwrap_or(0), names.statefulset());
+            ctx.publish(mq, EventType::Normal, event_reasons::UPDATED, "Apply", note).await;
+        }
+        Some(_) => {}
+    }
+
+    let ready_replicas = applied.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+    let queue_stats = if ready_replicas > 0 { read_stats(mq, names, ctx).await } else { None };
+    let observed = Observed { statefulset: Some(applied), queue_stats };
+    let new_status = status::desired_status(mq, names, &observed, Time(jiff_now()));
+
+    if status::is_material_change(mq.status.as_ref(), &new_status) {
+        let api: Api<MessageQueue> = Api::namespaced(ctx.client.clone(), &names.namespace);
+        let patch = serde_json::json!({
+            "apiVersion": "sluice.dev/v1alpha1",
+            "kind": "MessageQueue",
+            "status": new_status,
+        });
+        api.patch_status(&names.instance, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+            .await
+            .map_err(|source| Error::StatusPatchFailed { name: names.instance.clone(), source })?;
+        publish_transitions(mq, &new_status, ctx).await;
+    }
+
+    let all_ready = new_status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == condition_types::READY && c.status == "True");
+    Ok(Action::requeue(if all_ready { REQUEUE_READY } else { REQUEUE_CONVERGING }))
+}
+
+fn jiff_now() -> k8s_openapi::jiff::Timestamp {
+    k8s_openapi::jiff::Timestamp::now()
+}
+
+/// Logs the failure, counts it by [`Error::metric_label`], and retries with exponential backoff
+/// per MessageQueue.
+pub fn error_policy(mq: Arc<MessageQueue>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = ctx.record_failure(ObjectRef::from_obj(mq.as_ref()));
+    let delay = backoff(failures);
+    warn!(mq = %display_name(&mq), error = %error, failures, retry_in = ?delay, "reconcile failed");
+    ctx.metrics.reconcile_failure(error.metric_label());
+    Action::requeue(delay)
+}
+
+/// How many failures `mq` has had in a row (for tests and diagnostics).
+pub fn failures_of(ctx: &Context, mq: &MessageQueue) -> u32 {
+    ctx.failure_count(&ObjectRef::from_obj(mq))
+}
+
+/// Runs the controller until `shutdown` resolves; `namespace` limits it to one namespace.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let (mqs, statefulsets): (Api<MessageQueue>, Api<StatefulSet>) = match &namespace {
+        Some(ns) => (Api::namespaced(ctx.client.clone(), ns), Api::namespaced(ctx.client.clone(), ns)),
+        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
+    };
+    info!(namespace = namespace.as_deref().unwrap_or("<all>"), "starting MessageQueue controller");
+    Controller::new(mqs, watcher::Config::default().any_semantic())
+        .owns(statefulsets, watcher::Config::default().any_semantic())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => tracing::debug!(mq = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile loop reported an error"),
+            }
+        })
+        .await;
+    info!("MessageQueue controller stopped");
+}

@@ -1,0 +1,383 @@
+//! Reconcile against an in-process stateful fake of the Kubernetes API: which requests it
+//! sends, what ends up stored, and how failures and deletion are handled.
+
+mod support;
+
+use std::{sync::Arc, time::Duration};
+
+use http::Method;
+use kube::runtime::{controller::Action, events::Reporter};
+use serde_json::{Value, json};
+use sluice_operator::{
+    Error, FIELD_MANAGER,
+    agent_admin::{PartitionStats, QueueStats},
+    controller::{self, Context, event_reasons},
+    crd::MessageQueue,
+    metrics::Metrics,
+    rbac,
+    settings::Settings,
+};
+use support::{fake_admin::FakeAdmin, fake_api::FakeApi};
+
+const MQ_PATH: &str = "/apis/sluice.dev/v1alpha1/namespaces/shop/messagequeues/orders";
+const STS_PATH: &str = "/apis/apps/v1/namespaces/shop/statefulsets/orders";
+
+/// Every child path in apply order, with the kind the body must carry.
+const CHILDREN: &[(&str, &str)] = &[
+    ("/api/v1/namespaces/shop/serviceaccounts/orders-agent", "ServiceAccount"),
+    ("/api/v1/namespaces/shop/configmaps/orders-config", "ConfigMap"),
+    ("/api/v1/namespaces/shop/services/orders-peers", "Service"),
+    ("/api/v1/namespaces/shop/services/orders", "Service"),
+    ("/apis/policy/v1/namespaces/shop/poddisruptionbudgets/orders", "PodDisruptionBudget"),
+    ("/apis/networking.k8s.io/v1/namespaces/shop/networkpolicies/orders", "NetworkPolicy"),
+    (STS_PATH, "StatefulSet"),
+];
+
+struct Harness {
+    api: FakeApi,
+    admin: Arc<FakeAdmin>,
+    ctx: Arc<Context>,
+}
+
+fn harness() -> Harness {
+    let api = FakeApi::default();
+    let admin = Arc::new(FakeAdmin::default());
+    let ctx = Arc::new(Context::new(
+        api.client(),
+        Settings::default(),
+        admin.clone(),
+        Arc::new(Metrics::default()),
+        Reporter { controller: "sluice-operator".into(), instance: Some("test".into()) },
+    ));
+    Harness { api, admin, ctx }
+}
+
+fn new_mq(spec: Value) -> Value {
+    json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "MessageQueue",
+        "metadata": {"name": "orders", "namespace": "shop", "uid": "0b6a2c1e-1111-4222-8333-444455556666", "generation": 1},
+        "spec": spec,
+    })
+}
+
+impl Harness {
+    /// Stores `mq` in the fake and returns it as the controller would see it.
+    fn seed(&self, mq: Value) -> Arc<MessageQueue> {
+        self.api.insert(MQ_PATH, mq);
+        self.current()
+    }
+
+    /// The MessageQueue as currently stored (with the status the operator wrote).
+    fn current(&self) -> Arc<MessageQueue> {
+        Arc::new(serde_json::from_value(self.api.object(MQ_PATH).unwrap()).unwrap())
+    }
+
+    async fn reconcile(&self) -> Result<Action, Error> {
+        controller::reconcile(self.current(), self.ctx.clone()).await
+    }
+
+    fn event_reasons(&self) -> Vec<String> {
+        self.api
+            .requests()
+            .iter()
+            .filter(|r| r.is_event() && r.method == Method::POST)
+            .filter_map(|r| r.body.as_ref()?["reason"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    fn make_statefulset_ready(&self, ready: i32) {
+        let generation = self.api.object(STS_PATH).unwrap()["metadata"]["generation"].clone();
+        let replicas = self.api.object(STS_PATH).unwrap()["spec"]["replicas"].clone();
+        self.api.set_status(
+            STS_PATH,
+            json!({"observedGeneration": generation, "replicas": replicas, "readyReplicas": ready, "updatedReplicas": replicas,
+                   "currentRevision": "r1", "updateRevision": "r1"}),
+        );
+    }
+
+    fn condition(&self, type_: &str) -> (String, String) {
+        let mq = self.api.object(MQ_PATH).unwrap();
+        let c = mq["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == type_).unwrap().clone();
+        (c["status"].as_str().unwrap().to_owned(), c["reason"].as_str().unwrap().to_owned())
+    }
+}
+
+#[tokio::test]
+async fn first_reconcile_applies_every_child_with_one_field_manager_and_owner_references() {
+    let h = harness();
+    h.seed(new_mq(json!({"replicas": 3})));
+
+    let action = h.reconcile().await.unwrap();
+    assert_eq!(action, Action::requeue(controller::REQUEUE_CONVERGING));
+
+    let requests: Vec<_> = h.api.requests().into_iter().filter(|r| !r.is_event()).collect();
+    let summary: Vec<(Method, String)> = requests.iter().map(|r| (r.method.clone(), r.path.clone())).collect();
+    let mut expected = vec![(Method::GET, STS_PATH.to_owned())];
+    expected.extend(CHILDREN.iter().map(|(p, _)| (Method::PATCH, (*p).to_owned())));
+    expected.push((Method::PATCH, format!("{MQ_PATH}/status")));
+    assert_eq!(summary, expected);
+
+    for (request, (_, kind)) in requests[1..8].iter().zip(CHILDREN) {
+        assert!(request.is_apply_by(FIELD_MANAGER), "{request:?}");
+        let body = request.body.as_ref().unwrap();
+        assert_eq!(body["kind"], *kind);
+        let owner = &body["metadata"]["ownerReferences"][0];
+        assert_eq!(owner["kind"], "MessageQueue");
+        assert_eq!(owner["name"], "orders");
+        assert_eq!(owner["uid"], "0b6a2c1e-1111-4222-8333-444455556666");
+        assert_eq!(owner["controller"], true);
+        assert!(body["metadata"].get("finalizers").is_none());
+    }
+    assert!(requests[8].is_apply_by(FIELD_MANAGER), "status is applied by the same manager");
+    assert_eq!(h.event_reasons(), vec![event_reasons::CREATED]);
+    assert_eq!(h.condition("Ready"), ("False".into(), "StatefulSetPending".into()));
+}
+
+#[tokio::test]
+async fn second_reconcile_of_the_same_state_changes_nothing() {
+    let h = harness();
+    h.seed(new_mq(json!({})));
+    h.reconcile().await.unwrap();
+    h.make_statefulset_ready(3);
+    h.reconcile().await.unwrap();
+    let before: Vec<Value> = CHILDREN.iter().map(|(p, _)| h.api.object(p).unwrap()).collect();
+    let mq_before = h.api.object(MQ_PATH).unwrap();
+    h.api.clear_requests();
+
+    h.reconcile().await.unwrap();
+
+    let after: Vec<Value> = CHILDREN.iter().map(|(p, _)| h.api.object(p).unwrap()).collect();
+    assert_eq!(before, after, "no child changed (same resourceVersions)");
+    assert_eq!(mq_before, h.api.object(MQ_PATH).unwrap(), "status not rewritten");
+    let writes: Vec<String> = h
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/status") || r.is_event())
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert_eq!(writes, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn spec_change_patches_the_statefulset_and_reports_it() {
+    let h = harness();
+    h.seed(new_mq(json!({"replicas": 3})));
+    h.reconcile().await.unwrap();
+    let generation_before = h.api.object(STS_PATH).unwrap()["metadata"]["generation"].as_i64().unwrap();
+
+    let mut mq = h.api.object(MQ_PATH).unwrap();
+    mq["spec"]["replicas"] = json!(5);
+    mq["metadata"]["generation"] = json!(2);
+    h.api.insert(MQ_PATH, mq);
+    h.api.clear_requests();
+    h.reconcile().await.unwrap();
+
+    let sts = h.api.object(STS_PATH).unwrap();
+    assert_eq!(sts["spec"]["replicas"], 5);
+    assert_eq!(sts["metadata"]["generation"].as_i64().unwrap(), generation_before + 1);
+    let env = sts["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap().clone();
+    let peers = env.iter().find(|e| e["name"] == "SLUICE_PEERS").unwrap()["value"].as_str().unwrap().to_owned();
+    assert_eq!(peers.split(',').count(), 5);
+    assert_eq!(h.event_reasons(), vec![event_reasons::UPDATED]);
+    let status = &h.api.object(MQ_PATH).unwrap()["status"];
+    assert_eq!(status["observedGeneration"], 2);
+}
+
+#[tokio::test]
+async fn ready_agents_and_their_stats_show_in_status_and_conditions() {
+    let h = harness();
+    h.seed(new_mq(json!({"queues": [{"name": "orders", "partitions": 2}]})));
+    h.reconcile().await.unwrap();
+    h.make_statefulset_ready(3);
+    *h.admin.stats.lock().unwrap() = Some(vec![(
+        "orders".into(),
+        QueueStats {
+            backlog: 1234,
+            in_flight: 20,
+            publish_rate: 800.0,
+            consumers: 4,
+            partitions: vec![
+                PartitionStats { id: 0, leader: Some("orders-1".into()), in_sync: Some(3) },
+                PartitionStats { id: 1, leader: Some("orders-2".into()), in_sync: Some(3) },
+            ],
+        },
+    )]);
+    h.api.clear_requests();
+
+    let action = h.reconcile().await.unwrap();
+
+    assert_eq!(action, Action::requeue(controller::REQUEUE_READY));
+    assert_eq!(h.condition("Ready"), ("True".into(), "AllReplicasReady".into()));
+    assert_eq!(h.condition("Progressing"), ("False".into(), "Stable".into()));
+    assert_eq!(h.condition("Degraded"), ("False".into(), "FullyReplicated".into()));
+    let status = h.api.object(MQ_PATH).unwrap()["status"].clone();
+    assert_eq!(status["readyReplicas"], 3);
+    assert_eq!(status["replicasSummary"], "3/3");
+    assert_eq!(status["backlog"], 1234);
+    assert_eq!(status["consumerCount"], 4);
+    assert_eq!(status["queues"][0]["partitions"][1]["leader"], "orders-2");
+    assert_eq!(
+        h.admin.calls.lock().unwrap().clone(),
+        vec!["queue_stats orders.shop.svc.cluster.local:7070 orders".to_owned()]
+    );
+    assert_eq!(h.event_reasons(), vec![event_reasons::READY]);
+}
+
+#[tokio::test]
+async fn losing_two_of_three_agents_reports_quorum_lost() {
+    let h = harness();
+    h.seed(new_mq(json!({})));
+    h.reconcile().await.unwrap();
+    h.make_statefulset_ready(3);
+    h.reconcile().await.unwrap();
+    h.make_statefulset_ready(1);
+    h.api.clear_requests();
+
+    h.reconcile().await.unwrap();
+
+    assert_eq!(h.condition("Degraded"), ("True".into(), "QuorumLost".into()));
+    assert_eq!(h.condition("Ready"), ("False".into(), "StatefulSetNotReady".into()));
+    let reasons = h.event_reasons();
+    assert!(reasons.contains(&event_reasons::QUORUM_LOST.to_owned()), "{reasons:?}");
+    assert!(reasons.contains(&event_reasons::NOT_READY.to_owned()), "{reasons:?}");
+}
+
+#[tokio::test]
+async fn unreachable_agents_leave_backlog_unknown_and_raise_an_event() {
+    let h = harness();
+    h.seed(new_mq(json!({})));
+    h.reconcile().await.unwrap();
+    h.make_statefulset_ready(3);
+    h.api.clear_requests();
+
+    h.reconcile().await.unwrap();
+
+    assert!(h.api.object(MQ_PATH).unwrap()["status"].get("backlog").is_none());
+    assert!(h.event_reasons().contains(&event_reasons::AGENT_STATS_UNAVAILABLE.to_owned()));
+}
+
+#[tokio::test]
+async fn api_conflict_and_server_error_fail_the_reconcile_and_back_off() {
+    let h = harness();
+    let mq = h.seed(new_mq(json!({})));
+    h.api.fail(Method::PATCH, "/configmaps/", 409, 1);
+    h.api.fail(Method::PATCH, "/statefulsets/", 500, 1);
+
+    let first = h.reconcile().await.unwrap_err();
+    assert!(matches!(&first, Error::ApplyFailed { kind: "ConfigMap", .. }), "{first}");
+    assert_eq!(first.metric_label(), "apply_failed");
+    assert_eq!(controller::error_policy(mq.clone(), &first, h.ctx.clone()), Action::requeue(Duration::from_secs(5)));
+
+    let second = h.reconcile().await.unwrap_err();
+    assert!(matches!(&second, Error::ApplyFailed { kind: "StatefulSet", .. }), "{second}");
+    assert_eq!(controller::error_policy(mq.clone(), &second, h.ctx.clone()), Action::requeue(Duration::from_secs(10)));
+    assert_eq!(controller::failures_of(&h.ctx, &mq), 2);
+    assert!(h.ctx.metrics.encode().contains(r#"sluice_operator_reconcile_failures_total{error="apply_failed"} 2"#));
+    assert_eq!(
+        h.event_reasons().iter().filter(|r| *r == event_reasons::APPLY_FAILED).count(),
+        2,
+        "each failure is reported as a Warning event"
+    );
+
+    h.reconcile().await.unwrap();
+    assert_eq!(controller::failures_of(&h.ctx, &mq), 0, "success resets the backoff");
+}
+
+#[test]
+fn backoff_doubles_from_five_seconds_up_to_five_minutes() {
+    let delays: Vec<u64> = (1..=9).map(|n| controller::backoff(n).as_secs()).collect();
+    assert_eq!(delays, vec![5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    assert_eq!(controller::backoff(u32::MAX).as_secs(), 300);
+}
+
+#[tokio::test]
+async fn status_write_failure_is_an_error_not_a_silent_skip() {
+    let h = harness();
+    h.seed(new_mq(json!({})));
+    h.api.fail(Method::PATCH, "/messagequeues/orders/status", 500, 1);
+    let err = h.reconcile().await.unwrap_err();
+    assert_eq!(err.metric_label(), "status_patch_failed");
+}
+
+#[tokio::test]
+async fn deleting_queue_is_left_to_garbage_collection_without_requests() {
+    let h = harness();
+    let mut mq = new_mq(json!({}));
+    mq["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    h.seed(mq);
+
+    let action = h.reconcile().await.unwrap();
+
+    assert_eq!(action, Action::await_change());
+    assert!(h.api.requests().is_empty(), "{:?}", h.api.requests());
+}
+
+#[tokio::test]
+async fn growing_storage_keeps_the_immutable_claim_template_and_says_so() {
+    let h = harness();
+    h.seed(new_mq(json!({"storage": {"size": "10Gi"}})));
+    h.reconcile().await.unwrap();
+    let mut mq = h.api.object(MQ_PATH).unwrap();
+    mq["spec"]["storage"]["size"] = json!("20Gi");
+    h.api.insert(MQ_PATH, mq);
+    h.api.clear_requests();
+
+    h.reconcile().await.unwrap();
+
+    let sts = h.api.object(STS_PATH).unwrap();
+    assert_eq!(sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"], "10Gi");
+    assert!(h.event_reasons().contains(&event_reasons::STORAGE_RESIZE_PENDING.to_owned()));
+}
+
+#[tokio::test]
+async fn missing_uid_is_a_named_error_not_a_panic() {
+    let h = harness();
+    let mut mq = new_mq(json!({}));
+    mq["metadata"].as_object_mut().unwrap().remove("uid");
+    h.seed(mq);
+    let err = h.reconcile().await.unwrap_err();
+    assert!(err.to_string().contains("metadata.uid"), "{err}");
+}
+
+/// Maps a request to the (group, resource, verb) RBAC would check.
+fn rbac_of(method: &Method, path: &str) -> (String, String, &'static str) {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = if parts[0] == "api" { ("", &parts[2..]) } else { (parts[1], &parts[3..]) };
+    // rest: namespaces/<ns>/<resource>[/<name>[/<subresource>]]
+    let resource = match rest.len() {
+        5 => format!("{}/{}", rest[2], rest[4]),
+        _ => rest[2].to_owned(),
+    };
+    let verb = match *method {
+        Method::GET => "get",
+        Method::POST => "create",
+        Method::PATCH => "patch",
+        Method::PUT => "update",
+        Method::DELETE => "delete",
+        _ => "unknown",
+    };
+    (group.to_owned(), resource, verb)
+}
+
+#[tokio::test]
+async fn every_request_reconcile_makes_is_granted_by_the_rbac_table() {
+    let h = harness();
+    h.seed(new_mq(json!({})));
+    h.api.fail(Method::PATCH, "/services/", 500, 1);
+    let _ = h.reconcile().await;
+    h.reconcile().await.unwrap();
+    h.make_statefulset_ready(3);
+    h.reconcile().await.unwrap();
+
+    let requests = h.api.requests();
+    assert!(requests.len() > 10);
+    for r in requests {
+        let (group, resource, verb) = rbac_of(&r.method, &r.path);
+        assert!(rbac::is_granted(&group, &resource, verb), "{verb} {group}/{resource} ({} {}) is not in rbac::API_CALLS", r.method, r.path);
+        // A server-side apply may create the object, which RBAC checks as `create`.
+        if verb == "patch" && r.content_type.starts_with("application/apply-patch") && !resource.contains('/') {
+            assert!(rbac::is_granted(&group, &resource, "create"), "apply of {group}/{resource} needs create");
+        }
+    }
+}

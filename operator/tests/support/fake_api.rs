@@ -1,0 +1,231 @@
+//! A small stateful fake of the Kubernetes API server, as a `tower::Service` behind a real
+//! `kube::Client`. It stores objects by path, implements server-side apply closely enough for
+//! reconcile (content changes bump `resourceVersion`, spec changes bump `generation`, status
+//! is kept apart), records every request, and can be told to fail requests.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+
+/// One request as the fake saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// HTTP method.
+    pub method: Method,
+    /// Path without the query.
+    pub path: String,
+    /// Query string (`fieldManager=...&force=true`).
+    pub query: String,
+    /// Content type of the body.
+    pub content_type: String,
+    /// Body as JSON, when there is one.
+    pub body: Option<Value>,
+}
+
+impl Recorded {
+    /// Whether this is a server-side apply by `manager` with conflicts forced.
+    pub fn is_apply_by(&self, manager: &str) -> bool {
+        self.method == Method::PATCH
+            && self.content_type.starts_with("application/apply-patch")
+            && self.query.contains(&format!("fieldManager={manager}"))
+            && self.query.contains("force=true")
+    }
+
+    /// Whether this request writes an event.
+    pub fn is_event(&self) -> bool {
+        self.path.contains("/events")
+    }
+}
+
+struct Injected {
+    method: Method,
+    path_contains: String,
+    code: u16,
+    remaining: usize,
+}
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<String, Value>,
+    requests: Vec<Recorded>,
+    injected: Vec<Injected>,
+    next_version: u64,
+}
+
+/// Handle on the fake's state, shared with the service the client uses.
+#[derive(Clone, Default)]
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+}
+
+fn status_body(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code})
+}
+
+/// Object content without the fields the server owns, to tell real changes from repeats.
+fn content(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        for key in ["resourceVersion", "generation", "uid", "creationTimestamp", "managedFields"] {
+            meta.remove(key);
+        }
+    }
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("status");
+    }
+    v
+}
+
+impl FakeApi {
+    /// A `kube::Client` talking to this fake.
+    pub fn client(&self) -> kube::Client {
+        let this = self.clone();
+        let service = tower::service_fn(move |req: Request<kube::client::Body>| {
+            let this = this.clone();
+            async move { Ok::<_, Infallible>(this.handle(req).await) }
+        });
+        kube::Client::new(service, "default")
+    }
+
+    /// Every request so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// Forgets the recorded requests (not the objects).
+    pub fn clear_requests(&self) {
+        self.state.lock().unwrap().requests.clear();
+    }
+
+    /// The stored object at `path`.
+    pub fn object(&self, path: &str) -> Option<Value> {
+        self.state.lock().unwrap().objects.get(path).cloned()
+    }
+
+    /// Stores `object` at `path` as if it had been created.
+    pub fn insert(&self, path: &str, mut object: Value) {
+        let mut s = self.state.lock().unwrap();
+        s.next_version += 1;
+        object["metadata"]["resourceVersion"] = json!(s.next_version.to_string());
+        if object["metadata"]["generation"].is_null() {
+            object["metadata"]["generation"] = json!(1);
+        }
+        s.objects.insert(path.to_owned(), object);
+    }
+
+    /// Replaces the status of the object at `path`, as its controller would.
+    pub fn set_status(&self, path: &str, status: Value) {
+        let mut s = self.state.lock().unwrap();
+        if let Some(obj) = s.objects.get_mut(path) {
+            obj["status"] = status;
+        }
+    }
+
+    /// Makes the next `times` requests with `method` whose path contains `path_contains` fail
+    /// with `code`.
+    pub fn fail(&self, method: Method, path_contains: &str, code: u16, times: usize) {
+        self.state.lock().unwrap().injected.push(Injected { method, path_contains: path_contains.to_owned(), code, remaining: times });
+    }
+
+    async fn handle(&self, req: Request<kube::client::Body>) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body: Option<Value> = if bytes.is_empty() { None } else { serde_json::from_slice(&bytes).ok() };
+        let recorded = Recorded {
+            method: parts.method.clone(),
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().unwrap_or_default().to_owned(),
+            content_type: parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+            body: body.clone(),
+        };
+        let mut s = self.state.lock().unwrap();
+        s.requests.push(recorded.clone());
+
+        if let Some(inj) = s
+            .injected
+            .iter_mut()
+            .find(|i| i.remaining > 0 && i.method == recorded.method && recorded.path.contains(&i.path_contains))
+        {
+            inj.remaining -= 1;
+            let code = inj.code;
+            let reason = if code == 409 { "Conflict" } else { "InternalError" };
+            return respond(code, status_body(code, reason, "injected failure"));
+        }
+
+        let path = recorded.path.clone();
+        match (recorded.method.clone(), body) {
+            (Method::GET, _) => match s.objects.get(&path) {
+                Some(obj) => respond(200, obj.clone()),
+                None => respond(404, status_body(404, "NotFound", &format!("{path} not found"))),
+            },
+            (Method::POST, Some(obj)) => {
+                let name = obj["metadata"]["name"].as_str().unwrap_or("unnamed").to_owned();
+                s.objects.insert(format!("{path}/{name}"), obj.clone());
+                respond(201, obj)
+            }
+            (Method::PATCH, Some(patch)) if path.ends_with("/status") => {
+                let object_path = path.trim_end_matches("/status").to_owned();
+                s.next_version += 1;
+                let version = s.next_version.to_string();
+                let stored = s.objects.entry(object_path).or_insert_with(|| patch.clone());
+                stored["status"] = patch["status"].clone();
+                stored["metadata"]["resourceVersion"] = json!(version);
+                respond(200, stored.clone())
+            }
+            (Method::PATCH, Some(patch)) if path.contains("/events") => {
+                let stored = s.objects.entry(path).or_insert_with(|| patch.clone());
+                respond(200, stored.clone())
+            }
+            (Method::PATCH, Some(patch)) => {
+                let existing = s.objects.get(&path).cloned();
+                let result = match existing {
+                    Some(old) if content(&old) == content(&patch) => old,
+                    Some(old) => {
+                        s.next_version += 1;
+                        let mut new = patch.clone();
+                        new["metadata"]["uid"] = old["metadata"]["uid"].clone();
+                        new["metadata"]["resourceVersion"] = json!(s.next_version.to_string());
+                        let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
+                        let spec_changed = old.get("spec") != patch.get("spec");
+                        new["metadata"]["generation"] = json!(if spec_changed { generation + 1 } else { generation });
+                        if let Some(status) = old.get("status") {
+                            new["status"] = status.clone();
+                        }
+                        new
+                    }
+                    None => {
+                        s.next_version += 1;
+                        let mut new = patch.clone();
+                        new["metadata"]["uid"] = json!(format!("uid-{}", s.next_version));
+                        new["metadata"]["resourceVersion"] = json!(s.next_version.to_string());
+                        new["metadata"]["generation"] = json!(1);
+                        new
+                    }
+                };
+                s.objects.insert(path, result.clone());
+                respond(200, result)
+            }
+            _ => respond(405, status_body(405, "MethodNotAllowed", "the fake does not serve this")),
+        }
+    }
+}
+
+fn respond(code: u16, body: Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(StatusCode::from_u16(code).unwrap())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(serde_json::to_vec(&body).unwrap())))
+        .unwrap()
+}

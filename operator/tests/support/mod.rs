@@ -1,0 +1,4 @@
+//! Test helpers: an in-process stateful fake of the Kubernetes API and a fake agent admin.
+
+pub mod fake_admin;
+pub mod fake_api;
