@@ -147,14 +147,22 @@ pub struct Subscription {
     broker: Arc<Broker>,
     queue: Arc<Queue>,
     slot: Arc<ConsumerSlot>,
-    /// Deliveries taken in one batch and not yet returned by `next` (already in flight).
-    buffer: VecDeque<Delivery>,
+    /// Deliveries taken in one batch and not yet returned by `next` (already in flight), with
+    /// their ack deadlines: one whose deadline passed while buffered was made ready again by
+    /// the partition and is skipped, never handed out stale.
+    buffer: VecDeque<(Delivery, u64)>,
+    /// The broker's clock, for those deadlines.
+    clock: Arc<dyn Clock>,
     /// Partition to try first (round-robin across partitions).
     next_partition: usize,
 }
 
 fn io_error(op: &'static str, path: &Path, source: std::io::Error) -> BrokerError {
-    BrokerError::Storage(LogError::Io { op, path: path.to_owned(), source })
+    BrokerError::Storage(LogError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -176,9 +184,13 @@ impl Broker {
     }
 
     /// [`Broker::open`] with a chosen clock, log backend and timer mode.
-    pub async fn open_with(config: BrokerConfig, options: BrokerOptions) -> Result<Arc<Broker>, BrokerError> {
+    pub async fn open_with(
+        config: BrokerConfig,
+        options: BrokerOptions,
+    ) -> Result<Arc<Broker>, BrokerError> {
         let layout = Layout::new(&config.data_dir);
-        std::fs::create_dir_all(layout.queues_dir()).map_err(|e| io_error("create", &layout.queues_dir(), e))?;
+        std::fs::create_dir_all(layout.queues_dir())
+            .map_err(|e| io_error("create", &layout.queues_dir(), e))?;
         let lock_path = layout.lock_file();
         let lock_file = std::fs::File::options()
             .create(true)
@@ -202,7 +214,9 @@ impl Broker {
         let entries = std::fs::read_dir(&dir).map_err(|e| io_error("list", &dir, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| io_error("list", &dir, e))?;
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
             if !entry.path().is_dir() {
                 continue;
             }
@@ -253,7 +267,9 @@ impl Broker {
                     broker.maintain(&queue).await
                 };
                 let now = clock.now_ms();
-                let wait = next.map_or(TIMER_IDLE_MS, |t| t.saturating_sub(now)).clamp(TIMER_MIN_MS, TIMER_IDLE_MS);
+                let wait = next
+                    .map_or(TIMER_IDLE_MS, |t| t.saturating_sub(now))
+                    .clamp(TIMER_MIN_MS, TIMER_IDLE_MS);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
                     _ = queue.timer().notified() => {}
@@ -330,16 +346,25 @@ impl Broker {
         partition: &Arc<Partition>,
         items: &[DisposalItem],
     ) -> Result<Vec<DisposalItem>, BrokerError> {
-        let target = self.dead_letter_target(&source.spec().dead_letter_queue).await?;
+        let target = self
+            .dead_letter_target(&source.spec().dead_letter_queue)
+            .await?;
         let mut refused = Vec::new();
         let mut reasons: Vec<&'static str> = items.iter().map(|i| i.disposal.reason()).collect();
         reasons.sort_unstable();
         reasons.dedup();
         for reason in reasons {
-            let group: Vec<DisposalItem> = items.iter().filter(|i| i.disposal.reason() == reason).cloned().collect();
+            let group: Vec<DisposalItem> = items
+                .iter()
+                .filter(|i| i.disposal.reason() == reason)
+                .cloned()
+                .collect();
             let mut messages = Vec::with_capacity(group.len());
             for item in &group {
-                let mut message = partition.read_publish(item.message.offset)?.message.unwrap_or_default();
+                let mut message = partition
+                    .read_publish(item.message.offset)?
+                    .message
+                    .unwrap_or_default();
                 // The copy is a fresh message of the DLQ: its delay, TTL and idempotency key
                 // belonged to the source (the DLQ's own TTL applies), and its priority only
                 // counts if the DLQ has priorities.
@@ -351,7 +376,9 @@ impl Broker {
                 }
                 messages.push(message);
             }
-            let confirms = target.publish(messages, Some((&source.spec().name, reason))).await?;
+            let confirms = target
+                .publish(messages, Some((&source.spec().name, reason)))
+                .await?;
             let mut done = Vec::with_capacity(group.len());
             for (item, confirm) in group.into_iter().zip(confirms) {
                 if confirm.code == 0 {
@@ -373,19 +400,30 @@ impl Broker {
         if let Some(queue) = self.read_queues().get(name) {
             return Ok(queue.clone());
         }
-        self.declare(QueueSpec { name: name.to_owned(), ..QueueSpec::default() }).await?;
+        self.declare(QueueSpec {
+            name: name.to_owned(),
+            ..QueueSpec::default()
+        })
+        .await?;
         self.queue(name)
     }
 
     fn check_running(&self) -> Result<(), BrokerError> {
         if self.shutting_down.load(Ordering::Acquire) {
-            return Err(BrokerError::Unavailable("the agent is shutting down".into()));
+            return Err(BrokerError::Unavailable(
+                "the agent is shutting down".into(),
+            ));
         }
         Ok(())
     }
 
     fn queue(&self, name: &str) -> Result<Arc<Queue>, BrokerError> {
-        self.read_queues().get(name).cloned().ok_or_else(|| BrokerError::QueueNotFound { queue: name.to_owned() })
+        self.read_queues()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::QueueNotFound {
+                queue: name.to_owned(),
+            })
     }
 
     /// Creates a queue or confirms an identical one; returns the spec with defaults filled in
@@ -396,13 +434,19 @@ impl Broker {
         let _admin = self.admin.lock().await;
         if let Some(existing) = self.read_queues().get(&spec.name) {
             return match difference(existing.spec(), &spec) {
-                Some(difference) => Err(BrokerError::QueueExists { queue: spec.name.clone(), difference }),
+                Some(difference) => Err(BrokerError::QueueExists {
+                    queue: spec.name.clone(),
+                    difference,
+                }),
                 None => Ok((spec, false)),
             };
         }
         let dlq = spec.dead_letter_queue.clone();
         if !dlq.is_empty() && !self.read_queues().contains_key(&dlq) {
-            let dlq_spec = effective_spec(&QueueSpec { name: dlq, ..QueueSpec::default() })?;
+            let dlq_spec = effective_spec(&QueueSpec {
+                name: dlq,
+                ..QueueSpec::default()
+            })?;
             self.create_queue(dlq_spec)?;
         }
         self.create_queue(spec.clone())?;
@@ -413,9 +457,13 @@ impl Broker {
         let dir = self.layout.queue_dir(&spec.name);
         std::fs::create_dir_all(&dir).map_err(|e| io_error("create", &dir, e))?;
         write_spec(&self.layout, &spec)?;
-        let queue = open_partitions(&self.layout, &self.options, spec.clone()).map_err(|reason| {
-            BrokerError::FailedPrecondition(format!("queue {:?} could not be created: {reason}", spec.name))
-        })?;
+        let queue =
+            open_partitions(&self.layout, &self.options, spec.clone()).map_err(|reason| {
+                BrokerError::FailedPrecondition(format!(
+                    "queue {:?} could not be created: {reason}",
+                    spec.name
+                ))
+            })?;
         let queue = Arc::new(queue);
         self.write_queues().insert(spec.name.clone(), queue.clone());
         self.start_timer(queue);
@@ -445,7 +493,10 @@ impl Broker {
 
     /// Every queue's spec, sorted by name.
     pub fn list(&self) -> Vec<QueueSpec> {
-        self.read_queues().values().map(|q| q.spec().clone()).collect()
+        self.read_queues()
+            .values()
+            .map(|q| q.spec().clone())
+            .collect()
     }
 
     /// Counters of one queue.
@@ -465,7 +516,10 @@ impl Broker {
         if messages.len() > PUBLISH_BATCH_MAX {
             return Err(BrokerError::InvalidArgument {
                 field: "messages".into(),
-                reason: format!("{} messages, at most {PUBLISH_BATCH_MAX} per request", messages.len()),
+                reason: format!(
+                    "{} messages, at most {PUBLISH_BATCH_MAX} per request",
+                    messages.len()
+                ),
             });
         }
         self.queue(queue)?.publish(messages, None).await
@@ -480,7 +534,11 @@ impl Broker {
         consumer_name: &str,
     ) -> Result<Subscription, BrokerError> {
         self.check_running()?;
-        let prefetch = if prefetch == 0 { PREFETCH_DEFAULT } else { prefetch };
+        let prefetch = if prefetch == 0 {
+            PREFETCH_DEFAULT
+        } else {
+            prefetch
+        };
         if prefetch > PREFETCH_MAX {
             return Err(BrokerError::InvalidArgument {
                 field: "subscribe.prefetch".into(),
@@ -489,7 +547,10 @@ impl Broker {
         }
         let q = self.queue(queue)?;
         q.check_online()?;
-        let broker = self.me.upgrade().ok_or_else(|| BrokerError::Unavailable("the broker is closed".into()))?;
+        let broker = self
+            .me
+            .upgrade()
+            .ok_or_else(|| BrokerError::Unavailable("the broker is closed".into()))?;
         let id = self.next_consumer.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(queue, consumer = consumer_name, id, prefetch, "subscribed");
         q.consumer_joined();
@@ -498,6 +559,7 @@ impl Broker {
             queue: q,
             slot: Arc::new(ConsumerSlot::new(id, prefetch as usize)),
             buffer: VecDeque::new(),
+            clock: self.options.clock.clone(),
             next_partition: 0,
         })
     }
@@ -513,7 +575,11 @@ impl Broker {
         self.settle_on(&q, settle).await
     }
 
-    async fn settle_on(&self, q: &Arc<Queue>, settle: Settle) -> Result<Vec<SettleOutcome>, BrokerError> {
+    async fn settle_on(
+        &self,
+        q: &Arc<Queue>,
+        settle: Settle,
+    ) -> Result<Vec<SettleOutcome>, BrokerError> {
         self.check_running()?;
         let settled = q.settle(&settle)?;
         for (partition, items) in settled.disposals {
@@ -561,7 +627,7 @@ impl Subscription {
     /// while the consumer holds `prefetch` unsettled deliveries.
     pub async fn next(&mut self) -> Option<Delivery> {
         loop {
-            if let Some(delivery) = self.buffer.pop_front() {
+            if let Some(delivery) = self.pop_buffered() {
                 return Some(delivery);
             }
             if self.queue.is_closed() || self.broker.shutting_down.load(Ordering::Acquire) {
@@ -569,17 +635,15 @@ impl Subscription {
             }
             // Register for wake-ups before looking, so a publish or settle between the look
             // and the wait is not missed.
-            let notified = self.queue.notify().notified();
+            let queue = self.queue.clone();
+            let notified = queue.notify().notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let free = self.slot.free();
             if free > 0 {
-                match self.queue.take(&self.slot, free.min(TAKE_BATCH_MAX), &mut self.next_partition) {
-                    Ok(deliveries) if !deliveries.is_empty() => {
-                        self.buffer.extend(deliveries);
-                        continue;
-                    }
-                    Ok(_) => {}
+                match self.take(free) {
+                    Ok(true) => continue,
+                    Ok(false) => {}
                     Err(e) => {
                         tracing::warn!(queue = %self.queue.spec().name, error = %e, "delivery failed");
                     }
@@ -592,16 +656,42 @@ impl Subscription {
     /// The next delivery if one can be made now, without waiting (`None`: nothing ready, no
     /// credit, or the queue closed).
     pub fn try_next(&mut self) -> Result<Option<Delivery>, BrokerError> {
-        if let Some(delivery) = self.buffer.pop_front() {
+        if let Some(delivery) = self.pop_buffered() {
             return Ok(Some(delivery));
         }
         let free = self.slot.free();
         if free == 0 || self.queue.is_closed() {
             return Ok(None);
         }
-        let deliveries = self.queue.take(&self.slot, free.min(TAKE_BATCH_MAX), &mut self.next_partition)?;
-        self.buffer.extend(deliveries);
-        Ok(self.buffer.pop_front())
+        self.take(free)?;
+        Ok(self.pop_buffered())
+    }
+
+    /// Takes a batch into the buffer; whether anything came.
+    fn take(&mut self, free: usize) -> Result<bool, BrokerError> {
+        let deliveries = self.queue.take(
+            &self.slot,
+            free.min(TAKE_BATCH_MAX),
+            &mut self.next_partition,
+        )?;
+        let deadline = self
+            .clock
+            .now_ms()
+            .saturating_add(self.queue.spec().ack_timeout_ms);
+        let any = !deliveries.is_empty();
+        self.buffer
+            .extend(deliveries.into_iter().map(|d| (d, deadline)));
+        Ok(any)
+    }
+
+    fn pop_buffered(&mut self) -> Option<Delivery> {
+        let now = self.clock.now_ms();
+        while let Some((delivery, deadline)) = self.buffer.pop_front() {
+            if now < deadline {
+                return Some(delivery);
+            }
+        }
+        None
     }
 
     /// Settles deliveries made to this subscription; returns once durable, listing failures.
@@ -626,11 +716,14 @@ fn write_spec(layout: &Layout, spec: &QueueSpec) -> Result<(), BrokerError> {
     let path = layout.queue_spec(&spec.name);
     let tmp = path.with_extension("pb.tmp");
     let mut file = std::fs::File::create(&tmp).map_err(|e| io_error("create", &tmp, e))?;
-    file.write_all(&spec.encode_to_vec()).map_err(|e| io_error("write", &tmp, e))?;
+    file.write_all(&spec.encode_to_vec())
+        .map_err(|e| io_error("write", &tmp, e))?;
     file.sync_all().map_err(|e| io_error("fsync", &tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| io_error("rename", &path, e))?;
     let dir = layout.queue_dir(&spec.name);
-    std::fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| io_error("fsync", &dir, e))?;
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error("fsync", &dir, e))?;
     Ok(())
 }
 
@@ -645,21 +738,36 @@ fn open_queue(layout: &Layout, options: &BrokerOptions, name: &str) -> Option<Qu
             return None;
         }
         Err(e) => {
-            let spec = QueueSpec { name: name.to_owned(), ..QueueSpec::default() };
-            return Some(Queue::offline(spec, format!("read {}: {e}", path.display())));
+            let spec = QueueSpec {
+                name: name.to_owned(),
+                ..QueueSpec::default()
+            };
+            return Some(Queue::offline(
+                spec,
+                format!("read {}: {e}", path.display()),
+            ));
         }
     };
     let stored = match QueueSpec::decode(bytes.as_slice()) {
         Ok(spec) => spec,
         Err(e) => {
-            let spec = QueueSpec { name: name.to_owned(), ..QueueSpec::default() };
-            return Some(Queue::offline(spec, format!("{} is not a valid QueueSpec: {e}", path.display())));
+            let spec = QueueSpec {
+                name: name.to_owned(),
+                ..QueueSpec::default()
+            };
+            return Some(Queue::offline(
+                spec,
+                format!("{} is not a valid QueueSpec: {e}", path.display()),
+            ));
         }
     };
     let spec = match effective_spec(&stored) {
         Ok(spec) if spec.name == name => spec,
         Ok(spec) => {
-            return Some(Queue::offline(spec.clone(), format!("{} names queue {:?}", path.display(), spec.name)));
+            return Some(Queue::offline(
+                spec.clone(),
+                format!("{} names queue {:?}", path.display(), spec.name),
+            ));
         }
         Err(e) => return Some(Queue::offline(stored, format!("{}: {e}", path.display()))),
     };
@@ -674,12 +782,19 @@ fn open_queue(layout: &Layout, options: &BrokerOptions, name: &str) -> Option<Qu
 
 /// Opens every partition of a queue, replaying its log; the error names the partition and,
 /// for corruption, the file and offset.
-fn open_partitions(layout: &Layout, options: &BrokerOptions, spec: QueueSpec) -> Result<Queue, String> {
+fn open_partitions(
+    layout: &Layout,
+    options: &BrokerOptions,
+    spec: QueueSpec,
+) -> Result<Queue, String> {
     let config = Queue::state_config(&spec);
     let mut partitions = Vec::with_capacity(spec.partitions as usize);
     for id in 0..spec.partitions {
         let dir = layout.partition_dir(&spec.name, id);
-        let log = options.logs.open(&dir).map_err(|e| format!("partition {id}: {e}"))?;
+        let log = options
+            .logs
+            .open(&dir)
+            .map_err(|e| format!("partition {id}: {e}"))?;
         let partition = Partition::open(&spec.name, id, log, config, options.clock.clone())
             .map_err(|e| format!("partition {id}: {e}"))?;
         partitions.push(Arc::new(partition));

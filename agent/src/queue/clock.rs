@@ -35,7 +35,9 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock showing `start_ms`.
     pub fn new(start_ms: u64) -> Self {
-        Self { now_ms: AtomicU64::new(start_ms) }
+        Self {
+            now_ms: AtomicU64::new(start_ms),
+        }
     }
 
     /// Moves the clock forward by `ms`.
@@ -60,6 +62,9 @@ mod tests {
         assert_eq!(clock.now_ms(), 1_000);
         clock.advance(250);
         assert_eq!(clock.now_ms(), 1_250);
-        assert!(SystemClock.now_ms() > 1_600_000_000_000, "system clock is in Unix milliseconds");
+        assert!(
+            SystemClock.now_ms() > 1_600_000_000_000,
+            "system clock is in Unix milliseconds"
+        );
     }
 }

@@ -18,12 +18,17 @@ pub struct ConsumerSlot {
 impl ConsumerSlot {
     /// A consumer holding nothing yet.
     pub fn new(id: u64, prefetch: usize) -> Self {
-        Self { id, prefetch, unsettled: AtomicUsize::new(0) }
+        Self {
+            id,
+            prefetch,
+            unsettled: AtomicUsize::new(0),
+        }
     }
 
     /// Deliveries it may still receive.
     pub fn free(&self) -> usize {
-        self.prefetch.saturating_sub(self.unsettled.load(Ordering::Acquire))
+        self.prefetch
+            .saturating_sub(self.unsettled.load(Ordering::Acquire))
     }
 
     /// Deliveries it holds.
@@ -40,6 +45,10 @@ impl ConsumerSlot {
     pub fn release(&self) {
         // Saturating: a release can never outnumber acquires, but a wrap would wedge the
         // consumer forever, so be defensive.
-        let _ = self.unsettled.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)));
+        let _ = self
+            .unsettled
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(1))
+            });
     }
 }

@@ -18,7 +18,10 @@ pub struct DedupWindow {
 impl DedupWindow {
     /// An empty window of `window_ms` milliseconds.
     pub fn new(window_ms: u64) -> Self {
-        Self { window_ms, ..Self::default() }
+        Self {
+            window_ms,
+            ..Self::default()
+        }
     }
 
     /// The first offset of `key` if it was published within the window ending at `now_ms`.

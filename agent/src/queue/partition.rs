@@ -11,9 +11,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::{Bytes, BytesMut};
 use prost::Message as _;
 use sluice_proto::storage::v1::{
-    DeliverCommand, LogCommand, MessageRef, PublishCommand, SettleCommand, SettleKind, log_command::Command,
+    DeliverCommand, LogCommand, MessageRef, PublishCommand, SettleCommand, SettleKind,
+    log_command::Command,
 };
-use sluice_proto::v1::{Confirm, Delivery, DeliveryTag, Message, MessageId, SettleAction, SettleOutcome};
+use sluice_proto::v1::{
+    Confirm, Delivery, DeliveryTag, Message, MessageId, SettleAction, SettleOutcome,
+};
 
 use super::clock::Clock;
 use super::consumer::ConsumerSlot;
@@ -94,7 +97,10 @@ pub struct Partition {
 
 impl std::fmt::Debug for Partition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Partition").field("queue", &self.queue).field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Partition")
+            .field("queue", &self.queue)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -131,7 +137,14 @@ impl Partition {
             }
         }
         state.finish_replay();
-        Ok(Self { queue: queue.to_owned(), id, log, state: Mutex::new(state), clock, oldest: Mutex::new(None) })
+        Ok(Self {
+            queue: queue.to_owned(),
+            id,
+            log,
+            state: Mutex::new(state),
+            clock,
+            oldest: Mutex::new(None),
+        })
     }
 
     /// Partition number.
@@ -152,7 +165,11 @@ impl Partition {
     }
 
     /// Appends `commands` and applies them to `state`; returns the index of the last one.
-    fn execute(&self, state: &mut PartitionState, commands: &[LogCommand]) -> Result<u64, LogError> {
+    fn execute(
+        &self,
+        state: &mut PartitionState,
+        commands: &[LogCommand],
+    ) -> Result<u64, LogError> {
         if commands.is_empty() {
             return Ok(0);
         }
@@ -175,7 +192,11 @@ impl Partition {
     /// seen in the window, or earlier in the batch) are confirmed with the first id; messages
     /// over the backlog limit get RESOURCE_EXHAUSTED. Confirm only after
     /// [`Partition::wait_durable`] on `wait_index`.
-    pub fn publish(&self, items: Vec<(usize, Message)>, ctx: &PublishContext) -> Result<Published, BrokerError> {
+    pub fn publish(
+        &self,
+        items: Vec<(usize, Message)>,
+        ctx: &PublishContext,
+    ) -> Result<Published, BrokerError> {
         let now = self.clock.now_ms();
         let mut st = self.state();
         let (own_messages, own_bytes) = st.backlog();
@@ -223,7 +244,9 @@ impl Partition {
             if !key.is_empty() {
                 batch_keys.insert(key.clone(), commands.len());
             }
-            commands.push(LogCommand { command: Some(Command::Publish(publish_command(message, now, ctx))) });
+            commands.push(LogCommand {
+                command: Some(Command::Publish(publish_command(message, now, ctx))),
+            });
             positions.push(position);
         }
         let last = self.execute(&mut st, &commands)?;
@@ -233,17 +256,26 @@ impl Partition {
             out.wait_index = out.wait_index.max(last);
             out.enqueued = true;
             for (i, position) in positions.into_iter().enumerate() {
-                out.confirms.push((position, self.confirm(first + i as u64, false)));
+                out.confirms
+                    .push((position, self.confirm(first + i as u64, false)));
             }
             for (position, first_of_key) in batch_duplicates {
-                out.confirms.push((position, self.confirm(first + first_of_key as u64, true)));
+                out.confirms
+                    .push((position, self.confirm(first + first_of_key as u64, true)));
             }
         }
         Ok(out)
     }
 
     fn confirm(&self, offset: u64, duplicate: bool) -> Confirm {
-        Confirm { id: Some(MessageId { partition: self.id, offset }), duplicate, ..Confirm::default() }
+        Confirm {
+            id: Some(MessageId {
+                partition: self.id,
+                offset,
+            }),
+            duplicate,
+            ..Confirm::default()
+        }
     }
 
     /// Waits until every entry up to `index` is durable (immediately for 0).
@@ -255,7 +287,12 @@ impl Partition {
         let durability = rx
             .wait_for(|d| d.durable_next > index || d.failure.is_some())
             .await
-            .map_err(|_| BrokerError::Unavailable(format!("partition {} of {:?} is closed", self.id, self.queue)))?;
+            .map_err(|_| {
+                BrokerError::Unavailable(format!(
+                    "partition {} of {:?} is closed",
+                    self.id, self.queue
+                ))
+            })?;
         if durability.durable_next > index {
             return Ok(());
         }
@@ -270,24 +307,37 @@ impl Partition {
     fn fill(&self) -> Result<(), BrokerError> {
         loop {
             let request = self.state().fill_request(self.log.first_index());
-            let Some((level, from)) = request else { return Ok(()) };
-            let entries = self.log.read_range(from, READ_BATCH_ENTRIES, READ_BATCH_BYTES)?;
+            let Some((level, from)) = request else {
+                return Ok(());
+            };
+            let entries = self
+                .log
+                .read_range(from, READ_BATCH_ENTRIES, READ_BATCH_BYTES)?;
             if entries.is_empty() {
                 return Ok(());
             }
             let now = self.clock.now_ms();
-            self.state().fill(level, &entries, now).map_err(|e| self.corrupted(e.to_string()))?;
+            self.state()
+                .fill(level, &entries, now)
+                .map_err(|e| self.corrupted(e.to_string()))?;
         }
     }
 
     fn corrupted(&self, reason: String) -> BrokerError {
-        BrokerError::FailedPrecondition(format!("partition {} of queue {:?}: {reason}", self.id, self.queue))
+        BrokerError::FailedPrecondition(format!(
+            "partition {} of queue {:?}: {reason}",
+            self.id, self.queue
+        ))
     }
 
     /// Delivers up to `max` messages to `consumer`: records the deliveries in the log (not
     /// waiting for durability: losing them in a crash only undercounts attempts), then reads
     /// the bodies of redeliveries outside the lock.
-    pub fn take(&self, max: usize, consumer: &Arc<ConsumerSlot>) -> Result<Vec<Delivery>, BrokerError> {
+    pub fn take(
+        &self,
+        max: usize,
+        consumer: &Arc<ConsumerSlot>,
+    ) -> Result<Vec<Delivery>, BrokerError> {
         if max == 0 {
             return Ok(Vec::new());
         }
@@ -297,8 +347,16 @@ impl Partition {
             let mut st = self.state();
             let picks = st.take(max, now);
             if !picks.is_empty() {
-                let deliver = DeliverCommand { time_ms: now, messages: picks.iter().map(|p| p.message).collect() };
-                self.execute(&mut st, &[LogCommand { command: Some(Command::Deliver(deliver)) }])?;
+                let deliver = DeliverCommand {
+                    time_ms: now,
+                    messages: picks.iter().map(|p| p.message).collect(),
+                };
+                self.execute(
+                    &mut st,
+                    &[LogCommand {
+                        command: Some(Command::Deliver(deliver)),
+                    }],
+                )?;
                 st.hand_over(&picks, consumer, now);
             }
             self.discard_disposals(&mut st, now)?;
@@ -317,8 +375,15 @@ impl Partition {
 
     fn delivery(&self, message: MessageRef, publish: PublishCommand) -> Delivery {
         Delivery {
-            id: Some(MessageId { partition: self.id, offset: message.offset }),
-            tag: Some(DeliveryTag { partition: self.id, offset: message.offset, attempt: message.attempt }),
+            id: Some(MessageId {
+                partition: self.id,
+                offset: message.offset,
+            }),
+            tag: Some(DeliveryTag {
+                partition: self.id,
+                offset: message.offset,
+                attempt: message.attempt,
+            }),
             message: publish.message,
             publish_time_ms: publish.publish_time_ms,
             attempt: message.attempt,
@@ -330,14 +395,19 @@ impl Partition {
 
     /// Reads a stored message.
     pub fn read_publish(&self, offset: u64) -> Result<PublishCommand, BrokerError> {
-        let entry = self
-            .log
-            .read(offset)?
-            .ok_or_else(|| self.corrupted(format!("message at offset {offset} is missing from the log")))?;
+        let entry = self.log.read(offset)?.ok_or_else(|| {
+            self.corrupted(format!(
+                "message at offset {offset} is missing from the log"
+            ))
+        })?;
         match LogCommand::decode(entry.data.as_ref()) {
-            Ok(LogCommand { command: Some(Command::Publish(p)) }) => Ok(p),
+            Ok(LogCommand {
+                command: Some(Command::Publish(p)),
+            }) => Ok(p),
             Ok(_) => Err(self.corrupted(format!("log entry {offset} is not a message"))),
-            Err(e) => Err(self.corrupted(format!("log entry {offset} is not a valid command: {e}"))),
+            Err(e) => {
+                Err(self.corrupted(format!("log entry {offset} is not a valid command: {e}")))
+            }
         }
     }
 
@@ -353,12 +423,20 @@ impl Partition {
         }
         let mut by_kind: HashMap<i32, Vec<MessageRef>> = HashMap::new();
         for item in items {
-            by_kind.entry(item.disposal.discard_kind() as i32).or_default().push(item.message);
+            by_kind
+                .entry(item.disposal.discard_kind() as i32)
+                .or_default()
+                .push(item.message);
         }
         let commands: Vec<LogCommand> = by_kind
             .into_iter()
             .map(|(kind, messages)| LogCommand {
-                command: Some(Command::Settle(SettleCommand { time_ms: now, kind, messages, ..Default::default() })),
+                command: Some(Command::Settle(SettleCommand {
+                    time_ms: now,
+                    kind,
+                    messages,
+                    ..Default::default()
+                })),
             })
             .collect();
         self.execute(st, &commands)?;
@@ -366,7 +444,12 @@ impl Partition {
     }
 
     /// Applies one settle operation to the tags of this partition. Failed tags change nothing.
-    pub fn settle(&self, action: SettleAction, tags: &[DeliveryTag], delay_ms: u64) -> Result<Settled, BrokerError> {
+    pub fn settle(
+        &self,
+        action: SettleAction,
+        tags: &[DeliveryTag],
+        delay_ms: u64,
+    ) -> Result<Settled, BrokerError> {
         let now = self.clock.now_ms();
         let mut st = self.state();
         let mut out = Settled::default();
@@ -374,19 +457,27 @@ impl Partition {
         let mut settled = Vec::new();
         for tag in tags {
             if !seen.insert(tag.offset) {
-                out.failures.push(failure(tag, "the same message appears twice in one settle".to_owned()));
+                out.failures.push(failure(
+                    tag,
+                    "the same message appears twice in one settle".to_owned(),
+                ));
                 continue;
             }
             let message = match st.check_tag(tag.offset, tag.attempt) {
                 Ok(m) => m,
                 Err(reason) => {
-                    out.failures.push(failure(tag, format!("partition {}: {reason}", self.id)));
+                    out.failures
+                        .push(failure(tag, format!("partition {}: {reason}", self.id)));
                     continue;
                 }
             };
             match action {
                 SettleAction::Extend => {
-                    let timeout = if delay_ms == 0 { st.config().ack_timeout_ms } else { delay_ms };
+                    let timeout = if delay_ms == 0 {
+                        st.config().ack_timeout_ms
+                    } else {
+                        delay_ms
+                    };
                     st.extend(tag.offset, timeout, now);
                 }
                 SettleAction::Nack if st.is_out_of_deliveries(&message) => {
@@ -401,11 +492,29 @@ impl Partition {
         if !settled.is_empty() {
             let (kind, not_before_ms) = match action {
                 SettleAction::Ack => (SettleKind::Ack, 0),
-                SettleAction::Nack => (SettleKind::Nack, if delay_ms == 0 { 0 } else { now.saturating_add(delay_ms) }),
+                SettleAction::Nack => (
+                    SettleKind::Nack,
+                    if delay_ms == 0 {
+                        0
+                    } else {
+                        now.saturating_add(delay_ms)
+                    },
+                ),
                 _ => (SettleKind::Reject, 0),
             };
-            let command = SettleCommand { time_ms: now, kind: kind as i32, messages: settled, not_before_ms, reason: String::new() };
-            out.wait_index = self.execute(&mut st, &[LogCommand { command: Some(Command::Settle(command)) }])?;
+            let command = SettleCommand {
+                time_ms: now,
+                kind: kind as i32,
+                messages: settled,
+                not_before_ms,
+                reason: String::new(),
+            };
+            out.wait_index = self.execute(
+                &mut st,
+                &[LogCommand {
+                    command: Some(Command::Settle(command)),
+                }],
+            )?;
         }
         out.disposals = st.take_disposals();
         Ok(out)
@@ -417,7 +526,10 @@ impl Partition {
         let now = self.clock.now_ms();
         let mut by_reason: HashMap<&'static str, Vec<MessageRef>> = HashMap::new();
         for item in items {
-            by_reason.entry(item.disposal.reason()).or_default().push(item.message);
+            by_reason
+                .entry(item.disposal.reason())
+                .or_default()
+                .push(item.message);
         }
         let commands: Vec<LogCommand> = by_reason
             .into_iter()
@@ -461,7 +573,11 @@ impl Partition {
         if low_water > self.log.first_index() {
             self.log.purge_before(low_water)?;
         }
-        Ok(Ticked { became_ready, disposals, next_timer_ms })
+        Ok(Ticked {
+            became_ready,
+            disposals,
+            next_timer_ms,
+        })
     }
 
     /// Makes every delivery held by consumer `id` ready again; returns how many.
@@ -507,7 +623,11 @@ impl Partition {
 }
 
 fn failure(tag: &DeliveryTag, error: String) -> SettleOutcome {
-    SettleOutcome { tag: Some(*tag), code: tonic::Code::FailedPrecondition as i32, error }
+    SettleOutcome {
+        tag: Some(*tag),
+        code: tonic::Code::FailedPrecondition as i32,
+        error,
+    }
 }
 
 /// The stored form of a message accepted at `now`.
@@ -519,7 +639,11 @@ fn publish_command(message: Message, now: u64, ctx: &PublishContext) -> PublishC
     };
     PublishCommand {
         publish_time_ms: now,
-        not_before_ms: if message.delay_ms == 0 { 0 } else { now.saturating_add(message.delay_ms) },
+        not_before_ms: if message.delay_ms == 0 {
+            0
+        } else {
+            now.saturating_add(message.delay_ms)
+        },
         expires_at_ms: if ttl == 0 { 0 } else { now.saturating_add(ttl) },
         message: Some(message),
         dead_letter_source: ctx.dead_letter_source.clone(),

@@ -1,11 +1,11 @@
 //! [`Queue`]: the partitions of one queue, routing of publishes, and competing consumers.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use sluice_proto::v1::{
-    Confirm, Delivery, DeliveryTag, GetQueueStatsResponse, Message, PartitionStats, QueueSpec, Settle,
-    SettleAction, SettleOutcome, Stats,
+    Confirm, Delivery, DeliveryTag, GetQueueStatsResponse, Message, PartitionStats, QueueSpec,
+    Settle, SettleAction, SettleOutcome, Stats,
 };
 use tokio::sync::Notify;
 
@@ -101,7 +101,10 @@ impl Queue {
     /// Fails when the queue is offline.
     pub fn check_online(&self) -> Result<(), BrokerError> {
         match &self.offline {
-            Some(reason) => Err(BrokerError::FailedPrecondition(format!("queue {:?} is offline: {reason}", self.spec.name))),
+            Some(reason) => Err(BrokerError::FailedPrecondition(format!(
+                "queue {:?} is offline: {reason}",
+                self.spec.name
+            ))),
             None => Ok(()),
         }
     }
@@ -152,14 +155,21 @@ impl Queue {
 
     /// Unsettled messages in the whole queue.
     pub fn backlog(&self) -> (u64, u64) {
-        self.partitions.iter().map(|p| p.backlog()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        self.partitions
+            .iter()
+            .map(|p| p.backlog())
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
     /// The partition for a message: by ordering key, else by idempotency key (so duplicates
     /// meet their first copy's partition), else round-robin.
     fn route(&self, message: &Message) -> usize {
         let n = self.partitions.len();
-        let key = if !message.ordering_key.is_empty() { &message.ordering_key } else { &message.idempotency_key };
+        let key = if !message.ordering_key.is_empty() {
+            &message.ordering_key
+        } else {
+            &message.idempotency_key
+        };
         if key.is_empty() {
             self.next_partition.fetch_add(1, Ordering::Relaxed) % n
         } else {
@@ -180,7 +190,11 @@ impl Queue {
         let mut groups: Vec<Vec<(usize, Message)>> = vec![Vec::new(); n];
         for (i, message) in messages.into_iter().enumerate() {
             if let Err(e) = validate_message(&self.spec, i, &message) {
-                confirms[i] = Confirm { code: e.code() as i32, error: e.to_string(), ..Confirm::default() };
+                confirms[i] = Confirm {
+                    code: e.code() as i32,
+                    error: e.to_string(),
+                    ..Confirm::default()
+                };
                 continue;
             }
             let p = self.route(&message);
@@ -197,7 +211,10 @@ impl Queue {
             let partition = &self.partitions[p];
             let others_backlog = if limited {
                 let own = partition.backlog();
-                (totals.0.saturating_sub(own.0), totals.1.saturating_sub(own.1))
+                (
+                    totals.0.saturating_sub(own.0),
+                    totals.1.saturating_sub(own.1),
+                )
             } else {
                 (0, 0)
             };
@@ -228,7 +245,12 @@ impl Queue {
 
     /// Takes up to `free` deliveries for `consumer`, trying partitions round-robin from
     /// `*start` and moving `*start` past the partition that served.
-    pub fn take(&self, consumer: &Arc<ConsumerSlot>, max: usize, start: &mut usize) -> Result<Vec<Delivery>, BrokerError> {
+    pub fn take(
+        &self,
+        consumer: &Arc<ConsumerSlot>,
+        max: usize,
+        start: &mut usize,
+    ) -> Result<Vec<Delivery>, BrokerError> {
         self.check_online()?;
         let n = self.partitions.len();
         for i in 0..n {
@@ -264,7 +286,10 @@ impl Queue {
                 None => out.failures.push(SettleOutcome {
                     tag: Some(*tag),
                     code: tonic::Code::FailedPrecondition as i32,
-                    error: format!("queue {:?} has no partition {}", self.spec.name, tag.partition),
+                    error: format!(
+                        "queue {:?} has no partition {}",
+                        self.spec.name, tag.partition
+                    ),
                 }),
             }
         }
@@ -332,9 +357,14 @@ impl Queue {
             total.bytes += stats.bytes;
             total.publish_rate += stats.publish_rate;
             total.ack_rate += stats.ack_rate;
-            total.oldest_message_age_ms = total.oldest_message_age_ms.max(stats.oldest_message_age_ms);
+            total.oldest_message_age_ms =
+                total.oldest_message_age_ms.max(stats.oldest_message_age_ms);
             total.expired += stats.expired;
-            partitions.push(PartitionStats { partition: partition.id(), stats: Some(stats), leader: LOCAL_LEADER.into() });
+            partitions.push(PartitionStats {
+                partition: partition.id(),
+                stats: Some(stats),
+                leader: LOCAL_LEADER.into(),
+            });
         }
         Ok(GetQueueStatsResponse {
             name: self.spec.name.clone(),
@@ -348,7 +378,9 @@ impl Queue {
 /// FNV-1a: stable across processes and versions (unlike `DefaultHasher`), so a key keeps its
 /// partition after a restart.
 fn stable_hash(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]

@@ -17,7 +17,10 @@ pub struct RateWindow {
 
 impl Default for RateWindow {
     fn default() -> Self {
-        Self { counts: [0; RATE_WINDOW_SECS as usize], seconds: [u64::MAX; RATE_WINDOW_SECS as usize] }
+        Self {
+            counts: [0; RATE_WINDOW_SECS as usize],
+            seconds: [u64::MAX; RATE_WINDOW_SECS as usize],
+        }
     }
 }
 

@@ -21,7 +21,8 @@ use std::sync::Arc;
 use prost::Message as _;
 use roaring::RoaringTreemap;
 use sluice_proto::storage::v1::{
-    DeliverCommand, LogCommand, MessageRef, PublishCommand, SettleCommand, SettleKind, log_command::Command,
+    DeliverCommand, LogCommand, MessageRef, PublishCommand, SettleCommand, SettleKind,
+    log_command::Command,
 };
 
 use super::consumer::ConsumerSlot;
@@ -69,7 +70,10 @@ enum Phase {
     /// follower). Becomes `Ready` when replay finishes.
     Delivered,
     /// Held by a consumer until the deadline.
-    InFlight { consumer: Arc<ConsumerSlot>, deadline_ms: u64 },
+    InFlight {
+        consumer: Arc<ConsumerSlot>,
+        deadline_ms: u64,
+    },
     /// Waiting for redelivery.
     Ready,
     /// Not deliverable before `not_before_ms` (publish delay or nack delay).
@@ -214,7 +218,12 @@ pub type FillRequest = (usize, u64);
 impl PartitionState {
     /// The state of a log whose first retained entry is `first_index` (nothing applied yet).
     pub fn new(config: StateConfig, first_index: u64) -> Self {
-        let levels = (0..PRIORITY_LEVELS).map(|_| Level { cursor: first_index, ..Level::default() }).collect();
+        let levels = (0..PRIORITY_LEVELS)
+            .map(|_| Level {
+                cursor: first_index,
+                ..Level::default()
+            })
+            .collect();
         Self {
             config,
             low_water: first_index,
@@ -240,8 +249,10 @@ impl PartitionState {
 
     /// Decodes and applies one log entry.
     pub fn apply_entry(&mut self, entry: &Entry) -> Result<(), BadCommand> {
-        let command =
-            LogCommand::decode(entry.data.as_ref()).map_err(|source| BadCommand { index: entry.index, source })?;
+        let command = LogCommand::decode(entry.data.as_ref()).map_err(|source| BadCommand {
+            index: entry.index,
+            source,
+        })?;
         self.apply(entry.index, &command);
         Ok(())
     }
@@ -276,7 +287,8 @@ impl PartitionState {
         if let Some(m) = &publish.message
             && !m.idempotency_key.is_empty()
         {
-            self.dedup.insert(&m.idempotency_key, index, publish.publish_time_ms);
+            self.dedup
+                .insert(&m.idempotency_key, index, publish.publish_time_ms);
         }
     }
 
@@ -307,13 +319,18 @@ impl PartitionState {
                         let phase = if settle.not_before_ms == 0 {
                             Phase::Ready
                         } else {
-                            Phase::Delayed { not_before_ms: settle.not_before_ms }
+                            Phase::Delayed {
+                                not_before_ms: settle.not_before_ms,
+                            }
                         };
                         self.set_phase(r.offset, phase);
                     }
                 }
                 SettleKind::Unspecified => {}
-                SettleKind::Ack | SettleKind::Reject | SettleKind::Expire | SettleKind::DeadLettered => {
+                SettleKind::Ack
+                | SettleKind::Reject
+                | SettleKind::Expire
+                | SettleKind::DeadLettered => {
                     if self.tracked.contains_key(&r.offset) {
                         self.leave_phase(r.offset);
                         self.tracked.remove(&r.offset);
@@ -410,9 +427,13 @@ impl PartitionState {
     /// Undoes the counters and indexes of the current phase (the phase value stays until
     /// replaced).
     fn leave_phase(&mut self, offset: u64) {
-        let Some(t) = self.tracked.get(&offset) else { return };
+        let Some(t) = self.tracked.get(&offset) else {
+            return;
+        };
         match &t.phase {
-            Phase::Delivered | Phase::Disposing(_) => self.in_flight = self.in_flight.saturating_sub(1),
+            Phase::Delivered | Phase::Disposing(_) => {
+                self.in_flight = self.in_flight.saturating_sub(1)
+            }
             Phase::InFlight { consumer, .. } => {
                 consumer.release();
                 self.in_flight = self.in_flight.saturating_sub(1);
@@ -430,13 +451,20 @@ impl PartitionState {
             Phase::Disposing(disposal) => {
                 self.in_flight += 1;
                 if let Some(message) = self.message_ref(offset, 0) {
-                    self.disposals.push(DisposalItem { message, disposal: *disposal });
+                    self.disposals.push(DisposalItem {
+                        message,
+                        disposal: *disposal,
+                    });
                 }
             }
-            Phase::InFlight { consumer, deadline_ms } => {
+            Phase::InFlight {
+                consumer,
+                deadline_ms,
+            } => {
                 consumer.acquire(1);
                 self.in_flight += 1;
-                self.deadlines.push(Reverse((*deadline_ms, offset, attempt)));
+                self.deadlines
+                    .push(Reverse((*deadline_ms, offset, attempt)));
             }
             Phase::Ready => {
                 self.redeliver.insert((9 - priority, offset));
@@ -461,7 +489,9 @@ impl PartitionState {
 
     /// Ready for redelivery, or disposal when the deliveries are used up.
     fn make_ready(&mut self, offset: u64) {
-        let Some(t) = self.tracked.get(&offset) else { return };
+        let Some(t) = self.tracked.get(&offset) else {
+            return;
+        };
         if self.config.max_deliveries > 0 && t.attempt >= self.config.max_deliveries {
             self.set_phase(offset, Phase::Disposing(Disposal::MaxDeliveries));
         } else {
@@ -471,10 +501,19 @@ impl PartitionState {
 
     fn buffered_ref(b: &Buffered) -> MessageRef {
         let (priority, size) = match &b.publish.message {
-            Some(m) => (m.priority.min(9), u32::try_from(m.payload.len()).unwrap_or(u32::MAX)),
+            Some(m) => (
+                m.priority.min(9),
+                u32::try_from(m.payload.len()).unwrap_or(u32::MAX),
+            ),
             None => (0, 0),
         };
-        MessageRef { offset: b.offset, attempt: 0, priority, size, expires_at_ms: b.publish.expires_at_ms }
+        MessageRef {
+            offset: b.offset,
+            attempt: 0,
+            priority,
+            size,
+            expires_at_ms: b.publish.expires_at_ms,
+        }
     }
 
     // ----- leader dispatch -----
@@ -486,7 +525,9 @@ impl PartitionState {
     pub fn take(&mut self, max: usize, now_ms: u64) -> Vec<Pick> {
         let mut picks = Vec::new();
         while picks.len() < max {
-            let Some(&(_, offset)) = self.redeliver.first() else { break };
+            let Some(&(_, offset)) = self.redeliver.first() else {
+                break;
+            };
             let Some(message) = self.message_ref(offset, 1) else {
                 self.redeliver.pop_first();
                 continue;
@@ -497,11 +538,16 @@ impl PartitionState {
             }
             // Out of `redeliver` now; `apply(Deliver)` then records the new attempt.
             self.set_phase(offset, Phase::Delivered);
-            picks.push(Pick { message, publish: None });
+            picks.push(Pick {
+                message,
+                publish: None,
+            });
         }
         for level in (0..PRIORITY_LEVELS).rev() {
             while picks.len() < max {
-                let Some(b) = self.levels[level].buffer.pop_front() else { break };
+                let Some(b) = self.levels[level].buffer.pop_front() else {
+                    break;
+                };
                 if self.is_settled(b.offset) || self.tracked.contains_key(&b.offset) {
                     continue;
                 }
@@ -512,7 +558,10 @@ impl PartitionState {
                     continue;
                 }
                 message.attempt = 1;
-                picks.push(Pick { message, publish: Some(b.publish) });
+                picks.push(Pick {
+                    message,
+                    publish: Some(b.publish),
+                });
             }
         }
         picks
@@ -524,7 +573,9 @@ impl PartitionState {
         if publish.expires_at_ms != 0 && publish.expires_at_ms <= now_ms {
             Some(Phase::Disposing(Disposal::Expired))
         } else if publish.not_before_ms > now_ms {
-            Some(Phase::Delayed { not_before_ms: publish.not_before_ms })
+            Some(Phase::Delayed {
+                not_before_ms: publish.not_before_ms,
+            })
         } else {
             None
         }
@@ -535,7 +586,13 @@ impl PartitionState {
     pub fn hand_over(&mut self, picks: &[Pick], consumer: &Arc<ConsumerSlot>, now_ms: u64) {
         let deadline_ms = now_ms.saturating_add(self.config.ack_timeout_ms);
         for pick in picks {
-            self.set_phase(pick.message.offset, Phase::InFlight { consumer: consumer.clone(), deadline_ms });
+            self.set_phase(
+                pick.message.offset,
+                Phase::InFlight {
+                    consumer: consumer.clone(),
+                    deadline_ms,
+                },
+            );
         }
     }
 
@@ -561,14 +618,21 @@ impl PartitionState {
             if self.is_settled(entry.index) || self.tracked.contains_key(&entry.index) {
                 continue;
             }
-            let command =
-                LogCommand::decode(entry.data.as_ref()).map_err(|source| BadCommand { index: entry.index, source })?;
-            let Some(Command::Publish(publish)) = command.command else { continue };
+            let command = LogCommand::decode(entry.data.as_ref()).map_err(|source| BadCommand {
+                index: entry.index,
+                source,
+            })?;
+            let Some(Command::Publish(publish)) = command.command else {
+                continue;
+            };
             let priority = publish.message.as_ref().map_or(0, |m| m.priority.min(9)) as usize;
             if priority != level {
                 continue;
             }
-            let b = Buffered { offset: entry.index, publish };
+            let b = Buffered {
+                offset: entry.index,
+                publish,
+            };
             if let Some(phase) = self.hold_back(&b.publish, now_ms) {
                 let message = Self::buffered_ref(&b);
                 self.untrack_unseen(message.priority);
@@ -648,7 +712,9 @@ impl PartitionState {
         let offsets: Vec<u64> = self
             .tracked
             .iter()
-            .filter(|(_, t)| matches!(&t.phase, Phase::InFlight { consumer, .. } if consumer.id == id))
+            .filter(
+                |(_, t)| matches!(&t.phase, Phase::InFlight { consumer, .. } if consumer.id == id),
+            )
             .map(|(o, _)| *o)
             .collect();
         for &offset in &offsets {
@@ -660,12 +726,21 @@ impl PartitionState {
     /// The in-flight message a tag names, if the tag is current; else why not.
     pub fn check_tag(&self, offset: u64, attempt: u32) -> Result<MessageRef, String> {
         match self.tracked.get(&offset) {
-            Some(t @ Tracked { phase: Phase::InFlight { .. }, .. }) if t.attempt == attempt => {
-                self.message_ref(offset, 0).ok_or_else(|| "unknown delivery".to_owned())
-            }
-            Some(Tracked { phase: Phase::InFlight { .. }, attempt: current, .. }) => {
-                Err(format!("stale delivery tag: attempt {attempt}, the current delivery is attempt {current}"))
-            }
+            Some(
+                t @ Tracked {
+                    phase: Phase::InFlight { .. },
+                    ..
+                },
+            ) if t.attempt == attempt => self
+                .message_ref(offset, 0)
+                .ok_or_else(|| "unknown delivery".to_owned()),
+            Some(Tracked {
+                phase: Phase::InFlight { .. },
+                attempt: current,
+                ..
+            }) => Err(format!(
+                "stale delivery tag: attempt {attempt}, the current delivery is attempt {current}"
+            )),
             Some(_) => Err(format!("message at offset {offset} is not in flight")),
             None if offset < self.next_index && self.is_settled(offset) => {
                 Err(format!("message at offset {offset} is already settled"))
@@ -676,10 +751,20 @@ impl PartitionState {
 
     /// Moves an in-flight message's deadline to `now + timeout_ms`.
     pub fn extend(&mut self, offset: u64, timeout_ms: u64, now_ms: u64) {
-        if let Some(Tracked { phase: Phase::InFlight { consumer, .. }, .. }) = self.tracked.get(&offset) {
+        if let Some(Tracked {
+            phase: Phase::InFlight { consumer, .. },
+            ..
+        }) = self.tracked.get(&offset)
+        {
             let consumer = consumer.clone();
             let deadline_ms = now_ms.saturating_add(timeout_ms);
-            self.set_phase(offset, Phase::InFlight { consumer, deadline_ms });
+            self.set_phase(
+                offset,
+                Phase::InFlight {
+                    consumer,
+                    deadline_ms,
+                },
+            );
         }
     }
 

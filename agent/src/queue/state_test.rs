@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use sluice_proto::storage::v1::{
-    DeliverCommand, LogCommand, MessageRef, PublishCommand, SettleCommand, SettleKind, log_command::Command,
+    DeliverCommand, LogCommand, MessageRef, PublishCommand, SettleCommand, SettleKind,
+    log_command::Command,
 };
 use sluice_proto::v1::Message;
 
@@ -13,7 +14,12 @@ use crate::queue::consumer::ConsumerSlot;
 const T0: u64 = 1_000_000;
 
 fn config() -> StateConfig {
-    StateConfig { ack_timeout_ms: 1_000, max_deliveries: 0, has_dead_letter_queue: false, dedup_window_ms: 60_000 }
+    StateConfig {
+        ack_timeout_ms: 1_000,
+        max_deliveries: 0,
+        has_dead_letter_queue: false,
+        dedup_window_ms: 60_000,
+    }
 }
 
 /// A state plus the log it was built from, so tests can replay it.
@@ -24,13 +30,22 @@ struct Harness {
 
 impl Harness {
     fn new(config: StateConfig) -> Self {
-        Self { state: PartitionState::new(config, 1), log: Vec::new() }
+        Self {
+            state: PartitionState::new(config, 1),
+            log: Vec::new(),
+        }
     }
 
     fn append(&mut self, command: Command) -> u64 {
         let index = self.log.len() as u64 + 1;
-        let command = LogCommand { command: Some(command) };
-        self.log.push(Entry { index, term: 1, data: command.encode_to_vec().into() });
+        let command = LogCommand {
+            command: Some(command),
+        };
+        self.log.push(Entry {
+            index,
+            term: 1,
+            data: command.encode_to_vec().into(),
+        });
         self.state.apply(index, &command);
         index
     }
@@ -41,7 +56,10 @@ impl Harness {
 
     fn message(&mut self, payload: &str) -> u64 {
         self.publish(PublishCommand {
-            message: Some(Message { payload: payload.as_bytes().to_vec(), ..Default::default() }),
+            message: Some(Message {
+                payload: payload.as_bytes().to_vec(),
+                ..Default::default()
+            }),
             publish_time_ms: T0,
             ..Default::default()
         })
@@ -50,18 +68,28 @@ impl Harness {
     /// What a leader does to deliver: fill from its own log, take, record, hand over.
     fn deliver(&mut self, max: usize, consumer: &Arc<ConsumerSlot>, now: u64) -> Vec<MessageRef> {
         while let Some((level, from)) = self.state.fill_request(1) {
-            let entries: Vec<Entry> = self.log.iter().filter(|e| e.index >= from).cloned().collect();
+            let entries: Vec<Entry> = self
+                .log
+                .iter()
+                .filter(|e| e.index >= from)
+                .cloned()
+                .collect();
             if entries.is_empty() {
                 break;
             }
-            self.state.fill(level, &entries, now).expect("valid commands");
+            self.state
+                .fill(level, &entries, now)
+                .expect("valid commands");
         }
         let picks = self.state.take(max, now);
         if picks.is_empty() {
             return Vec::new();
         }
         let messages: Vec<MessageRef> = picks.iter().map(|p| p.message).collect();
-        self.append(Command::Deliver(DeliverCommand { time_ms: now, messages: messages.clone() }));
+        self.append(Command::Deliver(DeliverCommand {
+            time_ms: now,
+            messages: messages.clone(),
+        }));
         self.state.hand_over(&picks, consumer, now);
         messages
     }
@@ -107,7 +135,10 @@ fn first_deliveries_follow_publish_order_and_acks_move_the_low_water_mark() {
     assert_eq!(h.state.low_water(), c, "everything below c is settled");
     assert_eq!(slot.unsettled(), 0);
     let counters = h.state.counters(T0);
-    assert_eq!((counters.ready, counters.in_flight, counters.unsettled), (1, 0, 1));
+    assert_eq!(
+        (counters.ready, counters.in_flight, counters.unsettled),
+        (1, 0, 1)
+    );
 }
 
 #[test]
@@ -118,8 +149,15 @@ fn an_expired_deadline_makes_the_message_ready_again_with_the_next_attempt() {
     let first = h.deliver(10, &slot, T0);
     assert_eq!(h.state.expire_deadlines(T0 + 999), 0, "not yet");
     assert_eq!(h.state.expire_deadlines(T0 + 1_000), 1);
-    assert_eq!(slot.unsettled(), 0, "the timed-out delivery no longer counts against prefetch");
-    assert!(h.state.check_tag(a, first[0].attempt).is_err(), "the old tag is stale now");
+    assert_eq!(
+        slot.unsettled(),
+        0,
+        "the timed-out delivery no longer counts against prefetch"
+    );
+    assert!(
+        h.state.check_tag(a, first[0].attempt).is_err(),
+        "the old tag is stale now"
+    );
     let second = h.deliver(10, &slot, T0 + 1_000);
     assert_eq!((second[0].offset, second[0].attempt), (a, 2));
 }
@@ -131,7 +169,11 @@ fn extend_moves_the_deadline() {
     let slot = consumer();
     h.deliver(1, &slot, T0);
     h.state.extend(a, 5_000, T0 + 500);
-    assert_eq!(h.state.expire_deadlines(T0 + 1_000), 0, "the first deadline is stale");
+    assert_eq!(
+        h.state.expire_deadlines(T0 + 1_000),
+        0,
+        "the first deadline is stale"
+    );
     assert_eq!(h.state.expire_deadlines(T0 + 5_500), 1);
 }
 
@@ -150,7 +192,11 @@ fn a_nack_with_delay_waits_then_redelivers_before_new_messages() {
     assert_eq!(h.state.due(T0 + 2_000), 1);
     h.message("c");
     let again = h.deliver(1, &slot, T0 + 2_000);
-    assert_eq!((again[0].offset, again[0].attempt), (a, 2), "redeliveries come first");
+    assert_eq!(
+        (again[0].offset, again[0].attempt),
+        (a, 2),
+        "redeliveries come first"
+    );
 }
 
 #[test]
@@ -167,10 +213,17 @@ fn replay_keeps_acks_and_attempts_and_makes_in_flight_ready() {
     assert_eq!((counters.unsettled, counters.in_flight), (2, 0));
     let fresh = consumer();
     // Drive the replayed state with the same log.
-    let mut h2 = Harness { state: replayed, log: h.log.clone() };
+    let mut h2 = Harness {
+        state: replayed,
+        log: h.log.clone(),
+    };
     let again = h2.deliver(10, &fresh, T0);
     let offsets: Vec<(u64, u32)> = again.iter().map(|m| (m.offset, m.attempt)).collect();
-    assert_eq!(offsets, vec![(b, 2), (c, 1)], "b was in flight (attempt 2 now), a stays acked");
+    assert_eq!(
+        offsets,
+        vec![(b, 2), (c, 1)],
+        "b was in flight (attempt 2 now), a stays acked"
+    );
     assert!(!offsets.iter().any(|(o, _)| *o == a));
     replayed = h2.replayed();
     assert_eq!(replayed.low_water(), b);
@@ -178,7 +231,11 @@ fn replay_keeps_acks_and_attempts_and_makes_in_flight_ready() {
 
 #[test]
 fn max_deliveries_sends_the_message_to_disposal_after_the_last_attempt() {
-    let mut h = Harness::new(StateConfig { max_deliveries: 2, has_dead_letter_queue: true, ..config() });
+    let mut h = Harness::new(StateConfig {
+        max_deliveries: 2,
+        has_dead_letter_queue: true,
+        ..config()
+    });
     let a = h.message("a");
     let slot = consumer();
     let first = h.deliver(1, &slot, T0);
@@ -189,8 +246,14 @@ fn max_deliveries_sends_the_message_to_disposal_after_the_last_attempt() {
     h.state.expire_deadlines(T0 + 1_000);
     let disposals = h.state.take_disposals();
     assert_eq!(disposals.len(), 1);
-    assert_eq!((disposals[0].message.offset, disposals[0].disposal), (a, Disposal::MaxDeliveries));
-    assert!(h.deliver(1, &slot, T0 + 1_000).is_empty(), "a disposing message is never delivered");
+    assert_eq!(
+        (disposals[0].message.offset, disposals[0].disposal),
+        (a, Disposal::MaxDeliveries)
+    );
+    assert!(
+        h.deliver(1, &slot, T0 + 1_000).is_empty(),
+        "a disposing message is never delivered"
+    );
     h.append(Command::Settle(SettleCommand {
         time_ms: T0,
         kind: SettleKind::DeadLettered as i32,
@@ -199,7 +262,14 @@ fn max_deliveries_sends_the_message_to_disposal_after_the_last_attempt() {
         reason: "max-deliveries".into(),
     }));
     let counters = h.state.counters(T0);
-    assert_eq!((counters.dead_lettered, counters.unsettled, counters.in_flight), (1, 0, 0));
+    assert_eq!(
+        (
+            counters.dead_lettered,
+            counters.unsettled,
+            counters.in_flight
+        ),
+        (1, 0, 0)
+    );
 }
 
 #[test]
@@ -220,7 +290,13 @@ fn expired_and_delayed_messages_are_held_back_when_the_cursor_reaches_them() {
     let slot = consumer();
     assert!(h.deliver(10, &slot, T0 + 20).is_empty());
     let disposals = h.state.take_disposals();
-    assert_eq!(disposals.iter().map(|d| d.message.offset).collect::<Vec<_>>(), vec![expired]);
+    assert_eq!(
+        disposals
+            .iter()
+            .map(|d| d.message.offset)
+            .collect::<Vec<_>>(),
+        vec![expired]
+    );
     assert_eq!(h.state.counters(T0).delayed, 1);
     assert_eq!(h.state.next_timer(), Some(T0 + 500));
     h.state.due(T0 + 500);
@@ -233,7 +309,10 @@ fn higher_priorities_are_delivered_first_and_fifo_within_a_priority() {
     let mut h = Harness::new(config());
     let mut publish = |p: u32| {
         h.publish(PublishCommand {
-            message: Some(Message { priority: p, ..Default::default() }),
+            message: Some(Message {
+                priority: p,
+                ..Default::default()
+            }),
             publish_time_ms: T0,
             ..Default::default()
         })
@@ -253,10 +332,20 @@ fn tags_of_other_attempts_or_settled_messages_are_refused() {
     let a = h.message("a");
     let slot = consumer();
     let got = h.deliver(1, &slot, T0);
-    assert!(h.state.check_tag(a, 2).expect_err("stale").contains("stale"));
+    assert!(
+        h.state
+            .check_tag(a, 2)
+            .expect_err("stale")
+            .contains("stale")
+    );
     assert!(h.state.check_tag(a, 1).is_ok());
     h.settle(SettleKind::Ack, got, 0);
-    assert!(h.state.check_tag(a, 1).expect_err("settled").contains("already settled"));
+    assert!(
+        h.state
+            .check_tag(a, 1)
+            .expect_err("settled")
+            .contains("already settled")
+    );
     assert!(h.state.check_tag(99, 1).is_err());
 }
 
@@ -264,13 +353,20 @@ fn tags_of_other_attempts_or_settled_messages_are_refused() {
 fn idempotency_keys_are_rebuilt_by_replay() {
     let mut h = Harness::new(config());
     let first = h.publish(PublishCommand {
-        message: Some(Message { idempotency_key: "k".into(), ..Default::default() }),
+        message: Some(Message {
+            idempotency_key: "k".into(),
+            ..Default::default()
+        }),
         publish_time_ms: T0,
         ..Default::default()
     });
     assert_eq!(h.state.dedup("k", T0 + 1), Some(first));
     assert_eq!(h.replayed().dedup("k", T0 + 1), Some(first));
-    assert_eq!(h.replayed().dedup("k", T0 + 60_000), None, "outside the window");
+    assert_eq!(
+        h.replayed().dedup("k", T0 + 60_000),
+        None,
+        "outside the window"
+    );
 }
 
 #[test]
