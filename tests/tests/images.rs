@@ -76,7 +76,7 @@ fn every_runtime_image_runs_a_workspace_binary_as_the_distroless_nonroot_user() 
         );
         let runtime = stage(&stages, target);
         assert!(
-            runtime.from.starts_with("gcr.io/distroless/") && runtime.from.ends_with(":nonroot"),
+            runtime.from.starts_with("gcr.io/distroless/") && runtime.from.ends_with("nonroot"),
             "{target}: runtime base {} is not a distroless nonroot image",
             runtime.from
         );

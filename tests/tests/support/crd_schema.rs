@@ -48,7 +48,18 @@ impl CrdSchema {
             if schema.is_null() {
                 return Err(format!("CRD version {name} has no schema.openAPIV3Schema"));
             }
-            let strict = to_strict_json_schema(schema);
+            let mut strict = to_strict_json_schema(schema);
+            // The API server accepts these on every object whether or not the CRD declares them
+            // (kube-rs's generated schemas declare only spec and status); metadata is checked
+            // separately.
+            if let Some(Value::Object(root)) = strict.get_mut("properties") {
+                root.entry("apiVersion")
+                    .or_insert(serde_json::json!({"type": "string"}));
+                root.entry("kind")
+                    .or_insert(serde_json::json!({"type": "string"}));
+                root.entry("metadata")
+                    .or_insert(serde_json::json!({"type": "object"}));
+            }
             let validator = jsonschema::validator_for(&strict)
                 .map_err(|e| format!("CRD version {name}: schema does not compile: {e}"))?;
             versions.push((name.to_owned(), validator));
