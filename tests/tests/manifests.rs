@@ -209,3 +209,38 @@ fn example_clients_reach_the_client_service_of_an_example_message_queue() {
         );
     }
 }
+
+#[test]
+fn install_notes_give_a_valid_first_message_queue_and_how_to_watch_it() {
+    let test = "install_notes_give_a_valid_first_message_queue_and_how_to_watch_it";
+    let Some(helm) = support::helm::Helm::find(test) else {
+        return;
+    };
+    let Some(crd) = message_queue_crd() else {
+        return;
+    };
+    for (args, namespace_flag) in [
+        (&[][..], ""),
+        (&["--set", "watchNamespace=shop"][..], " -n shop"),
+    ] {
+        let notes = helm.install_notes(args);
+        assert!(
+            notes.contains(&format!("kubectl get mq{namespace_flag} -w")),
+            "{notes}"
+        );
+        assert!(
+            notes.contains(&format!("kubectl apply{namespace_flag} -f -")),
+            "{notes}"
+        );
+        // The MessageQueue the notes pipe into kubectl is valid against the CRD.
+        let quoted = notes
+            .split_once("echo '")
+            .and_then(|(_, rest)| rest.split_once('\''))
+            .map(|(json, _)| json)
+            .unwrap_or_else(|| panic!("no `echo '<MessageQueue>'` in the notes:\n{notes}"));
+        let object: Value = serde_json::from_str(quoted)
+            .unwrap_or_else(|e| panic!("the notes' MessageQueue is not JSON: {e}\n{quoted}"));
+        crd.validate(&object)
+            .unwrap_or_else(|p| panic!("the notes' MessageQueue: {p:?}"));
+    }
+}

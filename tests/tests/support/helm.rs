@@ -70,6 +70,27 @@ impl Helm {
         self.run(&full)
     }
 
+    /// The NOTES.txt a user sees after `helm install` (rendered by a client-side dry run).
+    pub fn install_notes(&self, args: &[&str]) -> String {
+        let chart = Self::chart_dir();
+        let mut full = vec![
+            "install",
+            RELEASE,
+            chart.to_str().expect("repository paths are UTF-8"),
+            "--namespace",
+            NAMESPACE,
+            "--dry-run=client",
+        ];
+        full.extend_from_slice(args);
+        let output = self
+            .run(&full)
+            .unwrap_or_else(|f| panic!("`{}` failed:\n{}", f.command, f.stderr));
+        let notes = output
+            .split_once("\nNOTES:\n")
+            .map(|(_, notes)| notes.to_owned());
+        notes.unwrap_or_else(|| panic!("helm install printed no NOTES:\n{output}"))
+    }
+
     fn run(&self, args: &[&str]) -> Result<String, HelmFailure> {
         let command = format!("helm {}", args.join(" "));
         let output = Command::new(&self.bin)
