@@ -33,7 +33,10 @@ pub const SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { segment_bytes: SEGMENT_BYTES_DEFAULT, fsync: FsyncPolicy::Always }
+        Self {
+            segment_bytes: SEGMENT_BYTES_DEFAULT,
+            fsync: FsyncPolicy::Always,
+        }
     }
 }
 
@@ -86,7 +89,10 @@ pub struct BrokerArgs {
 impl BrokerArgs {
     /// The storage knobs these flags select.
     pub fn log_config(&self) -> LogConfig {
-        LogConfig { segment_bytes: self.segment_bytes, fsync: self.fsync }
+        LogConfig {
+            segment_bytes: self.segment_bytes,
+            fsync: self.fsync,
+        }
     }
 }
 
@@ -110,7 +116,9 @@ pub fn parse_fsync(value: &str) -> Result<FsyncPolicy, String> {
             })?;
             match ms.parse::<u64>() {
                 Ok(ms) if ms > 0 => Ok(FsyncPolicy::Interval(Duration::from_millis(ms))),
-                _ => Err(format!("interval {ms:?} must be a positive number of milliseconds")),
+                _ => Err(format!(
+                    "interval {ms:?} must be a positive number of milliseconds"
+                )),
             }
         }
     }
@@ -122,7 +130,9 @@ pub fn parse_bytes(value: &str) -> Result<u64, String> {
     const MIN_SEGMENT_BYTES: u64 = 4096;
     let size: bytesize::ByteSize = value.parse().map_err(|e| format!("{value:?}: {e}"))?;
     if size.as_u64() < MIN_SEGMENT_BYTES {
-        return Err(format!("{value:?} is below the minimum of {MIN_SEGMENT_BYTES} bytes"));
+        return Err(format!(
+            "{value:?} is below the minimum of {MIN_SEGMENT_BYTES} bytes"
+        ));
     }
     Ok(size.as_u64())
 }

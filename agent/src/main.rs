@@ -35,9 +35,13 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: BrokerArgs) -> anyhow::Result<()> {
-    let agent =
-        Agent::start(args.data_dir.clone(), args.log_config(), args.listen, args.metrics_listen)
-            .await?;
+    let agent = Agent::start(
+        args.data_dir.clone(),
+        args.log_config(),
+        args.listen,
+        args.metrics_listen,
+    )
+    .await?;
     tracing::info!(
         grpc = %agent.grpc_addr(),
         metrics = %agent.metrics_addr(),
@@ -55,7 +59,9 @@ fn init_tracing(args: &BrokerArgs) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .map_err(|err| format!("{:?}: {err}", args.log_level))?;
     // Logs go to stderr: stdout carries only the machine-readable listening line.
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

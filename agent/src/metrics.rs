@@ -8,7 +8,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -28,21 +28,8 @@ pub struct MethodLabels {
 /// Labels of settle counters.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabels {
-    /// What the consumer did.
-    pub action: Action,
-}
-
-/// A settle action as a label value.
-#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
-pub enum Action {
-    /// Acked: done.
-    Ack,
-    /// Nacked: requeued.
-    Nack,
-    /// Extended: still working.
-    Extend,
-    /// Rejected: dead-lettered or discarded.
-    Reject,
+    /// What the consumer did: `ack`, `nack`, `extend` or `reject`.
+    pub action: &'static str,
 }
 
 /// Labels of per-queue gauges.
@@ -103,29 +90,57 @@ impl Metrics {
         let redeliveries = Counter::default();
         let settled = Family::<ActionLabels, Counter>::default();
         let rpc_seconds = Family::new_with_constructor(rpc_histogram as fn() -> Histogram);
-        registry.register("published_messages", "Messages confirmed durable", published.clone());
+        registry.register(
+            "published_messages",
+            "Messages confirmed durable",
+            published.clone(),
+        );
         registry.register(
             "publish_rejected_messages",
             "Messages refused at publish",
             publish_rejected.clone(),
         );
-        registry.register("deliveries", "Deliveries sent to consumers", deliveries.clone());
-        registry.register("redeliveries", "Deliveries with attempt > 1", redeliveries.clone());
-        registry.register("settled", "Delivery tags settled, by action", settled.clone());
-        registry.register("rpc_duration_seconds", "RPC latency by method", rpc_seconds.clone());
+        registry.register(
+            "deliveries",
+            "Deliveries sent to consumers",
+            deliveries.clone(),
+        );
+        registry.register(
+            "redeliveries",
+            "Deliveries with attempt > 1",
+            redeliveries.clone(),
+        );
+        registry.register(
+            "settled",
+            "Delivery tags settled, by action",
+            settled.clone(),
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "RPC latency by method",
+            rpc_seconds.clone(),
+        );
         let mut gauge = |name: &str, help: &str| {
             let g = QueueGauge::default();
             registry.register(name, help, g.clone());
             g
         };
         let ready = gauge("queue_ready_messages", "Messages ready for delivery");
-        let in_flight = gauge("queue_in_flight_messages", "Messages delivered and not settled");
+        let in_flight = gauge(
+            "queue_in_flight_messages",
+            "Messages delivered and not settled",
+        );
         let delayed = gauge("queue_delayed_messages", "Messages waiting for their time");
         let bytes = gauge("queue_bytes", "Payload bytes of unsettled messages");
         let consumers = gauge("queue_consumers", "Subscribed consumers");
-        let dead_lettered =
-            gauge("queue_dead_lettered_messages", "Messages dead-lettered since start");
-        let expired = gauge("queue_expired_messages", "Messages expired by TTL since start");
+        let dead_lettered = gauge(
+            "queue_dead_lettered_messages",
+            "Messages dead-lettered since start",
+        );
+        let expired = gauge(
+            "queue_expired_messages",
+            "Messages expired by TTL since start",
+        );
         Self {
             registry,
             published,
@@ -147,25 +162,32 @@ impl Metrics {
 
     /// Records how long one RPC (or stream frame) took.
     pub fn observe_rpc(&self, method: &'static str, elapsed: Duration) {
-        self.rpc_seconds.get_or_create(&MethodLabels { method }).observe(elapsed.as_secs_f64());
+        self.rpc_seconds
+            .get_or_create(&MethodLabels { method })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Counts `count` successfully settled tags of `action`.
     pub fn count_settled(&self, action: SettleAction, count: u64) {
         let action = match action {
-            SettleAction::Ack => Action::Ack,
-            SettleAction::Nack => Action::Nack,
-            SettleAction::Extend => Action::Extend,
-            SettleAction::Reject => Action::Reject,
+            SettleAction::Ack => "ack",
+            SettleAction::Nack => "nack",
+            SettleAction::Extend => "extend",
+            SettleAction::Reject => "reject",
             SettleAction::Unspecified => return,
         };
-        self.settled.get_or_create(&ActionLabels { action }).inc_by(count);
+        self.settled
+            .get_or_create(&ActionLabels { action })
+            .inc_by(count);
     }
 
     /// Copies every queue's counters from the broker and encodes all metrics in the
     /// Prometheus text format.
     pub fn scrape(&self, broker: &Broker) -> String {
-        let _guard = self.scrape.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _guard = self
+            .scrape
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let families = [
             &self.ready,
             &self.in_flight,
@@ -179,11 +201,15 @@ impl Metrics {
         families.iter().for_each(|f| f.clear());
         for spec in broker.list() {
             // A queue deleted between list and stats is simply skipped this scrape.
-            let Ok(stats) = broker.stats(&spec.name) else { continue };
+            let Ok(stats) = broker.stats(&spec.name) else {
+                continue;
+            };
             let total = stats.total.unwrap_or_default();
             let labels = QueueLabels { queue: spec.name };
             let set = |family: &QueueGauge, value: u64| {
-                family.get_or_create(&labels).set(i64::try_from(value).unwrap_or(i64::MAX));
+                family
+                    .get_or_create(&labels)
+                    .set(i64::try_from(value).unwrap_or(i64::MAX));
             };
             set(&self.ready, total.ready);
             set(&self.in_flight, total.in_flight);
@@ -218,8 +244,14 @@ mod tests {
         m.observe_rpc("Publish", Duration::from_millis(2));
         let text = m.encode();
         assert!(text.contains("sluice_published_messages_total 3"), "{text}");
-        assert!(text.contains("sluice_settled_total{action=\"Ack\"} 2"), "{text}");
-        assert!(text.contains("sluice_rpc_duration_seconds_count{method=\"Publish\"} 1"), "{text}");
+        assert!(
+            text.contains("sluice_settled_total{action=\"ack\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_rpc_duration_seconds_count{method=\"Publish\"} 1"),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 }

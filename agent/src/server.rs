@@ -24,9 +24,7 @@ use tonic_health::ServingStatus;
 
 use crate::broker::{Broker, BrokerConfig, BrokerError};
 use crate::config::LogConfig;
-use crate::grpc::{
-    AdminService, ConsumerService, MAX_DECODING_MESSAGE_BYTES, PublisherService,
-};
+use crate::grpc::{AdminService, ConsumerService, MAX_DECODING_MESSAGE_BYTES, PublisherService};
 use crate::metrics::Metrics;
 use crate::shutdown;
 
@@ -88,14 +86,26 @@ impl Agent {
         metrics_listen: SocketAddr,
     ) -> Result<Self, ServerError> {
         let bind = |addr| async move {
-            TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })
         };
         let listener = bind(listen).await?;
         let metrics_listener = bind(metrics_listen).await?;
-        let broker = Broker::open(BrokerConfig { data_dir: data_dir.clone(), log })
-            .await
-            .map_err(|source| ServerError::OpenBroker { path: data_dir, source })?;
-        Ok(Self { listener, metrics_listener, broker })
+        let broker = Broker::open(BrokerConfig {
+            data_dir: data_dir.clone(),
+            log,
+        })
+        .await
+        .map_err(|source| ServerError::OpenBroker {
+            path: data_dir,
+            source,
+        })?;
+        Ok(Self {
+            listener,
+            metrics_listener,
+            broker,
+        })
     }
 
     /// The bound gRPC address (with the real port when 0 was asked for).
@@ -105,7 +115,9 @@ impl Agent {
 
     /// The bound metrics address.
     pub fn metrics_addr(&self) -> SocketAddr {
-        self.metrics_listener.local_addr().unwrap_or_else(|_| unspecified())
+        self.metrics_listener
+            .local_addr()
+            .unwrap_or_else(|_| unspecified())
     }
 
     /// The machine-readable line announcing both addresses, which tests (and scripts using
@@ -150,8 +162,12 @@ pub async fn run(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AdminServer<AdminService>>().await;
-    health.set_serving::<PublisherServer<PublisherService>>().await;
-    health.set_serving::<ConsumerServer<ConsumerService>>().await;
+    health
+        .set_serving::<PublisherServer<PublisherService>>()
+        .await;
+    health
+        .set_serving::<ConsumerServer<ConsumerService>>()
+        .await;
     health.set_service_status("", ServingStatus::Serving).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
@@ -162,8 +178,14 @@ pub async fn run(
     let publisher = PublisherService::new(broker.clone(), metrics.clone(), observer.clone());
     let consumer = ConsumerService::new(broker.clone(), metrics.clone(), observer.clone());
 
-    let http = Http { broker: broker.clone(), metrics: metrics.clone(), serving: serving.clone() };
-    let metrics_addr = metrics_listener.local_addr().unwrap_or_else(|_| unspecified());
+    let http = Http {
+        broker: broker.clone(),
+        metrics: metrics.clone(),
+        serving: serving.clone(),
+    };
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .unwrap_or_else(|_| unspecified());
     let app = axum::Router::new()
         .route("/metrics", get(scrape))
         .route("/healthz", get(healthz))
@@ -177,7 +199,9 @@ pub async fn run(
             http_stop.recv().await;
             let _ = http_done_rx.await;
         };
-        axum::serve(metrics_listener, app).with_graceful_shutdown(stop).await
+        axum::serve(metrics_listener, app)
+            .with_graceful_shutdown(stop)
+            .await
     });
 
     let begun = Arc::new(tokio::sync::Notify::new());
@@ -189,10 +213,16 @@ pub async fn run(
             shutdown.await;
             tracing::info!("draining: health NOT_SERVING, finishing in-flight requests");
             serving.store(false, Ordering::SeqCst);
-            health.set_service_status("", ServingStatus::NotServing).await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
             health.set_not_serving::<AdminServer<AdminService>>().await;
-            health.set_not_serving::<PublisherServer<PublisherService>>().await;
-            health.set_not_serving::<ConsumerServer<ConsumerService>>().await;
+            health
+                .set_not_serving::<PublisherServer<PublisherService>>()
+                .await;
+            health
+                .set_not_serving::<ConsumerServer<ConsumerService>>()
+                .await;
             trigger.fire();
             begun.notify_one();
         }
@@ -226,9 +256,15 @@ pub async fn run(
     tracing::info!("broker shut down");
     let _ = http_done_tx.send(());
     let http_result = match http_server.await {
-        Ok(result) => result.map_err(|source| ServerError::Metrics { addr: metrics_addr, source }),
+        Ok(result) => result.map_err(|source| ServerError::Metrics {
+            addr: metrics_addr,
+            source,
+        }),
         // The HTTP task only ends by panicking if axum does; report it as an I/O failure.
-        Err(join) => Err(ServerError::Metrics { addr: metrics_addr, source: std::io::Error::other(join) }),
+        Err(join) => Err(ServerError::Metrics {
+            addr: metrics_addr,
+            source: std::io::Error::other(join),
+        }),
     };
     served.and(http_result)
 }
@@ -236,7 +272,10 @@ pub async fn run(
 async fn scrape(State(http): State<Http>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
     let body = http.metrics.scrape(&http.broker);
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         body,
     )
 }

@@ -18,7 +18,12 @@ type Ledger = Arc<Mutex<BTreeMap<(u32, u64), String>>>;
 
 /// Publishes up to `frames` frames of 100 from one pipelined publisher, recording every
 /// confirmed id; returns the first error (the crash or shutdown ending the stream).
-async fn publish_load(client: Client, name: usize, ledger: Ledger, frames: usize) -> Option<String> {
+async fn publish_load(
+    client: Client,
+    name: usize,
+    ledger: Ledger,
+    frames: usize,
+) -> Option<String> {
     use futures::StreamExt;
     let mut publisher = match client.publisher(8).await {
         Ok(p) => p,
@@ -27,7 +32,9 @@ async fn publish_load(client: Client, name: usize, ledger: Ledger, frames: usize
     let mut pending = futures::stream::FuturesOrdered::new();
     let mut error = None;
     for frame in 0..frames {
-        let payloads: Vec<String> = (0..100).map(|i| format!("p{name}-{frame:05}-{i:03}")).collect();
+        let payloads: Vec<String> = (0..100)
+            .map(|i| format!("p{name}-{frame:05}-{i:03}"))
+            .collect();
         let messages = payloads.iter().map(|p| text(p)).collect();
         match publisher.send("load", messages).await {
             Ok(confirm) => pending.push_back(async move { (payloads, confirm.await) }),
@@ -37,7 +44,8 @@ async fn publish_load(client: Client, name: usize, ledger: Ledger, frames: usize
             }
         }
         // Collect whatever is already confirmed without waiting for the rest.
-        while let Some(Some((payloads, result))) = futures::FutureExt::now_or_never(pending.next()) {
+        while let Some(Some((payloads, result))) = futures::FutureExt::now_or_never(pending.next())
+        {
             if let Err(err) = record(&ledger, payloads, result) {
                 error.get_or_insert(err);
             }
@@ -74,7 +82,10 @@ async fn drain(client: &Client, queue: &str) -> (BTreeMap<(u32, u64), String>, u
     let mut duplicates = 0;
     while let Some(d) = next_within(&mut consumer, Duration::from_secs(3)).await {
         let id = d.id.expect("id");
-        if seen.insert((id.partition, id.offset), payload(&d)).is_some() {
+        if seen
+            .insert((id.partition, id.offset), payload(&d))
+            .is_some()
+        {
             duplicates += 1;
         }
         consumer.ack(tag(&d)).expect("ack");
@@ -89,7 +100,10 @@ async fn confirmed_messages_survive_kill_9_under_publish_load() {
     let data = dir.path().join("data");
     let mut agent = AgentProcess::spawn(&data);
     let client = agent.client().await;
-    client.declare_queue(queue("load", 2)).await.expect("declare");
+    client
+        .declare_queue(queue("load", 2))
+        .await
+        .expect("declare");
 
     // Phase 1: some messages consumed and acked before the crash must never come back.
     let acked: Vec<_> = (0..50).map(|i| text(&format!("acked-{i}"))).collect();
@@ -109,7 +123,10 @@ async fn confirmed_messages_survive_kill_9_under_publish_load() {
         errors.extend(p.await.expect("publisher task"));
     }
     let confirmed = ledger.lock().expect("ledger").clone();
-    assert!(!confirmed.is_empty(), "some messages were confirmed before the kill");
+    assert!(
+        !confirmed.is_empty(),
+        "some messages were confirmed before the kill"
+    );
     assert_eq!(errors.len(), 3, "every publisher saw the crash");
 
     // Phase 3: restart on the same directory; every confirmed id is there with its payload.
@@ -132,7 +149,10 @@ async fn confirmed_messages_survive_kill_9_under_publish_load() {
         after.len().saturating_sub(confirmed.len()),
     );
     assert_eq!(missing, 0, "confirmed messages lost");
-    assert_eq!(duplicates, 0, "an id was delivered twice to one draining consumer");
+    assert_eq!(
+        duplicates, 0,
+        "an id was delivered twice to one draining consumer"
+    );
     assert_eq!(resurrected, 0, "acked messages came back");
 }
 
@@ -142,7 +162,10 @@ async fn sigterm_drains_in_flight_publishes_and_exits_zero() {
     let data = dir.path().join("data");
     let mut agent = AgentProcess::spawn(&data);
     let client = agent.client().await;
-    client.declare_queue(queue("load", 2)).await.expect("declare");
+    client
+        .declare_queue(queue("load", 2))
+        .await
+        .expect("declare");
 
     let ledger: Ledger = Arc::default();
     let publishers: Vec<_> = (0..2)
@@ -172,14 +195,25 @@ async fn sigterm_drains_in_flight_publishes_and_exits_zero() {
     let confirmed = ledger.lock().expect("ledger").clone();
     let agent = AgentProcess::spawn(&data);
     let (after, _) = drain(&agent.client().await, "load").await;
-    let missing = confirmed.keys().filter(|id| !after.contains_key(id)).count();
-    println!("SIGTERM: {} confirmed, {} after restart, {missing} missing", confirmed.len(), after.len());
+    let missing = confirmed
+        .keys()
+        .filter(|id| !after.contains_key(id))
+        .count();
+    println!(
+        "SIGTERM: {} confirmed, {} after restart, {missing} missing",
+        confirmed.len(),
+        after.len()
+    );
     assert_eq!(missing, 0);
 }
 
 #[test]
 fn invalid_flags_exit_2_naming_the_flag() {
-    for (flag, value) in [("--fsync", "sometimes"), ("--listen", "nowhere"), ("--segment-bytes", "tiny")] {
+    for (flag, value) in [
+        ("--fsync", "sometimes"),
+        ("--listen", "nowhere"),
+        ("--segment-bytes", "tiny"),
+    ] {
         let output = run_agent(&["broker", "--data-dir", "/tmp/unused", flag, value]);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{flag}: {stderr}");
@@ -196,10 +230,18 @@ fn an_unusable_data_dir_fails_with_one_line_naming_the_path() {
     let file = dir.path().join("not-a-dir");
     std::fs::write(&file, b"x").expect("write");
     for data_dir in [file.clone(), file.join("below")] {
-        let err = AgentProcess::try_spawn(&data_dir).err().expect("must not start");
-        assert!(err.contains(&*data_dir.to_string_lossy()), "path not named: {err}");
+        let err = AgentProcess::try_spawn(&data_dir)
+            .err()
+            .expect("must not start");
+        assert!(
+            err.contains(&*data_dir.to_string_lossy()),
+            "path not named: {err}"
+        );
         assert!(!err.contains("panicked"), "panicked: {err}");
-        assert!(!err.contains("status Some(0)"), "exit code must be non-zero: {err}");
+        assert!(
+            !err.contains("status Some(0)"),
+            "exit code must be non-zero: {err}"
+        );
     }
 }
 
@@ -209,8 +251,13 @@ async fn a_corrupted_segment_is_reported_precisely_and_nothing_panics() {
     let data = dir.path().join("data");
     let mut agent = AgentProcess::spawn(&data);
     let client = agent.client().await;
-    client.declare_queue(queue("fragile", 1)).await.expect("declare");
-    let messages = (0..200).map(|i| text(&format!("message number {i:04} with some padding"))).collect();
+    client
+        .declare_queue(queue("fragile", 1))
+        .await
+        .expect("declare");
+    let messages = (0..200)
+        .map(|i| text(&format!("message number {i:04} with some padding")))
+        .collect();
     client.publish("fragile", messages).await.expect("publish");
     agent.sigterm();
     assert_eq!(agent.wait_exit(WAIT).code(), Some(0));
@@ -229,7 +276,11 @@ async fn a_corrupted_segment_is_reported_precisely_and_nothing_panics() {
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     std::fs::write(&segment, bytes).expect("write segment");
-    let name = segment.file_name().expect("name").to_string_lossy().into_owned();
+    let name = segment
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
 
     match AgentProcess::try_spawn(&data) {
         // Either the agent refuses to start, naming the file...
@@ -240,7 +291,10 @@ async fn a_corrupted_segment_is_reported_precisely_and_nothing_panics() {
         // ...or it keeps the partition offline and says so on use.
         Ok(agent) => {
             let client = agent.client().await;
-            let err = client.publish("fragile", vec![text("more")]).await.expect_err("offline");
+            let err = client
+                .publish("fragile", vec![text("more")])
+                .await
+                .expect_err("offline");
             assert_eq!(err.code(), Some(Code::FailedPrecondition), "{err}");
             assert!(err.to_string().contains(&name), "segment not named: {err}");
         }

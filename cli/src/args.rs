@@ -11,7 +11,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "sluice", version, about = "Sluice message queue command line")]
 pub struct Cli {
     /// Agent (or sidecar) to talk to.
-    #[arg(long, global = true, env = "SLUICE_ENDPOINT", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_ENDPOINT",
+        default_value = "http://127.0.0.1:7070"
+    )]
     pub endpoint: String,
     /// What to do.
     #[command(subcommand)]
@@ -145,7 +150,8 @@ pub struct Local {
 
 /// Parses a human duration such as `30s`, `1h 30m` or `250ms`.
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value).map_err(|e| format!("{value:?} is not a duration like 30s: {e}"))
+    humantime::parse_duration(value)
+        .map_err(|e| format!("{value:?} is not a duration like 30s: {e}"))
 }
 
 /// Parses a size such as `1048576`, `512KiB` or `1GiB`.

@@ -39,7 +39,11 @@ pub async fn declare(client: &Client, args: Declare) -> anyhow::Result<()> {
     };
     let response = client.declare_queue(spec).await?;
     let queue = response.queue.unwrap_or_default();
-    let verb = if response.created { "created" } else { "already exists with these settings" };
+    let verb = if response.created {
+        "created"
+    } else {
+        "already exists with these settings"
+    };
     println!("queue {:?} {verb}", queue.name);
     println!("{}", describe(&queue));
     Ok(())
@@ -47,7 +51,11 @@ pub async fn declare(client: &Client, args: Declare) -> anyhow::Result<()> {
 
 /// One line summarising a queue's settings.
 fn describe(q: &QueueSpec) -> String {
-    let dlq = if q.dead_letter_queue.is_empty() { "-" } else { &q.dead_letter_queue };
+    let dlq = if q.dead_letter_queue.is_empty() {
+        "-"
+    } else {
+        &q.dead_letter_queue
+    };
     let ttl = if q.message_ttl_ms == 0 {
         "never".to_owned()
     } else {
@@ -73,7 +81,10 @@ pub async fn publish(client: &Client, args: Publish) -> anyhow::Result<()> {
         ttl_ms: args.ttl.map(millis).unwrap_or(0),
         idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
     };
-    let make = |payload: String| Message { payload: payload.into_bytes().into(), ..template.clone() };
+    let make = |payload: String| Message {
+        payload: payload.into_bytes(),
+        ..template.clone()
+    };
     if !args.messages.is_empty() {
         let batch = args.messages.into_iter().map(make).collect();
         return publish_batch(client, &args.queue, batch).await;
@@ -97,7 +108,11 @@ async fn publish_batch(client: &Client, queue: &str, batch: Vec<Message>) -> any
     let mut out = std::io::stdout().lock();
     for confirm in confirms {
         let id = confirm.id.unwrap_or_default();
-        let duplicate = if confirm.duplicate { " (duplicate)" } else { "" };
+        let duplicate = if confirm.duplicate {
+            " (duplicate)"
+        } else {
+            ""
+        };
         writeln!(out, "{}:{}{duplicate}", id.partition, id.offset)?;
     }
     Ok(())
@@ -120,7 +135,11 @@ pub async fn consume(client: &Client, args: Consume) -> anyhow::Result<()> {
             },
         };
         let Some(delivery) = delivery else { break };
-        let payload = delivery.message.as_ref().map(|m| m.payload.as_ref()).unwrap_or_default();
+        let payload = delivery
+            .message
+            .as_ref()
+            .map(|m| m.payload.as_ref())
+            .unwrap_or_default();
         {
             let mut out = std::io::stdout().lock();
             out.write_all(payload)?;
@@ -133,7 +152,11 @@ pub async fn consume(client: &Client, args: Consume) -> anyhow::Result<()> {
     }
     let failures = consumer.flush().await?;
     if let Some(failure) = failures.first() {
-        anyhow::bail!("{} of the acks failed, first: {}", failures.len(), failure.error);
+        anyhow::bail!(
+            "{} of the acks failed, first: {}",
+            failures.len(),
+            failure.error
+        );
     }
     Ok(())
 }
@@ -144,8 +167,16 @@ pub async fn stats(client: &Client, queue: &str) -> anyhow::Result<()> {
     println!("queue {:?}  consumers {}", stats.name, stats.consumers);
     println!(
         "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
-        "partition", "ready", "in-flight", "delayed", "dead", "expired", "bytes", "publish/s",
-        "ack/s", "oldest"
+        "partition",
+        "ready",
+        "in-flight",
+        "delayed",
+        "dead",
+        "expired",
+        "bytes",
+        "publish/s",
+        "ack/s",
+        "oldest"
     );
     for p in &stats.partitions {
         row(&p.partition.to_string(), &p.stats.unwrap_or_default());

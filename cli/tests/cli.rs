@@ -15,7 +15,13 @@ impl Local {
     fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["local", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args([
+                "local",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .env("RUST_LOG", "warn")
@@ -39,7 +45,11 @@ impl Local {
             .split_whitespace()
             .find_map(|f| f.strip_prefix("grpc="))
             .unwrap_or_else(|| panic!("no grpc= in {line:?}"));
-        Self { child, endpoint: format!("http://{grpc}"), _dir: dir }
+        Self {
+            child,
+            endpoint: format!("http://{grpc}"),
+            _dir: dir,
+        }
     }
 
     /// Runs `sluice --endpoint <this> args...` with `stdin`.
@@ -52,7 +62,12 @@ impl Local {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn sluice");
-        child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write stdin");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
         child.wait_with_output().expect("sluice runs")
     }
 
@@ -77,21 +92,51 @@ impl Drop for Local {
 #[test]
 fn declare_publish_consume_stats_and_delete_through_the_cli() {
     let local = Local::start();
-    let out = local.ok(&["declare", "orders", "--partitions", "2", "--ack-timeout", "10s", "--ttl", "24h"], "");
+    let out = local.ok(
+        &[
+            "declare",
+            "orders",
+            "--partitions",
+            "2",
+            "--ack-timeout",
+            "10s",
+            "--ttl",
+            "24h",
+        ],
+        "",
+    );
     assert!(out.contains("queue \"orders\" created"), "{out}");
     assert!(out.contains("partitions=2"), "{out}");
-    let out = local.ok(&["declare", "orders", "--partitions", "2", "--ack-timeout", "10s", "--ttl", "24h"], "");
+    let out = local.ok(
+        &[
+            "declare",
+            "orders",
+            "--partitions",
+            "2",
+            "--ack-timeout",
+            "10s",
+            "--ttl",
+            "24h",
+        ],
+        "",
+    );
     assert!(out.contains("already exists"), "{out}");
 
     let ids = local.ok(&["publish", "orders", "one", "two", "--header", "k=v"], "");
     assert_eq!(ids.lines().count(), 2, "{ids}");
-    assert!(ids.lines().all(|l| l.split_once(':').is_some()), "ids are partition:offset: {ids}");
+    assert!(
+        ids.lines().all(|l| l.split_once(':').is_some()),
+        "ids are partition:offset: {ids}"
+    );
     let ids = local.ok(&["publish", "orders"], "three\nfour\nfive\n");
     assert_eq!(ids.lines().count(), 3, "one message per stdin line: {ids}");
 
     let stats = local.ok(&["stats", "orders"], "");
     assert!(stats.contains("ready"), "{stats}");
-    let total = stats.lines().find(|l| l.starts_with("total")).expect("total row");
+    let total = stats
+        .lines()
+        .find(|l| l.starts_with("total"))
+        .expect("total row");
     assert_eq!(total.split_whitespace().nth(1), Some("5"), "{stats}");
 
     let queues = local.ok(&["queues"], "");
@@ -116,12 +161,18 @@ fn runtime_errors_exit_1_naming_the_cause() {
     let output = local.sluice(&["publish", "missing", "x"], "");
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("error: queue \"missing\" not found (NOT_FOUND)"), "{stderr}");
+    assert!(
+        stderr.contains("error: queue \"missing\" not found (NOT_FOUND)"),
+        "{stderr}"
+    );
 
     let output = local.sluice(&["declare", "Bad Name"], "");
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("queue.name") && stderr.contains("INVALID_ARGUMENT"), "{stderr}");
+    assert!(
+        stderr.contains("queue.name") && stderr.contains("INVALID_ARGUMENT"),
+        "{stderr}"
+    );
 
     let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["--endpoint", "http://127.0.0.1:1", "queues"])
@@ -129,7 +180,10 @@ fn runtime_errors_exit_1_naming_the_cause() {
         .expect("runs");
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("cannot connect to http://127.0.0.1:1"), "{stderr}");
+    assert!(
+        stderr.contains("cannot connect to http://127.0.0.1:1"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -141,11 +195,17 @@ fn usage_errors_exit_2_naming_the_flag() {
         &["publish", "q", "--header", "novalue", "x"],
         &["consume", "q", "--count", "many"],
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_sluice")).args(args).output().expect("runs");
+        let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .output()
+            .expect("runs");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         let flag = args.iter().find(|a| a.starts_with("--")).expect("a flag");
-        assert!(stderr.contains(flag), "{args:?} does not name {flag}: {stderr}");
+        assert!(
+            stderr.contains(flag),
+            "{args:?} does not name {flag}: {stderr}"
+        );
     }
 }
 

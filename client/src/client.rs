@@ -31,7 +31,10 @@ impl Client {
     pub async fn connect(endpoint: impl Into<String>) -> Result<Self> {
         let endpoint = endpoint.into();
         let channel = Endpoint::from_shared(endpoint.clone())
-            .map_err(|source| Error::Endpoint { endpoint: endpoint.clone(), source })?
+            .map_err(|source| Error::Endpoint {
+                endpoint: endpoint.clone(),
+                source,
+            })?
             .connect()
             .await
             .map_err(|source| Error::Connect { endpoint, source })?;
@@ -56,24 +59,51 @@ impl Client {
     /// Creates a queue or confirms an identical one.
     pub async fn declare_queue(&self, queue: QueueSpec) -> Result<DeclareQueueResponse> {
         let request = DeclareQueueRequest { queue: Some(queue) };
-        Ok(self.admin.clone().declare_queue(request).await?.into_inner())
+        Ok(self
+            .admin
+            .clone()
+            .declare_queue(request)
+            .await?
+            .into_inner())
     }
 
     /// Deletes a queue; returns how many messages were discarded.
     pub async fn delete_queue(&self, name: &str, if_empty: bool) -> Result<u64> {
-        let request = DeleteQueueRequest { name: name.to_owned(), if_empty };
-        Ok(self.admin.clone().delete_queue(request).await?.into_inner().messages_deleted)
+        let request = DeleteQueueRequest {
+            name: name.to_owned(),
+            if_empty,
+        };
+        Ok(self
+            .admin
+            .clone()
+            .delete_queue(request)
+            .await?
+            .into_inner()
+            .messages_deleted)
     }
 
     /// Every queue's settings, sorted by name.
     pub async fn list_queues(&self) -> Result<Vec<QueueSpec>> {
-        Ok(self.admin.clone().list_queues(ListQueuesRequest {}).await?.into_inner().queues)
+        Ok(self
+            .admin
+            .clone()
+            .list_queues(ListQueuesRequest {})
+            .await?
+            .into_inner()
+            .queues)
     }
 
     /// A queue's counters, in total and per partition.
     pub async fn stats(&self, name: &str) -> Result<GetQueueStatsResponse> {
-        let request = GetQueueStatsRequest { name: name.to_owned() };
-        Ok(self.admin.clone().get_queue_stats(request).await?.into_inner())
+        let request = GetQueueStatsRequest {
+            name: name.to_owned(),
+        };
+        Ok(self
+            .admin
+            .clone()
+            .get_queue_stats(request)
+            .await?
+            .into_inner())
     }
 
     /// Publishes a batch and returns its confirms in order, or [`Error::Rejected`] naming the
@@ -90,8 +120,17 @@ impl Client {
         queue: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<Confirm>> {
-        let request = PublishRequest { queue: queue.to_owned(), messages };
-        Ok(self.publisher.clone().publish(request).await?.into_inner().confirms)
+        let request = PublishRequest {
+            queue: queue.to_owned(),
+            messages,
+        };
+        Ok(self
+            .publisher
+            .clone()
+            .publish(request)
+            .await?
+            .into_inner()
+            .confirms)
     }
 
     /// Opens a pipelined publisher with at most `window` frames awaiting confirms.
@@ -112,14 +151,37 @@ impl Client {
         tags: Vec<DeliveryTag>,
         delay_ms: u64,
     ) -> Result<Vec<SettleOutcome>> {
-        let settle = Settle { action: action as i32, tags, delay_ms };
-        let request = SettleRequest { queue: queue.to_owned(), settle: Some(settle) };
-        Ok(self.consumer.clone().settle(request).await?.into_inner().failures)
+        let settle = Settle {
+            action: action as i32,
+            tags,
+            delay_ms,
+        };
+        let request = SettleRequest {
+            queue: queue.to_owned(),
+            settle: Some(settle),
+        };
+        Ok(self
+            .consumer
+            .clone()
+            .settle(request)
+            .await?
+            .into_inner()
+            .failures)
     }
 
     /// The raw generated clients, for calls this wrapper does not cover.
-    pub fn raw(&self) -> (AdminClient<Channel>, PublisherClient<Channel>, ConsumerClient<Channel>) {
-        (self.admin.clone(), self.publisher.clone(), self.consumer.clone())
+    pub fn raw(
+        &self,
+    ) -> (
+        AdminClient<Channel>,
+        PublisherClient<Channel>,
+        ConsumerClient<Channel>,
+    ) {
+        (
+            self.admin.clone(),
+            self.publisher.clone(),
+            self.consumer.clone(),
+        )
     }
 }
 

@@ -34,12 +34,17 @@ pub const SETTLE_LINGER: Duration = Duration::from_millis(1);
 const REQUEST_BUFFER: usize = 64;
 
 enum Op {
-    Settle { action: SettleAction, tag: DeliveryTag, delay_ms: u64 },
+    Settle {
+        action: SettleAction,
+        tag: DeliveryTag,
+        delay_ms: u64,
+    },
     Flush(oneshot::Sender<Result<Vec<SettleOutcome>>>),
 }
 
 /// An open subscription. Dropping it ends the stream; the agent then redelivers whatever this
 /// consumer had not settled.
+#[derive(Debug)]
 pub struct Consumer {
     deliveries: mpsc::UnboundedReceiver<Result<Delivery>>,
     ops: mpsc::UnboundedSender<Op>,
@@ -63,7 +68,10 @@ impl Consumer {
         };
         // Queued before the call: the agent reads the subscribe before it answers the headers.
         requests
-            .send(ConsumeRequest { sequence: 0, request: Some(Frame::Subscribe(subscribe)) })
+            .send(ConsumeRequest {
+                sequence: 0,
+                request: Some(Frame::Subscribe(subscribe)),
+            })
             .await
             .map_err(|_| Error::Closed("consume"))?;
         let responses = client.consume(ReceiverStream::new(rx)).await?.into_inner();
@@ -72,7 +80,12 @@ impl Consumer {
         let (ops, ops_rx) = mpsc::unbounded_channel();
         let reader = tokio::spawn(read_responses(responses, deliveries_tx, results_tx));
         let batcher = tokio::spawn(Batcher::new(requests).run(ops_rx, results));
-        Ok(Self { deliveries, ops, reader, batcher })
+        Ok(Self {
+            deliveries,
+            ops,
+            reader,
+            batcher,
+        })
     }
 
     /// The next delivery; `Ok(None)` when the agent ended the subscription cleanly (shutdown or
@@ -104,14 +117,22 @@ impl Consumer {
     /// Queues any settle action for one tag.
     pub fn settle(&self, action: SettleAction, tag: DeliveryTag, delay: Duration) -> Result<()> {
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-        self.ops.send(Op::Settle { action, tag, delay_ms }).map_err(|_| Error::Closed("consume"))
+        self.ops
+            .send(Op::Settle {
+                action,
+                tag,
+                delay_ms,
+            })
+            .map_err(|_| Error::Closed("consume"))
     }
 
     /// Sends every queued settle and waits until all settles sent so far are durable; returns
     /// the tags that failed since the previous flush.
     pub async fn flush(&self) -> Result<Vec<SettleOutcome>> {
         let (tx, rx) = oneshot::channel();
-        self.ops.send(Op::Flush(tx)).map_err(|_| Error::Closed("consume"))?;
+        self.ops
+            .send(Op::Flush(tx))
+            .map_err(|_| Error::Closed("consume"))?;
         rx.await.map_err(|_| Error::Closed("consume"))?
     }
 }
@@ -133,10 +154,14 @@ async fn read_responses(
 ) {
     loop {
         match responses.message().await {
-            Ok(Some(ConsumeResponse { response: Some(In::Delivery(delivery)) })) => {
+            Ok(Some(ConsumeResponse {
+                response: Some(In::Delivery(delivery)),
+            })) => {
                 let _ = deliveries.send(Ok(delivery));
             }
-            Ok(Some(ConsumeResponse { response: Some(In::Settled(result)) })) => {
+            Ok(Some(ConsumeResponse {
+                response: Some(In::Settled(result)),
+            })) => {
                 let _ = results.send(Ok(result));
             }
             // A frame from a newer server with a kind this client does not know: skip it.
@@ -239,15 +264,25 @@ impl Batcher {
     }
 
     async fn send_batch(&mut self) {
-        let Some((action, delay_ms, tags, _)) = self.batch.take() else { return };
+        let Some((action, delay_ms, tags, _)) = self.batch.take() else {
+            return;
+        };
         if self.ended.is_some() {
             return; // Flushes report the end; these tags can no longer be settled here.
         }
         self.sent += 1;
-        let settle = Settle { action: action as i32, tags, delay_ms };
-        let frame = ConsumeRequest { sequence: self.sent, request: Some(Frame::Settle(settle)) };
+        let settle = Settle {
+            action: action as i32,
+            tags,
+            delay_ms,
+        };
+        let frame = ConsumeRequest {
+            sequence: self.sent,
+            request: Some(Frame::Settle(settle)),
+        };
         if self.requests.send(frame).await.is_err() {
-            self.ended.get_or_insert(tonic::Status::unavailable("consume stream closed"));
+            self.ended
+                .get_or_insert(tonic::Status::unavailable("consume stream closed"));
         }
     }
 

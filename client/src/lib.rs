@@ -6,7 +6,7 @@
 //! use sluice_client::{Client, proto::{Message, QueueSpec}};
 //! let client = Client::connect("http://127.0.0.1:7070").await?;
 //! client.declare_queue(QueueSpec { name: "orders".into(), ..Default::default() }).await?;
-//! client.publish("orders", vec![Message { payload: b"hi".to_vec().into(), ..Default::default() }]).await?;
+//! client.publish("orders", vec![Message { payload: b"hi".to_vec(), ..Default::default() }]).await?;
 //! let mut consumer = client.subscribe("orders", 100).await?;
 //! if let Some(delivery) = consumer.next().await? {
 //!     consumer.ack(sluice_client::tag(&delivery))?;

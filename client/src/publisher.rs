@@ -55,13 +55,16 @@ pub struct Publisher {
 }
 
 /// The confirms of one sent frame; resolves once the agent made the frame durable.
+#[derive(Debug)]
 pub struct Pending(oneshot::Receiver<Answer>);
 
 impl Future for Pending {
     type Output = Answer;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
-        Pin::new(&mut self.0).poll(cx).map(|answer| answer.unwrap_or(Err(Error::Closed("publish"))))
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|answer| answer.unwrap_or(Err(Error::Closed("publish"))))
     }
 }
 
@@ -70,7 +73,10 @@ impl Publisher {
     pub(crate) async fn open(mut client: PublisherClient<Channel>, window: usize) -> Result<Self> {
         let window = window.max(1);
         let (tx, rx) = mpsc::channel(window);
-        let responses = client.publish_stream(ReceiverStream::new(rx)).await?.into_inner();
+        let responses = client
+            .publish_stream(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
         let book = Arc::new(Mutex::new(Book::default()));
         let reader = tokio::spawn(read_confirms(responses, book.clone()));
         Ok(Self {
@@ -86,7 +92,12 @@ impl Publisher {
     /// window is full; the returned [`Pending`] resolves to the frame's confirms in order,
     /// failures included (see [`crate::client::check_confirms`]).
     pub async fn send(&mut self, queue: &str, messages: Vec<Message>) -> Result<Pending> {
-        let slot = self.window.clone().acquire_owned().await.map_err(|_| Error::Closed("publish"))?;
+        let slot = self
+            .window
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Closed("publish"))?;
         let tx = self.tx.as_ref().ok_or(Error::Closed("publish"))?;
         let sequence = self.next_sequence;
         self.next_sequence += 1;
@@ -97,9 +108,17 @@ impl Publisher {
                 return Err(closed_error(status));
             }
             // Registered before the frame is sent, so its response always finds it.
-            book.waiting.push_back(Waiting { sequence, answer, _slot: slot });
+            book.waiting.push_back(Waiting {
+                sequence,
+                answer,
+                _slot: slot,
+            });
         }
-        let frame = PublishStreamRequest { sequence, queue: queue.to_owned(), messages };
+        let frame = PublishStreamRequest {
+            sequence,
+            queue: queue.to_owned(),
+            messages,
+        };
         if tx.send(frame).await.is_err() {
             return Err(Error::Closed("publish"));
         }
@@ -120,6 +139,15 @@ impl Publisher {
             Some(status) if status.code() != tonic::Code::Ok => Err(Error::Status(status)),
             _ => Ok(()),
         }
+    }
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("next_sequence", &self.next_sequence)
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
     }
 }
 
@@ -161,5 +189,9 @@ async fn read_confirms(mut responses: Streaming<PublishStreamResponse>, book: Ar
 /// The error for a frame the stream ended before answering: the stream's status, or
 /// [`Error::Closed`] when it ended cleanly.
 fn closed_error(end: &tonic::Status) -> Error {
-    if end.code() == tonic::Code::Ok { Error::Closed("publish") } else { Error::Status(end.clone()) }
+    if end.code() == tonic::Code::Ok {
+        Error::Closed("publish")
+    } else {
+        Error::Status(end.clone())
+    }
 }

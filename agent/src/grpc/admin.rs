@@ -41,7 +41,10 @@ impl Admin for AdminService {
         let result = self.broker.declare(spec).await;
         self.metrics.observe_rpc("DeclareQueue", started.elapsed());
         let (queue, created) = result?;
-        Ok(Response::new(DeclareQueueResponse { queue: Some(queue), created }))
+        Ok(Response::new(DeclareQueueResponse {
+            queue: Some(queue),
+            created,
+        }))
     }
 
     async fn delete_queue(
@@ -52,20 +55,26 @@ impl Admin for AdminService {
         let request = request.into_inner();
         let result = self.broker.delete(&request.name, request.if_empty).await;
         self.metrics.observe_rpc("DeleteQueue", started.elapsed());
-        Ok(Response::new(DeleteQueueResponse { messages_deleted: result? }))
+        Ok(Response::new(DeleteQueueResponse {
+            messages_deleted: result?,
+        }))
     }
 
     async fn list_queues(
         &self,
         _request: Request<ListQueuesRequest>,
     ) -> Result<Response<ListQueuesResponse>, Status> {
-        Ok(Response::new(ListQueuesResponse { queues: self.broker.list() }))
+        Ok(Response::new(ListQueuesResponse {
+            queues: self.broker.list(),
+        }))
     }
 
     async fn get_queue_stats(
         &self,
         request: Request<GetQueueStatsRequest>,
     ) -> Result<Response<GetQueueStatsResponse>, Status> {
-        Ok(Response::new(self.broker.stats(&request.into_inner().name)?))
+        Ok(Response::new(
+            self.broker.stats(&request.into_inner().name)?,
+        ))
     }
 }

@@ -48,7 +48,11 @@ pub struct ConsumerService {
 impl ConsumerService {
     /// A service over `broker`; open streams end cleanly once `shutdown` fires.
     pub fn new(broker: Arc<Broker>, metrics: Arc<Metrics>, shutdown: Shutdown) -> Self {
-        Self { broker, metrics, shutdown }
+        Self {
+            broker,
+            metrics,
+            shutdown,
+        }
     }
 }
 
@@ -71,7 +75,11 @@ impl Consumer for ConsumerService {
         };
         let subscription = self
             .broker
-            .subscribe(&subscribe.queue, subscribe.prefetch, &subscribe.consumer_name)
+            .subscribe(
+                &subscribe.queue,
+                subscribe.prefetch,
+                &subscribe.consumer_name,
+            )
             .await?;
         tracing::debug!(queue = %subscribe.queue, consumer = %subscribe.consumer_name, "subscribed");
         let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
@@ -98,12 +106,15 @@ impl Consumer for ConsumerService {
     ) -> Result<Response<SettleResponse>, Status> {
         let started = Instant::now();
         let request = request.into_inner();
-        let settle = request.settle.ok_or_else(|| Status::invalid_argument("settle: required"))?;
+        let settle = request
+            .settle
+            .ok_or_else(|| Status::invalid_argument("settle: required"))?;
         let (action, tags) = (settle.action(), settle.tags.len());
         let result = self.broker.settle(&request.queue, settle).await;
         self.metrics.observe_rpc("Settle", started.elapsed());
         let failures = result?;
-        self.metrics.count_settled(action, tags.saturating_sub(failures.len()) as u64);
+        self.metrics
+            .count_settled(action, tags.saturating_sub(failures.len()) as u64);
         Ok(Response::new(SettleResponse { failures }))
     }
 }
@@ -127,7 +138,9 @@ async fn forward(
         if delivery.attempt > 1 {
             metrics.redeliveries.inc();
         }
-        let frame = ConsumeResponse { response: Some(Out::Delivery(delivery)) };
+        let frame = ConsumeResponse {
+            response: Some(Out::Delivery(delivery)),
+        };
         if tx.send(Ok(frame)).await.is_err() {
             return;
         }
@@ -215,8 +228,11 @@ impl SettleLoop {
         }
         // Dropping the subscription before the stream closes means a consumer that reconnects
         // at once finds its unsettled messages already ready again.
-        forwarder.abort();
-        let _ = forwarder.await;
+        if forwarding {
+            // Only while it is still running: a finished JoinHandle must not be polled again.
+            forwarder.abort();
+            let _ = forwarder.await;
+        }
         if let Some(status) = stream_error {
             let _ = self.tx.send(Err(status)).await;
         }

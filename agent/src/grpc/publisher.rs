@@ -35,7 +35,11 @@ pub struct PublisherService {
 impl PublisherService {
     /// A service over `broker`; streams stop taking new frames once `shutdown` fires.
     pub fn new(broker: Arc<Broker>, metrics: Arc<Metrics>, shutdown: Shutdown) -> Self {
-        Self { broker, metrics, shutdown }
+        Self {
+            broker,
+            metrics,
+            shutdown,
+        }
     }
 }
 
@@ -153,7 +157,10 @@ async fn publish_frame(
     };
     metrics.observe_rpc("PublishStream", started.elapsed());
     count_confirms(&metrics, &confirms);
-    PublishStreamResponse { sequence: frame.sequence, confirms }
+    PublishStreamResponse {
+        sequence: frame.sequence,
+        confirms,
+    }
 }
 
 fn count_confirms(metrics: &Metrics, confirms: &[Confirm]) {

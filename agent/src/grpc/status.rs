@@ -22,7 +22,12 @@ impl From<BrokerError> for Status {
 /// A failed confirm carrying `status`'s code and message, for every message of a batch that
 /// failed as a whole inside a publish stream.
 pub fn failed_confirm(status: &Status) -> Confirm {
-    Confirm { id: None, duplicate: false, code: status.code() as i32, error: status.message().to_owned() }
+    Confirm {
+        id: None,
+        duplicate: false,
+        code: status.code() as i32,
+        error: status.message().to_owned(),
+    }
 }
 
 #[cfg(test)]

@@ -34,7 +34,10 @@ pub fn agent_bin() -> &'static str {
 
 /// Runs the agent to completion with `args` (for flag and data-dir errors).
 pub fn run_agent(args: &[&str]) -> Output {
-    Command::new(agent_bin()).args(args).output().expect("the agent binary runs")
+    Command::new(agent_bin())
+        .args(args)
+        .output()
+        .expect("the agent binary runs")
 }
 
 impl AgentProcess {
@@ -46,7 +49,13 @@ impl AgentProcess {
     /// Starts an agent on `data_dir`, or returns why it exited.
     pub fn try_spawn(data_dir: &Path) -> Result<Self, String> {
         let mut child = Command::new(agent_bin())
-            .args(["broker", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args([
+                "broker",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--log-level", "warn"])
@@ -82,9 +91,14 @@ impl AgentProcess {
                 }
             });
         }
-        let (grpc, metrics) = parse_listening_line(&line)
-            .ok_or_else(|| format!("unexpected first line {line:?}"))?;
-        Ok(Self { child, grpc, metrics, data_dir: data_dir.to_owned() })
+        let (grpc, metrics) =
+            parse_listening_line(&line).ok_or_else(|| format!("unexpected first line {line:?}"))?;
+        Ok(Self {
+            child,
+            grpc,
+            metrics,
+            data_dir: data_dir.to_owned(),
+        })
     }
 
     /// `http://<grpc addr>`.
@@ -94,7 +108,9 @@ impl AgentProcess {
 
     /// A connected client.
     pub async fn client(&self) -> Client {
-        Client::connect(self.endpoint()).await.expect("client connects")
+        Client::connect(self.endpoint())
+            .await
+            .expect("client connects")
     }
 
     /// The agent's process id.
@@ -120,7 +136,10 @@ impl AgentProcess {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(std::time::Instant::now() < deadline, "agent did not exit within {timeout:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -150,17 +169,28 @@ pub fn parse_listening_line(line: &str) -> Option<(SocketAddr, SocketAddr)> {
 
 /// A queue spec with defaults and `partitions`.
 pub fn queue(name: &str, partitions: u32) -> QueueSpec {
-    QueueSpec { name: name.into(), partitions, ..Default::default() }
+    QueueSpec {
+        name: name.into(),
+        partitions,
+        ..Default::default()
+    }
 }
 
 /// A message with a text payload.
 pub fn text(payload: &str) -> Message {
-    Message { payload: payload.as_bytes().to_vec().into(), ..Default::default() }
+    Message {
+        payload: payload.as_bytes().to_vec(),
+        ..Default::default()
+    }
 }
 
 /// The payload of a delivery as text.
 pub fn payload(delivery: &Delivery) -> String {
-    let bytes = delivery.message.as_ref().map(|m| m.payload.to_vec()).unwrap_or_default();
+    let bytes = delivery
+        .message
+        .as_ref()
+        .map(|m| m.payload.clone())
+        .unwrap_or_default();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -178,16 +208,27 @@ pub async fn next_within(
 /// Plain HTTP/1.1 GET against the metrics port: (status code, body).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect metrics port");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics port");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("send request");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read response");
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
     let status = response
         .split_whitespace()
         .nth(1)
         .and_then(|code| code.parse().ok())
         .expect("HTTP status line");
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
