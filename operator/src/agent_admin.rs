@@ -99,7 +99,10 @@ impl AgentAdmin for GrpcAgentAdmin {
     async fn queue_stats(&self, endpoint: &str, queue: &str) -> Result<QueueStats, AdminError> {
         use sluice_proto::v1::{GetQueueStatsRequest, admin_client::AdminClient};
 
-        let unreachable = |reason: String| AdminError::Unreachable { endpoint: endpoint.to_owned(), reason };
+        let unreachable = |reason: String| AdminError::Unreachable {
+            endpoint: endpoint.to_owned(),
+            reason,
+        };
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{endpoint}"))
             .map_err(|e| unreachable(e.to_string()))?
             .connect_timeout(ADMIN_TIMEOUT)
@@ -108,7 +111,9 @@ impl AgentAdmin for GrpcAgentAdmin {
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         let response = AdminClient::new(channel)
-            .get_queue_stats(GetQueueStatsRequest { name: queue.to_owned() })
+            .get_queue_stats(GetQueueStatsRequest {
+                name: queue.to_owned(),
+            })
             .await
             .map_err(|status| AdminError::Refused {
                 endpoint: endpoint.to_owned(),
@@ -135,18 +140,30 @@ impl AgentAdmin for GrpcAgentAdmin {
     }
 
     async fn transfer_leadership(&self, _endpoint: &str, _agent: &str) -> Result<(), AdminError> {
-        Err(AdminError::Unsupported { operation: "transfer_leadership", reason: NEEDS_MEMBERSHIP_API })
+        Err(AdminError::Unsupported {
+            operation: "transfer_leadership",
+            reason: NEEDS_MEMBERSHIP_API,
+        })
     }
 
     async fn drain(&self, _endpoint: &str, _agent: &str) -> Result<(), AdminError> {
-        Err(AdminError::Unsupported { operation: "drain", reason: NEEDS_MEMBERSHIP_API })
+        Err(AdminError::Unsupported {
+            operation: "drain",
+            reason: NEEDS_MEMBERSHIP_API,
+        })
     }
 
     async fn add_member(&self, _endpoint: &str, _agent: &str) -> Result<(), AdminError> {
-        Err(AdminError::Unsupported { operation: "add_member", reason: NEEDS_MEMBERSHIP_API })
+        Err(AdminError::Unsupported {
+            operation: "add_member",
+            reason: NEEDS_MEMBERSHIP_API,
+        })
     }
 
     async fn remove_member(&self, _endpoint: &str, _agent: &str) -> Result<(), AdminError> {
-        Err(AdminError::Unsupported { operation: "remove_member", reason: NEEDS_MEMBERSHIP_API })
+        Err(AdminError::Unsupported {
+            operation: "remove_member",
+            reason: NEEDS_MEMBERSHIP_API,
+        })
     }
 }

@@ -17,10 +17,7 @@ use std::{
 };
 
 use futures::{Future, StreamExt};
-use k8s_openapi::{
-    api::apps::v1::StatefulSet,
-    apimachinery::pkg::apis::meta::v1::Time,
-};
+use k8s_openapi::{api::apps::v1::StatefulSet, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
     Api, Client, Resource,
     api::{Patch, PatchParams},
@@ -101,13 +98,29 @@ pub struct Context {
 
 impl Context {
     /// A context with an empty failure table.
-    pub fn new(client: Client, settings: Settings, admin: Arc<dyn AgentAdmin>, metrics: Arc<Metrics>, reporter: Reporter) -> Self {
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        admin: Arc<dyn AgentAdmin>,
+        metrics: Arc<Metrics>,
+        reporter: Reporter,
+    ) -> Self {
         let recorder = Recorder::new(client.clone(), reporter);
-        Self { client, recorder, settings, admin, metrics, failures: Mutex::new(HashMap::new()) }
+        Self {
+            client,
+            recorder,
+            settings,
+            admin,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
     }
 
     fn failure_count(&self, key: &ObjectRef<MessageQueue>) -> u32 {
-        self.failures.lock().map(|f| f.get(key).copied().unwrap_or(0)).unwrap_or(0)
+        self.failures
+            .lock()
+            .map(|f| f.get(key).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     fn record_failure(&self, key: ObjectRef<MessageQueue>) -> u32 {
@@ -127,8 +140,21 @@ impl Context {
         }
     }
 
-    async fn publish(&self, mq: &MessageQueue, type_: EventType, reason: &str, action: &str, note: String) {
-        let event = Event { type_, reason: reason.to_owned(), note: Some(note), action: action.to_owned(), secondary: None };
+    async fn publish(
+        &self,
+        mq: &MessageQueue,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: action.to_owned(),
+            secondary: None,
+        };
         // An event that cannot be written must not fail the reconcile it describes.
         if let Err(e) = self.recorder.publish(&event, &mq.object_ref(&())).await {
             warn!(mq = %display_name(mq), reason, error = %e, "publishing event failed");
@@ -144,13 +170,21 @@ pub fn backoff(failures: u32) -> Duration {
 
 async fn apply<K>(client: &Client, namespace: &str, obj: &K, kind: &'static str) -> Result<K>
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
 {
     let name = obj.meta().name.clone().unwrap_or_default();
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj))
-        .await
-        .map_err(|source| Error::ApplyFailed { kind, name, source })
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+    .map_err(|source| Error::ApplyFailed { kind, name, source })
 }
 
 async fn apply_children(client: &Client, namespace: &str, c: &Children) -> Result<StatefulSet> {
@@ -181,20 +215,43 @@ fn template_claim_size(sts: &StatefulSet) -> Option<String> {
         .map(|q| q.0.clone())
 }
 
-async fn read_stats(mq: &MessageQueue, names: &Names, ctx: &Context) -> Option<Vec<(String, QueueStats)>> {
+async fn read_stats(
+    mq: &MessageQueue,
+    names: &Names,
+    ctx: &Context,
+) -> Option<Vec<(String, QueueStats)>> {
     let endpoint = names.client_endpoint(&ctx.settings.cluster_domain);
     let mut all = Vec::new();
     for queue in mq.spec.effective_queues(&names.instance) {
-        let result = tokio::time::timeout(ADMIN_TIMEOUT, ctx.admin.queue_stats(&endpoint, &queue.name)).await;
+        let result =
+            tokio::time::timeout(ADMIN_TIMEOUT, ctx.admin.queue_stats(&endpoint, &queue.name))
+                .await;
         match result {
             Ok(Ok(stats)) => all.push((queue.name, stats)),
             Ok(Err(e)) => {
-                ctx.publish(mq, EventType::Warning, event_reasons::AGENT_STATS_UNAVAILABLE, "ReadStats", e.to_string()).await;
+                ctx.publish(
+                    mq,
+                    EventType::Warning,
+                    event_reasons::AGENT_STATS_UNAVAILABLE,
+                    "ReadStats",
+                    e.to_string(),
+                )
+                .await;
                 return None;
             }
             Err(_) => {
-                let note = format!("reading stats of queue {} from {endpoint} took longer than {ADMIN_TIMEOUT:?}", queue.name);
-                ctx.publish(mq, EventType::Warning, event_reasons::AGENT_STATS_UNAVAILABLE, "ReadStats", note).await;
+                let note = format!(
+                    "reading stats of queue {} from {endpoint} took longer than {ADMIN_TIMEOUT:?}",
+                    queue.name
+                );
+                ctx.publish(
+                    mq,
+                    EventType::Warning,
+                    event_reasons::AGENT_STATS_UNAVAILABLE,
+                    "ReadStats",
+                    note,
+                )
+                .await;
                 return None;
             }
         }
@@ -202,25 +259,35 @@ async fn read_stats(mq: &MessageQueue, names: &Names, ctx: &Context) -> Option<V
     Some(all)
 }
 
-fn condition_status<'a>(s: Option<&'a crate::crd::MessageQueueStatus>, type_: &str) -> Option<(&'a str, &'a str)> {
-    s?.conditions.iter().find(|c| c.type_ == type_).map(|c| (c.status.as_str(), c.reason.as_str()))
+fn condition_status<'a>(
+    s: Option<&'a crate::crd::MessageQueueStatus>,
+    type_: &str,
+) -> Option<(&'a str, &'a str)> {
+    s?.conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.as_str(), c.reason.as_str()))
 }
 
-async fn publish_transitions(mq: &MessageQueue, new: &crate::crd::MessageQueueStatus, ctx: &Context) {
+async fn publish_transitions(
+    mq: &MessageQueue,
+    new: &crate::crd::MessageQueueStatus,
+    ctx: &Context,
+) {
     let old = mq.status.as_ref();
     let new_ready = condition_status(Some(new), condition_types::READY);
-    if new_ready != condition_status(old, condition_types::READY) {
-        if let Some((status, reason)) = new_ready {
-            let (type_, event) = if status == "True" {
-                (EventType::Normal, event_reasons::READY)
-            } else {
-                (EventType::Warning, event_reasons::NOT_READY)
-            };
-            // The first "not ready" while the StatefulSet is still being created is expected.
-            if status == "True" || old.is_some() {
-                ctx.publish(mq, type_, event, "Observe", format!("{reason}: {}", message_of(new, condition_types::READY))).await;
-            }
-        }
+    if new_ready != condition_status(old, condition_types::READY)
+        && let Some((status, reason)) = new_ready
+        // The first "not ready" while the StatefulSet is still being created is expected.
+        && (status == "True" || old.is_some())
+    {
+        let (type_, event) = if status == "True" {
+            (EventType::Normal, event_reasons::READY)
+        } else {
+            (EventType::Warning, event_reasons::NOT_READY)
+        };
+        let note = format!("{reason}: {}", message_of(new, condition_types::READY));
+        ctx.publish(mq, type_, event, "Observe", note).await;
     }
     let new_degraded = condition_status(Some(new), condition_types::DEGRADED);
     if new_degraded != condition_status(old, condition_types::DEGRADED)
@@ -231,12 +298,23 @@ async fn publish_transitions(mq: &MessageQueue, new: &crate::crd::MessageQueueSt
         } else {
             event_reasons::UNDER_REPLICATED
         };
-        ctx.publish(mq, EventType::Warning, event, "Observe", message_of(new, condition_types::DEGRADED)).await;
+        ctx.publish(
+            mq,
+            EventType::Warning,
+            event,
+            "Observe",
+            message_of(new, condition_types::DEGRADED),
+        )
+        .await;
     }
 }
 
 fn message_of(s: &crate::crd::MessageQueueStatus, type_: &str) -> String {
-    s.conditions.iter().find(|c| c.type_ == type_).map(|c| c.message.clone()).unwrap_or_default()
+    s.conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.message.clone())
+        .unwrap_or_default()
 }
 
 /// Brings one MessageQueue's children and status in line with its spec.
@@ -255,7 +333,8 @@ pub async fn reconcile(mq: Arc<MessageQueue>, ctx: Arc<Context>) -> Result<Actio
             Error::StatusPatchFailed { .. } => event_reasons::STATUS_UPDATE_FAILED,
             _ => event_reasons::APPLY_FAILED,
         };
-        ctx.publish(&mq, EventType::Warning, reason, "Reconcile", e.to_string()).await;
+        ctx.publish(&mq, EventType::Warning, reason, "Reconcile", e.to_string())
+            .await;
     } else {
         ctx.clear_failures(&ObjectRef::from_obj(mq.as_ref()));
     }
@@ -267,35 +346,70 @@ async fn reconcile_inner(mq: &MessageQueue, names: &Names, ctx: &Context) -> Res
     let existing = sts_api
         .get_opt(&names.statefulset())
         .await
-        .map_err(|source| Error::ReadFailed { kind: "StatefulSet", name: names.statefulset(), source })?;
+        .map_err(|source| Error::ReadFailed {
+            kind: "StatefulSet",
+            name: names.statefulset(),
+            source,
+        })?;
 
     // Claim templates are immutable: keep the size the StatefulSet was created with.
-    let claim_size = existing.as_ref().and_then(template_claim_size).unwrap_or_else(|| mq.spec.storage.size.clone());
+    let claim_size = existing
+        .as_ref()
+        .and_then(template_claim_size)
+        .unwrap_or_else(|| mq.spec.storage.size.clone());
     if claim_size != mq.spec.storage.size {
         let note = format!(
             "spec.storage.size is {} but the agents' claims were created with {claim_size}; this operator version does not expand claims yet",
             mq.spec.storage.size
         );
-        ctx.publish(mq, EventType::Warning, event_reasons::STORAGE_RESIZE_PENDING, "ResizeStorage", note).await;
+        ctx.publish(
+            mq,
+            EventType::Warning,
+            event_reasons::STORAGE_RESIZE_PENDING,
+            "ResizeStorage",
+            note,
+        )
+        .await;
     }
 
     let children = builders::build_all(mq, &ctx.settings, &claim_size)?;
     let applied = apply_children(&ctx.client, &names.namespace, &children).await?;
     match &existing {
         None => {
-            let note = format!("created StatefulSet {} with {} agents", names.statefulset(), mq.spec.replicas);
-            ctx.publish(mq, EventType::Normal, event_reasons::CREATED, "Apply", note).await;
+            let note = format!(
+                "created StatefulSet {} with {} agents",
+                names.statefulset(),
+                mq.spec.replicas
+            );
+            ctx.publish(mq, EventType::Normal, event_reasons::CREATED, "Apply", note)
+                .await;
         }
         Some(old) if old.metadata.generation != applied.metadata.generation => {
-            let note = format!("applied spec generation {} to StatefulSet {}", mq.metadata.generation.unwrap_or(0), names.statefulset());
-            ctx.publish(mq, EventType::Normal, event_reasons::UPDATED, "Apply", note).await;
+            let note = format!(
+                "applied spec generation {} to StatefulSet {}",
+                mq.metadata.generation.unwrap_or(0),
+                names.statefulset()
+            );
+            ctx.publish(mq, EventType::Normal, event_reasons::UPDATED, "Apply", note)
+                .await;
         }
         Some(_) => {}
     }
 
-    let ready_replicas = applied.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
-    let queue_stats = if ready_replicas > 0 { read_stats(mq, names, ctx).await } else { None };
-    let observed = Observed { statefulset: Some(applied), queue_stats };
+    let ready_replicas = applied
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    let queue_stats = if ready_replicas > 0 {
+        read_stats(mq, names, ctx).await
+    } else {
+        None
+    };
+    let observed = Observed {
+        statefulset: Some(applied),
+        queue_stats,
+    };
     let new_status = status::desired_status(mq, names, &observed, Time(jiff_now()));
 
     if status::is_material_change(mq.status.as_ref(), &new_status) {
@@ -305,9 +419,16 @@ async fn reconcile_inner(mq: &MessageQueue, names: &Names, ctx: &Context) -> Res
             "kind": "MessageQueue",
             "status": new_status,
         });
-        api.patch_status(&names.instance, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-            .await
-            .map_err(|source| Error::StatusPatchFailed { name: names.instance.clone(), source })?;
+        api.patch_status(
+            &names.instance,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::StatusPatchFailed {
+            name: names.instance.clone(),
+            source,
+        })?;
         publish_transitions(mq, &new_status, ctx).await;
     }
 
@@ -315,7 +436,11 @@ async fn reconcile_inner(mq: &MessageQueue, names: &Names, ctx: &Context) -> Res
         .conditions
         .iter()
         .any(|c| c.type_ == condition_types::READY && c.status == "True");
-    Ok(Action::requeue(if all_ready { REQUEUE_READY } else { REQUEUE_CONVERGING }))
+    Ok(Action::requeue(if all_ready {
+        REQUEUE_READY
+    } else {
+        REQUEUE_CONVERGING
+    }))
 }
 
 fn jiff_now() -> k8s_openapi::jiff::Timestamp {
@@ -338,12 +463,22 @@ pub fn failures_of(ctx: &Context, mq: &MessageQueue) -> u32 {
 }
 
 /// Runs the controller until `shutdown` resolves; `namespace` limits it to one namespace.
-pub async fn run(ctx: Arc<Context>, namespace: Option<String>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
     let (mqs, statefulsets): (Api<MessageQueue>, Api<StatefulSet>) = match &namespace {
-        Some(ns) => (Api::namespaced(ctx.client.clone(), ns), Api::namespaced(ctx.client.clone(), ns)),
+        Some(ns) => (
+            Api::namespaced(ctx.client.clone(), ns),
+            Api::namespaced(ctx.client.clone(), ns),
+        ),
         None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
     };
-    info!(namespace = namespace.as_deref().unwrap_or("<all>"), "starting MessageQueue controller");
+    info!(
+        namespace = namespace.as_deref().unwrap_or("<all>"),
+        "starting MessageQueue controller"
+    );
     Controller::new(mqs, watcher::Config::default().any_semantic())
         .owns(statefulsets, watcher::Config::default().any_semantic())
         .graceful_shutdown_on(shutdown)

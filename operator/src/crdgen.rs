@@ -7,7 +7,10 @@ fn main() {
     match sluice_operator::crd::crd_yaml() {
         Ok(yaml) => print!("{yaml}"),
         Err(e) => {
-            eprintln!("crdgen: serializing the {} CRD failed: {e}", MessageQueue::crd_name());
+            eprintln!(
+                "crdgen: serializing the {} CRD failed: {e}",
+                MessageQueue::crd_name()
+            );
             std::process::exit(1);
         }
     }

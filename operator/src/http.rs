@@ -21,7 +21,10 @@ pub struct HttpState {
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
 }
@@ -54,7 +57,11 @@ mod tests {
     async fn get_text(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         let code = out[9..12].parse().unwrap();
@@ -64,7 +71,10 @@ mod tests {
     #[tokio::test]
     async fn endpoints_serve_health_readiness_and_metrics_over_tcp() {
         let ready = Arc::new(AtomicBool::new(false));
-        let state = HttpState { metrics: Arc::new(Metrics::default()), ready: ready.clone() };
+        let state = HttpState {
+            metrics: Arc::new(Metrics::default()),
+            ready: ready.clone(),
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move { axum::serve(listener, router(state)).await });
@@ -75,7 +85,10 @@ mod tests {
         assert_eq!(get_text(addr, "/readyz").await.0, 200);
         let (code, body) = get_text(addr, "/metrics").await;
         assert_eq!(code, 200);
-        assert!(body.contains("sluice_operator_reconciliations_total"), "{body}");
+        assert!(
+            body.contains("sluice_operator_reconciliations_total"),
+            "{body}"
+        );
         server.abort();
     }
 }

@@ -42,8 +42,15 @@ pub struct LeaseConfig {
 
 /// Starts contending for the lease. The returned channel is `true` while this replica leads;
 /// dropping it releases the lease.
-pub async fn elect(client: Client, config: &LeaseConfig) -> Result<watch::Receiver<bool>, LeaderError> {
-    let to_err = |source| LeaderError::Lease { namespace: config.namespace.clone(), name: config.name.clone(), source };
+pub async fn elect(
+    client: Client,
+    config: &LeaseConfig,
+) -> Result<watch::Receiver<bool>, LeaderError> {
+    let to_err = |source| LeaderError::Lease {
+        namespace: config.namespace.clone(),
+        name: config.name.clone(),
+        source,
+    };
     let manager = LeaseManagerBuilder::new(client, config.name.clone())
         .with_namespace(config.namespace.clone())
         .with_identity(config.identity.clone())

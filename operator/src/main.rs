@@ -3,7 +3,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, atomic::{AtomicBool, Ordering}},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use anyhow::Context as _;
@@ -24,22 +27,38 @@ use tracing::info;
 
 /// Command-line flags; each can also be set through its `SLUICE_OPERATOR_*` variable.
 #[derive(Debug, Parser)]
-#[command(name = "sluice-operator", version, about = "Reconciles MessageQueue resources into Sluice agent clusters")]
+#[command(
+    name = "sluice-operator",
+    version,
+    about = "Reconciles MessageQueue resources into Sluice agent clusters"
+)]
 struct Args {
     /// Watch only this namespace; all namespaces when unset.
     #[arg(long, env = "SLUICE_OPERATOR_NAMESPACE")]
     namespace: Option<String>,
     /// Address of the `/metrics`, `/healthz` and `/readyz` endpoints.
-    #[arg(long, env = "SLUICE_OPERATOR_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "SLUICE_OPERATOR_HTTP_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
     http_listen: SocketAddr,
     /// Contend for a Lease before reconciling (disable only for a single replica in development).
     #[arg(long, env = "SLUICE_OPERATOR_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
     leader_election: bool,
     /// Namespace of the leader Lease (the operator's own; the chart sets it from the downward API).
-    #[arg(long, env = "SLUICE_OPERATOR_LEASE_NAMESPACE", default_value = "default")]
+    #[arg(
+        long,
+        env = "SLUICE_OPERATOR_LEASE_NAMESPACE",
+        default_value = "default"
+    )]
     lease_namespace: String,
     /// Name of the leader Lease.
-    #[arg(long, env = "SLUICE_OPERATOR_LEASE_NAME", default_value = "sluice-operator")]
+    #[arg(
+        long,
+        env = "SLUICE_OPERATOR_LEASE_NAME",
+        default_value = "sluice-operator"
+    )]
     lease_name: String,
     /// This replica's identity in the Lease (the chart sets the pod name).
     #[arg(long, env = "SLUICE_OPERATOR_POD_NAME")]
@@ -48,7 +67,11 @@ struct Args {
     #[arg(long, env = "SLUICE_OPERATOR_AGENT_IMAGE", default_value = AGENT_IMAGE_DEFAULT)]
     agent_image: String,
     /// DNS suffix of the cluster, for the agents' peer names.
-    #[arg(long, env = "SLUICE_OPERATOR_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    #[arg(
+        long,
+        env = "SLUICE_OPERATOR_CLUSTER_DOMAIN",
+        default_value = "cluster.local"
+    )]
     cluster_domain: String,
     /// Log format.
     #[arg(long, env = "SLUICE_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
@@ -63,7 +86,9 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
             return;
         }
@@ -91,15 +116,23 @@ async fn main() -> anyhow::Result<()> {
         }
     };
 
-    let client = Client::try_default().await.context("connecting to the Kubernetes API")?;
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
 
     let listener = tokio::net::TcpListener::bind(args.http_listen)
         .await
         .with_context(|| format!("binding --http-listen {}", args.http_listen))?;
-    let http = axum::serve(listener, router(HttpState { metrics: metrics.clone(), ready: ready.clone() }))
-        .with_graceful_shutdown(stopped());
+    let http = axum::serve(
+        listener,
+        router(HttpState {
+            metrics: metrics.clone(),
+            ready: ready.clone(),
+        }),
+    )
+    .with_graceful_shutdown(stopped());
     let http = tokio::spawn(async move { http.await });
 
     let identity = args
@@ -109,15 +142,25 @@ async fn main() -> anyhow::Result<()> {
         .context("no --identity and no HOSTNAME to name this replica in the lease")?;
     let ctx = Arc::new(Context::new(
         client.clone(),
-        Settings { default_image: args.agent_image.clone(), cluster_domain: args.cluster_domain.clone() },
+        Settings {
+            default_image: args.agent_image.clone(),
+            cluster_domain: args.cluster_domain.clone(),
+        },
         Arc::new(GrpcAgentAdmin),
         metrics.clone(),
-        Reporter { controller: "sluice-operator".into(), instance: Some(identity.clone()) },
+        Reporter {
+            controller: "sluice-operator".into(),
+            instance: Some(identity.clone()),
+        },
     ));
     ready.store(true, Ordering::Relaxed);
 
     if args.leader_election {
-        let config = LeaseConfig { namespace: args.lease_namespace.clone(), name: args.lease_name.clone(), identity };
+        let config = LeaseConfig {
+            namespace: args.lease_namespace.clone(),
+            name: args.lease_name.clone(),
+            identity,
+        };
         let mut leading = leader::elect(client, &config).await?;
         info!(lease = %config.name, "waiting for leadership");
         let became_leader = tokio::select! {
@@ -143,7 +186,9 @@ async fn main() -> anyhow::Result<()> {
     }
 
     ready.store(false, Ordering::Relaxed);
-    http.await.context("HTTP server task")?.context("HTTP server")?;
+    http.await
+        .context("HTTP server task")?
+        .context("HTTP server")?;
     info!("stopped");
     Ok(())
 }

@@ -32,14 +32,36 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("sluice_operator");
         let reconciliations = Counter::default();
-        registry.register("reconciliations", "Reconciles started", reconciliations.clone());
+        registry.register(
+            "reconciliations",
+            "Reconciles started",
+            reconciliations.clone(),
+        );
         let failures = Family::<ErrorLabels, Counter>::default();
-        registry.register("reconcile_failures", "Reconciles failed, by error", failures.clone());
+        registry.register(
+            "reconcile_failures",
+            "Reconciles failed, by error",
+            failures.clone(),
+        );
         let duration = Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
-        registry.register("reconcile_duration_seconds", "Reconcile duration", duration.clone());
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            duration.clone(),
+        );
         let is_leader = Gauge::default();
-        registry.register("is_leader", "1 while this replica holds the leader lease", is_leader.clone());
-        Self { registry, reconciliations, failures, duration, is_leader }
+        registry.register(
+            "is_leader",
+            "1 while this replica holds the leader lease",
+            is_leader.clone(),
+        );
+        Self {
+            registry,
+            reconciliations,
+            failures,
+            duration,
+            is_leader,
+        }
     }
 }
 
@@ -59,12 +81,19 @@ impl Metrics {
     /// Counts a reconcile and times it until the returned guard is dropped.
     pub fn reconcile_timer(&self) -> ReconcileTimer<'_> {
         self.reconciliations.inc();
-        ReconcileTimer { start: Instant::now(), histogram: &self.duration }
+        ReconcileTimer {
+            start: Instant::now(),
+            histogram: &self.duration,
+        }
     }
 
     /// Counts a failed reconcile under `label`.
     pub fn reconcile_failure(&self, label: &str) {
-        self.failures.get_or_create(&ErrorLabels { error: label.to_owned() }).inc();
+        self.failures
+            .get_or_create(&ErrorLabels {
+                error: label.to_owned(),
+            })
+            .inc();
     }
 
     /// The metrics in the Prometheus text format.
@@ -89,8 +118,17 @@ mod tests {
         m.reconcile_failure("apply_failed");
         drop(m.reconcile_timer());
         let text = m.encode();
-        assert!(text.contains(r#"sluice_operator_reconcile_failures_total{error="apply_failed"} 2"#), "{text}");
-        assert!(text.contains("sluice_operator_reconciliations_total 1"), "{text}");
-        assert!(text.contains("sluice_operator_reconcile_duration_seconds_count 1"), "{text}");
+        assert!(
+            text.contains(r#"sluice_operator_reconcile_failures_total{error="apply_failed"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_operator_reconciliations_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_operator_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
     }
 }

@@ -67,10 +67,20 @@ impl Names {
     /// Names for `mq`; fails with a named error when the object lacks a name or namespace
     /// (it is namespaced, so the API always sets both; a broken cache must not panic us).
     pub fn of(mq: &MessageQueue) -> Result<Self> {
-        let instance = mq.metadata.name.clone().ok_or(Error::MissingObjectKey("metadata.name"))?;
-        let namespace =
-            mq.metadata.namespace.clone().ok_or(Error::MissingObjectKey("metadata.namespace"))?;
-        Ok(Self { instance, namespace })
+        let instance = mq
+            .metadata
+            .name
+            .clone()
+            .ok_or(Error::MissingObjectKey("metadata.name"))?;
+        let namespace = mq
+            .metadata
+            .namespace
+            .clone()
+            .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+        Ok(Self {
+            instance,
+            namespace,
+        })
     }
 
     /// The StatefulSet.
@@ -120,12 +130,18 @@ impl Names {
 
     /// `host:port` of every agent's replication endpoint, in ordinal order.
     pub fn peers(&self, replicas: i32, cluster_domain: &str) -> Vec<String> {
-        (0..replicas).map(|i| format!("{}:{PEER_PORT}", self.pod_host(i, cluster_domain))).collect()
+        (0..replicas)
+            .map(|i| format!("{}:{PEER_PORT}", self.pod_host(i, cluster_domain)))
+            .collect()
     }
 
     /// `host:port` of the client Service's gRPC port.
     pub fn client_endpoint(&self, cluster_domain: &str) -> String {
-        format!("{}.{}.svc.{cluster_domain}:{GRPC_PORT}", self.client_service(), self.namespace)
+        format!(
+            "{}.{}.svc.{cluster_domain}:{GRPC_PORT}",
+            self.client_service(),
+            self.namespace
+        )
     }
 
     /// Labels that select this MessageQueue's agent pods. Never change them: a StatefulSet's
@@ -139,13 +155,20 @@ impl Names {
 
     /// The selector as a label-selector string, for the scale subresource.
     pub fn selector_string(&self) -> String {
-        self.selector_labels().iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+        self.selector_labels()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// Labels of every child object.
     pub fn labels(&self) -> BTreeMap<String, String> {
         let mut labels = self.selector_labels();
-        labels.insert(label_keys::COMPONENT.to_owned(), COMPONENT_BROKER.to_owned());
+        labels.insert(
+            label_keys::COMPONENT.to_owned(),
+            COMPONENT_BROKER.to_owned(),
+        );
         labels.insert(label_keys::MANAGED_BY.to_owned(), MANAGED_BY.to_owned());
         labels
     }
@@ -154,7 +177,9 @@ impl Names {
 /// Metadata of a child object: name, namespace, labels and the controller owner reference that
 /// makes Kubernetes garbage-collect it with the MessageQueue.
 pub fn child_meta(mq: &MessageQueue, names: &Names, name: String) -> Result<ObjectMeta> {
-    let owner = mq.controller_owner_ref(&()).ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    let owner = mq
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingObjectKey("metadata.uid"))?;
     Ok(ObjectMeta {
         name: Some(name),
         namespace: Some(names.namespace.clone()),
@@ -174,7 +199,10 @@ mod tests {
     use super::*;
 
     fn names() -> Names {
-        Names { instance: "orders".into(), namespace: "shop".into() }
+        Names {
+            instance: "orders".into(),
+            namespace: "shop".into(),
+        }
     }
 
     #[test]
@@ -199,7 +227,10 @@ mod tests {
 
     #[test]
     fn child_meta_without_uid_is_a_named_error_not_a_panic() {
-        let mut mq = MessageQueue::new("orders", serde_json::from_str("{}").unwrap_or_else(|e| panic!("{e}")));
+        let mut mq = MessageQueue::new(
+            "orders",
+            serde_json::from_str("{}").unwrap_or_else(|e| panic!("{e}")),
+        );
         mq.metadata.namespace = Some("shop".into());
         let err = child_meta(&mq, &names(), "x".into()).unwrap_err();
         assert!(err.to_string().contains("metadata.uid"), "{err}");

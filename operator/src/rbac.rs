@@ -21,21 +21,73 @@ const APPLY: &[&str] = &["create", "patch"];
 
 /// The complete table.
 pub const API_CALLS: &[ApiCall] = &[
-    ApiCall { group: "sluice.dev", resource: "messagequeues", verbs: &["get", "list", "watch"], why: "the controller's watch" },
-    ApiCall { group: "sluice.dev", resource: "messagequeues/status", verbs: &["patch"], why: "status, conditions" },
-    ApiCall { group: "apps", resource: "statefulsets", verbs: &["get", "list", "watch", "create", "patch"], why: "the agents; watched for readiness" },
-    ApiCall { group: "", resource: "services", verbs: APPLY, why: "headless and client Services" },
-    ApiCall { group: "", resource: "configmaps", verbs: APPLY, why: "queue definitions" },
-    ApiCall { group: "", resource: "serviceaccounts", verbs: APPLY, why: "the agents' identity" },
-    ApiCall { group: "policy", resource: "poddisruptionbudgets", verbs: APPLY, why: "one agent down at a time" },
-    ApiCall { group: "networking.k8s.io", resource: "networkpolicies", verbs: APPLY, why: "agent ingress rules" },
-    ApiCall { group: "events.k8s.io", resource: "events", verbs: &["create", "patch"], why: "events on MessageQueues" },
-    ApiCall { group: "coordination.k8s.io", resource: "leases", verbs: &["get", "create", "patch"], why: "leader election" },
+    ApiCall {
+        group: "sluice.dev",
+        resource: "messagequeues",
+        verbs: &["get", "list", "watch"],
+        why: "the controller's watch",
+    },
+    ApiCall {
+        group: "sluice.dev",
+        resource: "messagequeues/status",
+        verbs: &["patch"],
+        why: "status, conditions",
+    },
+    ApiCall {
+        group: "apps",
+        resource: "statefulsets",
+        verbs: &["get", "list", "watch", "create", "patch"],
+        why: "the agents; watched for readiness",
+    },
+    ApiCall {
+        group: "",
+        resource: "services",
+        verbs: APPLY,
+        why: "headless and client Services",
+    },
+    ApiCall {
+        group: "",
+        resource: "configmaps",
+        verbs: APPLY,
+        why: "queue definitions",
+    },
+    ApiCall {
+        group: "",
+        resource: "serviceaccounts",
+        verbs: APPLY,
+        why: "the agents' identity",
+    },
+    ApiCall {
+        group: "policy",
+        resource: "poddisruptionbudgets",
+        verbs: APPLY,
+        why: "one agent down at a time",
+    },
+    ApiCall {
+        group: "networking.k8s.io",
+        resource: "networkpolicies",
+        verbs: APPLY,
+        why: "agent ingress rules",
+    },
+    ApiCall {
+        group: "events.k8s.io",
+        resource: "events",
+        verbs: &["create", "patch"],
+        why: "events on MessageQueues",
+    },
+    ApiCall {
+        group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get", "create", "patch"],
+        why: "leader election",
+    },
 ];
 
 /// Whether the table grants `verb` on `group`/`resource`.
 pub fn is_granted(group: &str, resource: &str, verb: &str) -> bool {
-    API_CALLS.iter().any(|c| c.group == group && c.resource == resource && c.verbs.contains(&verb))
+    API_CALLS
+        .iter()
+        .any(|c| c.group == group && c.resource == resource && c.verbs.contains(&verb))
 }
 
 #[cfg(test)]
@@ -44,11 +96,22 @@ mod tests {
 
     #[test]
     fn every_verb_is_a_kubernetes_rbac_verb_and_no_resource_repeats() {
-        let known = ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"];
+        let known = [
+            "get",
+            "list",
+            "watch",
+            "create",
+            "update",
+            "patch",
+            "delete",
+            "deletecollection",
+        ];
         for (i, call) in API_CALLS.iter().enumerate() {
             assert!(call.verbs.iter().all(|v| known.contains(v)), "{call:?}");
             assert!(
-                API_CALLS[i + 1..].iter().all(|c| (c.group, c.resource) != (call.group, call.resource)),
+                API_CALLS[i + 1..]
+                    .iter()
+                    .all(|c| (c.group, c.resource) != (call.group, call.resource)),
                 "{call:?} listed twice"
             );
         }

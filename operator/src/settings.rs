@@ -2,7 +2,10 @@
 
 /// Image of the agents when a MessageQueue does not name one: the agent built from the same
 /// source as this operator.
-pub const AGENT_IMAGE_DEFAULT: &str = concat!("ghcr.io/sluice-dev/sluice-agent:", env!("CARGO_PKG_VERSION"));
+pub const AGENT_IMAGE_DEFAULT: &str = concat!(
+    "ghcr.io/sluice-dev/sluice-agent:",
+    env!("CARGO_PKG_VERSION")
+);
 
 /// Settings of the builders.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +18,9 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { default_image: AGENT_IMAGE_DEFAULT.to_owned(), cluster_domain: "cluster.local".to_owned() }
+        Self {
+            default_image: AGENT_IMAGE_DEFAULT.to_owned(),
+            cluster_domain: "cluster.local".to_owned(),
+        }
     }
 }

@@ -9,8 +9,8 @@ use k8s_openapi::{
 use crate::{
     agent_admin::QueueStats,
     crd::{
-        MessageQueue, MessageQueueStatus, PartitionStatus, QueueStatus, condition_reasons as reasons,
-        condition_types as types,
+        MessageQueue, MessageQueueStatus, PartitionStatus, QueueStatus,
+        condition_reasons as reasons, condition_types as types,
     },
     names::Names,
 };
@@ -41,7 +41,14 @@ struct Counts {
 fn counts(mq: &MessageQueue, sts: Option<&StatefulSet>) -> Counts {
     let desired = mq.spec.replicas;
     let Some(sts) = sts else {
-        return Counts { desired, existing: 0, ready: 0, updated: 0, observed: false, rolling: false };
+        return Counts {
+            desired,
+            existing: 0,
+            ready: 0,
+            updated: 0,
+            observed: false,
+            rolling: false,
+        };
     };
     let status = sts.status.clone().unwrap_or_default();
     let generation = sts.metadata.generation.unwrap_or(0);
@@ -51,11 +58,19 @@ fn counts(mq: &MessageQueue, sts: Option<&StatefulSet>) -> Counts {
         ready: status.ready_replicas.unwrap_or(0),
         updated: status.updated_replicas.unwrap_or(0),
         observed: status.observed_generation.unwrap_or(0) >= generation && generation > 0,
-        rolling: status.update_revision.is_some() && status.current_revision != status.update_revision,
+        rolling: status.update_revision.is_some()
+            && status.current_revision != status.update_revision,
     }
 }
 
-fn condition(type_: &str, is_true: bool, reason: &str, message: String, generation: Option<i64>, now: &Time) -> Condition {
+fn condition(
+    type_: &str,
+    is_true: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
     Condition {
         type_: type_.to_owned(),
         status: if is_true { "True" } else { "False" }.to_owned(),
@@ -68,20 +83,35 @@ fn condition(type_: &str, is_true: bool, reason: &str, message: String, generati
 
 /// The worst case for partitions when `down` of the agents are not ready: a partition whose
 /// replicas all sit on down agents loses `min(down, factor)` of its `factor` replicas.
-fn degraded(mq: &MessageQueue, names: &Names, c: &Counts, observed: &Observed, generation: Option<i64>, now: &Time) -> Condition {
+fn degraded(
+    mq: &MessageQueue,
+    names: &Names,
+    c: &Counts,
+    observed: &Observed,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
     let down = (c.desired - c.ready).max(0);
     // Leaderless partitions reported by the agents are certain; counts are only a bound.
     if let Some(stats) = &observed.queue_stats {
         let leaderless: Vec<String> = stats
             .iter()
-            .flat_map(|(q, s)| s.partitions.iter().filter(|p| p.leader.is_none()).map(move |p| format!("{q}/{}", p.id)))
+            .flat_map(|(q, s)| {
+                s.partitions
+                    .iter()
+                    .filter(|p| p.leader.is_none())
+                    .map(move |p| format!("{q}/{}", p.id))
+            })
             .collect();
         if !leaderless.is_empty() {
             return condition(
                 types::DEGRADED,
                 true,
                 reasons::QUORUM_LOST,
-                format!("partitions without a leader (no quorum): {}", leaderless.join(", ")),
+                format!(
+                    "partitions without a leader (no quorum): {}",
+                    leaderless.join(", ")
+                ),
                 generation,
                 now,
             );
@@ -115,45 +145,128 @@ fn degraded(mq: &MessageQueue, names: &Names, c: &Counts, observed: &Observed, g
             types::DEGRADED,
             true,
             reasons::UNDER_REPLICATED,
-            format!("{} of {} agents ready: partitions keep quorum but some replicas are down", c.ready, c.desired),
+            format!(
+                "{} of {} agents ready: partitions keep quorum but some replicas are down",
+                c.ready, c.desired
+            ),
             generation,
             now,
         );
     }
-    condition(types::DEGRADED, false, reasons::FULLY_REPLICATED, "every agent is ready".to_owned(), generation, now)
+    condition(
+        types::DEGRADED,
+        false,
+        reasons::FULLY_REPLICATED,
+        "every agent is ready".to_owned(),
+        generation,
+        now,
+    )
 }
 
 /// The status `mq` should have given what was observed. Conditions keep their previous
 /// `lastTransitionTime` when their status did not change.
-pub fn desired_status(mq: &MessageQueue, names: &Names, observed: &Observed, now: Time) -> MessageQueueStatus {
+pub fn desired_status(
+    mq: &MessageQueue,
+    names: &Names,
+    observed: &Observed,
+    now: Time,
+) -> MessageQueueStatus {
     let generation = mq.metadata.generation;
     let c = counts(mq, observed.statefulset.as_ref());
 
     let ready = if observed.statefulset.is_none() || !c.observed {
-        condition(types::READY, false, reasons::STATEFULSET_PENDING, "the StatefulSet has not been rolled out yet".to_owned(), generation, &now)
+        condition(
+            types::READY,
+            false,
+            reasons::STATEFULSET_PENDING,
+            "the StatefulSet has not been rolled out yet".to_owned(),
+            generation,
+            &now,
+        )
     } else if c.ready >= c.desired && c.updated >= c.desired {
-        condition(types::READY, true, reasons::ALL_REPLICAS_READY, format!("{} of {} agents ready", c.ready, c.desired), generation, &now)
+        condition(
+            types::READY,
+            true,
+            reasons::ALL_REPLICAS_READY,
+            format!("{} of {} agents ready", c.ready, c.desired),
+            generation,
+            &now,
+        )
     } else {
-        condition(types::READY, false, reasons::STATEFULSET_NOT_READY, format!("{} of {} agents ready", c.ready, c.desired), generation, &now)
+        condition(
+            types::READY,
+            false,
+            reasons::STATEFULSET_NOT_READY,
+            format!("{} of {} agents ready", c.ready, c.desired),
+            generation,
+            &now,
+        )
     };
 
     let progressing = if observed.statefulset.is_none() || !c.observed {
-        condition(types::PROGRESSING, true, reasons::STATEFULSET_PENDING, "waiting for the StatefulSet controller".to_owned(), generation, &now)
+        condition(
+            types::PROGRESSING,
+            true,
+            reasons::STATEFULSET_PENDING,
+            "waiting for the StatefulSet controller".to_owned(),
+            generation,
+            &now,
+        )
     } else if c.rolling || c.updated < c.desired {
-        condition(types::PROGRESSING, true, reasons::ROLLING_UPDATE, format!("{} of {} agents updated", c.updated, c.desired), generation, &now)
+        condition(
+            types::PROGRESSING,
+            true,
+            reasons::ROLLING_UPDATE,
+            format!("{} of {} agents updated", c.updated, c.desired),
+            generation,
+            &now,
+        )
     } else if c.ready < c.desired || c.existing != c.desired {
-        condition(types::PROGRESSING, true, reasons::STATEFULSET_NOT_READY, format!("{} of {} agents ready", c.ready, c.desired), generation, &now)
+        condition(
+            types::PROGRESSING,
+            true,
+            reasons::STATEFULSET_NOT_READY,
+            format!("{} of {} agents ready", c.ready, c.desired),
+            generation,
+            &now,
+        )
     } else {
-        condition(types::PROGRESSING, false, reasons::STABLE, "the agents match the spec".to_owned(), generation, &now)
+        condition(
+            types::PROGRESSING,
+            false,
+            reasons::STABLE,
+            "the agents match the spec".to_owned(),
+            generation,
+            &now,
+        )
     };
 
-    let degraded = degraded(mq, names, &c, observed, generation, &now);
+    // Before the first rollout no agent is expected to be up, so nothing is degraded yet.
+    let degraded = if observed.statefulset.is_none() || !c.observed {
+        condition(
+            types::DEGRADED,
+            false,
+            reasons::STATEFULSET_PENDING,
+            "no agents are expected to run yet".to_owned(),
+            generation,
+            &now,
+        )
+    } else {
+        degraded(mq, names, &c, observed, generation, &now)
+    };
 
-    let previous = mq.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let previous = mq
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
     let conditions = [ready, progressing, degraded]
         .into_iter()
         .map(|mut cond| {
-            if let Some(old) = previous.iter().find(|o| o.type_ == cond.type_ && o.status == cond.status) {
+            if let Some(old) = previous
+                .iter()
+                .find(|o| o.type_ == cond.type_ && o.status == cond.status)
+            {
                 cond.last_transition_time = old.last_transition_time.clone();
             }
             cond
@@ -189,10 +302,20 @@ pub fn desired_status(mq: &MessageQueue, names: &Names, observed: &Observed, now
         ready_replicas: c.ready,
         replicas_summary: format!("{}/{}", c.ready, c.desired),
         selector: names.selector_string(),
-        backlog: observed.queue_stats.as_ref().map(|_| queues.iter().map(|q| q.backlog).sum()),
-        consumer_count: observed.queue_stats.as_ref().map(|_| queues.iter().map(|q| q.consumers).sum()),
+        backlog: observed
+            .queue_stats
+            .as_ref()
+            .map(|_| queues.iter().map(|q| q.backlog).sum()),
+        consumer_count: observed
+            .queue_stats
+            .as_ref()
+            .map(|_| queues.iter().map(|q| q.consumers).sum()),
         queues,
-        consumers: mq.status.as_ref().map(|s| s.consumers.clone()).unwrap_or_default(),
+        consumers: mq
+            .status
+            .as_ref()
+            .map(|s| s.consumers.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -21,7 +21,9 @@ pub fn duration_ms(field: &str, value: &str) -> Result<u64> {
         if digits == 0 {
             return Err(invalid("expected a number"));
         }
-        let number: u64 = rest[..digits].parse().map_err(|_| invalid("number too large"))?;
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| invalid("number too large"))?;
         rest = &rest[digits..];
         let (unit_ms, unit_len) = if rest.starts_with("ms") {
             (1, 2)
@@ -54,7 +56,9 @@ pub fn bytes(field: &str, value: &str) -> Result<u64> {
     if digits == 0 {
         return Err(invalid("expected a number"));
     }
-    let number: u64 = value[..digits].parse().map_err(|_| invalid("number too large"))?;
+    let number: u64 = value[..digits]
+        .parse()
+        .map_err(|_| invalid("number too large"))?;
     let multiplier: u64 = match &value[digits..] {
         "" => 1,
         "Ki" => 1 << 10,
@@ -71,7 +75,9 @@ pub fn bytes(field: &str, value: &str) -> Result<u64> {
         "E" => 1_000_000_000_000_000_000,
         _ => return Err(invalid("unknown suffix")),
     };
-    number.checked_mul(multiplier).ok_or_else(|| invalid("too large"))
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| invalid("too large"))
 }
 
 #[cfg(test)]
@@ -89,7 +95,9 @@ mod tests {
     #[test]
     fn bad_durations_name_the_field_and_the_value() {
         for bad in ["", "30", "s", "30x", "1.5s", "99999999999999999999s"] {
-            let err = duration_ms("spec.queues[0].ackTimeout", bad).unwrap_err().to_string();
+            let err = duration_ms("spec.queues[0].ackTimeout", bad)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("spec.queues[0].ackTimeout"), "{err}");
             assert!(err.contains(&format!("{bad:?}")), "{err}");
         }
@@ -105,7 +113,9 @@ mod tests {
     #[test]
     fn bad_byte_quantities_are_refused() {
         for bad in ["", "Gi", "10Gb", "1.5Gi", "99999999Ei"] {
-            let err = bytes("spec.queues[0].maxBacklog.bytes", bad).unwrap_err().to_string();
+            let err = bytes("spec.queues[0].maxBacklog.bytes", bad)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("maxBacklog.bytes"), "{err}");
         }
     }

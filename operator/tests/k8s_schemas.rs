@@ -15,7 +15,10 @@ use sluice_operator::{
 const KUBERNETES_VERSION: &str = "1.34.0";
 
 fn tool_available() -> bool {
-    Command::new("kubernetes-validate").arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn example(spec: serde_json::Value) -> MessageQueue {
@@ -35,8 +38,13 @@ fn write_yaml<T: serde::Serialize>(dir: &Path, name: &str, obj: &T) -> std::path
 fn built_objects_and_crd_pass_the_official_kubernetes_schemas() {
     if !tool_available() {
         let required = std::env::var("SLUICE_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
-        assert!(!required, "kubernetes-validate is not installed but SLUICE_REQUIRE_TOOLS=1: run `pip install kubernetes-validate`");
-        println!("skipped: kubernetes-validate not installed (pip install kubernetes-validate; CI sets SLUICE_REQUIRE_TOOLS=1)");
+        assert!(
+            !required,
+            "kubernetes-validate is not installed but SLUICE_REQUIRE_TOOLS=1: run `pip install kubernetes-validate`"
+        );
+        println!(
+            "skipped: kubernetes-validate not installed (pip install kubernetes-validate; CI sets SLUICE_REQUIRE_TOOLS=1)"
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -56,13 +64,37 @@ fn built_objects_and_crd_pass_the_official_kubernetes_schemas() {
     }));
     for (label, mq) in [("minimal", &minimal), ("production", &production)] {
         let c = build_all(mq, &Settings::default(), &mq.spec.storage.size).unwrap();
-        files.push(write_yaml(dir.path(), &format!("{label}-serviceaccount"), &c.service_account));
-        files.push(write_yaml(dir.path(), &format!("{label}-configmap"), &c.configmap));
-        files.push(write_yaml(dir.path(), &format!("{label}-headless"), &c.headless_service));
-        files.push(write_yaml(dir.path(), &format!("{label}-client"), &c.client_service));
+        files.push(write_yaml(
+            dir.path(),
+            &format!("{label}-serviceaccount"),
+            &c.service_account,
+        ));
+        files.push(write_yaml(
+            dir.path(),
+            &format!("{label}-configmap"),
+            &c.configmap,
+        ));
+        files.push(write_yaml(
+            dir.path(),
+            &format!("{label}-headless"),
+            &c.headless_service,
+        ));
+        files.push(write_yaml(
+            dir.path(),
+            &format!("{label}-client"),
+            &c.client_service,
+        ));
         files.push(write_yaml(dir.path(), &format!("{label}-pdb"), &c.pdb));
-        files.push(write_yaml(dir.path(), &format!("{label}-networkpolicy"), &c.network_policy));
-        files.push(write_yaml(dir.path(), &format!("{label}-statefulset"), &c.statefulset));
+        files.push(write_yaml(
+            dir.path(),
+            &format!("{label}-networkpolicy"),
+            &c.network_policy,
+        ));
+        files.push(write_yaml(
+            dir.path(),
+            &format!("{label}-statefulset"),
+            &c.statefulset,
+        ));
     }
 
     let output = Command::new("kubernetes-validate")
@@ -72,9 +104,19 @@ fn built_objects_and_crd_pass_the_official_kubernetes_schemas() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "kubernetes-validate refused an object:\n{stdout}\n{stderr}");
+    assert!(
+        output.status.success(),
+        "kubernetes-validate refused an object:\n{stdout}\n{stderr}"
+    );
     // One verdict per file, so a file the tool silently skipped would show up here.
-    let validated = stdout.lines().filter(|l| l.contains(" passed for resource ")).count();
-    assert!(validated >= files.len(), "expected {} validated files:\n{stdout}\n{stderr}", files.len());
+    let validated = stdout
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
+    assert!(
+        validated >= files.len(),
+        "expected {} validated files:\n{stdout}\n{stderr}",
+        files.len()
+    );
     println!("{stdout}");
 }

@@ -29,12 +29,18 @@ async fn controller_creates_the_agents_of_a_message_queue_in_a_live_cluster() {
         return;
     }
     let namespace = std::env::var("SLUICE_TEST_NAMESPACE").unwrap_or_else(|_| "default".into());
-    let client = Client::try_default().await.expect("KUBECONFIG is set but no client could be built");
+    let client = Client::try_default()
+        .await
+        .expect("KUBECONFIG is set but no client could be built");
 
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(&MessageQueue::crd_name(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(MessageQueue::crd()))
-        .await
-        .expect("installing the CRD");
+    crds.patch(
+        MessageQueue::crd_name(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(MessageQueue::crd()),
+    )
+    .await
+    .expect("installing the CRD");
     tokio::time::sleep(Duration::from_secs(2)).await; // let the API server start serving it
 
     let mqs: Api<MessageQueue> = Api::namespaced(client.clone(), &namespace);
@@ -44,14 +50,23 @@ async fn controller_creates_the_agents_of_a_message_queue_in_a_live_cluster() {
         "metadata": {"name": name},
         "spec": {"replicas": 1, "storage": {"size": "1Gi"}, "queues": [{"name": "live", "replicationFactor": 1}]}
     });
-    mqs.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&mq)).await.expect("applying the MessageQueue");
+    mqs.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&mq),
+    )
+    .await
+    .expect("applying the MessageQueue");
 
     let ctx = Arc::new(Context::new(
         client.clone(),
         Settings::default(),
         Arc::new(GrpcAgentAdmin),
         Arc::new(Metrics::default()),
-        Reporter { controller: "sluice-operator-live-test".into(), instance: None },
+        Reporter {
+            controller: "sluice-operator-live-test".into(),
+            instance: None,
+        },
     ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn(controller::run(ctx, Some(namespace.clone()), async move {
@@ -62,7 +77,13 @@ async fn controller_creates_the_agents_of_a_message_queue_in_a_live_cluster() {
     let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
     let mut found = false;
     for _ in 0..60 {
-        if statefulsets.get_opt(name).await.unwrap().is_some() && services.get_opt(&format!("{name}-peers")).await.unwrap().is_some() {
+        if statefulsets.get_opt(name).await.unwrap().is_some()
+            && services
+                .get_opt(&format!("{name}-peers"))
+                .await
+                .unwrap()
+                .is_some()
+        {
             found = true;
             break;
         }
@@ -71,9 +92,17 @@ async fn controller_creates_the_agents_of_a_message_queue_in_a_live_cluster() {
     let status = mqs.get_status(name).await.unwrap().status;
     let _ = stop_tx.send(());
     let _ = run.await;
-    mqs.delete(name, &DeleteParams::default()).await.expect("deleting the MessageQueue");
+    mqs.delete(name, &DeleteParams::default())
+        .await
+        .expect("deleting the MessageQueue");
 
-    assert!(found, "the StatefulSet and headless Service did not appear within 60 s");
+    assert!(
+        found,
+        "the StatefulSet and headless Service did not appear within 60 s"
+    );
     let status = status.expect("the controller wrote a status");
-    assert!(status.conditions.iter().any(|c| c.type_ == "Ready"), "{status:?}");
+    assert!(
+        status.conditions.iter().any(|c| c.type_ == "Ready"),
+        "{status:?}"
+    );
 }

@@ -24,12 +24,24 @@ const STS_PATH: &str = "/apis/apps/v1/namespaces/shop/statefulsets/orders";
 
 /// Every child path in apply order, with the kind the body must carry.
 const CHILDREN: &[(&str, &str)] = &[
-    ("/api/v1/namespaces/shop/serviceaccounts/orders-agent", "ServiceAccount"),
-    ("/api/v1/namespaces/shop/configmaps/orders-config", "ConfigMap"),
+    (
+        "/api/v1/namespaces/shop/serviceaccounts/orders-agent",
+        "ServiceAccount",
+    ),
+    (
+        "/api/v1/namespaces/shop/configmaps/orders-config",
+        "ConfigMap",
+    ),
     ("/api/v1/namespaces/shop/services/orders-peers", "Service"),
     ("/api/v1/namespaces/shop/services/orders", "Service"),
-    ("/apis/policy/v1/namespaces/shop/poddisruptionbudgets/orders", "PodDisruptionBudget"),
-    ("/apis/networking.k8s.io/v1/namespaces/shop/networkpolicies/orders", "NetworkPolicy"),
+    (
+        "/apis/policy/v1/namespaces/shop/poddisruptionbudgets/orders",
+        "PodDisruptionBudget",
+    ),
+    (
+        "/apis/networking.k8s.io/v1/namespaces/shop/networkpolicies/orders",
+        "NetworkPolicy",
+    ),
     (STS_PATH, "StatefulSet"),
 ];
 
@@ -47,7 +59,10 @@ fn harness() -> Harness {
         Settings::default(),
         admin.clone(),
         Arc::new(Metrics::default()),
-        Reporter { controller: "sluice-operator".into(), instance: Some("test".into()) },
+        Reporter {
+            controller: "sluice-operator".into(),
+            instance: Some("test".into()),
+        },
     ));
     Harness { api, admin, ctx }
 }
@@ -80,7 +95,8 @@ impl Harness {
         self.api
             .requests()
             .iter()
-            .filter(|r| r.is_event() && r.method == Method::POST)
+            // A repeated event is a PATCH of the first one's series, with the same reason.
+            .filter(|r| r.is_event() && (r.method == Method::POST || r.method == Method::PATCH))
             .filter_map(|r| r.body.as_ref()?["reason"].as_str().map(str::to_owned))
             .collect()
     }
@@ -97,8 +113,17 @@ impl Harness {
 
     fn condition(&self, type_: &str) -> (String, String) {
         let mq = self.api.object(MQ_PATH).unwrap();
-        let c = mq["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == type_).unwrap().clone();
-        (c["status"].as_str().unwrap().to_owned(), c["reason"].as_str().unwrap().to_owned())
+        let c = mq["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == type_)
+            .unwrap()
+            .clone();
+        (
+            c["status"].as_str().unwrap().to_owned(),
+            c["reason"].as_str().unwrap().to_owned(),
+        )
     }
 }
 
@@ -110,10 +135,22 @@ async fn first_reconcile_applies_every_child_with_one_field_manager_and_owner_re
     let action = h.reconcile().await.unwrap();
     assert_eq!(action, Action::requeue(controller::REQUEUE_CONVERGING));
 
-    let requests: Vec<_> = h.api.requests().into_iter().filter(|r| !r.is_event()).collect();
-    let summary: Vec<(Method, String)> = requests.iter().map(|r| (r.method.clone(), r.path.clone())).collect();
+    let requests: Vec<_> = h
+        .api
+        .requests()
+        .into_iter()
+        .filter(|r| !r.is_event())
+        .collect();
+    let summary: Vec<(Method, String)> = requests
+        .iter()
+        .map(|r| (r.method.clone(), r.path.clone()))
+        .collect();
     let mut expected = vec![(Method::GET, STS_PATH.to_owned())];
-    expected.extend(CHILDREN.iter().map(|(p, _)| (Method::PATCH, (*p).to_owned())));
+    expected.extend(
+        CHILDREN
+            .iter()
+            .map(|(p, _)| (Method::PATCH, (*p).to_owned())),
+    );
     expected.push((Method::PATCH, format!("{MQ_PATH}/status")));
     assert_eq!(summary, expected);
 
@@ -128,27 +165,44 @@ async fn first_reconcile_applies_every_child_with_one_field_manager_and_owner_re
         assert_eq!(owner["controller"], true);
         assert!(body["metadata"].get("finalizers").is_none());
     }
-    assert!(requests[8].is_apply_by(FIELD_MANAGER), "status is applied by the same manager");
+    assert!(
+        requests[8].is_apply_by(FIELD_MANAGER),
+        "status is applied by the same manager"
+    );
     assert_eq!(h.event_reasons(), vec![event_reasons::CREATED]);
-    assert_eq!(h.condition("Ready"), ("False".into(), "StatefulSetPending".into()));
+    assert_eq!(
+        h.condition("Ready"),
+        ("False".into(), "StatefulSetPending".into())
+    );
 }
 
 #[tokio::test]
 async fn second_reconcile_of_the_same_state_changes_nothing() {
     let h = harness();
     h.seed(new_mq(json!({})));
+    *h.admin.stats.lock().unwrap() = Some(vec![("orders".into(), QueueStats::default())]);
     h.reconcile().await.unwrap();
     h.make_statefulset_ready(3);
     h.reconcile().await.unwrap();
-    let before: Vec<Value> = CHILDREN.iter().map(|(p, _)| h.api.object(p).unwrap()).collect();
+    let before: Vec<Value> = CHILDREN
+        .iter()
+        .map(|(p, _)| h.api.object(p).unwrap())
+        .collect();
     let mq_before = h.api.object(MQ_PATH).unwrap();
     h.api.clear_requests();
 
     h.reconcile().await.unwrap();
 
-    let after: Vec<Value> = CHILDREN.iter().map(|(p, _)| h.api.object(p).unwrap()).collect();
+    let after: Vec<Value> = CHILDREN
+        .iter()
+        .map(|(p, _)| h.api.object(p).unwrap())
+        .collect();
     assert_eq!(before, after, "no child changed (same resourceVersions)");
-    assert_eq!(mq_before, h.api.object(MQ_PATH).unwrap(), "status not rewritten");
+    assert_eq!(
+        mq_before,
+        h.api.object(MQ_PATH).unwrap(),
+        "status not rewritten"
+    );
     let writes: Vec<String> = h
         .api
         .requests()
@@ -164,7 +218,9 @@ async fn spec_change_patches_the_statefulset_and_reports_it() {
     let h = harness();
     h.seed(new_mq(json!({"replicas": 3})));
     h.reconcile().await.unwrap();
-    let generation_before = h.api.object(STS_PATH).unwrap()["metadata"]["generation"].as_i64().unwrap();
+    let generation_before = h.api.object(STS_PATH).unwrap()["metadata"]["generation"]
+        .as_i64()
+        .unwrap();
 
     let mut mq = h.api.object(MQ_PATH).unwrap();
     mq["spec"]["replicas"] = json!(5);
@@ -175,9 +231,18 @@ async fn spec_change_patches_the_statefulset_and_reports_it() {
 
     let sts = h.api.object(STS_PATH).unwrap();
     assert_eq!(sts["spec"]["replicas"], 5);
-    assert_eq!(sts["metadata"]["generation"].as_i64().unwrap(), generation_before + 1);
-    let env = sts["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap().clone();
-    let peers = env.iter().find(|e| e["name"] == "SLUICE_PEERS").unwrap()["value"].as_str().unwrap().to_owned();
+    assert_eq!(
+        sts["metadata"]["generation"].as_i64().unwrap(),
+        generation_before + 1
+    );
+    let env = sts["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let peers = env.iter().find(|e| e["name"] == "SLUICE_PEERS").unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(peers.split(',').count(), 5);
     assert_eq!(h.event_reasons(), vec![event_reasons::UPDATED]);
     let status = &h.api.object(MQ_PATH).unwrap()["status"];
@@ -187,7 +252,9 @@ async fn spec_change_patches_the_statefulset_and_reports_it() {
 #[tokio::test]
 async fn ready_agents_and_their_stats_show_in_status_and_conditions() {
     let h = harness();
-    h.seed(new_mq(json!({"queues": [{"name": "orders", "partitions": 2}]})));
+    h.seed(new_mq(
+        json!({"queues": [{"name": "orders", "partitions": 2}]}),
+    ));
     h.reconcile().await.unwrap();
     h.make_statefulset_ready(3);
     *h.admin.stats.lock().unwrap() = Some(vec![(
@@ -198,8 +265,16 @@ async fn ready_agents_and_their_stats_show_in_status_and_conditions() {
             publish_rate: 800.0,
             consumers: 4,
             partitions: vec![
-                PartitionStats { id: 0, leader: Some("orders-1".into()), in_sync: Some(3) },
-                PartitionStats { id: 1, leader: Some("orders-2".into()), in_sync: Some(3) },
+                PartitionStats {
+                    id: 0,
+                    leader: Some("orders-1".into()),
+                    in_sync: Some(3),
+                },
+                PartitionStats {
+                    id: 1,
+                    leader: Some("orders-2".into()),
+                    in_sync: Some(3),
+                },
             ],
         },
     )]);
@@ -208,9 +283,18 @@ async fn ready_agents_and_their_stats_show_in_status_and_conditions() {
     let action = h.reconcile().await.unwrap();
 
     assert_eq!(action, Action::requeue(controller::REQUEUE_READY));
-    assert_eq!(h.condition("Ready"), ("True".into(), "AllReplicasReady".into()));
-    assert_eq!(h.condition("Progressing"), ("False".into(), "Stable".into()));
-    assert_eq!(h.condition("Degraded"), ("False".into(), "FullyReplicated".into()));
+    assert_eq!(
+        h.condition("Ready"),
+        ("True".into(), "AllReplicasReady".into())
+    );
+    assert_eq!(
+        h.condition("Progressing"),
+        ("False".into(), "Stable".into())
+    );
+    assert_eq!(
+        h.condition("Degraded"),
+        ("False".into(), "FullyReplicated".into())
+    );
     let status = h.api.object(MQ_PATH).unwrap()["status"].clone();
     assert_eq!(status["readyReplicas"], 3);
     assert_eq!(status["replicasSummary"], "3/3");
@@ -236,11 +320,23 @@ async fn losing_two_of_three_agents_reports_quorum_lost() {
 
     h.reconcile().await.unwrap();
 
-    assert_eq!(h.condition("Degraded"), ("True".into(), "QuorumLost".into()));
-    assert_eq!(h.condition("Ready"), ("False".into(), "StatefulSetNotReady".into()));
+    assert_eq!(
+        h.condition("Degraded"),
+        ("True".into(), "QuorumLost".into())
+    );
+    assert_eq!(
+        h.condition("Ready"),
+        ("False".into(), "StatefulSetNotReady".into())
+    );
     let reasons = h.event_reasons();
-    assert!(reasons.contains(&event_reasons::QUORUM_LOST.to_owned()), "{reasons:?}");
-    assert!(reasons.contains(&event_reasons::NOT_READY.to_owned()), "{reasons:?}");
+    assert!(
+        reasons.contains(&event_reasons::QUORUM_LOST.to_owned()),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&event_reasons::NOT_READY.to_owned()),
+        "{reasons:?}"
+    );
 }
 
 #[tokio::test]
@@ -253,8 +349,15 @@ async fn unreachable_agents_leave_backlog_unknown_and_raise_an_event() {
 
     h.reconcile().await.unwrap();
 
-    assert!(h.api.object(MQ_PATH).unwrap()["status"].get("backlog").is_none());
-    assert!(h.event_reasons().contains(&event_reasons::AGENT_STATS_UNAVAILABLE.to_owned()));
+    assert!(
+        h.api.object(MQ_PATH).unwrap()["status"]
+            .get("backlog")
+            .is_none()
+    );
+    assert!(
+        h.event_reasons()
+            .contains(&event_reasons::AGENT_STATS_UNAVAILABLE.to_owned())
+    );
 }
 
 #[tokio::test]
@@ -265,23 +368,59 @@ async fn api_conflict_and_server_error_fail_the_reconcile_and_back_off() {
     h.api.fail(Method::PATCH, "/statefulsets/", 500, 1);
 
     let first = h.reconcile().await.unwrap_err();
-    assert!(matches!(&first, Error::ApplyFailed { kind: "ConfigMap", .. }), "{first}");
+    assert!(
+        matches!(
+            &first,
+            Error::ApplyFailed {
+                kind: "ConfigMap",
+                ..
+            }
+        ),
+        "{first}"
+    );
     assert_eq!(first.metric_label(), "apply_failed");
-    assert_eq!(controller::error_policy(mq.clone(), &first, h.ctx.clone()), Action::requeue(Duration::from_secs(5)));
+    assert_eq!(
+        controller::error_policy(mq.clone(), &first, h.ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
 
     let second = h.reconcile().await.unwrap_err();
-    assert!(matches!(&second, Error::ApplyFailed { kind: "StatefulSet", .. }), "{second}");
-    assert_eq!(controller::error_policy(mq.clone(), &second, h.ctx.clone()), Action::requeue(Duration::from_secs(10)));
-    assert_eq!(controller::failures_of(&h.ctx, &mq), 2);
-    assert!(h.ctx.metrics.encode().contains(r#"sluice_operator_reconcile_failures_total{error="apply_failed"} 2"#));
+    assert!(
+        matches!(
+            &second,
+            Error::ApplyFailed {
+                kind: "StatefulSet",
+                ..
+            }
+        ),
+        "{second}"
+    );
     assert_eq!(
-        h.event_reasons().iter().filter(|r| *r == event_reasons::APPLY_FAILED).count(),
+        controller::error_policy(mq.clone(), &second, h.ctx.clone()),
+        Action::requeue(Duration::from_secs(10))
+    );
+    assert_eq!(controller::failures_of(&h.ctx, &mq), 2);
+    assert!(
+        h.ctx
+            .metrics
+            .encode()
+            .contains(r#"sluice_operator_reconcile_failures_total{error="apply_failed"} 2"#)
+    );
+    assert_eq!(
+        h.event_reasons()
+            .iter()
+            .filter(|r| *r == event_reasons::APPLY_FAILED)
+            .count(),
         2,
         "each failure is reported as a Warning event"
     );
 
     h.reconcile().await.unwrap();
-    assert_eq!(controller::failures_of(&h.ctx, &mq), 0, "success resets the backoff");
+    assert_eq!(
+        controller::failures_of(&h.ctx, &mq),
+        0,
+        "success resets the backoff"
+    );
 }
 
 #[test]
@@ -295,7 +434,8 @@ fn backoff_doubles_from_five_seconds_up_to_five_minutes() {
 async fn status_write_failure_is_an_error_not_a_silent_skip() {
     let h = harness();
     h.seed(new_mq(json!({})));
-    h.api.fail(Method::PATCH, "/messagequeues/orders/status", 500, 1);
+    h.api
+        .fail(Method::PATCH, "/messagequeues/orders/status", 500, 1);
     let err = h.reconcile().await.unwrap_err();
     assert_eq!(err.metric_label(), "status_patch_failed");
 }
@@ -326,8 +466,14 @@ async fn growing_storage_keeps_the_immutable_claim_template_and_says_so() {
     h.reconcile().await.unwrap();
 
     let sts = h.api.object(STS_PATH).unwrap();
-    assert_eq!(sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"], "10Gi");
-    assert!(h.event_reasons().contains(&event_reasons::STORAGE_RESIZE_PENDING.to_owned()));
+    assert_eq!(
+        sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+        "10Gi"
+    );
+    assert!(
+        h.event_reasons()
+            .contains(&event_reasons::STORAGE_RESIZE_PENDING.to_owned())
+    );
 }
 
 #[tokio::test]
@@ -343,7 +489,11 @@ async fn missing_uid_is_a_named_error_not_a_panic() {
 /// Maps a request to the (group, resource, verb) RBAC would check.
 fn rbac_of(method: &Method, path: &str) -> (String, String, &'static str) {
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let (group, rest) = if parts[0] == "api" { ("", &parts[2..]) } else { (parts[1], &parts[3..]) };
+    let (group, rest) = if parts[0] == "api" {
+        ("", &parts[2..])
+    } else {
+        (parts[1], &parts[3..])
+    };
     // rest: namespaces/<ns>/<resource>[/<name>[/<subresource>]]
     let resource = match rest.len() {
         5 => format!("{}/{}", rest[2], rest[4]),
@@ -374,10 +524,21 @@ async fn every_request_reconcile_makes_is_granted_by_the_rbac_table() {
     assert!(requests.len() > 10);
     for r in requests {
         let (group, resource, verb) = rbac_of(&r.method, &r.path);
-        assert!(rbac::is_granted(&group, &resource, verb), "{verb} {group}/{resource} ({} {}) is not in rbac::API_CALLS", r.method, r.path);
+        assert!(
+            rbac::is_granted(&group, &resource, verb),
+            "{verb} {group}/{resource} ({} {}) is not in rbac::API_CALLS",
+            r.method,
+            r.path
+        );
         // A server-side apply may create the object, which RBAC checks as `create`.
-        if verb == "patch" && r.content_type.starts_with("application/apply-patch") && !resource.contains('/') {
-            assert!(rbac::is_granted(&group, &resource, "create"), "apply of {group}/{resource} needs create");
+        if verb == "patch"
+            && r.content_type.starts_with("application/apply-patch")
+            && !resource.contains('/')
+        {
+            assert!(
+                rbac::is_granted(&group, &resource, "create"),
+                "apply of {group}/{resource} needs create"
+            );
         }
     }
 }

@@ -97,8 +97,11 @@ pub fn queue_definitions(mq: &MessageQueue, names: &Names) -> Result<Vec<QueueDe
 /// The ConfigMap holding `queues.json`.
 pub fn build(mq: &MessageQueue, names: &Names) -> Result<ConfigMap> {
     let definitions = queue_definitions(mq, names)?;
-    let json = serde_json::to_string_pretty(&definitions)
-        .map_err(|source| Error::Serialization { what: "queue definitions", source })?;
+    let json =
+        serde_json::to_string_pretty(&definitions).map_err(|source| Error::Serialization {
+            what: "queue definitions",
+            source,
+        })?;
     Ok(ConfigMap {
         metadata: child_meta(mq, names, names.configmap())?,
         data: Some(BTreeMap::from([(QUEUES_FILE_KEY.to_owned(), json)])),
@@ -118,7 +121,10 @@ mod tests {
         assert_eq!(defs.len(), 1);
         assert_eq!(defs[0].name, "orders");
         assert_eq!(defs[0].partitions, 1);
-        assert_eq!(defs[0].replication_factor, 2, "default factor is min(3, replicas)");
+        assert_eq!(
+            defs[0].replication_factor, 2,
+            "default factor is min(3, replicas)"
+        );
     }
 
     #[test]
@@ -152,8 +158,12 @@ mod tests {
 
     #[test]
     fn an_unparseable_duration_is_an_error_naming_the_queue_field() {
-        let mq = test_mq(serde_json::json!({"queues": [{"name": "a"}, {"name": "b", "ackTimeout": "soon"}]}));
-        let err = build(&mq, &Names::of(&mq).unwrap()).unwrap_err().to_string();
+        let mq = test_mq(
+            serde_json::json!({"queues": [{"name": "a"}, {"name": "b", "ackTimeout": "soon"}]}),
+        );
+        let err = build(&mq, &Names::of(&mq).unwrap())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("spec.queues[1].ackTimeout"), "{err}");
     }
 }

@@ -34,14 +34,20 @@ pub fn build(mq: &MessageQueue, names: &Names) -> Result<NetworkPolicy> {
             ..NetworkPolicyPeer::default()
         }])
     };
-    let agents = LabelSelector { match_labels: Some(names.selector_labels()), ..LabelSelector::default() };
+    let agents = LabelSelector {
+        match_labels: Some(names.selector_labels()),
+        ..LabelSelector::default()
+    };
     Ok(NetworkPolicy {
         metadata: child_meta(mq, names, names.network_policy())?,
         spec: Some(NetworkPolicySpec {
             pod_selector: Some(agents.clone()),
             policy_types: Some(vec!["Ingress".to_owned()]),
             ingress: Some(vec![
-                NetworkPolicyIngressRule { from: any_pod_in_cluster(), ports: tcp(GRPC_PORT) },
+                NetworkPolicyIngressRule {
+                    from: any_pod_in_cluster(),
+                    ports: tcp(GRPC_PORT),
+                },
                 NetworkPolicyIngressRule {
                     from: Some(vec![NetworkPolicyPeer {
                         pod_selector: Some(agents),
@@ -49,11 +55,13 @@ pub fn build(mq: &MessageQueue, names: &Names) -> Result<NetworkPolicy> {
                     }]),
                     ports: tcp(PEER_PORT),
                 },
-                NetworkPolicyIngressRule { from: any_pod_in_cluster(), ports: tcp(METRICS_PORT) },
+                NetworkPolicyIngressRule {
+                    from: any_pod_in_cluster(),
+                    ports: tcp(METRICS_PORT),
+                },
             ]),
             ..NetworkPolicySpec::default()
         }),
-        ..NetworkPolicy::default()
     })
 }
 
@@ -73,8 +81,14 @@ mod tests {
             .find(|r| r.ports.as_ref().unwrap()[0].port == Some(IntOrString::Int(7071)))
             .unwrap();
         let from = &peer_rule.from.as_ref().unwrap()[0];
-        assert_eq!(from.namespace_selector, None, "peers must be in the same namespace");
-        assert_eq!(from.pod_selector.as_ref().unwrap().match_labels, Some(names.selector_labels()));
+        assert_eq!(
+            from.namespace_selector, None,
+            "peers must be in the same namespace"
+        );
+        assert_eq!(
+            from.pod_selector.as_ref().unwrap().match_labels,
+            Some(names.selector_labels())
+        );
     }
 
     #[test]
@@ -89,7 +103,10 @@ mod tests {
                 .iter()
                 .find(|r| r.ports.as_ref().unwrap()[0].port == Some(IntOrString::Int(port)))
                 .unwrap();
-            assert_eq!(rule.from.as_ref().unwrap()[0].namespace_selector, Some(LabelSelector::default()));
+            assert_eq!(
+                rule.from.as_ref().unwrap()[0].namespace_selector,
+                Some(LabelSelector::default())
+            );
         }
     }
 }

@@ -5,7 +5,11 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
 };
 
-use crate::{Result, crd::MessageQueue, names::{Names, child_meta}};
+use crate::{
+    Result,
+    crd::MessageQueue,
+    names::{Names, child_meta},
+};
 
 /// At most one agent voluntarily down at a time (drains, node upgrades): with a replication
 /// factor of three that keeps every partition at quorum, and it is what the rolling update does
@@ -36,6 +40,9 @@ mod tests {
         let names = Names::of(&mq).unwrap();
         let spec = build(&mq, &names).unwrap().spec.unwrap();
         assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
-        assert_eq!(spec.selector.unwrap().match_labels, Some(names.selector_labels()));
+        assert_eq!(
+            spec.selector.unwrap().match_labels,
+            Some(names.selector_labels())
+        );
     }
 }

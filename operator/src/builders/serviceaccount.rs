@@ -2,7 +2,11 @@
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 
-use crate::{Result, crd::MessageQueue, names::{Names, child_meta}};
+use crate::{
+    Result,
+    crd::MessageQueue,
+    names::{Names, child_meta},
+};
 
 /// A ServiceAccount of its own per MessageQueue, without a mounted token: the agents never call
 /// the Kubernetes API, so they get no credentials to leak.

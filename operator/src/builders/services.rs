@@ -86,6 +86,9 @@ mod tests {
         let ports = svc.spec.unwrap().ports.unwrap();
         assert_eq!(ports.len(), 1);
         assert_eq!(ports[0].port, 7070);
-        assert_eq!(ports[0].target_port, Some(IntOrString::String("grpc".into())));
+        assert_eq!(
+            ports[0].target_port,
+            Some(IntOrString::String("grpc".into()))
+        );
     }
 }

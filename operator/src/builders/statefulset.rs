@@ -76,14 +76,21 @@ fn container_port(name: &str, port: i32) -> ContainerPort {
 }
 
 fn env_value(name: &str, value: String) -> EnvVar {
-    EnvVar { name: name.to_owned(), value: Some(value), ..EnvVar::default() }
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        ..EnvVar::default()
+    }
 }
 
 fn env_field(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.to_owned(),
         value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: path.to_owned(), ..ObjectFieldSelector::default() }),
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                ..ObjectFieldSelector::default()
+            }),
             ..EnvVarSource::default()
         }),
         ..EnvVar::default()
@@ -93,7 +100,10 @@ fn env_field(name: &str, path: &str) -> EnvVar {
 /// A probe on the agent's `grpc.health.v1` service, with the kubelet's native gRPC prober.
 fn grpc_probe(period: i32, failures: i32) -> Probe {
     Probe {
-        grpc: Some(GRPCAction { port: GRPC_PORT, service: None }),
+        grpc: Some(GRPCAction {
+            port: GRPC_PORT,
+            service: None,
+        }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),
         timeout_seconds: Some(2),
@@ -120,7 +130,12 @@ pub fn agent_args() -> Vec<String> {
 }
 
 fn agent_container(mq: &MessageQueue, names: &Names, settings: &Settings) -> Container {
-    let image = mq.spec.image.clone().filter(|i| !i.is_empty()).unwrap_or_else(|| settings.default_image.clone());
+    let image = mq
+        .spec
+        .image
+        .clone()
+        .filter(|i| !i.is_empty())
+        .unwrap_or_else(|| settings.default_image.clone());
     Container {
         name: AGENT_CONTAINER.to_owned(),
         image: Some(image),
@@ -134,9 +149,17 @@ fn agent_container(mq: &MessageQueue, names: &Names, settings: &Settings) -> Con
         env: Some(vec![
             env_field(env::POD_NAME, "metadata.name"),
             env_field(env::NAMESPACE, "metadata.namespace"),
-            env_value(env::PEERS, names.peers(mq.spec.replicas, &settings.cluster_domain).join(",")),
+            env_value(
+                env::PEERS,
+                names
+                    .peers(mq.spec.replicas, &settings.cluster_domain)
+                    .join(","),
+            ),
             env_value(env::PEER_LISTEN, format!("0.0.0.0:{PEER_PORT}")),
-            env_value(env::QUEUES_FILE, format!("{CONFIG_MOUNT_PATH}/{QUEUES_FILE_KEY}")),
+            env_value(
+                env::QUEUES_FILE,
+                format!("{CONFIG_MOUNT_PATH}/{QUEUES_FILE_KEY}"),
+            ),
         ]),
         resources: mq.spec.resources.clone(),
         startup_probe: Some(grpc_probe(STARTUP_PERIOD_SECS, STARTUP_FAILURES)),
@@ -148,26 +171,40 @@ fn agent_container(mq: &MessageQueue, names: &Names, settings: &Settings) -> Con
             run_as_non_root: Some(true),
             run_as_user: Some(AGENT_UID),
             run_as_group: Some(AGENT_UID),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".to_owned()]), add: None }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                add: None,
+            }),
             seccomp_profile: Some(runtime_default_seccomp()),
             ..SecurityContext::default()
         }),
         volume_mounts: Some(vec![
-            VolumeMount { name: DATA_VOLUME.to_owned(), mount_path: DATA_MOUNT_PATH.to_owned(), ..VolumeMount::default() },
+            VolumeMount {
+                name: DATA_VOLUME.to_owned(),
+                mount_path: DATA_MOUNT_PATH.to_owned(),
+                ..VolumeMount::default()
+            },
             VolumeMount {
                 name: CONFIG_VOLUME.to_owned(),
                 mount_path: CONFIG_MOUNT_PATH.to_owned(),
                 read_only: Some(true),
                 ..VolumeMount::default()
             },
-            VolumeMount { name: "tmp".to_owned(), mount_path: "/tmp".to_owned(), ..VolumeMount::default() },
+            VolumeMount {
+                name: "tmp".to_owned(),
+                mount_path: "/tmp".to_owned(),
+                ..VolumeMount::default()
+            },
         ]),
         ..Container::default()
     }
 }
 
 fn runtime_default_seccomp() -> SeccompProfile {
-    SeccompProfile { type_: "RuntimeDefault".to_owned(), localhost_profile: None }
+    SeccompProfile {
+        type_: "RuntimeDefault".to_owned(),
+        localhost_profile: None,
+    }
 }
 
 /// Spread agents over zones and nodes so that one failure domain holds as few replicas of a
@@ -190,12 +227,18 @@ fn topology_spread(names: &Names) -> Vec<TopologySpreadConstraint> {
 
 fn claim_template(mq: &MessageQueue, claim_size: &str) -> PersistentVolumeClaim {
     PersistentVolumeClaim {
-        metadata: ObjectMeta { name: Some(DATA_VOLUME.to_owned()), ..ObjectMeta::default() },
+        metadata: ObjectMeta {
+            name: Some(DATA_VOLUME.to_owned()),
+            ..ObjectMeta::default()
+        },
         spec: Some(PersistentVolumeClaimSpec {
             access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
             storage_class_name: mq.spec.storage.storage_class_name.clone(),
             resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([("storage".to_owned(), Quantity(claim_size.to_owned()))])),
+                requests: Some(BTreeMap::from([(
+                    "storage".to_owned(),
+                    Quantity(claim_size.to_owned()),
+                )])),
                 ..VolumeResourceRequirements::default()
             }),
             ..PersistentVolumeClaimSpec::default()
@@ -206,13 +249,21 @@ fn claim_template(mq: &MessageQueue, claim_size: &str) -> PersistentVolumeClaim 
 
 /// The StatefulSet of `mq`'s agents. `claim_size` is the claim template's size (see
 /// [`crate::builders::build_all`]).
-pub fn build(mq: &MessageQueue, names: &Names, settings: &Settings, claim_size: &str) -> Result<StatefulSet> {
+pub fn build(
+    mq: &MessageQueue,
+    names: &Names,
+    settings: &Settings,
+    claim_size: &str,
+) -> Result<StatefulSet> {
     Ok(StatefulSet {
         metadata: child_meta(mq, names, names.statefulset())?,
         spec: Some(StatefulSetSpec {
             replicas: Some(mq.spec.replicas),
             service_name: Some(names.headless_service()),
-            selector: LabelSelector { match_labels: Some(names.selector_labels()), ..LabelSelector::default() },
+            selector: LabelSelector {
+                match_labels: Some(names.selector_labels()),
+                ..LabelSelector::default()
+            },
             // All agents start together: a partition needs a quorum of them to elect a leader,
             // so starting one at a time would have the first wait for peers that are not started.
             pod_management_policy: Some("Parallel".to_owned()),
@@ -222,12 +273,17 @@ pub fn build(mq: &MessageQueue, names: &Names, settings: &Settings, claim_size: 
             }),
             // Retain on delete and on scale-in: the claims hold confirmed messages, and losing
             // them must take a deliberate `kubectl delete pvc` (decision 0005).
-            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
-                when_deleted: Some("Retain".to_owned()),
-                when_scaled: Some("Retain".to_owned()),
-            }),
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some("Retain".to_owned()),
+                    when_scaled: Some("Retain".to_owned()),
+                },
+            ),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(names.labels()), ..ObjectMeta::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(names.labels()),
+                    ..ObjectMeta::default()
+                }),
                 spec: Some(PodSpec {
                     service_account_name: Some(names.service_account()),
                     automount_service_account_token: Some(false),

@@ -36,6 +36,8 @@ const BYTES_PATTERN: &str = r"^[0-9]+(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$";
 ///
 /// The operator turns it into a StatefulSet of `sluice-agent broker` pods with their Services,
 /// PodDisruptionBudget, ConfigMap, ServiceAccount and NetworkPolicy.
+// Clippy reads the repeated `type_ = ...` of separate `printcolumn(...)` entries as duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "sluice.dev",
@@ -157,7 +159,10 @@ fn default_storage_size() -> String {
 
 impl Default for StorageSpec {
     fn default() -> Self {
-        Self { size: default_storage_size(), storage_class_name: None }
+        Self {
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
     }
 }
 
@@ -303,7 +308,10 @@ impl MessageQueueSpec {
     /// resource's name) when none are declared.
     pub fn effective_queues(&self, default_name: &str) -> Vec<QueueSpec> {
         if self.queues.is_empty() {
-            vec![QueueSpec { name: default_name.to_owned(), ..QueueSpec::default() }]
+            vec![QueueSpec {
+                name: default_name.to_owned(),
+                ..QueueSpec::default()
+            }]
         } else {
             self.queues.clone()
         }

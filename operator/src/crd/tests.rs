@@ -11,7 +11,10 @@ fn crd_is_namespaced_with_plural_and_short_name() {
     let crd = crd_json();
     assert_eq!(crd["metadata"]["name"], "messagequeues.sluice.dev");
     assert_eq!(crd["spec"]["scope"], "Namespaced");
-    assert_eq!(crd["spec"]["names"]["shortNames"], serde_json::json!(["mq"]));
+    assert_eq!(
+        crd["spec"]["names"]["shortNames"],
+        serde_json::json!(["mq"])
+    );
     assert_eq!(crd["spec"]["versions"][0]["name"], "v1alpha1");
 }
 
@@ -27,17 +30,30 @@ fn crd_has_status_and_scale_subresources() {
 #[test]
 fn printer_columns_are_ready_replicas_backlog_consumers_age() {
     let cols = crd_json()["spec"]["versions"][0]["additionalPrinterColumns"].clone();
-    let names: Vec<String> =
-        cols.as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_uppercase()).collect();
-    assert_eq!(names, vec!["READY", "REPLICAS", "BACKLOG", "CONSUMERS", "AGE"]);
+    let names: Vec<String> = cols
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_uppercase())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["READY", "REPLICAS", "BACKLOG", "CONSUMERS", "AGE"]
+    );
 }
 
 #[test]
 fn schema_is_structural_without_preserved_unknown_fields() {
     let text = serde_json::to_string(&crd_json()).unwrap();
     assert!(!text.contains("x-kubernetes-preserve-unknown-fields"));
-    assert!(!text.contains("\"$ref\""), "structural schemas cannot use $ref");
-    assert!(!text.contains("additionalProperties\":false"), "structural schemas cannot forbid additionalProperties");
+    assert!(
+        !text.contains("\"$ref\""),
+        "structural schemas cannot use $ref"
+    );
+    assert!(
+        !text.contains("additionalProperties\":false"),
+        "structural schemas cannot forbid additionalProperties"
+    );
 }
 
 #[test]
@@ -49,7 +65,10 @@ fn every_cel_rule_has_a_message_naming_its_field() {
     assert!(rules.len() >= 6, "{rules:?}");
     for rule in rules {
         let message = rule["message"].as_str().unwrap_or_default();
-        assert!(message.starts_with("spec."), "rule without a field-naming message: {rule}");
+        assert!(
+            message.starts_with("spec."),
+            "rule without a field-naming message: {rule}"
+        );
     }
 }
 

@@ -25,12 +25,19 @@ impl AgentAdmin for FakeAdmin {
     async fn queue_stats(&self, endpoint: &str, queue: &str) -> Result<QueueStats, AdminError> {
         self.record(format!("queue_stats {endpoint} {queue}"));
         match &*self.stats.lock().unwrap() {
-            Some(table) => table.iter().find(|(q, _)| q == queue).map(|(_, s)| s.clone()).ok_or_else(|| AdminError::Refused {
+            Some(table) => table
+                .iter()
+                .find(|(q, _)| q == queue)
+                .map(|(_, s)| s.clone())
+                .ok_or_else(|| AdminError::Refused {
+                    endpoint: endpoint.to_owned(),
+                    operation: "GetQueueStats",
+                    status: format!("NOT_FOUND: queue {queue}"),
+                }),
+            None => Err(AdminError::Unreachable {
                 endpoint: endpoint.to_owned(),
-                operation: "GetQueueStats",
-                status: format!("NOT_FOUND: queue {queue}"),
+                reason: "connection refused".into(),
             }),
-            None => Err(AdminError::Unreachable { endpoint: endpoint.to_owned(), reason: "connection refused".into() }),
         }
     }
 

@@ -73,7 +73,13 @@ fn status_body(code: u16, reason: &str, message: &str) -> Value {
 fn content(v: &Value) -> Value {
     let mut v = v.clone();
     if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-        for key in ["resourceVersion", "generation", "uid", "creationTimestamp", "managedFields"] {
+        for key in [
+            "resourceVersion",
+            "generation",
+            "uid",
+            "creationTimestamp",
+            "managedFields",
+        ] {
             meta.remove(key);
         }
     }
@@ -131,13 +137,26 @@ impl FakeApi {
     /// Makes the next `times` requests with `method` whose path contains `path_contains` fail
     /// with `code`.
     pub fn fail(&self, method: Method, path_contains: &str, code: u16, times: usize) {
-        self.state.lock().unwrap().injected.push(Injected { method, path_contains: path_contains.to_owned(), code, remaining: times });
+        self.state.lock().unwrap().injected.push(Injected {
+            method,
+            path_contains: path_contains.to_owned(),
+            code,
+            remaining: times,
+        });
     }
 
     async fn handle(&self, req: Request<kube::client::Body>) -> Response<Full<Bytes>> {
         let (parts, body) = req.into_parts();
-        let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-        let body: Option<Value> = if bytes.is_empty() { None } else { serde_json::from_slice(&bytes).ok() };
+        let bytes = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let body: Option<Value> = if bytes.is_empty() {
+            None
+        } else {
+            serde_json::from_slice(&bytes).ok()
+        };
         let recorded = Recorded {
             method: parts.method.clone(),
             path: parts.uri.path().to_owned(),
@@ -153,14 +172,18 @@ impl FakeApi {
         let mut s = self.state.lock().unwrap();
         s.requests.push(recorded.clone());
 
-        if let Some(inj) = s
-            .injected
-            .iter_mut()
-            .find(|i| i.remaining > 0 && i.method == recorded.method && recorded.path.contains(&i.path_contains))
-        {
+        if let Some(inj) = s.injected.iter_mut().find(|i| {
+            i.remaining > 0
+                && i.method == recorded.method
+                && recorded.path.contains(&i.path_contains)
+        }) {
             inj.remaining -= 1;
             let code = inj.code;
-            let reason = if code == 409 { "Conflict" } else { "InternalError" };
+            let reason = if code == 409 {
+                "Conflict"
+            } else {
+                "InternalError"
+            };
             return respond(code, status_body(code, reason, "injected failure"));
         }
 
@@ -168,10 +191,16 @@ impl FakeApi {
         match (recorded.method.clone(), body) {
             (Method::GET, _) => match s.objects.get(&path) {
                 Some(obj) => respond(200, obj.clone()),
-                None => respond(404, status_body(404, "NotFound", &format!("{path} not found"))),
+                None => respond(
+                    404,
+                    status_body(404, "NotFound", &format!("{path} not found")),
+                ),
             },
             (Method::POST, Some(obj)) => {
-                let name = obj["metadata"]["name"].as_str().unwrap_or("unnamed").to_owned();
+                let name = obj["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("unnamed")
+                    .to_owned();
                 s.objects.insert(format!("{path}/{name}"), obj.clone());
                 respond(201, obj)
             }
@@ -179,7 +208,10 @@ impl FakeApi {
                 let object_path = path.trim_end_matches("/status").to_owned();
                 s.next_version += 1;
                 let version = s.next_version.to_string();
-                let stored = s.objects.entry(object_path).or_insert_with(|| patch.clone());
+                let stored = s
+                    .objects
+                    .entry(object_path)
+                    .or_insert_with(|| patch.clone());
                 stored["status"] = patch["status"].clone();
                 stored["metadata"]["resourceVersion"] = json!(version);
                 respond(200, stored.clone())
@@ -199,7 +231,11 @@ impl FakeApi {
                         new["metadata"]["resourceVersion"] = json!(s.next_version.to_string());
                         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
                         let spec_changed = old.get("spec") != patch.get("spec");
-                        new["metadata"]["generation"] = json!(if spec_changed { generation + 1 } else { generation });
+                        new["metadata"]["generation"] = json!(if spec_changed {
+                            generation + 1
+                        } else {
+                            generation
+                        });
                         if let Some(status) = old.get("status") {
                             new["status"] = status.clone();
                         }
@@ -217,7 +253,10 @@ impl FakeApi {
                 s.objects.insert(path, result.clone());
                 respond(200, result)
             }
-            _ => respond(405, status_body(405, "MethodNotAllowed", "the fake does not serve this")),
+            _ => respond(
+                405,
+                status_body(405, "MethodNotAllowed", "the fake does not serve this"),
+            ),
         }
     }
 }

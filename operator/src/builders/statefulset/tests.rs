@@ -3,20 +3,42 @@ use crate::builders::test_mq;
 
 fn build_default(spec: serde_json::Value) -> StatefulSet {
     let mq = test_mq(spec);
-    build(&mq, &Names::of(&mq).unwrap(), &Settings::default(), &mq.spec.storage.size).unwrap()
+    build(
+        &mq,
+        &Names::of(&mq).unwrap(),
+        &Settings::default(),
+        &mq.spec.storage.size,
+    )
+    .unwrap()
 }
 
 fn agent(sts: &StatefulSet) -> Container {
-    sts.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].clone()
+    sts.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .clone()
 }
 
 fn env_of(c: &Container, name: &str) -> EnvVar {
-    c.env.as_ref().unwrap().iter().find(|e| e.name == name).unwrap().clone()
+    c.env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == name)
+        .unwrap()
+        .clone()
 }
 
 #[test]
 fn agents_start_in_parallel_behind_the_headless_service() {
-    let spec = build_default(serde_json::json!({"replicas": 3})).spec.unwrap();
+    let spec = build_default(serde_json::json!({"replicas": 3}))
+        .spec
+        .unwrap();
     assert_eq!(spec.replicas, Some(3));
     assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
     assert_eq!(spec.service_name.as_deref(), Some("orders-peers"));
@@ -31,7 +53,12 @@ fn container_runs_the_broker_with_its_data_dir_on_the_claim() {
     assert_eq!(args[0], "broker");
     let dir = args.iter().position(|a| a == "--data-dir").unwrap();
     assert!(args[dir + 1].starts_with(DATA_MOUNT_PATH));
-    let mount = c.volume_mounts.unwrap().into_iter().find(|m| m.name == DATA_VOLUME).unwrap();
+    let mount = c
+        .volume_mounts
+        .unwrap()
+        .into_iter()
+        .find(|m| m.name == DATA_VOLUME)
+        .unwrap();
     assert_eq!(mount.mount_path, DATA_MOUNT_PATH);
     let claims = sts.spec.unwrap().volume_claim_templates.unwrap();
     assert_eq!(claims[0].metadata.name.as_deref(), Some(DATA_VOLUME));
@@ -42,9 +69,15 @@ fn peers_env_lists_every_agent_by_stable_name() {
     let c = agent(&build_default(serde_json::json!({"replicas": 2})));
     assert_eq!(
         env_of(&c, env::PEERS).value.as_deref(),
-        Some("orders-0.orders-peers.shop.svc.cluster.local:7071,orders-1.orders-peers.shop.svc.cluster.local:7071")
+        Some(
+            "orders-0.orders-peers.shop.svc.cluster.local:7071,orders-1.orders-peers.shop.svc.cluster.local:7071"
+        )
     );
-    let pod_name = env_of(&c, env::POD_NAME).value_from.unwrap().field_ref.unwrap();
+    let pod_name = env_of(&c, env::POD_NAME)
+        .value_from
+        .unwrap()
+        .field_ref
+        .unwrap();
     assert_eq!(pod_name.field_path, "metadata.name");
 }
 
@@ -54,9 +87,20 @@ fn probes_use_native_grpc_health_on_the_public_port() {
     for probe in [c.startup_probe, c.readiness_probe, c.liveness_probe] {
         assert_eq!(probe.unwrap().grpc.unwrap().port, 7070);
     }
-    let ports: Vec<(String, i32)> =
-        c.ports.unwrap().into_iter().map(|p| (p.name.unwrap(), p.container_port)).collect();
-    assert_eq!(ports, vec![("grpc".into(), 7070), ("peer".into(), 7071), ("metrics".into(), 9090)]);
+    let ports: Vec<(String, i32)> = c
+        .ports
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.name.unwrap(), p.container_port))
+        .collect();
+    assert_eq!(
+        ports,
+        vec![
+            ("grpc".into(), 7070),
+            ("peer".into(), 7071),
+            ("metrics".into(), 9090)
+        ]
+    );
 }
 
 #[test]
@@ -75,33 +119,68 @@ fn pod_and_container_meet_the_restricted_security_profile() {
 
 #[test]
 fn claim_template_takes_size_and_class_from_the_spec() {
-    let sts = build_default(serde_json::json!({"storage": {"size": "20Gi", "storageClassName": "fast-ssd"}}));
-    let claim = sts.spec.unwrap().volume_claim_templates.unwrap().remove(0).spec.unwrap();
+    let sts = build_default(
+        serde_json::json!({"storage": {"size": "20Gi", "storageClassName": "fast-ssd"}}),
+    );
+    let claim = sts
+        .spec
+        .unwrap()
+        .volume_claim_templates
+        .unwrap()
+        .remove(0)
+        .spec
+        .unwrap();
     assert_eq!(claim.storage_class_name.as_deref(), Some("fast-ssd"));
-    assert_eq!(claim.resources.unwrap().requests.unwrap()["storage"], Quantity("20Gi".into()));
+    assert_eq!(
+        claim.resources.unwrap().requests.unwrap()["storage"],
+        Quantity("20Gi".into())
+    );
 }
 
 #[test]
 fn claims_are_retained_on_delete_and_scale_in() {
-    let policy = build_default(serde_json::json!({})).spec.unwrap().persistent_volume_claim_retention_policy.unwrap();
+    let policy = build_default(serde_json::json!({}))
+        .spec
+        .unwrap()
+        .persistent_volume_claim_retention_policy
+        .unwrap();
     assert_eq!(policy.when_deleted.as_deref(), Some("Retain"));
     assert_eq!(policy.when_scaled.as_deref(), Some("Retain"));
 }
 
 #[test]
 fn spec_image_overrides_the_operator_default() {
-    assert_eq!(agent(&build_default(serde_json::json!({}))).image.as_deref(), Some(crate::settings::AGENT_IMAGE_DEFAULT));
-    let c = agent(&build_default(serde_json::json!({"image": "registry.local/agent:dev"})));
+    assert_eq!(
+        agent(&build_default(serde_json::json!({})))
+            .image
+            .as_deref(),
+        Some(crate::settings::AGENT_IMAGE_DEFAULT)
+    );
+    let c = agent(&build_default(
+        serde_json::json!({"image": "registry.local/agent:dev"}),
+    ));
     assert_eq!(c.image.as_deref(), Some("registry.local/agent:dev"));
 }
 
 #[test]
 fn agents_spread_over_zones_and_nodes_without_blocking_small_clusters() {
-    let pod = build_default(serde_json::json!({})).spec.unwrap().template.spec.unwrap();
+    let pod = build_default(serde_json::json!({}))
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
     let spread = pod.topology_spread_constraints.unwrap();
     let keys: Vec<&str> = spread.iter().map(|t| t.topology_key.as_str()).collect();
-    assert_eq!(keys, vec!["topology.kubernetes.io/zone", "kubernetes.io/hostname"]);
-    assert!(spread.iter().all(|t| t.when_unsatisfiable == "ScheduleAnyway"));
+    assert_eq!(
+        keys,
+        vec!["topology.kubernetes.io/zone", "kubernetes.io/hostname"]
+    );
+    assert!(
+        spread
+            .iter()
+            .all(|t| t.when_unsatisfiable == "ScheduleAnyway")
+    );
 }
 
 #[test]
