@@ -209,10 +209,10 @@ pub fn to_strict_json_schema(schema: Value) -> Value {
                     serde_json::json!([{"type": "integer"}, {"type": "string"}]),
                 );
             }
-            if node.remove("nullable") == Some(Value::Bool(true)) {
-                if let Some(Value::String(t)) = node.get("type").cloned() {
-                    node.insert("type".to_owned(), serde_json::json!([t, "null"]));
-                }
+            if node.remove("nullable") == Some(Value::Bool(true))
+                && let Some(Value::String(t)) = node.get("type").cloned()
+            {
+                node.insert("type".to_owned(), serde_json::json!([t, "null"]));
             }
             Value::Object(node)
         }

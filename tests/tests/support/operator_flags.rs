@@ -25,9 +25,16 @@ pub fn operator_flags() -> Vec<Flag> {
         .expect("operator/src/main.rs defines `struct Args { ... }`");
     let mut flags = Vec::new();
     let mut attribute = String::new();
+    // rustfmt may spread an attribute over several lines: collect until its closing `)]`.
+    let mut in_attribute = false;
     for line in body.lines().map(str::trim) {
-        if line.starts_with("#[arg(") {
-            attribute = line.to_owned();
+        if line.starts_with("#[arg(") || in_attribute {
+            if !in_attribute {
+                attribute.clear();
+            }
+            attribute.push_str(line);
+            attribute.push(' ');
+            in_attribute = !line.ends_with(")]");
         } else if let Some((field, _)) = line.split_once(':').filter(|_| !line.starts_with("//")) {
             let field = field.trim_start_matches("pub ").trim();
             if attribute.contains("long") {
