@@ -1,13 +1,16 @@
 # Sluice developer commands. `make verify` is the read-only gate CI runs unchanged;
 # `make fix` is its mutating twin.
-.PHONY: help verify fix fmt-check clippy test crds local bench faults
+.PHONY: help verify tools fix fmt-check clippy test crds local bench faults
 
 CARGO ?= cargo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-verify: fmt-check clippy test ## the CI gate: formatting, lints, all tests (read-only)
+verify: tools fmt-check clippy test ## the CI gate: tools, formatting, lints, all tests (read-only)
+
+tools: ## install helm, kubectl and kubernetes-validate if missing (idempotent)
+	.ci/install-tools
 
 fmt-check: ## rustfmt in check mode
 	$(CARGO) fmt --all -- --check
@@ -15,16 +18,17 @@ fmt-check: ## rustfmt in check mode
 clippy: ## clippy on every target, warnings are errors
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
-test: ## every test of the workspace
-	$(CARGO) test --workspace --locked
+test: ## every test of the workspace; tests needing helm/kubernetes-validate fail if they are missing
+	SLUICE_REQUIRE_TOOLS=1 $(CARGO) test --workspace --locked
 
 fix: ## format, apply clippy fixes, regenerate crds/
 	$(CARGO) fmt --all
 	$(CARGO) clippy --workspace --all-targets --fix --allow-dirty --allow-staged
 	$(MAKE) crds
 
-crds: ## regenerate crds/ from the Rust types
+crds: ## regenerate crds/ from the Rust types, and the chart's copy
 	$(CARGO) run --quiet -p sluice-operator --bin crdgen > crds/messagequeue.yaml
+	cp crds/messagequeue.yaml charts/sluice/crds/messagequeue.yaml
 
 local: ## run Sluice on this machine (same as the README's run command)
 	$(CARGO) run --release -p sluice -- local
