@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use sluice_agent::broker::{Broker, BrokerConfig};
 use sluice_agent::config::{FsyncPolicy, LogConfig};
-use sluice_proto::v1::{Message, QueueSpec};
+use sluice_proto::v1::{Message, QueueSpec, Settle, SettleAction};
 
 const BATCH: usize = 2_000;
 const PUBLISHERS: usize = 4;
@@ -94,6 +94,31 @@ async fn main() -> anyhow::Result<()> {
         "reopened (replayed) in {:.1} s: ready {}; RSS {:.0} MiB",
         start.elapsed().as_secs_f64(),
         stats.total.map_or(0, |t| t.ready),
+        rss_mib()
+    );
+    // Consume + ack (batched) a slice of the backlog.
+    let consume = (total / 5).min(500_000);
+    let mut sub = broker.subscribe("deep", 1_000, "bench").await?;
+    let start = Instant::now();
+    let mut tags = Vec::with_capacity(500);
+    for _ in 0..consume {
+        let Some(delivery) = sub.next().await else {
+            break;
+        };
+        tags.extend(delivery.tag);
+        if tags.len() == 500 {
+            let settle = Settle {
+                action: SettleAction::Ack as i32,
+                tags: std::mem::take(&mut tags),
+                delay_ms: 0,
+            };
+            anyhow::ensure!(sub.settle(settle).await?.is_empty(), "an ack failed");
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "consumed and acked {consume} in {secs:.1} s: {:.0} msg/s; RSS {:.0} MiB",
+        consume as f64 / secs,
         rss_mib()
     );
     Ok(())
