@@ -173,13 +173,8 @@ async fn sigterm_drains_in_flight_publishes_and_exits_zero() {
         .collect();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     agent.sigterm();
-    let status = tokio::task::spawn_blocking(move || {
-        let status = agent.wait_exit(Duration::from_secs(30));
-        drop(agent);
-        status
-    })
-    .await
-    .expect("wait");
+    let status = agent.wait_exit(Duration::from_secs(30)).await;
+    drop(agent);
     assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
     for p in publishers {
         // A clean end: the stream closed or the agent said it is unavailable; never a
@@ -260,7 +255,7 @@ async fn a_corrupted_segment_is_reported_precisely_and_nothing_panics() {
         .collect();
     client.publish("fragile", messages).await.expect("publish");
     agent.sigterm();
-    assert_eq!(agent.wait_exit(WAIT).code(), Some(0));
+    assert_eq!(agent.wait_exit(WAIT).await.code(), Some(0));
     drop(agent);
 
     // Flip a byte in the middle of the partition's first segment (not a torn tail).

@@ -129,8 +129,9 @@ impl AgentProcess {
         nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     }
 
-    /// Waits for the process to exit, at most `timeout`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+    /// Waits for the process to exit, at most `timeout`. Async so the test's runtime keeps
+    /// driving its client connections, which the agent's graceful drain talks to.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
@@ -140,7 +141,7 @@ impl AgentProcess {
                 std::time::Instant::now() < deadline,
                 "agent did not exit within {timeout:?}"
             );
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
