@@ -12,7 +12,11 @@ fuzz_target!(|data: &[u8]| {
         let len = rec.encoded_len();
         let mut reencoded = Vec::with_capacity(len);
         record::encode(&mut reencoded, rec.index, rec.term, rec.data);
-        assert_eq!(&rest[..len], &reencoded[..], "accepted a record that does not re-encode");
+        assert_eq!(
+            &rest[..len],
+            &reencoded[..],
+            "accepted a record that does not re-encode"
+        );
         rest = &rest[len..];
     }
     // The torn-tail scan must also stay in bounds on any input.
