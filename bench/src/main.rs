@@ -11,7 +11,7 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     eprintln!(
         "sluice-bench: {} messages × {} B, {} producers (batch {}, window {}), {} consumers (prefetch {})",
-        args.messages,
+        args.backlog.unwrap_or(args.messages),
         args.size,
         args.producers,
         args.batch,

@@ -1,9 +1,11 @@
 //! Resident memory of a server's process tree, read from `/proc`.
 //!
 //! Servers are measured as trees because some are more than one process: `rabbitmq-server` is a
-//! shell script whose Erlang VM (`beam.smp`) is a grandchild. Peak figures are the sum of each
-//! process's own peak (`VmHWM`), an upper bound of the tree's true peak; for single-process
-//! servers (Sluice, NATS, Redis) it is exact.
+//! shell script whose Erlang VM (`beam.smp`) is a grandchild. The figures are those of the
+//! tree's largest process (the server proper). Summing the tree would count pages twice that a
+//! fork shares with its parent (Redis forks to rewrite its AOF, and the child's RSS includes
+//! the parent's dataset), while the helpers left out (the script, `erl_child_setup`) hold a few
+//! MiB at most.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,23 +22,23 @@ pub struct Memory {
 }
 
 impl Memory {
-    /// Reads the memory of `root` and all its descendants. Processes that exit while being
-    /// read are skipped (they no longer hold memory).
+    /// Reads the memory of the largest process among `root` and its descendants. Processes
+    /// that exit while being read are skipped (they no longer hold memory).
     pub fn of_tree(root: u32) -> Result<Memory> {
-        let mut total = Memory::default();
+        let mut largest = Memory::default();
         for pid in descendants_and_self(root)? {
             let path = PathBuf::from(format!("/proc/{pid}/status"));
             match std::fs::read_to_string(&path) {
                 Ok(text) => {
                     let memory = parse_status(&text, &path)?;
-                    total.rss_bytes += memory.rss_bytes;
-                    total.peak_rss_bytes += memory.peak_rss_bytes;
+                    largest.rss_bytes = largest.rss_bytes.max(memory.rss_bytes);
+                    largest.peak_rss_bytes = largest.peak_rss_bytes.max(memory.peak_rss_bytes);
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(source) => return Err(Error::Io { path, source }),
             }
         }
-        Ok(total)
+        Ok(largest)
     }
 }
 

@@ -90,8 +90,11 @@ pub fn results_table(rows: &[Row<Measurement>]) -> String {
 }
 
 /// Sluice's figures divided by each measured peer's, Markdown; `None` when Sluice was not
-/// measured.
+/// measured or no peer was selected.
 pub fn ratios_table(rows: &[Row<Measurement>]) -> Option<String> {
+    if rows.iter().all(|row| row.system == crate::suite::SLUICE) {
+        return None;
+    }
     let sluice = rows.iter().find_map(|row| match &row.outcome {
         Outcome::Measured(m) if row.system == crate::suite::SLUICE => Some(m),
         _ => None,
@@ -275,6 +278,12 @@ mod tests {
             table.contains("| Redis streams | not installed (redis-server) |"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn no_ratios_without_peers() {
+        let rows = vec![row(crate::suite::SLUICE, measured(100_000, 80_000, 8, 50))];
+        assert_eq!(ratios_table(&rows), None);
     }
 
     #[test]
