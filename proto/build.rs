@@ -1,10 +1,14 @@
-//! Compiles `sluice/v1/*.proto` and the internal `sluice/storage/v1/*.proto` with protox (pure
-//! Rust), so no system `protoc` is needed.
+//! Compiles `sluice/v1/*.proto`, the internal `sluice/storage/v1/*.proto` and the peers-only
+//! `sluice/peer/v1/*.proto` with protox (pure Rust), so no system `protoc` is needed.
 
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["sluice/v1/sluice.proto", "sluice/storage/v1/log.proto"];
+    let protos = [
+        "sluice/v1/sluice.proto",
+        "sluice/storage/v1/log.proto",
+        "sluice/peer/v1/peer.proto",
+    ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -12,6 +12,7 @@
 //! - [`log`]: the storage engine — record format, segments, group-commit writer, recovery.
 //! - [`queue`]: delivery semantics of one partition and one queue (ready, in flight,
 //!   redelivery, dead-letter, TTL, priorities, delays, dedup, backlog limits).
+//! - [`replication`]: one Raft group per partition (openraft) over the partition log.
 //! - [`broker`]: the registry of queues on this agent and the API the gRPC layer calls.
 //! - [`grpc`]: one file per public gRPC service, plus the one place errors become statuses.
 //! - [`server`]: binds, serves gRPC and HTTP (metrics), drains on shutdown.
@@ -25,5 +26,6 @@ pub mod layout;
 pub mod log;
 pub mod metrics;
 pub mod queue;
+pub mod replication;
 pub mod server;
 pub mod shutdown;

@@ -18,6 +18,14 @@ pub mod storage {
     }
 }
 
+/// Peers-only packages (agent to agent, never served on the client port).
+pub mod peer {
+    /// Package `sluice.peer.v1`: the Raft transport between a partition's replicas.
+    pub mod v1 {
+        tonic::include_proto!("sluice.peer.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of all Sluice protos, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));

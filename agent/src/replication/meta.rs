@@ -1,0 +1,126 @@
+//! The vote and purge point of one replica, in a small file replaced atomically.
+//!
+//! Raft must never forget a vote (it could vote twice in one term), so the file is written to a
+//! temporary name, fsynced, renamed over the old one and the directory fsynced: a crash leaves
+//! either the old or the new content, never a torn one.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use sluice_proto::peer::v1::ReplicaMeta;
+
+/// Name of the meta file within a partition's replication directory.
+pub const META_FILE_NAME: &str = "raft-meta.pb";
+
+/// Errors reading or writing the meta file; each names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    /// An I/O operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file exists but does not decode (it is only ever replaced whole, so this is damage).
+    #[error("{path} does not decode: {source}")]
+    Corrupted {
+        /// The file.
+        path: PathBuf,
+        /// The decoder's error.
+        #[source]
+        source: prost::DecodeError,
+    },
+}
+
+/// The meta file of one replica.
+#[derive(Debug, Clone)]
+pub struct MetaFile {
+    dir: PathBuf,
+}
+
+impl MetaFile {
+    /// The meta file inside `dir` (created on first save).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// Path of the file.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(META_FILE_NAME)
+    }
+
+    /// Reads the saved meta; the default when the file does not exist yet.
+    pub fn load(&self) -> Result<ReplicaMeta, MetaError> {
+        let path = self.path();
+        match fs::read(&path) {
+            Ok(bytes) => ReplicaMeta::decode(bytes.as_slice())
+                .map_err(|source| MetaError::Corrupted { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ReplicaMeta::default()),
+            Err(source) => Err(MetaError::Io {
+                op: "read",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// Durably replaces the file with `meta`.
+    pub fn save(&self, meta: &ReplicaMeta) -> Result<(), MetaError> {
+        let io = |op, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| MetaError::Io { op, path, source }
+        };
+        fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
+        let tmp = self.dir.join(format!("{META_FILE_NAME}.tmp"));
+        let mut file = fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        file.write_all(&meta.encode_to_vec())
+            .map_err(io("write", &tmp))?;
+        file.sync_all().map_err(io("fsync", &tmp))?;
+        let path = self.path();
+        fs::rename(&tmp, &path).map_err(io("rename", &path))?;
+        // The rename is durable only once the directory entry is.
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync", &self.dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_proto::peer::v1::{LogId, Vote};
+
+    #[test]
+    fn a_saved_meta_is_read_back_and_a_missing_file_reads_as_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = MetaFile::new(dir.path().join("p0"));
+        assert_eq!(file.load().expect("load"), ReplicaMeta::default());
+        let meta = ReplicaMeta {
+            vote: Some(Vote {
+                term: 3,
+                node_id: Some(2),
+                committed: true,
+            }),
+            purged: Some(LogId { term: 2, index: 40 }),
+        };
+        file.save(&meta).expect("save");
+        assert_eq!(file.load().expect("load"), meta);
+    }
+
+    #[test]
+    fn a_damaged_meta_file_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = MetaFile::new(dir.path());
+        fs::write(file.path(), [0xff, 0xff, 0xff]).expect("write");
+        let err = file.load().unwrap_err();
+        assert!(err.to_string().contains(META_FILE_NAME), "{err}");
+    }
+}

@@ -1,0 +1,31 @@
+//! Replication: each partition is one Raft group (openraft, decision 0008).
+//!
+//! The replicated log *is* the partition log: every Raft entry is stored as one record of the
+//! partition's [`LogStore`](crate::log::LogStore), with the Raft term as the record's term and the
+//! encoded queue command as its data, so a message is written to disk once per replica.
+//! Raft-internal entries (a new leader's no-op, membership changes) are stored as
+//! `sluice.peer.v1.ControlEntry`, whose field numbers a `LogCommand` decoder skips, so they read
+//! as no-op commands to the queue layer.
+//!
+//! # Layout
+//! - [`types`]: the openraft type configuration.
+//! - [`codec`]: conversions between openraft values, log records and `sluice.peer.v1` messages.
+//! - [`meta`]: the small atomically replaced file holding the vote and the purge point.
+//! - [`log_store`]: openraft's log storage over a `LogStore`.
+//! - [`state_machine`]: applies committed entries to a partition's delivery state; snapshots.
+//! - [`network`]: the client side of the peer transport (tonic).
+//! - [`service`]: the server side, `sluice.peer.v1.Raft`, routing requests to groups.
+
+pub mod codec;
+pub mod log_store;
+pub mod meta;
+pub mod network;
+pub mod service;
+pub mod state_machine;
+pub mod types;
+
+pub use log_store::ReplicatedLog;
+pub use network::PeerNetwork;
+pub use service::{PeerService, RaftGroups};
+pub use state_machine::QueueStateMachine;
+pub use types::{NodeId, Raft, TypeConfig};

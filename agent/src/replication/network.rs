@@ -1,0 +1,187 @@
+//! The client side of the peer transport: openraft's network over tonic.
+//!
+//! One [`PeerNetwork`] per partition group; it hands openraft one [`PeerClient`] per target.
+//! Channels connect lazily and reconnect by themselves, so a peer that is down shows as
+//! `Unreachable` (openraft backs off) rather than failing the group.
+
+use openraft::BasicNode;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use sluice_proto::peer::v1 as pb;
+use sluice_proto::peer::v1::raft_client::RaftClient;
+use tonic::transport::{Channel, Endpoint};
+
+use super::codec;
+use super::types::{NodeId, TypeConfig};
+
+/// Builds clients to the peers of one partition group.
+#[derive(Debug, Clone)]
+pub struct PeerNetwork {
+    /// The group name every request carries, so one peer port serves many partitions.
+    group: String,
+}
+
+impl PeerNetwork {
+    /// The network of the group named `group` (the same name on every replica).
+    pub fn new(group: impl Into<String>) -> Self {
+        Self {
+            group: group.into(),
+        }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, _target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            group: self.group.clone(),
+            node: node.clone(),
+            client: None,
+        }
+    }
+}
+
+/// The connection of one group to one peer.
+pub struct PeerClient {
+    group: String,
+    node: BasicNode,
+    /// Created on first use; tonic reconnects the channel after failures.
+    client: Option<RaftClient<Channel>>,
+}
+
+/// An RPC error without a remote Raft error type (votes and appends use `RaftError`).
+type RpcError<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+
+impl PeerClient {
+    fn client(&mut self) -> Result<RaftClient<Channel>, tonic::transport::Error> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        // Fails only for an address that is no valid URI authority.
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.node.addr))?;
+        let client = RaftClient::new(endpoint.connect_lazy());
+        self.client = Some(client.clone());
+        Ok(client)
+    }
+
+    fn request<T>(&self, message: T, option: &RPCOption) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(option.hard_ttl());
+        request
+    }
+
+    /// Maps a failed call: transport trouble is `Unreachable` (openraft backs off before
+    /// retrying); any other status (the peer has no such group, or its Raft stopped) is a
+    /// network error, which openraft retries at its normal pace.
+    fn status<E: std::error::Error>(&self, status: tonic::Status) -> RpcError<E> {
+        match status.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                RPCError::Unreachable(Unreachable::new(&status))
+            }
+            _ => RPCError::Network(NetworkError::new(&status)),
+        }
+    }
+}
+
+fn decode_error<E: std::error::Error>(e: &codec::CodecError) -> RpcError<E> {
+    RPCError::Network(NetworkError::new(e))
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
+        let message = pb::AppendEntriesRequest {
+            group: self.group.clone(),
+            vote: Some(codec::vote_to_pb(&rpc.vote)),
+            prev_log_id: codec::opt_log_id_to_pb(&rpc.prev_log_id),
+            entries: rpc.entries.iter().map(codec::entry_to_pb).collect(),
+            leader_commit: codec::opt_log_id_to_pb(&rpc.leader_commit),
+        };
+        let request = self.request(message, &option);
+        let response = self
+            .client()
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?
+            .append_entries(request)
+            .await
+            .map_err(|s| self.status(s))?
+            .into_inner();
+        use pb::append_entries_response::Result as R;
+        match response.result {
+            Some(R::Success(_)) => Ok(AppendEntriesResponse::Success),
+            Some(R::PartialSuccess(p)) => Ok(AppendEntriesResponse::PartialSuccess(
+                codec::opt_log_id_from_pb(&p.matching),
+            )),
+            Some(R::Conflict(_)) => Ok(AppendEntriesResponse::Conflict),
+            Some(R::HigherVote(v)) => {
+                Ok(AppendEntriesResponse::HigherVote(codec::vote_from_pb(&v)))
+            }
+            None => Err(decode_error(&codec::CodecError::Missing {
+                message: "AppendEntriesResponse",
+                field: "result",
+            })),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcError<InstallSnapshotError>> {
+        let message = pb::InstallSnapshotRequest {
+            group: self.group.clone(),
+            vote: Some(codec::vote_to_pb(&rpc.vote)),
+            last_log_id: codec::opt_log_id_to_pb(&rpc.meta.last_log_id),
+            last_membership: Some(codec::stored_membership_to_pb(&rpc.meta.last_membership)),
+            snapshot_id: rpc.meta.snapshot_id.clone(),
+            offset: rpc.offset,
+            data: rpc.data,
+            done: rpc.done,
+        };
+        let request = self.request(message, &option);
+        let response = self
+            .client()
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?
+            .install_snapshot(request)
+            .await
+            .map_err(|s| self.status(s))?
+            .into_inner();
+        let vote = codec::required_vote(&response.vote, "InstallSnapshotResponse")
+            .map_err(|e| decode_error(&e))?;
+        Ok(InstallSnapshotResponse { vote })
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcError> {
+        let message = pb::VoteRequest {
+            group: self.group.clone(),
+            vote: Some(codec::vote_to_pb(&rpc.vote)),
+            last_log_id: codec::opt_log_id_to_pb(&rpc.last_log_id),
+        };
+        let request = self.request(message, &option);
+        let response = self
+            .client()
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?
+            .vote(request)
+            .await
+            .map_err(|s| self.status(s))?
+            .into_inner();
+        let vote =
+            codec::required_vote(&response.vote, "VoteResponse").map_err(|e| decode_error(&e))?;
+        Ok(VoteResponse {
+            vote,
+            vote_granted: response.vote_granted,
+            last_log_id: codec::opt_log_id_from_pb(&response.last_log_id),
+        })
+    }
+}

@@ -1,0 +1,223 @@
+//! The server side of the peer transport: `sluice.peer.v1.Raft`, routing each request to the
+//! Raft group it names.
+//!
+//! Served only on the peer port; requests for a group this agent does not host are refused with
+//! `NOT_FOUND` naming the group, so a misrouted peer learns it at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use openraft::SnapshotMeta;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
+};
+use sluice_proto::peer::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::codec::{self, CodecError};
+use super::types::Raft;
+
+/// The Raft groups this agent hosts, by group name. Clones share the registry.
+#[derive(Clone, Default)]
+pub struct RaftGroups {
+    groups: Arc<RwLock<HashMap<String, Raft>>>,
+}
+
+impl RaftGroups {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts routing requests for `group` to `raft` (replacing a previous instance, as when a
+    /// replica restarts in the same process).
+    pub fn insert(&self, group: impl Into<String>, raft: Raft) {
+        let mut groups = match self.groups.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        groups.insert(group.into(), raft);
+    }
+
+    /// Stops routing requests for `group`; returns its Raft if it was registered.
+    pub fn remove(&self, group: &str) -> Option<Raft> {
+        let mut groups = match self.groups.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        groups.remove(group)
+    }
+
+    fn get(&self, group: &str) -> Result<Raft, ServiceError> {
+        let groups = match self.groups.read() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        groups
+            .get(group)
+            .cloned()
+            .ok_or_else(|| ServiceError::UnknownGroup {
+                group: group.to_string(),
+            })
+    }
+}
+
+/// Why a peer request failed; becomes a `tonic::Status` in [`ServiceError::into_status`] only.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The request names a group this agent does not host.
+    #[error("this agent hosts no Raft group {group:?}")]
+    UnknownGroup {
+        /// The group.
+        group: String,
+    },
+    /// The request is malformed.
+    #[error("bad request: {0}")]
+    BadRequest(#[from] CodecError),
+    /// The local Raft could not handle it (shutting down, or a storage failure).
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+impl ServiceError {
+    /// The one place peer errors become statuses.
+    pub fn into_status(self) -> Status {
+        let message = self.to_string();
+        match self {
+            Self::UnknownGroup { .. } => Status::not_found(message),
+            Self::BadRequest(_) => Status::invalid_argument(message),
+            // Unavailable makes the caller treat this node as unreachable and back off.
+            Self::Raft(_) => Status::unavailable(message),
+        }
+    }
+}
+
+/// The `sluice.peer.v1.Raft` service over a [`RaftGroups`] registry.
+#[derive(Clone)]
+pub struct PeerService {
+    groups: RaftGroups,
+}
+
+impl PeerService {
+    /// A service routing to `groups`.
+    pub fn new(groups: RaftGroups) -> Self {
+        Self { groups }
+    }
+
+    /// The tonic server wrapper to add to a `Server` builder.
+    pub fn into_server(self) -> pb::raft_server::RaftServer<Self> {
+        pb::raft_server::RaftServer::new(self)
+    }
+
+    async fn append_entries(
+        &self,
+        req: pb::AppendEntriesRequest,
+    ) -> Result<pb::AppendEntriesResponse, ServiceError> {
+        let raft = self.groups.get(&req.group)?;
+        let vote = codec::required_vote(&req.vote, "AppendEntriesRequest")?;
+        let entries = req
+            .entries
+            .into_iter()
+            .map(codec::entry_from_pb)
+            .collect::<Result<Vec<_>, _>>()?;
+        let rpc = AppendEntriesRequest {
+            vote,
+            prev_log_id: codec::opt_log_id_from_pb(&req.prev_log_id),
+            entries,
+            leader_commit: codec::opt_log_id_from_pb(&req.leader_commit),
+        };
+        let response = raft
+            .append_entries(rpc)
+            .await
+            .map_err(|e| ServiceError::Raft(e.to_string()))?;
+        use pb::append_entries_response::Result as R;
+        let result = match response {
+            AppendEntriesResponse::Success => R::Success(pb::Empty {}),
+            AppendEntriesResponse::PartialSuccess(matching) => {
+                R::PartialSuccess(pb::PartialSuccess {
+                    matching: codec::opt_log_id_to_pb(&matching),
+                })
+            }
+            AppendEntriesResponse::Conflict => R::Conflict(pb::Empty {}),
+            AppendEntriesResponse::HigherVote(v) => R::HigherVote(codec::vote_to_pb(&v)),
+        };
+        Ok(pb::AppendEntriesResponse {
+            result: Some(result),
+        })
+    }
+
+    async fn vote(&self, req: pb::VoteRequest) -> Result<pb::VoteResponse, ServiceError> {
+        let raft = self.groups.get(&req.group)?;
+        let rpc = VoteRequest {
+            vote: codec::required_vote(&req.vote, "VoteRequest")?,
+            last_log_id: codec::opt_log_id_from_pb(&req.last_log_id),
+        };
+        let response = raft
+            .vote(rpc)
+            .await
+            .map_err(|e| ServiceError::Raft(e.to_string()))?;
+        Ok(pb::VoteResponse {
+            vote: Some(codec::vote_to_pb(&response.vote)),
+            vote_granted: response.vote_granted,
+            last_log_id: codec::opt_log_id_to_pb(&response.last_log_id),
+        })
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: pb::InstallSnapshotRequest,
+    ) -> Result<pb::InstallSnapshotResponse, ServiceError> {
+        let raft = self.groups.get(&req.group)?;
+        let rpc = InstallSnapshotRequest {
+            vote: codec::required_vote(&req.vote, "InstallSnapshotRequest")?,
+            meta: SnapshotMeta {
+                last_log_id: codec::opt_log_id_from_pb(&req.last_log_id),
+                last_membership: codec::stored_membership_from_pb(&req.last_membership),
+                snapshot_id: req.snapshot_id,
+            },
+            offset: req.offset,
+            data: req.data,
+            done: req.done,
+        };
+        let response = raft
+            .install_snapshot(rpc)
+            .await
+            .map_err(|e| ServiceError::Raft(e.to_string()))?;
+        Ok(pb::InstallSnapshotResponse {
+            vote: Some(codec::vote_to_pb(&response.vote)),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for PeerService {
+    async fn append_entries(
+        &self,
+        request: Request<pb::AppendEntriesRequest>,
+    ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        PeerService::append_entries(self, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(ServiceError::into_status)
+    }
+
+    async fn vote(
+        &self,
+        request: Request<pb::VoteRequest>,
+    ) -> Result<Response<pb::VoteResponse>, Status> {
+        PeerService::vote(self, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(ServiceError::into_status)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<pb::InstallSnapshotRequest>,
+    ) -> Result<Response<pb::InstallSnapshotResponse>, Status> {
+        PeerService::install_snapshot(self, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(ServiceError::into_status)
+    }
+}

@@ -1,0 +1,283 @@
+//! Applies committed Raft entries to a partition's delivery state, and snapshots it.
+//!
+//! The state machine is the queue layer's own [`PartitionState`]: the deterministic function
+//! of the log that a single agent replays on restart is what every replica applies as entries
+//! commit, so a new leader holds the same ready/in-flight/settled view as the old one.
+//!
+//! A snapshot is not a serialisation of `PartitionState` (which has none): it is the committed
+//! entries from the settled low-water mark to the last applied one. Those rebuild the delivery
+//! state exactly and carry the body of every unsettled message, which a follower installing the
+//! snapshot needs because the leader's log below the snapshot may be purged (decision 0008).
+
+use std::io::Cursor;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    BasicNode, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership,
+};
+use prost::Message;
+use sluice_proto::peer::v1 as pb;
+use sluice_proto::storage::v1::LogCommand;
+use tokio::sync::Mutex;
+
+use super::codec::{self, RaftEntry};
+use super::types::{Applied, NodeId, TypeConfig};
+use crate::log::LogStore;
+use crate::queue::state::{PartitionState, StateConfig};
+
+/// Upper bound of data bytes per log read while building a snapshot.
+const SNAPSHOT_READ_BYTES: usize = 4 << 20;
+
+/// Why a snapshot could not be built or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// An entry the snapshot must contain is no longer in the log.
+    #[error("entry {index} needed by the snapshot is missing from the partition log")]
+    Missing {
+        /// Its index.
+        index: u64,
+    },
+    /// A received snapshot does not decode.
+    #[error("snapshot {id} does not decode: {source}")]
+    Decode {
+        /// The snapshot id.
+        id: String,
+        /// The decoder's error.
+        #[source]
+        source: prost::DecodeError,
+    },
+    /// A snapshot entry is not a valid log entry.
+    #[error("snapshot {id}: {source}")]
+    Entry {
+        /// The snapshot id.
+        id: String,
+        /// What was wrong.
+        #[source]
+        source: codec::CodecError,
+    },
+}
+
+/// What the state machine holds; one lock, since openraft applies from one task.
+struct Inner {
+    /// The delivery state.
+    state: PartitionState,
+    /// Last applied entry.
+    last_applied: Option<LogId<NodeId>>,
+    /// Membership as of `last_applied`.
+    membership: StoredMembership<NodeId, BasicNode>,
+    /// The latest snapshot built or installed (kept in memory for now, see decision 0008).
+    snapshot: Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>,
+}
+
+/// The state machine of one partition's Raft group. Clones share the state.
+#[derive(Clone)]
+pub struct QueueStateMachine {
+    inner: Arc<Mutex<Inner>>,
+    /// Settings to build a fresh `PartitionState` when a snapshot replaces the state.
+    config: StateConfig,
+    /// Read by snapshots for the entries they carry.
+    log: Arc<dyn LogStore>,
+    /// The lowest unsettled offset, published after each apply for the log's physical purge.
+    purge_floor: Arc<AtomicU64>,
+    /// Counter to make snapshot ids unique within this process.
+    snapshots_built: Arc<AtomicU64>,
+}
+
+impl QueueStateMachine {
+    /// A state machine with nothing applied, over the partition log it snapshots from.
+    pub fn new(config: StateConfig, log: Arc<dyn LogStore>) -> Self {
+        let first = log.first_index();
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                state: PartitionState::new(config, first),
+                last_applied: None,
+                membership: StoredMembership::default(),
+                snapshot: None,
+            })),
+            config,
+            log,
+            purge_floor: Arc::new(AtomicU64::new(first)),
+            snapshots_built: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The purge floor to share with [`ReplicatedLog`](super::ReplicatedLog).
+    pub fn purge_floor(&self) -> Arc<AtomicU64> {
+        self.purge_floor.clone()
+    }
+
+    /// Partition-log index of the last applied entry (0 when none).
+    pub async fn applied_index(&self) -> u64 {
+        let inner = self.inner.lock().await;
+        inner.last_applied.map_or(0, |l| codec::log_index(l.index))
+    }
+
+    /// Runs `f` on the delivery state (for the queue layer and tests).
+    pub async fn with_state<R>(&self, f: impl FnOnce(&PartitionState) -> R) -> R {
+        f(&self.inner.lock().await.state)
+    }
+}
+
+fn apply_one(inner: &mut Inner, entry: &RaftEntry) -> Result<Applied, prost::DecodeError> {
+    // The delivery state is keyed by partition-log index (a message's offset).
+    let index = codec::log_index(entry.log_id.index);
+    match &entry.payload {
+        EntryPayload::Normal(data) => {
+            // The leader validates commands before proposing them, so a committed entry that
+            // does not decode is damage, not input: stop rather than diverge.
+            let command = LogCommand::decode(data.as_ref())?;
+            inner.state.apply(index, &command);
+        }
+        EntryPayload::Blank => inner.state.apply(index, &LogCommand::default()),
+        EntryPayload::Membership(m) => {
+            inner.state.apply(index, &LogCommand::default());
+            inner.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+        }
+    }
+    inner.last_applied = Some(entry.log_id);
+    Ok(Applied { index })
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for QueueStateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let mut inner = self.inner.lock().await;
+        let last = inner.last_applied;
+        // Partition-log indices: from the lowest unsettled offset to the last applied entry.
+        let from = inner.state.low_water().max(self.log.first_index());
+        let upto = last.map_or(0, |l| codec::log_index(l.index));
+        let mut entries = Vec::new();
+        let mut next = from;
+        while next <= upto {
+            let want = (upto + 1 - next) as usize;
+            let batch = self
+                .log
+                .read_range(next, want, SNAPSHOT_READ_BYTES)
+                .map_err(|e| StorageIOError::read_state_machine(&e))?;
+            if batch.is_empty() {
+                let e = SnapshotError::Missing { index: next };
+                return Err(StorageIOError::read_state_machine(&e).into());
+            }
+            for record in batch.into_iter().take_while(|r| r.index <= upto) {
+                next = record.index + 1;
+                // Snapshot entries carry Raft indices, like entries on the wire.
+                entries.push(pb::Entry {
+                    term: record.term,
+                    index: codec::raft_index(record.index),
+                    data: record.data.to_vec(),
+                });
+            }
+        }
+        let data = pb::Snapshot {
+            last_log_id: codec::opt_log_id_to_pb(&last),
+            last_membership: Some(codec::stored_membership_to_pb(&inner.membership)),
+            entries,
+        }
+        .encode_to_vec();
+        let seq = self.snapshots_built.fetch_add(1, Ordering::Relaxed);
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: inner.membership.clone(),
+            snapshot_id: format!("{}-{upto}-{seq}", last.map_or(0, |l| l.leader_id.term)),
+        };
+        inner.snapshot = Some((meta.clone(), data.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for QueueStateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError<NodeId>>
+    {
+        let inner = self.inner.lock().await;
+        Ok((inner.last_applied, inner.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Applied>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = RaftEntry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut inner = self.inner.lock().await;
+        let mut out = Vec::new();
+        for entry in entries {
+            let applied = apply_one(&mut inner, &entry)
+                .map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
+            out.push(applied);
+        }
+        self.purge_floor
+            .store(inner.state.low_water(), Ordering::Release);
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let data = snapshot.into_inner();
+        let invalid = |e: &SnapshotError| StorageIOError::read_snapshot(Some(meta.signature()), e);
+        let decoded = pb::Snapshot::decode(data.as_slice()).map_err(|source| {
+            invalid(&SnapshotError::Decode {
+                id: meta.snapshot_id.clone(),
+                source,
+            })
+        })?;
+        let first = decoded.entries.first().map_or(
+            meta.last_log_id
+                .map_or(1, |l| codec::log_index(l.index + 1)),
+            |e| codec::log_index(e.index),
+        );
+        let mut state = PartitionState::new(self.config, first);
+        for entry in decoded.entries {
+            let entry = codec::entry_from_pb(entry).map_err(|source| {
+                invalid(&SnapshotError::Entry {
+                    id: meta.snapshot_id.clone(),
+                    source,
+                })
+            })?;
+            let command = match &entry.payload {
+                EntryPayload::Normal(data) => LogCommand::decode(data.as_ref())
+                    .map_err(|e| StorageIOError::apply(entry.log_id, &e))?,
+                _ => LogCommand::default(),
+            };
+            state.apply(codec::log_index(entry.log_id.index), &command);
+        }
+        let mut inner = self.inner.lock().await;
+        inner.state = state;
+        inner.last_applied = meta.last_log_id;
+        inner.membership = meta.last_membership.clone();
+        inner.snapshot = Some((meta.clone(), data));
+        self.purge_floor
+            .store(inner.state.low_water(), Ordering::Release);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let inner = self.inner.lock().await;
+        Ok(inner.snapshot.as_ref().map(|(meta, data)| Snapshot {
+            meta: meta.clone(),
+            snapshot: Box::new(Cursor::new(data.clone())),
+        }))
+    }
+}
