@@ -298,3 +298,7 @@ impl RaftLogStorage<TypeConfig> for ReplicatedLog {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "log_store_test.rs"]
+mod tests;

@@ -281,3 +281,7 @@ impl RaftStateMachine<TypeConfig> for QueueStateMachine {
         }))
     }
 }
+
+#[cfg(test)]
+#[path = "state_machine_test.rs"]
+mod tests;
