@@ -1,0 +1,109 @@
+//! The peers-only `sluice.peer.v1.Raft` service refuses what it cannot route or decode, with a
+//! status naming the group or field, over real gRPC on loopback.
+
+use sluice_agent::replication::{PeerService, RaftGroups};
+use sluice_proto::peer::v1::raft_client::RaftClient;
+use sluice_proto::peer::v1::{AppendEntriesRequest, Vote, VoteRequest};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Serves a peer service with no groups and returns a client to it.
+async fn serve_empty() -> RaftClient<tonic::transport::Channel> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let service = PeerService::new(RaftGroups::new()).into_server();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    RaftClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect")
+}
+
+#[tokio::test]
+async fn a_request_for_a_group_this_agent_does_not_host_is_not_found_naming_the_group() {
+    let mut client = serve_empty().await;
+    let status = client
+        .vote(VoteRequest {
+            group: "orders/7".into(),
+            vote: Some(Vote {
+                term: 1,
+                node_id: Some(1),
+                committed: false,
+            }),
+            last_log_id: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert!(status.message().contains("\"orders/7\""), "{status:?}");
+}
+
+#[tokio::test]
+async fn an_append_without_a_vote_is_an_invalid_argument_naming_the_field() {
+    // A hosted group is needed to get past routing, so start a one-node Raft with no peers.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let groups = RaftGroups::new();
+    let raft = single_node(dir.path()).await;
+    groups.insert("orders/0", raft.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(PeerService::new(groups).into_server())
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let mut client = RaftClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let status = client
+        .append_entries(AppendEntriesRequest {
+            group: "orders/0".into(),
+            vote: None,
+            prev_log_id: None,
+            entries: vec![],
+            leader_commit: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("AppendEntriesRequest.vote"),
+        "{status:?}"
+    );
+    raft.shutdown().await.expect("shutdown");
+}
+
+async fn single_node(dir: &std::path::Path) -> sluice_agent::replication::Raft {
+    use std::sync::Arc;
+
+    use sluice_agent::config::LogConfig;
+    use sluice_agent::log::{FileLog, LogStore};
+    use sluice_agent::queue::state::StateConfig;
+    use sluice_agent::replication::meta::MetaFile;
+    use sluice_agent::replication::{PeerNetwork, QueueStateMachine, Raft, ReplicatedLog};
+
+    let (log, _) = FileLog::open(&dir.join("log"), LogConfig::default()).expect("open log");
+    let log: Arc<dyn LogStore> = Arc::new(log);
+    let config = StateConfig {
+        ack_timeout_ms: 30_000,
+        max_deliveries: 0,
+        has_dead_letter_queue: false,
+        dedup_window_ms: 0,
+    };
+    let machine = QueueStateMachine::new(config, log.clone());
+    let store = ReplicatedLog::open(log, MetaFile::new(dir.join("raft")), machine.purge_floor())
+        .expect("open meta");
+    let raft_config = openraft::Config::default().validate().expect("config");
+    Raft::new(
+        1,
+        Arc::new(raft_config),
+        PeerNetwork::new("orders/0"),
+        store,
+        machine,
+    )
+    .await
+    .expect("start raft")
+}
