@@ -14,10 +14,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(protos, ["."])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    // The encoded descriptor set feeds gRPC server reflection.
+    // The encoded descriptor set feeds gRPC server reflection on the client port, which must
+    // not advertise the peers-only Raft service it does not serve.
+    let mut reflected = fds.clone();
+    reflected.file.retain(|f| f.package() != "sluice.peer.v1");
     std::fs::write(
         out.join("sluice_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
+        prost::Message::encode_to_vec(&reflected),
     )?;
     tonic_prost_build::configure()
         .build_client(true)

@@ -26,6 +26,7 @@ pub mod peer {
     }
 }
 
-/// Encoded `FileDescriptorSet` of all Sluice protos, for gRPC server reflection.
+/// Encoded `FileDescriptorSet` of the Sluice protos served on the client port (not the
+/// peers-only `sluice.peer.v1`), for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/sluice_descriptor.bin"));
