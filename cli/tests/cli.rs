@@ -161,9 +161,10 @@ fn runtime_errors_exit_1_naming_the_cause() {
     let output = local.sluice(&["publish", "missing", "x"], "");
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("error: queue \"missing\" not found (NOT_FOUND)"),
-        "{stderr}"
+    assert_eq!(
+        stderr.trim_end(),
+        "error: queue \"missing\" not found (NOT_FOUND)",
+        "one line naming the cause, said once"
     );
 
     let output = local.sluice(&["declare", "Bad Name"], "");

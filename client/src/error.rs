@@ -24,9 +24,10 @@ pub enum Error {
         #[source]
         source: tonic::transport::Error,
     },
-    /// The server answered with an error status.
+    /// The server answered with an error status. Not marked `#[source]`: the message already
+    /// says everything the status does, and error-chain printers would repeat it.
     #[error("{} ({})", .0.message(), code_name(.0.code()))]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
     /// One message of a publish was refused; the others of the batch may have been confirmed.
     #[error("message {index} rejected: {message} ({})", code_name(*code))]
     Rejected {
@@ -40,6 +41,12 @@ pub enum Error {
     /// A stream ended (server shut down or connection lost) before the answer arrived.
     #[error("the {0} stream closed before answering")]
     Closed(&'static str),
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        Self::Status(status)
+    }
 }
 
 impl Error {
@@ -99,6 +106,10 @@ mod tests {
         let err = Error::from(tonic::Status::not_found("queue \"x\" not found"));
         assert_eq!(err.to_string(), "queue \"x\" not found (NOT_FOUND)");
         assert_eq!(err.code(), Some(tonic::Code::NotFound));
+        assert!(
+            std::error::Error::source(&err).is_none(),
+            "a status must not repeat itself as a source in `{{err:#}}` output"
+        );
         let err = Error::Rejected {
             index: 2,
             code: tonic::Code::ResourceExhausted,
