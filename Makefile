@@ -1,6 +1,6 @@
 # Sluice developer commands. `make verify` is the read-only gate CI runs unchanged;
 # `make fix` is its mutating twin.
-.PHONY: help verify tools fix fmt-check clippy test crds local bench faults
+.PHONY: help verify tools fix fmt-check clippy test crds local bench
 
 CARGO ?= cargo
 
@@ -35,6 +35,3 @@ local: ## run Sluice on this machine (same as the README's run command)
 
 bench: ## benchmark Sluice against peers (see bench/README.md)
 	$(CARGO) run --release -p sluice-bench --
-
-faults: ## slow fault-injection tests (opt-in)
-	SLUICE_SLOW_TESTS=1 $(CARGO) test --workspace --release -- --include-ignored
