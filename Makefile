@@ -34,4 +34,5 @@ local: ## run Sluice on this machine (same as the README's run command)
 	$(CARGO) run --release -p sluice -- local
 
 bench: ## benchmark Sluice against peers (see bench/README.md)
-	$(CARGO) run --release -p sluice-bench --
+	$(CARGO) build --release -p sluice-agent -p sluice-bench
+	target/release/sluice-bench
