@@ -8,7 +8,7 @@ use sluice_agent::broker::{
 };
 use sluice_agent::config::{FsyncPolicy, LogConfig};
 use sluice_agent::queue::clock::ManualClock;
-use sluice_proto::v1::{Delivery, DeliveryTag, Message, QueueSpec, Settle, SettleAction};
+use sluice_proto::v1::{Delivery, DeliveryTag, Message, QueueSpec, Settle, SettleAction, Stats};
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -57,6 +57,11 @@ fn body(d: &Delivery) -> String {
 
 fn tag(d: &Delivery) -> DeliveryTag {
     d.tag.expect("tag")
+}
+
+/// The queue's summed counters.
+fn totals(broker: &Broker, queue: &str) -> Stats {
+    broker.stats(queue).expect("stats").total.expect("total")
 }
 
 fn drain(sub: &mut Subscription) -> Vec<Delivery> {
@@ -166,15 +171,7 @@ async fn a_corrupted_segment_takes_only_its_queue_offline_naming_file_and_offset
         .await
         .expect("the other queue works");
     assert_eq!(confirms[0].code, 0);
-    assert_eq!(
-        broker
-            .stats("good")
-            .expect("stats")
-            .total
-            .expect("total")
-            .ready,
-        21
-    );
+    assert_eq!(totals(&broker, "good").ready, 21);
 }
 
 #[tokio::test]
@@ -240,16 +237,7 @@ async fn bad_specs_and_messages_are_refused_by_field_and_change_nothing() {
         confirms[1].error
     );
     assert_eq!(confirms[2].code, tonic::Code::ResourceExhausted as i32);
-    assert_eq!(
-        broker
-            .stats("q")
-            .expect("stats")
-            .total
-            .expect("total")
-            .ready,
-        1,
-        "only the good one"
-    );
+    assert_eq!(totals(&broker, "q").ready, 1, "only the good one");
 
     let err = broker
         .publish("nope", vec![text("x")])
@@ -288,15 +276,7 @@ async fn idempotency_keys_confirm_duplicates_with_the_first_id() {
         .expect("publish");
     assert!(again[0].duplicate);
     assert_eq!(again[0].id, first[0].id);
-    assert_eq!(
-        broker
-            .stats("q")
-            .expect("stats")
-            .total
-            .expect("total")
-            .ready,
-        1
-    );
+    assert_eq!(totals(&broker, "q").ready, 1);
 }
 
 #[tokio::test]
@@ -340,7 +320,7 @@ async fn max_deliveries_moves_the_message_to_a_consumable_dead_letter_queue() {
         (d.dead_letter_source.as_str(), d.dead_letter_reason.as_str()),
         ("work", "max-deliveries")
     );
-    let stats = broker.stats("work").expect("stats").total.expect("total");
+    let stats = totals(&broker, "work");
     assert_eq!(
         (stats.dead_lettered, stats.ready, stats.in_flight),
         (1, 0, 0)
@@ -363,15 +343,7 @@ async fn a_5000_message_backlog_survives_a_restart_in_order() {
         broker.shutdown().await;
     }
     let broker = open(dir.path(), &clock).await.expect("reopen");
-    assert_eq!(
-        broker
-            .stats("deep")
-            .expect("stats")
-            .total
-            .expect("total")
-            .ready,
-        5000
-    );
+    assert_eq!(totals(&broker, "deep").ready, 5000);
     let mut sub = broker
         .subscribe("deep", 10_000, "t")
         .await
@@ -414,15 +386,7 @@ async fn segments_are_deleted_once_their_messages_are_acked() {
         after < before && after <= 2,
         "before {before}, after {after}"
     );
-    assert_eq!(
-        broker
-            .stats("q")
-            .expect("stats")
-            .total
-            .expect("total")
-            .bytes,
-        0
-    );
+    assert_eq!(totals(&broker, "q").bytes, 0);
 }
 
 #[tokio::test]
