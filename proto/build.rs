@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "sluice/v1/sluice.proto",
         "sluice/storage/v1/log.proto",
         "sluice/peer/v1/peer.proto",
+        "sluice/peer/v1/cluster.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
