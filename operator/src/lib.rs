@@ -9,9 +9,11 @@
 //! - [`status`]: the observed status and conditions, computed without any API call.
 //! - [`agent_admin`]: the operator's calls into the agents (stats now; membership later).
 //! - [`rbac`]: every Kubernetes API call the operator makes, for the chart's RBAC.
+//! - [`args`]: the operator's flags.
 //! - [`metrics`], [`telemetry`], [`http`], [`leader`]: the operator process around the controller.
 
 pub mod agent_admin;
+pub mod args;
 pub mod builders;
 pub mod controller;
 pub mod crd;

@@ -1,12 +1,9 @@
 //! `sluice-operator`: runs the MessageQueue controller under leader election, with `/metrics`,
 //! `/healthz` and `/readyz`, until SIGTERM or Ctrl-C.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
 };
 
 use anyhow::Context as _;
@@ -15,71 +12,16 @@ use futures::FutureExt;
 use kube::{Client, runtime::events::Reporter};
 use sluice_operator::{
     agent_admin::GrpcAgentAdmin,
+    args::Args,
     controller::{self, Context},
     http::{HttpState, router},
     leader::{self, LeaseConfig},
     metrics::Metrics,
-    settings::{AGENT_IMAGE_DEFAULT, Settings},
-    telemetry::{self, LogFormat},
+    settings::Settings,
+    telemetry,
 };
 use tokio::sync::watch;
 use tracing::info;
-
-/// Command-line flags; each can also be set through its `SLUICE_OPERATOR_*` variable.
-#[derive(Debug, Parser)]
-#[command(
-    name = "sluice-operator",
-    version,
-    about = "Reconciles MessageQueue resources into Sluice agent clusters"
-)]
-struct Args {
-    /// Watch only this namespace; all namespaces when unset.
-    #[arg(long, env = "SLUICE_OPERATOR_NAMESPACE")]
-    namespace: Option<String>,
-    /// Address of the `/metrics`, `/healthz` and `/readyz` endpoints.
-    #[arg(
-        long,
-        env = "SLUICE_OPERATOR_HTTP_LISTEN",
-        default_value = "0.0.0.0:8080"
-    )]
-    http_listen: SocketAddr,
-    /// Contend for a Lease before reconciling (disable only for a single replica in development).
-    #[arg(long, env = "SLUICE_OPERATOR_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
-    leader_election: bool,
-    /// Namespace of the leader Lease (the operator's own; the chart sets it from the downward API).
-    #[arg(
-        long,
-        env = "SLUICE_OPERATOR_LEASE_NAMESPACE",
-        default_value = "default"
-    )]
-    lease_namespace: String,
-    /// Name of the leader Lease.
-    #[arg(
-        long,
-        env = "SLUICE_OPERATOR_LEASE_NAME",
-        default_value = "sluice-operator"
-    )]
-    lease_name: String,
-    /// This replica's identity in the Lease (the chart sets the pod name).
-    #[arg(long, env = "SLUICE_OPERATOR_POD_NAME")]
-    identity: Option<String>,
-    /// Agent image for MessageQueues that do not set `spec.image`.
-    #[arg(long, env = "SLUICE_OPERATOR_AGENT_IMAGE", default_value = AGENT_IMAGE_DEFAULT)]
-    agent_image: String,
-    /// DNS suffix of the cluster, for the agents' peer names.
-    #[arg(
-        long,
-        env = "SLUICE_OPERATOR_CLUSTER_DOMAIN",
-        default_value = "cluster.local"
-    )]
-    cluster_domain: String,
-    /// Log format.
-    #[arg(long, env = "SLUICE_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
-    log_format: LogFormat,
-    /// Log level filter (overridden by `RUST_LOG`).
-    #[arg(long, env = "SLUICE_OPERATOR_LOG_LEVEL", default_value = "info")]
-    log_level: String,
-}
 
 /// Resolves on SIGTERM (how Kubernetes stops a pod) or Ctrl-C.
 async fn shutdown_signal() {

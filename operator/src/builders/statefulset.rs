@@ -64,6 +64,35 @@ pub mod env {
     pub const PEER_LISTEN: &str = "SLUICE_PEER_LISTEN";
     /// Path of the queue definitions file.
     pub const QUEUES_FILE: &str = "SLUICE_QUEUES_FILE";
+    /// Copies of every partition.
+    pub const REPLICATION_FACTOR: &str = "SLUICE_REPLICATION_FACTOR";
+    /// The agent's own client address, handed to clients in redirects.
+    pub const ADVERTISE: &str = "SLUICE_ADVERTISE";
+}
+
+/// The agents' replication factor: the largest effective factor of the MessageQueue's queues.
+/// The agent applies one factor to every partition it places, so a queue asking for fewer
+/// copies gets more rather than a queue asking for more getting fewer (the definitions file
+/// still carries each queue's own factor).
+pub fn replication_factor(mq: &MessageQueue, names: &Names) -> i32 {
+    mq.spec
+        .effective_queues(&names.instance)
+        .iter()
+        .map(|q| q.effective_replication_factor(mq.spec.replicas))
+        .max()
+        .unwrap_or(1)
+}
+
+/// The agent's client address: its stable DNS name through the headless Service and the gRPC
+/// port. Kubernetes expands `$(SLUICE_POD_NAME)` because that variable comes earlier in the
+/// container's env list.
+pub fn advertise_address(names: &Names, cluster_domain: &str) -> String {
+    format!(
+        "$({}).{}.{}.svc.{cluster_domain}:{GRPC_PORT}",
+        env::POD_NAME,
+        names.headless_service(),
+        names.namespace
+    )
 }
 
 fn container_port(name: &str, port: i32) -> ContainerPort {
@@ -159,6 +188,15 @@ fn agent_container(mq: &MessageQueue, names: &Names, settings: &Settings) -> Con
             env_value(
                 env::QUEUES_FILE,
                 format!("{CONFIG_MOUNT_PATH}/{QUEUES_FILE_KEY}"),
+            ),
+            env_value(
+                env::REPLICATION_FACTOR,
+                replication_factor(mq, names).to_string(),
+            ),
+            // Must stay after POD_NAME: `$(VAR)` only expands variables defined before it.
+            env_value(
+                env::ADVERTISE,
+                advertise_address(names, &settings.cluster_domain),
             ),
         ]),
         resources: mq.spec.resources.clone(),

@@ -187,3 +187,45 @@ fn agents_spread_over_zones_and_nodes_without_blocking_small_clusters() {
 fn there_is_no_placeholder_prestop_hook() {
     assert_eq!(agent(&build_default(serde_json::json!({}))).lifecycle, None);
 }
+
+#[test]
+fn replication_factor_env_is_the_largest_effective_factor_of_the_queues() {
+    let factor = |spec| {
+        env_of(&agent(&build_default(spec)), env::REPLICATION_FACTOR)
+            .value
+            .unwrap()
+    };
+    // No queues: the default queue's factor, min(3, replicas).
+    assert_eq!(factor(serde_json::json!({"replicas": 2})), "2");
+    assert_eq!(factor(serde_json::json!({"replicas": 5})), "3");
+    assert_eq!(
+        factor(serde_json::json!({"replicas": 5, "queues": [
+            {"name": "a", "replicationFactor": 1},
+            {"name": "b", "replicationFactor": 5},
+            {"name": "c"}
+        ]})),
+        "5"
+    );
+}
+
+#[test]
+fn advertise_env_names_the_pod_through_the_headless_service_after_pod_name() {
+    let c = agent(&build_default(serde_json::json!({"replicas": 3})));
+    assert_eq!(
+        env_of(&c, env::ADVERTISE).value.as_deref(),
+        Some("$(SLUICE_POD_NAME).orders-peers.shop.svc.cluster.local:7070")
+    );
+    // Kubernetes expands `$(VAR)` only for variables defined earlier in the list.
+    let order: Vec<&str> = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
+    let position = |name| order.iter().position(|n| *n == name).unwrap();
+    assert!(
+        position(env::POD_NAME) < position(env::ADVERTISE),
+        "{order:?}"
+    );
+}
