@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! <data>/LOCK                                   exclusive lock of the running agent
+//! <data>/meta/log/, <data>/meta/raft-meta.pb     the cluster catalog's Raft group (cluster mode)
 //! <data>/queues/<queue>/spec.pb                 the queue's QueueSpec (protobuf), atomically replaced
 //! <data>/queues/<queue>/p-0003/                 partition 3's log directory
 //! <data>/queues/<queue>/p-0003/00000000000000000001.log   segment whose first entry has index 1
@@ -34,6 +35,11 @@ impl Layout {
     /// The lock file that keeps two agents off one directory.
     pub fn lock_file(&self) -> PathBuf {
         self.root.join("LOCK")
+    }
+
+    /// Directory of the cluster's meta Raft group (`log/` and its `raft-meta.pb`).
+    pub fn meta_dir(&self) -> PathBuf {
+        self.root.join("meta")
     }
 
     /// Directory holding all queues.

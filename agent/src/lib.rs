@@ -7,6 +7,7 @@
 //! become the replicated Raft log without writing messages twice.
 //!
 //! # Layout
+//! - [`cluster`]: cluster mode — peers, placement, the replicated catalog (meta group).
 //! - [`config`]: command-line flags and `SLUICE_*` environment variables, durability knobs.
 //! - [`layout`]: every path under the data directory.
 //! - [`log`]: the storage engine — record format, segments, group-commit writer, recovery.
@@ -20,6 +21,7 @@
 //! - [`shutdown`]: the shared shutdown signal.
 
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod grpc;
 pub mod layout;

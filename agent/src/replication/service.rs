@@ -48,7 +48,8 @@ impl RaftGroups {
         groups.remove(group)
     }
 
-    fn get(&self, group: &str) -> Result<Raft, ServiceError> {
+    /// The Raft of `group`; `UnknownGroup` when this agent does not host it.
+    pub fn get(&self, group: &str) -> Result<Raft, ServiceError> {
         let groups = match self.groups.read() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),

@@ -1,0 +1,426 @@
+//! Who this agent is within its cluster, and who its peers are, from the flags the operator sets.
+//!
+//! A StatefulSet gives every pod a stable name ending in its ordinal (`orders-2`), and the
+//! operator passes every pod's peer endpoint in ordinal order, so a node id is both the number
+//! after the pod name's last `-` and a position in `--peers`. Everything is checked here, once, so
+//! a mis-set pod fails at start with a message naming the flag instead of joining the wrong group.
+
+use std::net::SocketAddr;
+
+/// Replicas per partition when `--replication-factor` is not given (fewer agents: all of them).
+pub const REPLICATION_FACTOR_DEFAULT: u32 = 3;
+
+/// The cluster-mode settings of one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// This agent's node id: its ordinal, and its position in `peers`.
+    pub node_id: u64,
+    /// Every agent's peer (replication) endpoint, `host:port`, in node-id order.
+    pub peers: Vec<String>,
+    /// Where this agent's peers-only gRPC service listens.
+    pub peer_listen: SocketAddr,
+    /// This agent's client address, handed to clients in redirects.
+    pub advertise: String,
+    /// Replicas per partition, `1..=peers.len()`.
+    pub replication_factor: u32,
+}
+
+/// Why the cluster flags do not describe a valid cluster; each names the flag at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterConfigError {
+    /// The pod name does not end in `-<ordinal>`.
+    #[error(
+        "--pod-name {pod_name:?}: no ordinal after the last '-' (expected a StatefulSet pod name such as \"sluice-0\")"
+    )]
+    PodNameWithoutOrdinal {
+        /// The name given.
+        pod_name: String,
+    },
+    /// `--peers` lists no endpoint.
+    #[error("--peers: no peer endpoints given")]
+    NoPeers,
+    /// The ordinal has no entry in `--peers`.
+    #[error(
+        "--pod-name {pod_name:?}: ordinal {node_id} but --peers lists only {peers} endpoints (ordinals 0..{peers})"
+    )]
+    OrdinalOutOfRange {
+        /// The pod name.
+        pod_name: String,
+        /// Its ordinal.
+        node_id: u64,
+        /// How many peers are listed.
+        peers: usize,
+    },
+    /// An entry of `--peers` is empty (as in `a:1,,b:2`).
+    #[error("--peers[{position}]: empty entry")]
+    EmptyPeer {
+        /// Its position (= the node id it would be).
+        position: usize,
+    },
+    /// An entry of `--peers` is not `host:port`.
+    #[error("--peers[{position}] {value:?}: {reason}")]
+    BadPeer {
+        /// Its position.
+        position: usize,
+        /// The entry.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Two entries of `--peers` name the same endpoint.
+    #[error("--peers[{position}] {value:?}: same endpoint as --peers[{first}]")]
+    DuplicatePeer {
+        /// The later position.
+        position: usize,
+        /// The earlier one.
+        first: usize,
+        /// The endpoint.
+        value: String,
+    },
+    /// `--advertise` is not `host:port`.
+    #[error("--advertise {value:?}: {reason}")]
+    BadAdvertise {
+        /// The value given.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The replication factor is 0 or larger than the number of agents.
+    #[error("--replication-factor {value}: must be between 1 and the number of peers ({peers})")]
+    BadReplicationFactor {
+        /// The value given.
+        value: u32,
+        /// How many peers are listed.
+        peers: usize,
+    },
+}
+
+impl ClusterConfig {
+    /// Checks the cluster flags and derives the node id, the advertised client address (default:
+    /// this agent's peer host with the port of `client_listen`) and the replication factor
+    /// (default: `min(3, peers)`).
+    pub fn new(
+        pod_name: &str,
+        peers: Vec<String>,
+        peer_listen: SocketAddr,
+        advertise: Option<String>,
+        client_listen: SocketAddr,
+        replication_factor: Option<u32>,
+    ) -> Result<Self, ClusterConfigError> {
+        let node_id = ordinal(pod_name)?;
+        let peers = check_peers(peers)?;
+        let own = usize::try_from(node_id)
+            .ok()
+            .and_then(|i| peers.get(i))
+            .ok_or_else(|| ClusterConfigError::OrdinalOutOfRange {
+                pod_name: pod_name.to_owned(),
+                node_id,
+                peers: peers.len(),
+            })?;
+        let advertise = match advertise {
+            Some(value) => {
+                let value = value.trim().to_owned();
+                split_host_port(&value).map_err(|reason| ClusterConfigError::BadAdvertise {
+                    value: value.clone(),
+                    reason,
+                })?;
+                value
+            }
+            None => {
+                // Checked by check_peers, so the split cannot fail; keep the error path anyway.
+                let (host, _) =
+                    split_host_port(own).map_err(|reason| ClusterConfigError::BadAdvertise {
+                        value: own.clone(),
+                        reason,
+                    })?;
+                if host.contains(':') {
+                    format!("[{host}]:{}", client_listen.port())
+                } else {
+                    format!("{host}:{}", client_listen.port())
+                }
+            }
+        };
+        let count = peers.len();
+        let replication_factor = replication_factor.unwrap_or_else(|| {
+            REPLICATION_FACTOR_DEFAULT.min(u32::try_from(count).unwrap_or(u32::MAX))
+        });
+        if replication_factor == 0 || replication_factor as usize > count {
+            return Err(ClusterConfigError::BadReplicationFactor {
+                value: replication_factor,
+                peers: count,
+            });
+        }
+        Ok(Self {
+            node_id,
+            peers,
+            peer_listen,
+            advertise,
+            replication_factor,
+        })
+    }
+
+    /// Every node id of the cluster, `0..peers.len()`.
+    pub fn node_ids(&self) -> Vec<u64> {
+        (0..self.peers.len() as u64).collect()
+    }
+
+    /// The peer endpoint of `node_id`, if it is a member.
+    pub fn peer(&self, node_id: u64) -> Option<&str> {
+        usize::try_from(node_id)
+            .ok()
+            .and_then(|i| self.peers.get(i))
+            .map(String::as_str)
+    }
+}
+
+/// The ordinal of a StatefulSet pod name: the digits after its last `-`.
+fn ordinal(pod_name: &str) -> Result<u64, ClusterConfigError> {
+    let bad = || ClusterConfigError::PodNameWithoutOrdinal {
+        pod_name: pod_name.to_owned(),
+    };
+    let (_, digits) = pod_name.rsplit_once('-').ok_or_else(bad)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    digits.parse().map_err(|_| bad())
+}
+
+fn check_peers(peers: Vec<String>) -> Result<Vec<String>, ClusterConfigError> {
+    if peers.is_empty() {
+        return Err(ClusterConfigError::NoPeers);
+    }
+    let mut out: Vec<String> = Vec::with_capacity(peers.len());
+    for (position, peer) in peers.into_iter().enumerate() {
+        let value = peer.trim().to_owned();
+        if value.is_empty() {
+            return Err(ClusterConfigError::EmptyPeer { position });
+        }
+        split_host_port(&value).map_err(|reason| ClusterConfigError::BadPeer {
+            position,
+            value: value.clone(),
+            reason,
+        })?;
+        if let Some(first) = out.iter().position(|p| *p == value) {
+            return Err(ClusterConfigError::DuplicatePeer {
+                position,
+                first,
+                value,
+            });
+        }
+        out.push(value);
+    }
+    Ok(out)
+}
+
+/// Splits `host:port` (`[v6]:port` for IPv6 literals); the reason names what is wrong.
+fn split_host_port(value: &str) -> Result<(&str, u16), String> {
+    let (host, port) = value
+        .rsplit_once(':')
+        .ok_or_else(|| "expected host:port, found no ':'".to_owned())?;
+    let host = match host.strip_prefix('[') {
+        Some(inner) => inner
+            .strip_suffix(']')
+            .ok_or_else(|| "IPv6 host opens '[' without closing ']'".to_owned())?,
+        None if host.contains(':') => {
+            return Err("an IPv6 host must be written in brackets, as [::1]:7071".to_owned());
+        }
+        None => host,
+    };
+    if host.is_empty() {
+        return Err("empty host".to_owned());
+    }
+    if let Some(c) = host
+        .chars()
+        .find(|c| c.is_whitespace() || matches!(c, '/' | '@' | '?' | '#'))
+    {
+        return Err(format!("character {c:?} not allowed in a host"));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("port {port:?} is not a number in 1..=65535"))?;
+    if port == 0 {
+        return Err("port 0 is not an address peers can reach".to_owned());
+    }
+    Ok((host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("test address")
+    }
+
+    fn peers(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn config(pod: &str, list: &[&str]) -> Result<ClusterConfig, ClusterConfigError> {
+        ClusterConfig::new(
+            pod,
+            peers(list),
+            addr("0.0.0.0:7071"),
+            None,
+            addr("0.0.0.0:7070"),
+            None,
+        )
+    }
+
+    const THREE: [&str; 3] = [
+        "orders-0.orders-peers:7071",
+        "orders-1.orders-peers:7071",
+        "orders-2.orders-peers:7071",
+    ];
+
+    #[test]
+    fn the_node_id_is_the_ordinal_and_defaults_derive_from_the_peers() {
+        let c = config("orders-2", &THREE).expect("valid");
+        assert_eq!(c.node_id, 2);
+        assert_eq!(c.advertise, "orders-2.orders-peers:7070");
+        assert_eq!(c.replication_factor, 3);
+        assert_eq!(c.node_ids(), vec![0, 1, 2]);
+        assert_eq!(c.peer(1), Some("orders-1.orders-peers:7071"));
+        assert_eq!(c.peer(3), None);
+    }
+
+    #[test]
+    fn the_default_replication_factor_is_at_most_the_number_of_peers() {
+        let c = config("local-0", &["127.0.0.1:7071"]).expect("valid");
+        assert_eq!(c.replication_factor, 1);
+        let five = ["a:1", "b:1", "c:1", "d:1", "e:1"];
+        assert_eq!(config("x-4", &five).expect("valid").replication_factor, 3);
+    }
+
+    #[test]
+    fn an_explicit_advertise_address_and_factor_are_kept() {
+        let c = ClusterConfig::new(
+            "local-1",
+            peers(&["127.0.0.1:7071", "[::1]:7072"]),
+            addr("127.0.0.1:7072"),
+            Some("localhost:7170".into()),
+            addr("127.0.0.1:7070"),
+            Some(2),
+        )
+        .expect("valid");
+        assert_eq!(c.advertise, "localhost:7170");
+        assert_eq!(c.replication_factor, 2);
+    }
+
+    #[test]
+    fn the_advertised_default_of_an_ipv6_peer_keeps_its_brackets() {
+        let c = config("n-0", &["[::1]:7071"]).expect("valid");
+        assert_eq!(c.advertise, "[::1]:7070");
+    }
+
+    #[test]
+    fn a_pod_name_without_an_ordinal_is_refused() {
+        for pod in ["orders", "orders-", "orders-a1", "-", ""] {
+            assert_eq!(
+                config(pod, &THREE),
+                Err(ClusterConfigError::PodNameWithoutOrdinal {
+                    pod_name: pod.into()
+                }),
+                "{pod:?}"
+            );
+        }
+        let e = config("orders", &THREE).expect_err("refused");
+        assert!(e.to_string().starts_with("--pod-name \"orders\""), "{e}");
+    }
+
+    #[test]
+    fn an_ordinal_beyond_the_peers_is_refused() {
+        let e = config("orders-3", &THREE).expect_err("refused");
+        assert_eq!(
+            e,
+            ClusterConfigError::OrdinalOutOfRange {
+                pod_name: "orders-3".into(),
+                node_id: 3,
+                peers: 3
+            }
+        );
+        assert!(e.to_string().contains("only 3 endpoints"), "{e}");
+    }
+
+    #[test]
+    fn empty_and_missing_peer_entries_are_refused() {
+        assert_eq!(config("a-0", &[]), Err(ClusterConfigError::NoPeers));
+        assert_eq!(
+            config("a-0", &["a:1", " ", "c:1"]),
+            Err(ClusterConfigError::EmptyPeer { position: 1 })
+        );
+    }
+
+    #[test]
+    fn peer_entries_that_are_not_host_port_are_refused_naming_the_entry() {
+        let cases = [
+            ("nohost", "no ':'"),
+            (":7071", "empty host"),
+            ("a:", "not a number"),
+            ("a:70000", "not a number"),
+            ("a:0", "port 0"),
+            ("::1:7071", "brackets"),
+            ("[::1:7071", "without closing"),
+            ("http://a:1", "not allowed"),
+        ];
+        for (value, reason) in cases {
+            match config("a-0", &["ok:1", value]) {
+                Err(ClusterConfigError::BadPeer {
+                    position: 1,
+                    value: v,
+                    reason: r,
+                }) => {
+                    assert_eq!(v, value);
+                    assert!(r.contains(reason), "{value:?}: {r}");
+                }
+                other => panic!("{value:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn duplicate_peers_are_refused() {
+        assert_eq!(
+            config("a-0", &["a:1", "b:1", "a:1"]),
+            Err(ClusterConfigError::DuplicatePeer {
+                position: 2,
+                first: 0,
+                value: "a:1".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_bad_advertise_address_is_refused() {
+        let e = ClusterConfig::new(
+            "a-0",
+            peers(&["a:1"]),
+            addr("0.0.0.0:7071"),
+            Some("a-host".into()),
+            addr("0.0.0.0:7070"),
+            None,
+        )
+        .expect_err("refused");
+        assert!(matches!(e, ClusterConfigError::BadAdvertise { .. }), "{e}");
+        assert!(e.to_string().starts_with("--advertise \"a-host\""), "{e}");
+    }
+
+    #[test]
+    fn a_replication_factor_of_zero_or_above_the_peers_is_refused() {
+        for value in [0, 4] {
+            let e = ClusterConfig::new(
+                "a-0",
+                peers(&THREE),
+                addr("0.0.0.0:7071"),
+                None,
+                addr("0.0.0.0:7070"),
+                Some(value),
+            )
+            .expect_err("refused");
+            assert_eq!(
+                e,
+                ClusterConfigError::BadReplicationFactor { value, peers: 3 }
+            );
+        }
+    }
+}

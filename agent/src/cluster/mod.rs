@@ -1,0 +1,28 @@
+//! Cluster mode: who the agents are, where each partition's replicas live, and the catalog all
+//! agents agree on (decision 0009).
+//!
+//! # Layout
+//! - [`config`]: [`ClusterConfig`], this agent's identity and peers from its flags.
+//! - [`placement`]: the replicas and preferred leader of a partition, a pure function.
+//! - [`catalog`]: the [`Catalog`] of queues and agents, and how commands change it.
+//! - [`state_machine`]: the meta group's openraft state machine over the catalog.
+//! - [`meta`]: [`MetaGroup`], the `"meta"` Raft group across all agents; proposals from any agent.
+//! - [`service`]: the peers-only `sluice.peer.v1.Cluster` service (forwarded proposals,
+//!   leadership transfer).
+//! - [`client`]: its client side, including [`transfer_leadership`].
+
+pub mod catalog;
+pub mod client;
+pub mod config;
+pub mod meta;
+pub mod placement;
+pub mod service;
+pub mod state_machine;
+
+pub use catalog::Catalog;
+pub use client::{TransferError, TransferOutcome, transfer_leadership};
+pub use config::{ClusterConfig, ClusterConfigError};
+pub use meta::{META_GROUP, MetaError, MetaGroup};
+pub use placement::placement;
+pub use service::{ClusterService, peer_service};
+pub use state_machine::CatalogStateMachine;

@@ -1,0 +1,141 @@
+//! The server side of `sluice.peer.v1.Cluster`, mounted on the peer port beside
+//! `sluice.peer.v1.Raft`.
+
+use std::time::Duration;
+
+use openraft::ServerState;
+use sluice_proto::peer::v1 as pb;
+use sluice_proto::peer::v1::cluster_server::{Cluster, ClusterServer};
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use super::meta::{MetaError, MetaGroup};
+use crate::replication::RaftGroups;
+use crate::replication::service::ServiceError;
+
+/// How long a transfer keeps trying to win an election before reporting that it did not.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one election attempt is given before the next is triggered; above the election
+/// timeout, so a lost round is over before another starts.
+const ELECTION_ROUND: Duration = Duration::from_millis(1_000);
+
+/// The `Cluster` service of one agent.
+#[derive(Clone)]
+pub struct ClusterService {
+    /// Every Raft group this agent hosts, for leadership transfers.
+    groups: RaftGroups,
+    /// This agent's meta replica, for proposals forwarded by other agents.
+    meta: MetaGroup,
+}
+
+/// The tonic server of the `Cluster` service over this agent's groups and meta replica, to add
+/// to the peer port's server next to the `Raft` service.
+pub fn peer_service(groups: RaftGroups, meta: MetaGroup) -> ClusterServer<ClusterService> {
+    ClusterServer::new(ClusterService { groups, meta })
+}
+
+/// Why a `Cluster` call failed; becomes a status in [`ClusterError::into_status`] only.
+#[derive(Debug, thiserror::Error)]
+enum ClusterError {
+    #[error(transparent)]
+    Group(#[from] ServiceError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("raft of group {group:?}: {reason}")]
+    Raft { group: String, reason: String },
+}
+
+impl ClusterError {
+    fn into_status(self) -> Status {
+        match self {
+            Self::Group(e) => e.into_status(),
+            Self::Meta(e @ MetaError::Invalid(_)) => Status::invalid_argument(e.to_string()),
+            // The caller retries elsewhere or later: the group is electing or shutting down.
+            Self::Meta(e) => Status::unavailable(e.to_string()),
+            Self::Raft { .. } => Status::unavailable(self.to_string()),
+        }
+    }
+}
+
+impl ClusterService {
+    async fn propose_meta(
+        &self,
+        request: pb::ProposeMetaRequest,
+    ) -> Result<pb::ProposeMetaResponse, ClusterError> {
+        use pb::propose_meta_response::Result as R;
+        let command = self.meta.validate(request.command.unwrap_or_default())?;
+        let result = match self.meta.propose_as_leader(&command).await {
+            Ok(raft_index) => R::Committed(pb::Committed { raft_index }),
+            // Answer, never forward again: the proposer picks the next leader itself, so a
+            // stale view of leadership cannot bounce a proposal between agents.
+            Err(MetaError::NotLeader { leader }) => {
+                R::NotLeader(pb::NotLeader { leader_id: leader })
+            }
+            Err(MetaError::QueueConflict { queue, difference }) => {
+                R::QueueConflict(pb::QueueConflict { queue, difference })
+            }
+            Err(MetaError::UnknownQueue { queue }) => R::UnknownQueue(pb::UnknownQueue { queue }),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(pb::ProposeMetaResponse {
+            result: Some(result),
+        })
+    }
+
+    /// Starts elections on this agent's replica of the group until it leads or
+    /// [`TRANSFER_TIMEOUT`] passes. openraft 0.9 has no transfer: a caught-up replica that
+    /// campaigns wins once the old leader's lease on its voters lapses (decision 0009).
+    async fn transfer_leadership(
+        &self,
+        request: pb::TransferLeadershipRequest,
+    ) -> Result<pb::TransferLeadershipResponse, ClusterError> {
+        let raft = self.groups.get(&request.group)?;
+        let failed = |reason: String| ClusterError::Raft {
+            group: request.group.clone(),
+            reason,
+        };
+        let deadline = Instant::now() + TRANSFER_TIMEOUT;
+        loop {
+            let metrics = raft.metrics().borrow().clone();
+            if metrics.state == ServerState::Leader || Instant::now() >= deadline {
+                return Ok(pb::TransferLeadershipResponse {
+                    is_leader: metrics.state == ServerState::Leader,
+                    leader_id: metrics.current_leader,
+                });
+            }
+            raft.trigger()
+                .elect()
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            let round = ELECTION_ROUND.min(deadline.saturating_duration_since(Instant::now()));
+            // A timeout only means this round was lost; the loop decides what next.
+            let _ = raft
+                .wait(Some(round))
+                .state(ServerState::Leader, "leadership transfer")
+                .await;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterService {
+    async fn propose_meta(
+        &self,
+        request: Request<pb::ProposeMetaRequest>,
+    ) -> Result<Response<pb::ProposeMetaResponse>, Status> {
+        ClusterService::propose_meta(self, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(ClusterError::into_status)
+    }
+
+    async fn transfer_leadership(
+        &self,
+        request: Request<pb::TransferLeadershipRequest>,
+    ) -> Result<Response<pb::TransferLeadershipResponse>, Status> {
+        ClusterService::transfer_leadership(self, request.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(ClusterError::into_status)
+    }
+}
