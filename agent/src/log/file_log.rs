@@ -447,6 +447,55 @@ impl LogStore for FileLog {
         }
     }
 
+    fn reset(&self, first_index: u64) -> Result<(), LogError> {
+        if first_index == 0 {
+            return Err(LogError::ResetToZero);
+        }
+        let mut writer = self.shared.lock_writer();
+        let _shape = self.shared.write_shape();
+        let doomed: Vec<u64> = {
+            let mut state = self.shared.lock_state();
+            if let Some(failure) = &state.failure {
+                return Err(LogError::Failed(Arc::clone(failure)));
+            }
+            // The flusher is shut out by the writer lock and readers by the shape lock, so the
+            // new shape can be published before the files change; appends made meanwhile queue
+            // up at `first_index` and go to the new segment once the writer lock is released.
+            let doomed = state.segments.iter().map(|s| s.base).collect();
+            state.segments = vec![Segment::new(first_index)];
+            state.pending.clear();
+            state.pending_bytes = 0;
+            state.written_next = first_index;
+            state.next = first_index;
+            state.disk_bytes = 0;
+            state.unsynced_since = None;
+            doomed
+        };
+        self.shared.durability.send_if_modified(|d| {
+            let changed = d.durable_next != first_index;
+            d.durable_next = first_index;
+            changed
+        });
+        match recovery::reset_files(
+            self.dir(),
+            &self.shared.files,
+            &doomed,
+            first_index,
+            self.shared.config.fsync != FsyncPolicy::Never,
+        ) {
+            Ok(active) => {
+                writer.active = active;
+                Ok(())
+            }
+            Err(err) => {
+                // The files are in an unknown shape relative to the state; stop writing. A
+                // reopen finds either the old log or the completed reset.
+                self.shared.fail(&err);
+                Err(err)
+            }
+        }
+    }
+
     fn sync(&self) -> Result<(), LogError> {
         let mut writer = self.shared.lock_writer();
         let target = self.shared.lock_state().next;

@@ -426,3 +426,69 @@ fn the_sparse_index_stays_small_for_many_small_entries() {
         state.disk_bytes
     );
 }
+
+#[test]
+fn reset_leaves_one_empty_segment_named_by_the_new_index_and_reopens_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), SMALL_SEGMENT_BYTES, 100);
+    assert!(segment_files(dir.path()).len() > 3);
+
+    let (log, _) = FileLog::open(dir.path(), config(SMALL_SEGMENT_BYTES)).expect("open");
+    log.reset(777).expect("reset");
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(files[0].0, 777);
+    assert_eq!(std::fs::metadata(&files[0].1).expect("stat").len(), 0);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        vec![segment_file_name(777)],
+        "no staged file is left"
+    );
+    drop(log);
+
+    let (log, recovery) = FileLog::open(dir.path(), config(SMALL_SEGMENT_BYTES)).expect("reopen");
+    assert_eq!((recovery.segments, recovery.entries), (1, 0));
+    assert_eq!((log.first_index(), log.next_index()), (777, 777));
+    assert_eq!(log.append(2, &[data(777)]).expect("append"), 777);
+}
+
+#[test]
+fn a_crash_after_the_reset_was_staged_is_completed_on_open() {
+    // The state a crash leaves right after the reset's commit point: the staged empty segment
+    // is durable, and removing the old segments got part-way (the newest one is gone).
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), SMALL_SEGMENT_BYTES, 100);
+    let old = segment_files(dir.path());
+    let staged = dir.path().join(format!(
+        "{}{}",
+        segment_file_name(5_000),
+        recovery::RESET_SUFFIX
+    ));
+    std::fs::write(&staged, b"").expect("stage");
+    std::fs::remove_file(&old.last().expect("a segment").1).expect("remove newest");
+
+    let (log, recovery) = FileLog::open(dir.path(), config(SMALL_SEGMENT_BYTES)).expect("open");
+    assert_eq!((recovery.segments, recovery.entries), (1, 0));
+    assert_eq!((log.first_index(), log.next_index()), (5_000, 5_000));
+    assert_eq!(segment_files(dir.path()).len(), 1);
+    assert!(!staged.exists());
+    assert_eq!(log.read(50).expect("read"), None, "nothing old survives");
+}
+
+#[test]
+fn two_staged_resets_are_refused_naming_the_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_log(dir.path(), SMALL_SEGMENT_BYTES, 10);
+    for base in [20, 30] {
+        let name = format!("{}{}", segment_file_name(base), recovery::RESET_SUFFIX);
+        std::fs::write(dir.path().join(name), b"").expect("stage");
+    }
+    let (path, _, reason) = expect_corrupted(FileLog::open(dir.path(), config(4096)));
+    assert_eq!(path, dir.path());
+    assert!(reason.contains("2 staged log resets"), "{reason}");
+    assert_eq!(segment_files(dir.path()).len(), 1, "nothing was deleted");
+}

@@ -164,6 +164,19 @@ impl LogStore for MemLog {
         Ok(())
     }
 
+    fn reset(&self, first_index: u64) -> Result<(), LogError> {
+        if first_index == 0 {
+            return Err(LogError::ResetToZero);
+        }
+        let mut state = self.state();
+        state.entries.clear();
+        state.bytes = 0;
+        state.first = first_index;
+        drop(state);
+        self.publish_durable(first_index);
+        Ok(())
+    }
+
     fn sync(&self) -> Result<(), LogError> {
         Ok(())
     }

@@ -85,6 +85,9 @@ pub enum LogError {
         /// The limit.
         max: usize,
     },
+    /// A log cannot restart at index 0 (indices start at 1).
+    #[error("cannot reset the log to index 0: indices start at 1")]
+    ResetToZero,
     /// An index outside `first_index()..next_index()` was asked for where it must exist.
     #[error("index {index} out of range {first}..{next}")]
     OutOfRange {
@@ -139,6 +142,13 @@ pub trait LogStore: Send + Sync + 'static {
     /// `index >= next_index()`, [`LogError::OutOfRange`] when `index < first_index()` (purged
     /// entries cannot be rewritten). Durable before it returns.
     fn truncate_from(&self, index: u64) -> Result<(), LogError>;
+    /// Drops every entry, retained or pending, and restarts the log empty at `first_index`:
+    /// afterwards `first_index() == next_index() == first_index` and the next append gets that
+    /// index. Used when a replica installs a snapshot past the end of its log. Durable before
+    /// it returns: a crash at any point leaves either the old log or the new empty one. The
+    /// durable position becomes `first_index`; waiters for dropped entries at or above it see
+    /// them durable only once new entries fill those indices.
+    fn reset(&self, first_index: u64) -> Result<(), LogError>;
     /// Writes and fsyncs everything pending, then returns (used at shutdown and by tests).
     fn sync(&self) -> Result<(), LogError>;
     /// Total bytes the log occupies on disk (or in memory).

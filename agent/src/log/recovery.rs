@@ -15,6 +15,7 @@ use std::path::Path;
 
 use crate::layout::{parse_segment_file_name, segment_file_name};
 
+use super::file_cache::FileCache;
 use super::record::{self, DecodeError};
 use super::segment::{READ_CHUNK_BYTES, Segment, corrupted};
 use super::{LogError, Recovery};
@@ -33,6 +34,7 @@ pub struct Recovered {
 /// Recovers (or creates) the log in `dir`. `sync` is false only under `FsyncPolicy::Never`.
 pub fn recover(dir: &Path, sync: bool) -> Result<Recovered, LogError> {
     std::fs::create_dir_all(dir).map_err(|source| io("create directory", dir, source))?;
+    finish_reset(dir, sync)?;
     let mut bases = list_segments(dir)?;
     if bases.is_empty() {
         create_segment(dir, 1, sync)?;
@@ -123,6 +125,94 @@ pub fn recover(dir: &Path, sync: bool) -> Result<Recovered, LogError> {
         active,
         report,
     })
+}
+
+/// Suffix of the staged first segment of a log reset (`<base>.log.reset`). Its durable
+/// existence is the commit point of the reset: recovery then completes it.
+pub const RESET_SUFFIX: &str = ".reset";
+
+/// The file side of `LogStore::reset`: replaces every segment in `doomed` by one empty segment
+/// starting at `base`, and returns the writable handle of that segment.
+///
+/// Crash safety comes from the order: (1) the new empty segment is created under a staged name
+/// and made durable, which commits the reset; (2) the old segments are removed; (3) the staged
+/// file is renamed to its segment name and the rename made durable. Whenever recovery finds the
+/// stage it finishes (2) and (3); without it the old segments are untouched. So a reopened log
+/// is either entirely old or the new empty one, never a mix.
+pub fn reset_files(
+    dir: &Path,
+    files: &FileCache,
+    doomed: &[u64],
+    base: u64,
+    sync: bool,
+) -> Result<File, LogError> {
+    let staged = dir.join(format!("{}{RESET_SUFFIX}", segment_file_name(base)));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&staged)
+        .map_err(|source| io("create", &staged, source))?;
+    if sync {
+        sync_dir(dir)?;
+    }
+    files.evict_from(0);
+    for &old in doomed {
+        let path = dir.join(segment_file_name(old));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(io("remove", &path, source)),
+        }
+    }
+    let path = dir.join(segment_file_name(base));
+    std::fs::rename(&staged, &path).map_err(|source| io("rename", &staged, source))?;
+    if sync {
+        sync_dir(dir)?;
+    }
+    Ok(file)
+}
+
+/// Completes a reset that a crash interrupted after its commit point (see [`reset_files`]):
+/// every segment goes and the staged empty segment takes its name.
+fn finish_reset(dir: &Path, sync: bool) -> Result<(), LogError> {
+    let mut staged = Vec::new();
+    for item in std::fs::read_dir(dir).map_err(|source| io("list directory", dir, source))? {
+        let item = item.map_err(|source| io("list directory", dir, source))?;
+        if let Some(base) = item
+            .file_name()
+            .to_str()
+            .and_then(|name| name.strip_suffix(RESET_SUFFIX))
+            .and_then(parse_segment_file_name)
+        {
+            staged.push(base);
+        }
+    }
+    let base = match staged[..] {
+        [] => return Ok(()),
+        [base] => base,
+        _ => {
+            // One reset completes before the log opens, so two stages are never ours.
+            return Err(corrupted(
+                dir,
+                0,
+                format!(
+                    "{} staged log resets found ({staged:?}); expected at most one",
+                    staged.len()
+                ),
+            ));
+        }
+    };
+    let doomed = list_segments(dir)?;
+    tracing::warn!(
+        dir = %dir.display(),
+        base,
+        dropped_segments = doomed.len(),
+        "completing a log reset interrupted by a crash"
+    );
+    let files = FileCache::new(dir.to_path_buf());
+    reset_files(dir, &files, &doomed, base, sync).map(drop)
 }
 
 /// Base indices of the segment files in `dir`, ascending. Other files are ignored.

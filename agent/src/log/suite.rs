@@ -30,6 +30,8 @@ pub(crate) fn test_all<F: Factory>(mut factory: F) {
     truncate_removes_a_suffix_and_appends_continue_there(&mut factory);
     reopen_recovers_every_entry_and_the_bounds(&mut factory);
     readers_run_concurrently_with_an_appender(&mut factory);
+    reset_drops_everything_and_appends_continue_at_the_new_index(&mut factory);
+    reset_survives_a_reopen(&mut factory);
 }
 
 /// Payload for entry number `i` of a test: distinct content and varying length.
@@ -342,6 +344,76 @@ fn readers_run_concurrently_with_an_appender<F: Factory>(factory: &mut F) {
     });
     log.sync().expect("sync");
     assert_eq!(log.next_index(), 401);
+}
+
+fn reset_drops_everything_and_appends_continue_at_the_new_index<F: Factory>(factory: &mut F) {
+    // Phase 1: a log with a purged prefix, entries on disk and entries still pending.
+    let log = factory.create();
+    append_n(&log, 1, 1, 200);
+    log.sync().expect("sync");
+    log.purge_before(50).expect("purge");
+    append_n(&log, 1, 201, 20);
+    let mut durability = log.durability();
+
+    // Phase 2: reset past the end; nothing of the old log is readable any more.
+    log.reset(1_000).expect("reset");
+    assert_eq!(log.first_index(), 1_000);
+    assert_eq!(log.next_index(), 1_000);
+    assert_eq!(log.size_bytes(), 0);
+    for index in [1, 100, 219, 220, 999, 1_000] {
+        assert_eq!(log.read(index).expect("read"), None, "entry {index}");
+    }
+    assert!(log.read_range(1, 10, usize::MAX).expect("range").is_empty());
+    assert!(durability.borrow_and_update().durable_next >= 1_000);
+
+    // Phase 3: the next append lands at the new index and becomes durable there.
+    let data: Vec<Bytes> = (1_000..1_010).map(payload).collect();
+    assert_eq!(log.append(4, &data).expect("append"), 1_000);
+    wait_durable(&log, 1_009);
+    for i in 1_000..1_010 {
+        assert_entry(&log, i, 4);
+    }
+    assert_eq!(log.read(999).expect("read"), None);
+
+    // Phase 4: reset backwards and to the same index work too; index 0 is refused.
+    log.reset(5).expect("reset backwards");
+    assert_eq!((log.first_index(), log.next_index()), (5, 5));
+    assert!(log.durability().borrow().durable_next >= 5);
+    assert_eq!(append_n(&log, 5, 5, 3), 5);
+    log.reset(5).expect("reset to the same first index");
+    assert_eq!((log.first_index(), log.next_index()), (5, 5));
+    assert_eq!(log.read(5).expect("read"), None);
+    assert!(matches!(log.reset(0), Err(LogError::ResetToZero)));
+    assert_eq!(append_n(&log, 6, 5, 1), 5);
+    assert_entry(&log, 5, 6);
+    // Purge and truncate keep working on the reset log.
+    log.truncate_from(5).expect("truncate all");
+    assert_eq!(log.next_index(), 5);
+    log.sync().expect("sync");
+}
+
+fn reset_survives_a_reopen<F: Factory>(factory: &mut F) {
+    let log = factory.create();
+    append_n(&log, 1, 1, 120);
+    log.sync().expect("sync");
+    log.reset(500).expect("reset");
+    append_n(&log, 2, 500, 5);
+    drop(log);
+
+    let Some(log) = factory.reopen() else { return };
+    assert_eq!((log.first_index(), log.next_index()), (500, 505));
+    assert_eq!(log.durability().borrow().durable_next, 505);
+    assert_eq!(log.read(100).expect("read"), None);
+    for i in 500..505 {
+        assert_entry(&log, i, 2);
+    }
+    // A reset with nothing appended after it is durable too.
+    log.reset(9_000).expect("reset");
+    drop(log);
+    let log = factory.reopen().expect("reopen again");
+    assert_eq!((log.first_index(), log.next_index()), (9_000, 9_000));
+    assert_eq!(append_n(&log, 3, 9_000, 1), 9_000);
+    assert_entry(&log, 9_000, 3);
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //!
 //! # Layout
 //! - [`types`]: the openraft type configuration.
+//! - [`config`]: the tuned openraft configuration every group uses.
 //! - [`codec`]: conversions between openraft values, log records and `sluice.peer.v1` messages.
 //! - [`meta`]: the small atomically replaced file holding the vote and the purge point.
 //! - [`log_store`]: openraft's log storage over a `LogStore`.
@@ -17,6 +18,7 @@
 //! - [`service`]: the server side, `sluice.peer.v1.Raft`, routing requests to groups.
 
 pub mod codec;
+pub mod config;
 pub mod log_store;
 pub mod meta;
 pub mod network;
@@ -24,6 +26,7 @@ pub mod service;
 pub mod state_machine;
 pub mod types;
 
+pub use config::raft_config;
 pub use log_store::ReplicatedLog;
 pub use network::PeerNetwork;
 pub use service::{PeerService, RaftGroups};

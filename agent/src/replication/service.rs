@@ -12,10 +12,29 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest,
 };
 use sluice_proto::peer::v1 as pb;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use super::codec::{self, CodecError};
 use super::types::Raft;
+
+/// How often an idle peer connection is probed, so a peer that vanished without closing its
+/// socket (power loss, network partition) is noticed and its connection dropped.
+const PEER_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The accepted connections of the peer port, with `TCP_NODELAY` set on each.
+///
+/// Serve the peer port through this (`serve_with_incoming(peer_incoming(listener))`): tonic
+/// ignores its own `tcp_nodelay` setting for caller-provided listeners, and without it Nagle's
+/// algorithm holds back the small trailing frames of each AppendEntries response until the
+/// caller's delayed ACK (~40 ms on Linux) — which is what capped replication at ~1,200 writes/s
+/// (decision 0008, "Tuning").
+pub fn peer_incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(PEER_KEEPALIVE))
+}
 
 /// The Raft groups this agent hosts, by group name. Clones share the registry.
 #[derive(Clone, Default)]

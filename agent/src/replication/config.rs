@@ -1,0 +1,57 @@
+//! The one openraft configuration every Raft group of an agent uses (partitions and the meta
+//! group alike), with the timing it commits to.
+//!
+//! Failover budget (issue 3: kill of a leader to the first confirmed publish on its successor,
+//! p99 <= 2 s): a follower notices the dead leader after a randomised election timeout in
+//! [`ELECTION_TIMEOUT_MIN_MS`]..[`ELECTION_TIMEOUT_MAX_MS`], one vote round trip elects the
+//! successor, and its first commit needs one more replication round trip. With the values here
+//! that is at most ~0.6 s plus a few milliseconds, leaving room for a lost vote round (split
+//! votes re-randomise) inside the budget. Measured figures and why each knob has its value:
+//! decision 0008, "Tuning".
+
+use openraft::{Config, SnapshotPolicy};
+
+/// How often a leader sends heartbeats to idle followers. Well below the election timeout so
+/// one lost heartbeat never triggers an election.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 100;
+/// Lower bound of the randomised election timeout.
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 300;
+/// Upper bound of the randomised election timeout.
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
+/// Most entries per AppendEntries: big enough that one round trip carries everything that
+/// arrived while the previous one (and its follower fsync) was under way at the target rate.
+pub const MAX_PAYLOAD_ENTRIES: u64 = 4096;
+/// A follower this many entries behind is caught up with a snapshot rather than the log.
+/// Snapshots here carry every unsettled message body, so they are expensive: only a follower
+/// far behind should get one, and the snapshot interval below must stay under this.
+pub const REPLICATION_LAG_THRESHOLD: u64 = 1_000_000;
+/// A snapshot is built after this many new entries.
+pub const SNAPSHOT_LOGS_SINCE_LAST: u64 = 500_000;
+
+/// The tuned configuration of a Raft group in the cluster `cluster_name` (only used in logs).
+/// It always passes `Config::validate` (a unit test holds that).
+pub fn raft_config(cluster_name: impl Into<String>) -> Config {
+    Config {
+        cluster_name: cluster_name.into(),
+        heartbeat_interval: HEARTBEAT_INTERVAL_MS,
+        election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+        election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+        max_payload_entries: MAX_PAYLOAD_ENTRIES,
+        replication_lag_threshold: REPLICATION_LAG_THRESHOLD,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_LOGS_SINCE_LAST),
+        ..Config::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tuned_config_validates_and_fits_the_failover_budget() {
+        let config = raft_config("test").validate().expect("valid");
+        assert!(config.election_timeout_max <= 1_000, "failover p99 <= 2 s");
+        assert!(config.heartbeat_interval * 3 <= config.election_timeout_min);
+        assert!(SNAPSHOT_LOGS_SINCE_LAST < config.replication_lag_threshold);
+    }
+}
