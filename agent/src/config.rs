@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use crate::cluster::{ClusterConfig, ClusterConfigError};
+
 /// When appended entries are fsynced. The default is the only policy under which a confirm
 /// means "survives power loss"; the others trade that away for latency and are documented as
 /// such.
@@ -84,6 +86,38 @@ pub struct BrokerArgs {
     /// Log filter in `tracing` syntax, e.g. `info` or `sluice_agent=debug,info`.
     #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// This agent's name among its peers: a StatefulSet pod name such as `sluice-2`, whose
+    /// number after the last `-` is its node id (its position in `--peers`).
+    #[arg(long, env = "SLUICE_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Every agent's replication endpoint as `host:port`, comma-separated, in ordinal order
+    /// (this agent's own included). Setting it turns cluster mode on; without it the agent
+    /// serves alone, without replication.
+    #[arg(
+        long,
+        env = "SLUICE_PEERS",
+        value_delimiter = ',',
+        requires = "pod_name"
+    )]
+    pub peers: Vec<String>,
+    /// Address of the peers-only replication API (cluster mode).
+    #[arg(long, env = "SLUICE_PEER_LISTEN", default_value = "0.0.0.0:7071")]
+    pub peer_listen: std::net::SocketAddr,
+    /// This agent's client address (`host:port`) that other agents give clients in redirects.
+    /// Default: the host of this agent's `--peers` entry with the port of `--listen`.
+    #[arg(long, env = "SLUICE_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Copies of every partition, at most the number of peers. Default: 3, or fewer when there
+    /// are fewer peers.
+    #[arg(
+        long,
+        env = "SLUICE_REPLICATION_FACTOR",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub replication_factor: Option<u32>,
+    /// JSON file of queue definitions (what the operator's ConfigMap holds) declared at startup.
+    #[arg(long, env = "SLUICE_QUEUES_FILE")]
+    pub queues_file: Option<std::path::PathBuf>,
 }
 
 impl BrokerArgs {
@@ -93,6 +127,28 @@ impl BrokerArgs {
             segment_bytes: self.segment_bytes,
             fsync: self.fsync,
         }
+    }
+
+    /// The cluster this agent belongs to, or `None` without `--peers` (a single agent).
+    /// The cluster flags are checked here, together, by [`ClusterConfig::new`] (pod ordinal,
+    /// each `host:port`, the ordinal within the peers, the factor within the peers), so one
+    /// parser owns their syntax; its errors name the flag. The binary reports them as usage
+    /// errors, like clap's own.
+    pub fn cluster(&self) -> Result<Option<ClusterConfig>, ClusterConfigError> {
+        if self.peers.is_empty() {
+            return Ok(None);
+        }
+        // clap's `requires` makes `--peers` without `--pod-name` a usage error before this.
+        let pod_name = self.pod_name.as_deref().unwrap_or_default();
+        ClusterConfig::new(
+            pod_name,
+            self.peers.clone(),
+            self.peer_listen,
+            self.advertise.clone(),
+            self.listen,
+            self.replication_factor,
+        )
+        .map(Some)
     }
 }
 
@@ -138,39 +194,5 @@ pub fn parse_bytes(value: &str) -> Result<u64, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[test]
-    fn fsync_policy_parses_every_documented_form_and_rejects_others() {
-        assert_eq!(parse_fsync("always"), Ok(FsyncPolicy::Always));
-        assert_eq!(parse_fsync("never"), Ok(FsyncPolicy::Never));
-        assert_eq!(
-            parse_fsync("interval:5"),
-            Ok(FsyncPolicy::Interval(Duration::from_millis(5)))
-        );
-        assert!(parse_fsync("interval:0").is_err());
-        assert!(parse_fsync("interval:x").is_err());
-        assert!(parse_fsync("sometimes").is_err());
-    }
-
-    #[test]
-    fn segment_size_accepts_units_and_refuses_tiny_values() {
-        assert_eq!(parse_bytes("64MiB"), Ok(64 * 1024 * 1024));
-        assert_eq!(parse_bytes("8192"), Ok(8192));
-        assert!(parse_bytes("12").is_err());
-        assert!(parse_bytes("lots").is_err());
-    }
-
-    #[test]
-    fn broker_flags_have_documented_defaults() {
-        let args = Args::try_parse_from(["sluice-agent", "broker", "--data-dir", "/tmp/x"])
-            .expect("minimal flags parse");
-        let Command::Broker(b) = args.command;
-        assert_eq!(b.listen.to_string(), "0.0.0.0:7070");
-        assert_eq!(b.metrics_listen.to_string(), "0.0.0.0:9090");
-        assert_eq!(b.log_config(), LogConfig::default());
-        assert_eq!(b.log_format, LogFormat::Text);
-    }
-}
+#[path = "config_test.rs"]
+mod tests;

@@ -13,6 +13,7 @@
 //! - [`log`]: the storage engine — record format, segments, group-commit writer, recovery.
 //! - [`queue`]: delivery semantics of one partition and one queue (ready, in flight,
 //!   redelivery, dead-letter, TTL, priorities, delays, dedup, backlog limits).
+//! - [`queues_file`]: the queue definitions file the operator writes, declared at startup.
 //! - [`replication`]: one Raft group per partition (openraft) over the partition log.
 //! - [`broker`]: the registry of queues on this agent and the API the gRPC layer calls.
 //! - [`grpc`]: one file per public gRPC service, plus the one place errors become statuses.
@@ -28,6 +29,7 @@ pub mod layout;
 pub mod log;
 pub mod metrics;
 pub mod queue;
+pub mod queues_file;
 pub mod replication;
 pub mod server;
 pub mod shutdown;

@@ -3,15 +3,25 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use anyhow::Context as _;
+use clap::{CommandFactory, Parser};
+use sluice_agent::broker::{Broker, BrokerError};
 use sluice_agent::config::{Args, BrokerArgs, Command, LogFormat};
 use sluice_agent::server::Agent;
 use sluice_agent::shutdown;
+use sluice_proto::v1::QueueSpec;
 
 fn main() -> ExitCode {
     // Invalid flags exit 2 with clap's message naming the flag.
     let args = Args::parse();
     let Command::Broker(broker) = args.command;
+    // The cluster flags are checked together (clap sees each alone); a bad combination is a
+    // usage error like any bad flag: exit 2 with the message naming the flag.
+    if let Err(err) = broker.cluster() {
+        Args::command()
+            .error(clap::error::ErrorKind::ValueValidation, err)
+            .exit();
+    }
     if let Err(message) = init_tracing(&broker) {
         eprintln!("error: --log-level: {message}");
         return ExitCode::from(2);
@@ -35,13 +45,37 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: BrokerArgs) -> anyhow::Result<()> {
-    let agent = Agent::start(
-        args.data_dir.clone(),
-        args.log_config(),
-        args.listen,
-        args.metrics_listen,
-    )
-    .await?;
+    // Read before anything binds or opens, so a bad file stops the agent at once.
+    let queues = match &args.queues_file {
+        Some(path) => sluice_agent::queues_file::load(path)?,
+        None => Vec::new(),
+    };
+    let agent = match args.cluster()? {
+        Some(cluster) => {
+            Agent::start_in_cluster(
+                args.data_dir.clone(),
+                args.log_config(),
+                args.listen,
+                args.metrics_listen,
+                cluster,
+            )
+            .await?
+        }
+        None => {
+            Agent::start(
+                args.data_dir.clone(),
+                args.log_config(),
+                args.listen,
+                args.metrics_listen,
+            )
+            .await?
+        }
+    };
+    // --- Queues file, single-agent mode: declared before the listening line, so clients and
+    // probes never see the agent without them.
+    if let Some(path) = &args.queues_file {
+        declare_queues(agent.broker(), path, queues).await?;
+    }
     tracing::info!(
         grpc = %agent.grpc_addr(),
         metrics = %agent.metrics_addr(),
@@ -52,6 +86,36 @@ async fn serve(args: BrokerArgs) -> anyhow::Result<()> {
     println!("{}", agent.listening_line());
     agent.run(shutdown::signal()).await?;
     tracing::info!("sluice-agent stopped");
+    Ok(())
+}
+
+/// Declares the queues of the definitions file at `path`. A queue that already exists with
+/// other settings is kept as it is, with a warning: the broker cannot change a queue's
+/// settings, and refusing to start would take every queue of the agent down over one edit.
+async fn declare_queues(
+    broker: &Broker,
+    path: &std::path::Path,
+    queues: Vec<QueueSpec>,
+) -> anyhow::Result<()> {
+    for spec in queues {
+        let name = spec.name.clone();
+        match broker.declare(spec).await {
+            Ok((_, created)) => {
+                tracing::info!(queue = %name, created, "queue from the queues file")
+            }
+            Err(err @ BrokerError::QueueExists { .. }) => tracing::warn!(
+                queue = %name,
+                file = %path.display(),
+                error = %err,
+                "queue kept with its existing settings"
+            ),
+            Err(err) => {
+                return Err(err).with_context(|| {
+                    format!("queue definitions {}: queue {name:?}", path.display())
+                });
+            }
+        }
+    }
     Ok(())
 }
 

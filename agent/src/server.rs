@@ -108,6 +108,11 @@ impl Agent {
         })
     }
 
+    /// The broker, for startup work before serving (declaring the queues file's queues).
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
     /// The bound gRPC address (with the real port when 0 was asked for).
     pub fn grpc_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or_else(|_| unspecified())

@@ -295,3 +295,175 @@ async fn a_corrupted_segment_is_reported_precisely_and_nothing_panics() {
         }
     }
 }
+
+#[test]
+fn cluster_flags_that_do_not_fit_together_exit_2_naming_the_flag() {
+    for (flag, args) in [
+        (
+            "--peers",
+            &["--pod-name", "s-0", "--peers", "a:7071,nohost"][..],
+        ),
+        (
+            "--pod-name",
+            &["--pod-name", "sluice", "--peers", "a:7071"][..],
+        ),
+        ("--pod-name", &["--peers", "a:7071"][..]),
+        (
+            "--replication-factor",
+            &[
+                "--pod-name",
+                "s-0",
+                "--peers",
+                "a:7071,b:7071",
+                "--replication-factor",
+                "3",
+            ][..],
+        ),
+    ] {
+        let output = run_agent(&[&["broker", "--data-dir", "/tmp/unused"][..], args].concat());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(flag),
+            "{args:?}: {flag} not named: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn cluster_flags_from_the_environment_are_checked_like_flags() {
+    let output = std::process::Command::new(common::agent_bin())
+        .args(["broker", "--data-dir", "/tmp/unused"])
+        .env("SLUICE_POD_NAME", "sluice-0")
+        .env("SLUICE_PEERS", "sluice-0.peers:7071,sluice-1.peers")
+        .output()
+        .expect("the agent binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--peers[1]"), "{stderr}");
+    assert!(stderr.contains("sluice-1.peers"), "{stderr}");
+}
+
+/// Writes a queue definitions file as the operator's ConfigMap holds it.
+fn queues_file(dir: &std::path::Path, json: &str) -> std::path::PathBuf {
+    let path = dir.join("queues.json");
+    std::fs::write(&path, json).expect("write queues file");
+    path
+}
+
+const OPERATOR_QUEUES: &str = r#"[
+  {
+    "name": "orders",
+    "partitions": 3,
+    "replicationFactor": 1,
+    "ackTimeoutMs": 30000,
+    "maxDeliveries": 5,
+    "deadLetterQueue": "orders-dlq",
+    "messageTtlMs": 86400000,
+    "maxBacklogMessages": 1000,
+    "maxBacklogBytes": 1048576,
+    "overflow": "reject-publish",
+    "priorities": true
+  },
+  {
+    "name": "orders-dlq",
+    "partitions": 1,
+    "replicationFactor": 1,
+    "ackTimeoutMs": 0,
+    "maxDeliveries": 0,
+    "deadLetterQueue": "",
+    "messageTtlMs": 0,
+    "maxBacklogMessages": 0,
+    "maxBacklogBytes": 0,
+    "overflow": "reject-publish",
+    "priorities": false
+  }
+]"#;
+
+#[tokio::test]
+async fn queues_of_the_queues_file_exist_when_the_agent_starts_and_after_restarts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let file = queues_file(dir.path(), OPERATOR_QUEUES);
+    let env = [("SLUICE_QUEUES_FILE", file.as_os_str())];
+
+    // The queues are created before the agent announces itself, and declared again (a no-op)
+    // on a restart.
+    for start in ["first", "restart"] {
+        let agent = AgentProcess::try_spawn_with_env(&data, &env)
+            .unwrap_or_else(|e| panic!("{start}: agent did not start: {e}"));
+        let queues = agent.client().await.list_queues().await.expect("list");
+        let orders = queues
+            .iter()
+            .find(|q| q.name == "orders")
+            .unwrap_or_else(|| panic!("{start}: no orders queue in {queues:?}"));
+        assert_eq!(orders.partitions, 3, "{start}");
+        assert_eq!(orders.ack_timeout_ms, 30_000, "{start}");
+        assert_eq!(orders.max_deliveries, 5, "{start}");
+        assert_eq!(orders.dead_letter_queue, "orders-dlq", "{start}");
+        assert_eq!(orders.message_ttl_ms, 86_400_000, "{start}");
+        assert_eq!(orders.max_backlog_messages, 1000, "{start}");
+        assert_eq!(orders.max_backlog_bytes, 1 << 20, "{start}");
+        assert!(orders.priorities, "{start}");
+        assert!(queues.iter().any(|q| q.name == "orders-dlq"), "{start}");
+        // A kill, not SIGTERM: the agent installs its SIGTERM handler only once it serves,
+        // a moment after its listening line, and this test is faster than that.
+        drop(agent);
+    }
+
+    // A changed definition of an existing queue does not take the agent down: the queue
+    // keeps the settings it has.
+    queues_file(
+        dir.path(),
+        &OPERATOR_QUEUES.replace("\"partitions\": 3", "\"partitions\": 4"),
+    );
+    let agent = AgentProcess::try_spawn_with_env(&data, &env).expect("starts with a changed file");
+    let queues = agent.client().await.list_queues().await.expect("list");
+    let orders = queues.iter().find(|q| q.name == "orders").expect("orders");
+    assert_eq!(orders.partitions, 3);
+}
+
+#[test]
+fn a_bad_queues_file_stops_startup_naming_the_file_the_queue_and_the_field() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let cases = [
+        // A field the agent does not know: the operator and agent disagree.
+        (
+            r#"[{"name": "orders"}, {"name": "billing", "ackTimeout": "30s"}]"#,
+            "queue [1] \"billing\"",
+            "ackTimeout",
+        ),
+        // A value the broker refuses when it declares the queue.
+        (
+            r#"[{"name": "orders", "partitions": 100000}]"#,
+            "queue \"orders\"",
+            "partitions",
+        ),
+    ];
+    for (json, queue, field) in cases {
+        let file = queues_file(dir.path(), json);
+        let err =
+            AgentProcess::try_spawn_with_env(&data, &[("SLUICE_QUEUES_FILE", file.as_os_str())])
+                .err()
+                .expect("must not start");
+        assert!(
+            err.contains(&*file.to_string_lossy()),
+            "file not named: {err}"
+        );
+        assert!(err.contains(queue), "queue not named: {err}");
+        assert!(err.contains(field), "field not named: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!err.contains("status Some(0)"), "{err}");
+    }
+    let missing = dir.path().join("absent.json");
+    let err =
+        AgentProcess::try_spawn_with_env(&data, &[("SLUICE_QUEUES_FILE", missing.as_os_str())])
+            .err()
+            .expect("must not start");
+    assert!(
+        err.contains(&*missing.to_string_lossy()),
+        "file not named: {err}"
+    );
+}

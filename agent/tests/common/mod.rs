@@ -48,7 +48,16 @@ impl AgentProcess {
 
     /// Starts an agent on `data_dir`, or returns why it exited.
     pub fn try_spawn(data_dir: &Path) -> Result<Self, String> {
+        Self::try_spawn_with_env(data_dir, &[])
+    }
+
+    /// Like [`AgentProcess::try_spawn`], with extra `SLUICE_*` variables in its environment.
+    pub fn try_spawn_with_env(
+        data_dir: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Result<Self, String> {
         let mut child = Command::new(agent_bin())
+            .envs(env.iter().copied())
             .args([
                 "broker",
                 "--listen",

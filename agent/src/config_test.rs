@@ -1,0 +1,151 @@
+//! Flag parsing of `sluice-agent broker`, through clap as the binary parses them.
+
+use super::*;
+use clap::Parser;
+
+#[test]
+fn fsync_policy_parses_every_documented_form_and_rejects_others() {
+    assert_eq!(parse_fsync("always"), Ok(FsyncPolicy::Always));
+    assert_eq!(parse_fsync("never"), Ok(FsyncPolicy::Never));
+    assert_eq!(
+        parse_fsync("interval:5"),
+        Ok(FsyncPolicy::Interval(Duration::from_millis(5)))
+    );
+    assert!(parse_fsync("interval:0").is_err());
+    assert!(parse_fsync("interval:x").is_err());
+    assert!(parse_fsync("sometimes").is_err());
+}
+
+#[test]
+fn segment_size_accepts_units_and_refuses_tiny_values() {
+    assert_eq!(parse_bytes("64MiB"), Ok(64 * 1024 * 1024));
+    assert_eq!(parse_bytes("8192"), Ok(8192));
+    assert!(parse_bytes("12").is_err());
+    assert!(parse_bytes("lots").is_err());
+}
+
+#[test]
+fn broker_flags_have_documented_defaults() {
+    let args = Args::try_parse_from(["sluice-agent", "broker", "--data-dir", "/tmp/x"])
+        .expect("minimal flags parse");
+    let Command::Broker(b) = args.command;
+    assert_eq!(b.listen.to_string(), "0.0.0.0:7070");
+    assert_eq!(b.metrics_listen.to_string(), "0.0.0.0:9090");
+    assert_eq!(b.log_config(), LogConfig::default());
+    assert_eq!(b.log_format, LogFormat::Text);
+}
+
+fn broker(args: &[&str]) -> Result<BrokerArgs, clap::Error> {
+    let command_line = ["sluice-agent", "broker", "--data-dir", "/tmp/x"]
+        .into_iter()
+        .chain(args.iter().copied());
+    Args::try_parse_from(command_line).map(|args| {
+        let Command::Broker(b) = args.command;
+        b
+    })
+}
+
+fn cluster_error(args: &[&str]) -> String {
+    broker(args)
+        .expect("flags parse")
+        .cluster()
+        .expect_err("must be refused")
+        .to_string()
+}
+
+#[test]
+fn peers_are_split_on_commas_and_make_a_cluster_in_their_order() {
+    let b = broker(&[
+        "--pod-name",
+        "sluice-1",
+        "--peers",
+        "a:7071,b.svc:7071,[::1]:7071",
+        "--listen",
+        "0.0.0.0:7000",
+    ])
+    .expect("parses");
+    assert_eq!(b.peers, ["a:7071", "b.svc:7071", "[::1]:7071"]);
+    let cluster = b.cluster().expect("valid").expect("cluster mode");
+    assert_eq!(cluster.node_id, 1);
+    assert_eq!(cluster.peers, b.peers);
+    assert_eq!(cluster.peer_listen.to_string(), "0.0.0.0:7071");
+    // Default advertise: this agent's peer host with the client port.
+    assert_eq!(cluster.advertise, "b.svc:7000");
+    assert_eq!(cluster.replication_factor, 3);
+}
+
+#[test]
+fn explicit_advertise_and_replication_factor_are_kept() {
+    let b = broker(&[
+        "--pod-name",
+        "local-0",
+        "--peers",
+        "a:1,b:2",
+        "--advertise",
+        "public.example:443",
+        "--replication-factor",
+        "1",
+        "--peer-listen",
+        "127.0.0.1:9000",
+    ])
+    .expect("parses");
+    let cluster = b.cluster().expect("valid").expect("cluster mode");
+    assert_eq!(cluster.advertise, "public.example:443");
+    assert_eq!(cluster.replication_factor, 1);
+    assert_eq!(cluster.peer_listen.to_string(), "127.0.0.1:9000");
+}
+
+#[test]
+fn a_malformed_peer_entry_is_refused_naming_the_flag_and_the_entry() {
+    let err = cluster_error(&["--pod-name", "s-0", "--peers", "a:7071,nohost"]);
+    assert!(err.contains("--peers[1]"), "{err}");
+    assert!(err.contains("\"nohost\""), "{err}");
+    for bad in ["a:7071,:7071", "a:0", "a:70710", "a:7071,,b:1"] {
+        let err = cluster_error(&["--pod-name", "s-0", "--peers", bad]);
+        assert!(err.contains("--peers"), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn peers_without_a_pod_name_are_a_usage_error() {
+    let err = broker(&["--peers", "a:7071"]).expect_err("no pod name");
+    assert_eq!(
+        err.kind(),
+        clap::error::ErrorKind::MissingRequiredArgument,
+        "{err}"
+    );
+    assert!(err.to_string().contains("--pod-name"), "{err}");
+}
+
+#[test]
+fn a_pod_name_without_an_ordinal_or_beyond_the_peers_is_refused_naming_the_flag() {
+    let err = cluster_error(&["--pod-name", "sluice", "--peers", "a:1"]);
+    assert!(err.contains("--pod-name \"sluice\""), "{err}");
+    let err = cluster_error(&["--pod-name", "sluice-2", "--peers", "a:1,b:1"]);
+    assert!(err.contains("--pod-name \"sluice-2\""), "{err}");
+}
+
+#[test]
+fn a_replication_factor_beyond_the_peers_or_zero_is_refused_naming_the_flag() {
+    let err = cluster_error(&[
+        "--pod-name",
+        "s-0",
+        "--peers",
+        "a:1,b:1",
+        "--replication-factor",
+        "3",
+    ]);
+    assert!(err.contains("--replication-factor 3"), "{err}");
+    // Zero is refused by clap itself, before any cluster check.
+    let err = broker(&["--replication-factor", "0"])
+        .expect_err("zero")
+        .to_string();
+    assert!(err.contains("--replication-factor"), "{err}");
+}
+
+#[test]
+fn without_peers_the_agent_is_not_in_a_cluster() {
+    let b = broker(&["--pod-name", "local-0", "--replication-factor", "2"]).expect("parses");
+    assert!(b.cluster().expect("no cluster error").is_none());
+    assert!(b.queues_file.is_none());
+}
