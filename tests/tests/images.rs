@@ -9,7 +9,6 @@ use sluice_operator::builders::statefulset::{AGENT_COMMAND, AGENT_UID, agent_arg
 use sluice_operator::names;
 use std::collections::BTreeMap;
 use support::dockerfile::{self, Stage};
-use support::operator_flags::operator_flags;
 
 fn stages() -> BTreeMap<String, Stage> {
     dockerfile::stages(&support::read_repo_file("docker/Dockerfile"))
@@ -130,7 +129,11 @@ fn the_agent_image_runs_the_command_line_the_operator_gives_its_statefulset() {
 
     // Ports the agent listens on are exposed, and are the ones the operator's Services target.
     let exposed = agent.exposed_ports();
-    for port in [broker.listen.port(), broker.metrics_listen.port()] {
+    for port in [
+        broker.listen.port(),
+        broker.peer_listen.port(),
+        broker.metrics_listen.port(),
+    ] {
         assert!(
             exposed.contains(&port),
             "agent listens on {port}, image exposes {exposed:?}"
@@ -159,16 +162,10 @@ fn the_agent_image_runs_the_command_line_the_operator_gives_its_statefulset() {
 fn the_operator_image_exposes_the_port_the_operator_serves_and_the_chart_probes() {
     let stages = stages();
     let operator = stage(&stages, "operator");
-    let http = operator_flags()
-        .into_iter()
-        .find(|f| f.long == "--http-listen")
-        .expect("sluice-operator has --http-listen");
-    let default: std::net::SocketAddr = http
-        .default
-        .as_deref()
-        .expect("--http-listen has a default")
-        .parse()
-        .expect("--http-listen's default is an address");
+    // The operator's own flag parser, with no flags: the defaults the image runs with.
+    let args = sluice_operator::args::Args::try_parse_from(["sluice-operator"])
+        .expect("sluice-operator starts without flags");
+    let default = args.http_listen;
     assert_eq!(operator.exposed_ports(), vec![default.port()]);
 
     let values: serde_json::Value =
