@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use prost::Message as _;
+use sluice_proto::peer::v1::{DeclareQueue, DeleteQueue, MetaCommand, meta_command};
 use sluice_proto::v1::{
     Confirm, Delivery, GetQueueStatsResponse, Message, QueueSpec, Settle, SettleOutcome,
 };
@@ -60,6 +61,15 @@ pub enum BrokerError {
     /// Shutting down (retry elsewhere or later).
     #[error("{0}")]
     Unavailable(String),
+    /// Another agent leads what the request needs, or an election is under way: retry at
+    /// `leader` when known (sent to clients as `sluice-leader` metadata), else later.
+    #[error("{what} is not led by this agent{}", leader.as_ref().map(|l| format!("; its leader is {l}")).unwrap_or_else(|| "; an election is under way, retry".to_owned()))]
+    NotLeader {
+        /// What was asked for (`partition 0 of queue "orders"`).
+        what: String,
+        /// Client address of the leader, when known.
+        leader: Option<String>,
+    },
     /// Storage failed.
     #[error("storage: {0}")]
     Storage(#[from] LogError),
@@ -74,7 +84,7 @@ impl BrokerError {
             Self::QueueExists { .. } => tonic::Code::AlreadyExists,
             Self::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             Self::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
-            Self::Unavailable(_) => tonic::Code::Unavailable,
+            Self::Unavailable(_) | Self::NotLeader { .. } => tonic::Code::Unavailable,
             Self::Storage(LogError::Corrupted { .. }) => tonic::Code::FailedPrecondition,
             Self::Storage(_) => tonic::Code::Internal,
         }
@@ -111,6 +121,20 @@ pub trait LogOpener: Send + Sync + 'static {
     fn open(&self, dir: &Path) -> Result<Arc<dyn LogStore>, LogError>;
 }
 
+/// The cluster side of a broker: who this agent is among its peers, the Raft groups it hosts
+/// (served on the peer port) and the replicated catalog of queues.
+#[derive(Clone)]
+pub struct ClusterContext {
+    /// Identity, peers, replication factor.
+    pub config: crate::cluster::ClusterConfig,
+    /// Every Raft group of this agent, by name, for the peer service.
+    pub groups: crate::replication::RaftGroups,
+    /// Settings of every partition group.
+    pub raft_config: Arc<openraft::Config>,
+    /// The meta group: queue declarations and agents' client addresses.
+    pub meta: Arc<crate::cluster::MetaGroup>,
+}
+
 /// What a broker is built from besides its config; [`Broker::open`] uses the defaults.
 #[derive(Clone)]
 pub struct BrokerOptions {
@@ -121,6 +145,9 @@ pub struct BrokerOptions {
     /// Run one timer task per queue (ack deadlines, delays, TTL, dead-lettering, purging).
     /// Tests driving time by hand turn it off and call [`Broker::tick`].
     pub timers: bool,
+    /// Set when this agent is one of several replicating each partition (issue 3); queues
+    /// then come from the replicated catalog, not from this agent's directory alone.
+    pub cluster: Option<ClusterContext>,
 }
 
 /// All queues of this agent.
@@ -133,6 +160,8 @@ pub struct Broker {
     queues: RwLock<BTreeMap<String, Arc<Queue>>>,
     /// Serialises declare and delete (they touch the disk and the DLQ relation).
     admin: tokio::sync::Mutex<()>,
+    /// Bumped whenever the catalog was applied to `queues` (cluster mode).
+    queues_changed: tokio::sync::watch::Sender<u64>,
     shutting_down: AtomicBool,
     next_consumer: AtomicU64,
     /// Timer task per queue.
@@ -179,6 +208,7 @@ impl Broker {
             clock: Arc::new(SystemClock),
             logs: Arc::new(FileLogOpener { config: config.log }),
             timers: true,
+            cluster: None,
         };
         Self::open_with(config, options).await
     }
@@ -212,6 +242,8 @@ impl Broker {
         let mut queues = BTreeMap::new();
         let dir = layout.queues_dir();
         let entries = std::fs::read_dir(&dir).map_err(|e| io_error("list", &dir, e))?;
+        // In a cluster the catalog says which queues exist; they are opened as it is followed.
+        let entries = entries.filter(|_| options.cluster.is_none());
         for entry in entries {
             let entry = entry.map_err(|e| io_error("list", &dir, e))?;
             let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
@@ -230,6 +262,7 @@ impl Broker {
             _lock: lock_file,
             queues: RwLock::new(queues),
             admin: tokio::sync::Mutex::new(()),
+            queues_changed: tokio::sync::watch::Sender::new(0),
             shutting_down: AtomicBool::new(false),
             next_consumer: AtomicU64::new(1),
             timers: Mutex::new(Vec::new()),
@@ -239,7 +272,129 @@ impl Broker {
         for queue in all {
             broker.start_timer(queue);
         }
+        if let Some(cluster) = &broker.options.cluster {
+            let catalog = cluster.meta.catalog();
+            let handle = tokio::spawn(follow_catalog(broker.me.clone(), catalog));
+            lock(&broker.timers).push(handle);
+        }
         Ok(broker)
+    }
+
+    /// Makes this agent's queues match the replicated catalog: opens (or creates) the
+    /// replicas of every declared queue, removes those of deleted ones.
+    async fn sync_catalog(&self, catalog: &crate::cluster::Catalog) {
+        let Some(cluster) = &self.options.cluster else {
+            return;
+        };
+        let _admin = self.admin.lock().await;
+        for (name, spec) in &catalog.queues {
+            if self.read_queues().contains_key(name) || self.shutting_down.load(Ordering::Acquire) {
+                continue;
+            }
+            let queue = match self.open_replicated_queue(cluster, spec.clone()).await {
+                Ok(queue) => queue,
+                Err(reason) => {
+                    tracing::error!(queue = %name, %reason, "queue kept offline");
+                    Queue::offline(spec.clone(), reason)
+                }
+            };
+            let queue = Arc::new(queue);
+            self.write_queues().insert(name.clone(), queue.clone());
+            self.start_timer(queue);
+        }
+        let gone: Vec<String> = self
+            .read_queues()
+            .keys()
+            .filter(|n| !catalog.queues.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in gone {
+            let removed = self.write_queues().remove(&name);
+            if let Some(queue) = removed {
+                self.close_queue(&queue).await;
+            }
+            let dir = self.layout.queue_dir(&name);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::error!(queue = %name, dir = %dir.display(), error = %e, "removing a deleted queue's directory failed");
+            }
+        }
+        self.queues_changed.send_modify(|n| *n += 1);
+    }
+
+    /// Opens this agent's replica of every partition of `spec` (creating its directories).
+    async fn open_replicated_queue(
+        &self,
+        cluster: &ClusterContext,
+        spec: QueueSpec,
+    ) -> Result<Queue, String> {
+        let dir = self.layout.queue_dir(&spec.name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        write_spec(&self.layout, &spec).map_err(|e| e.to_string())?;
+        let config = Queue::state_config(&spec);
+        let nodes = cluster.config.node_ids();
+        let mut partitions = Vec::with_capacity(spec.partitions as usize);
+        for id in 0..spec.partitions {
+            let dir = self.layout.partition_dir(&spec.name, id);
+            let log = self
+                .options
+                .logs
+                .open(&dir)
+                .map_err(|e| format!("partition {id}: {e}"))?;
+            let setup = crate::queue::replica::Setup {
+                node_id: cluster.config.node_id,
+                group: format!("{}/{id}", spec.name),
+                voters: nodes
+                    .iter()
+                    .filter_map(|n| {
+                        cluster
+                            .config
+                            .peer(*n)
+                            .map(|addr| (*n, openraft::BasicNode::new(addr)))
+                    })
+                    .collect(),
+                raft_config: cluster.raft_config.clone(),
+                groups: cluster.groups.clone(),
+                addresses: addresses(&cluster.meta),
+                meta_dir: dir.with_extension("raft"),
+            };
+            let partition = crate::queue::replica::open(
+                &spec.name,
+                id,
+                log,
+                config,
+                self.options.clock.clone(),
+                setup,
+            )
+            .await
+            .map_err(|e| format!("partition {id}: {e}"))?;
+            partitions.push(partition);
+        }
+        Ok(Queue::new(spec, partitions))
+    }
+
+    /// Closes a queue and stops its replicas' Raft groups.
+    async fn close_queue(&self, queue: &Queue) {
+        queue.close();
+        for partition in queue.partitions() {
+            if let Some(link) = partition.replica() {
+                if let Some(cluster) = &self.options.cluster {
+                    cluster.groups.remove(&link.group);
+                }
+                if let Err(e) = link.raft.shutdown().await {
+                    tracing::warn!(group = %link.group, error = %e, "raft did not stop cleanly");
+                }
+            }
+        }
+    }
+
+    /// Waits until the queue set satisfies `done` (after a catalog change this agent follows).
+    async fn wait_queues(&self, done: impl Fn(&BTreeMap<String, Arc<Queue>>) -> bool) {
+        let mut changed = self.queues_changed.subscribe();
+        while !done(&self.read_queues()) {
+            if changed.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     fn read_queues(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<Queue>>> {
@@ -431,6 +586,9 @@ impl Broker {
     pub async fn declare(&self, spec: QueueSpec) -> Result<(QueueSpec, bool), BrokerError> {
         let spec = effective_spec(&spec)?;
         self.check_running()?;
+        if let Some(cluster) = &self.options.cluster {
+            return self.declare_replicated(cluster, spec).await;
+        }
         let _admin = self.admin.lock().await;
         if let Some(existing) = self.read_queues().get(&spec.name) {
             return match difference(existing.spec(), &spec) {
@@ -450,6 +608,39 @@ impl Broker {
             self.create_queue(dlq_spec)?;
         }
         self.create_queue(spec.clone())?;
+        Ok((spec, true))
+    }
+
+    /// Declares through the meta group (from any agent), then waits until this agent has
+    /// opened its replicas.
+    async fn declare_replicated(
+        &self,
+        cluster: &ClusterContext,
+        spec: QueueSpec,
+    ) -> Result<(QueueSpec, bool), BrokerError> {
+        let existing = cluster.meta.catalog().borrow().queues.get(&spec.name).cloned();
+        if let Some(existing) = existing {
+            return match difference(&existing, &spec) {
+                Some(difference) => Err(BrokerError::QueueExists {
+                    queue: spec.name.clone(),
+                    difference,
+                }),
+                None => Ok((spec, false)),
+            };
+        }
+        let mut names = vec![spec.name.clone()];
+        let dlq = spec.dead_letter_queue.clone();
+        if !dlq.is_empty() && !cluster.meta.catalog().borrow().queues.contains_key(&dlq) {
+            let dlq_spec = effective_spec(&QueueSpec {
+                name: dlq.clone(),
+                ..QueueSpec::default()
+            })?;
+            propose_declare(cluster, dlq_spec).await?;
+            names.push(dlq);
+        }
+        propose_declare(cluster, spec.clone()).await?;
+        self.wait_queues(|q| names.iter().all(|n| q.contains_key(n)))
+            .await;
         Ok((spec, true))
     }
 
@@ -473,7 +664,7 @@ impl Broker {
     /// Deletes a queue; returns how many messages were discarded.
     pub async fn delete(&self, queue: &str, if_empty: bool) -> Result<u64, BrokerError> {
         validate_name("name", queue)?;
-        let _admin = self.admin.lock().await;
+        let admin = self.admin.lock().await;
         let q = self.queue(queue)?;
         let (messages, _) = q.backlog();
         if if_empty {
@@ -483,6 +674,17 @@ impl Broker {
                     "queue {queue:?} still holds {messages} messages"
                 )));
             }
+        }
+        if let Some(cluster) = &self.options.cluster {
+            drop(admin);
+            let command = MetaCommand {
+                command: Some(meta_command::Command::DeleteQueue(DeleteQueue {
+                    name: queue.to_owned(),
+                })),
+            };
+            cluster.meta.propose(command).await.map_err(meta_error)?;
+            self.wait_queues(|q| !q.contains_key(queue)).await;
+            return Ok(messages);
         }
         self.write_queues().remove(queue);
         q.close();
@@ -547,6 +749,7 @@ impl Broker {
         }
         let q = self.queue(queue)?;
         q.check_online()?;
+        q.check_serving()?;
         let broker = self
             .me
             .upgrade()
@@ -596,7 +799,12 @@ impl Broker {
         self.shutting_down.store(true, Ordering::Release);
         let queues: Vec<Arc<Queue>> = self.read_queues().values().cloned().collect();
         for queue in &queues {
-            queue.close();
+            self.close_queue(queue).await;
+        }
+        if let Some(cluster) = &self.options.cluster
+            && let Err(e) = cluster.meta.shutdown().await
+        {
+            tracing::warn!(error = %e, "the meta group did not stop cleanly");
         }
         let timers: Vec<JoinHandle<()>> = lock(&self.timers).drain(..).collect();
         for timer in timers {
@@ -630,7 +838,10 @@ impl Subscription {
             if let Some(delivery) = self.pop_buffered() {
                 return Some(delivery);
             }
-            if self.queue.is_closed() || self.broker.shutting_down.load(Ordering::Acquire) {
+            if self.queue.is_closed()
+                || self.broker.shutting_down.load(Ordering::Acquire)
+                || self.queue.check_serving().is_err()
+            {
                 return None;
             }
             // Register for wake-ups before looking, so a publish or settle between the look
@@ -649,8 +860,19 @@ impl Subscription {
                     }
                 }
             }
-            notified.await;
+            if self.broker.options.cluster.is_some() {
+                // Leadership can move away without a wake-up: look again now and then.
+                let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+            } else {
+                notified.await;
+            }
         }
+    }
+
+    /// Why [`Subscription::next`] ended, when this agent stopped leading the queue (the
+    /// consumer should re-subscribe where the error points).
+    pub fn ended_by(&self) -> Option<BrokerError> {
+        self.queue.check_serving().err()
     }
 
     /// The next delivery if one can be made now, without waiting (`None`: nothing ready, no
@@ -800,6 +1022,53 @@ fn open_partitions(
         partitions.push(Arc::new(partition));
     }
     Ok(Queue::new(spec, partitions))
+}
+
+/// Follows the meta group's catalog for the broker's life.
+async fn follow_catalog(
+    me: Weak<Broker>,
+    mut catalog: tokio::sync::watch::Receiver<Arc<crate::cluster::Catalog>>,
+) {
+    loop {
+        let current = catalog.borrow_and_update().clone();
+        {
+            let Some(broker) = me.upgrade() else { return };
+            if broker.shutting_down.load(Ordering::Acquire) {
+                return;
+            }
+            broker.sync_catalog(&current).await;
+        }
+        if catalog.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Client addresses of the agents, as registered in the catalog.
+fn addresses(meta: &Arc<crate::cluster::MetaGroup>) -> crate::queue::replica::Addresses {
+    let catalog = meta.catalog();
+    Arc::new(move |node| catalog.borrow().nodes.get(&node).cloned())
+}
+
+async fn propose_declare(cluster: &ClusterContext, spec: QueueSpec) -> Result<(), BrokerError> {
+    let command = MetaCommand {
+        command: Some(meta_command::Command::DeclareQueue(DeclareQueue {
+            spec: Some(spec),
+        })),
+    };
+    cluster.meta.propose(command).await.map_err(meta_error)
+}
+
+fn meta_error(e: crate::cluster::MetaError) -> BrokerError {
+    use crate::cluster::MetaError;
+    match e {
+        MetaError::Invalid(e) => e,
+        MetaError::QueueConflict { queue, difference } => {
+            BrokerError::QueueExists { queue, difference }
+        }
+        MetaError::UnknownQueue { queue } => BrokerError::QueueNotFound { queue },
+        other => BrokerError::Unavailable(format!("cluster catalog: {other}")),
+    }
 }
 
 /// Opens `FileLog`s with the broker's storage knobs.

@@ -50,13 +50,27 @@ async fn serve(args: BrokerArgs) -> anyhow::Result<()> {
         Some(path) => sluice_agent::queues_file::load(path)?,
         None => Vec::new(),
     };
-    let agent = Agent::start(
-        args.data_dir.clone(),
-        args.log_config(),
-        args.listen,
-        args.metrics_listen,
-    )
-    .await?;
+    let agent = match args.cluster()? {
+        Some(cluster) => {
+            Agent::start_in_cluster(
+                args.data_dir.clone(),
+                args.log_config(),
+                args.listen,
+                args.metrics_listen,
+                cluster,
+            )
+            .await?
+        }
+        None => {
+            Agent::start(
+                args.data_dir.clone(),
+                args.log_config(),
+                args.listen,
+                args.metrics_listen,
+            )
+            .await?
+        }
+    };
     // --- Queues file, single-agent mode: declared before the listening line, so clients and
     // probes never see the agent without them.
     if let Some(path) = &args.queues_file {

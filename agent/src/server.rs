@@ -56,6 +56,9 @@ pub enum ServerError {
     /// The reflection service could not load the descriptor set.
     #[error("building the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The cluster configuration or meta group could not start.
+    #[error("cannot join the cluster: {0}")]
+    Cluster(#[from] crate::cluster::MetaError),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -75,6 +78,15 @@ pub struct Agent {
     listener: TcpListener,
     metrics_listener: TcpListener,
     broker: Arc<Broker>,
+    /// In a cluster: the peers-only server, serving until the agent stops.
+    peer_server: Option<PeerServer>,
+}
+
+/// The peers-only gRPC server (Raft transport and cluster calls) of a clustered agent.
+struct PeerServer {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
 impl Agent {
@@ -105,6 +117,82 @@ impl Agent {
             listener,
             metrics_listener,
             broker,
+            peer_server: None,
+        })
+    }
+
+    /// Like [`Agent::start`], as one agent of a cluster: also binds the peer port, joins the
+    /// meta group and replicates every partition with the other agents.
+    pub async fn start_in_cluster(
+        data_dir: PathBuf,
+        log: LogConfig,
+        listen: SocketAddr,
+        metrics_listen: SocketAddr,
+        cluster: crate::cluster::ClusterConfig,
+    ) -> Result<Self, ServerError> {
+        let bind = |addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })
+        };
+        let listener = bind(listen).await?;
+        let metrics_listener = bind(metrics_listen).await?;
+        let peer_listener = bind(cluster.peer_listen).await?;
+        let peer_addr = peer_listener
+            .local_addr()
+            .unwrap_or_else(|_| unspecified());
+        let groups = crate::replication::RaftGroups::new();
+        // The peer port serves before the meta group starts, so peers can reach this agent
+        // while it forms or joins the group.
+        let meta = Arc::new(
+            crate::cluster::MetaGroup::open(&data_dir, &cluster, &groups, log).await?,
+        );
+        let raft_service = crate::replication::PeerService::new(groups.clone()).into_server();
+        let cluster_service = crate::cluster::peer_service(groups.clone(), (*meta).clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(raft_service)
+                .add_service(cluster_service)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), async {
+                    let _ = stopped.await;
+                }),
+        );
+        let raft_config = crate::replication::raft_config("partition")
+            .validate()
+            .map_err(|e| ServerError::Cluster(crate::cluster::MetaError::Config(e.to_string())))?;
+        let options = crate::broker::BrokerOptions {
+            clock: Arc::new(crate::queue::clock::SystemClock),
+            logs: Arc::new(crate::broker::FileLogOpener { config: log }),
+            timers: true,
+            cluster: Some(crate::broker::ClusterContext {
+                config: cluster,
+                groups,
+                raft_config: Arc::new(raft_config),
+                meta,
+            }),
+        };
+        let broker = Broker::open_with(
+            BrokerConfig {
+                data_dir: data_dir.clone(),
+                log,
+            },
+            options,
+        )
+        .await
+        .map_err(|source| ServerError::OpenBroker {
+            path: data_dir,
+            source,
+        })?;
+        Ok(Self {
+            listener,
+            metrics_listener,
+            broker,
+            peer_server: Some(PeerServer {
+                addr: peer_addr,
+                stop,
+                task,
+            }),
         })
     }
 
@@ -125,19 +213,35 @@ impl Agent {
             .unwrap_or_else(|_| unspecified())
     }
 
-    /// The machine-readable line announcing both addresses, which tests (and scripts using
-    /// port 0) parse: `sluice-agent listening grpc=<addr> metrics=<addr>`.
+    /// The machine-readable line announcing the addresses, which tests (and scripts using
+    /// port 0) parse: `sluice-agent listening grpc=<addr> metrics=<addr>`, plus
+    /// ` peer=<addr>` in a cluster.
     pub fn listening_line(&self) -> String {
+        let peer = self
+            .peer_server
+            .as_ref()
+            .map(|p| format!(" peer={}", p.addr))
+            .unwrap_or_default();
         format!(
-            "sluice-agent listening grpc={} metrics={}",
+            "sluice-agent listening grpc={} metrics={}{peer}",
             self.grpc_addr(),
             self.metrics_addr()
         )
     }
 
-    /// Serves until `shutdown` resolves, then drains (see [`run`]).
+    /// Serves until `shutdown` resolves, then drains (see [`run`]); a clustered agent keeps
+    /// its peer port up until its broker (and its Raft groups) stopped.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        run(self.listener, self.metrics_listener, self.broker, shutdown).await
+        let result = run(self.listener, self.metrics_listener, self.broker, shutdown).await;
+        if let Some(peer) = self.peer_server {
+            let _ = peer.stop.send(());
+            match peer.task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "peer server failed"),
+                Err(e) => tracing::warn!(error = %e, "peer server task failed"),
+            }
+        }
+        result
     }
 }
 

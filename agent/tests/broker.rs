@@ -31,6 +31,7 @@ async fn open(dir: &std::path::Path, clock: &Arc<ManualClock>) -> Result<Arc<Bro
             config: log_config(),
         }),
         timers: false,
+        cluster: None,
     };
     Broker::open_with(config, options).await
 }

@@ -114,6 +114,7 @@ async fn open(dir: &Path, clock: &Arc<ManualClock>, logs: &Arc<dyn LogOpener>) -
         clock: clock.clone(),
         logs: logs.clone(),
         timers: false,
+        cluster: None,
     };
     Broker::open_with(config, options)
         .await

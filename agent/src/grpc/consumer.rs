@@ -133,7 +133,13 @@ async fn forward(
             _ = tx.closed() => return,
             _ = shutdown.recv() => return,
         };
-        let Some(delivery) = delivery else { return };
+        let Some(delivery) = delivery else {
+            // Leadership moved to another agent: tell the client where to re-subscribe.
+            if let Some(err) = subscription.ended_by() {
+                let _ = tx.send(Err(Status::from(err))).await;
+            }
+            return;
+        };
         metrics.deliveries.inc();
         if delivery.attempt > 1 {
             metrics.redeliveries.inc();

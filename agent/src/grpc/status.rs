@@ -15,9 +15,21 @@ impl From<BrokerError> for Status {
             // source chain, which the status message alone does not carry.
             tracing::error!(error = &err as &dyn std::error::Error, "request failed");
         }
-        Status::new(err.code(), err.to_string())
+        let mut status = Status::new(err.code(), err.to_string());
+        if let BrokerError::NotLeader {
+            leader: Some(leader),
+            ..
+        } = &err
+            && let Ok(value) = leader.parse()
+        {
+            status.metadata_mut().insert(LEADER_METADATA, value);
+        }
+        status
     }
 }
+
+/// Metadata key of a redirect: the leader's client address (`host:port`).
+pub const LEADER_METADATA: &str = "sluice-leader";
 
 /// A failed confirm carrying `status`'s code and message, for every message of a batch that
 /// failed as a whole inside a publish stream.
@@ -48,5 +60,23 @@ mod tests {
         let confirm = failed_confirm(&status);
         assert_eq!(confirm.code, tonic::Code::NotFound as i32);
         assert_eq!(confirm.error, "queue \"x\" not found");
+    }
+
+    #[test]
+    fn a_redirect_carries_the_leader_in_metadata() {
+        let status = Status::from(BrokerError::NotLeader {
+            what: "partition 0 of queue \"q\"".into(),
+            leader: Some("10.0.0.2:7070".into()),
+        });
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let leader = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok());
+        assert_eq!(leader, Some("10.0.0.2:7070"));
+
+        let status = Status::from(BrokerError::NotLeader {
+            what: "queue \"q\"".into(),
+            leader: None,
+        });
+        assert!(status.metadata().get(LEADER_METADATA).is_none());
+        assert!(status.message().contains("election"), "{}", status.message());
     }
 }

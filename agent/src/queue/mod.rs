@@ -11,6 +11,7 @@
 //! - [`partition`]: [`partition::Partition`], the log + state + I/O (append, wait, read bodies).
 //! - [`queue`]: [`queue::Queue`], routing to partitions, competing consumers, stats.
 //! - [`spec`]: validation and defaults of queue specs and messages.
+//! - [`replica`]: [`replica::ReplicaLink`], a replicated partition's Raft side and status.
 //! - [`consumer`]: [`consumer::ConsumerSlot`], a subscription's credit.
 //! - [`dedup`], [`rates`], [`clock`]: idempotency window, per-minute rates, injectable time.
 
@@ -22,5 +23,6 @@ pub mod partition;
 #[allow(clippy::module_inception)]
 pub mod queue;
 pub mod rates;
+pub mod replica;
 pub mod spec;
 pub mod state;

@@ -6,6 +6,7 @@
 //! hold, so the in-memory state always equals "the log replayed".
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
@@ -20,6 +21,7 @@ use sluice_proto::v1::{
 
 use super::clock::Clock;
 use super::consumer::ConsumerSlot;
+use super::replica::{Proposal, ReplicaLink};
 use super::state::{Counters, Disposal, DisposalItem, PartitionState, StateConfig};
 use crate::broker::BrokerError;
 use crate::log::{LogError, LogStore};
@@ -48,13 +50,36 @@ pub struct PublishContext {
     pub dead_letter_reason: String,
 }
 
+/// What a confirm waits for: the last log index it depends on and, on a replicated partition,
+/// the leadership epoch the commands were proposed in (a later epoch may have replaced them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WaitPoint {
+    /// Log index (0 = nothing to wait for).
+    pub index: u64,
+    /// Leadership epoch of the proposal (0 on a single agent).
+    pub epoch: u64,
+}
+
+impl WaitPoint {
+    /// The later of two points of the same call.
+    fn max(self, index: u64, epoch: u64) -> Self {
+        Self {
+            index: self.index.max(index),
+            epoch,
+        }
+    }
+}
+
+/// The delivery state of a partition, shared with its Raft state machine when replicated.
+pub type SharedState = Arc<Mutex<PartitionState>>;
+
 /// What a publish under the lock produced.
 #[derive(Debug, Default)]
 pub struct Published {
     /// (position in the request, confirm).
     pub confirms: Vec<(usize, Confirm)>,
-    /// Wait until the log is durable past this index before confirming (0 = nothing).
-    pub wait_index: u64,
+    /// Wait for this before confirming.
+    pub wait: WaitPoint,
     /// Whether new messages were enqueued.
     pub enqueued: bool,
 }
@@ -64,8 +89,8 @@ pub struct Published {
 pub struct Settled {
     /// Tags that failed.
     pub failures: Vec<SettleOutcome>,
-    /// Wait until durable past this index (0 = nothing).
-    pub wait_index: u64,
+    /// Wait for this before reporting success.
+    pub wait: WaitPoint,
     /// Messages to dead-letter now (rejects, nacks past `max_deliveries`).
     pub disposals: Vec<DisposalItem>,
 }
@@ -88,8 +113,14 @@ pub struct Partition {
     /// Partition number.
     id: u32,
     log: Arc<dyn LogStore>,
-    state: Mutex<PartitionState>,
+    state: SharedState,
+    config: StateConfig,
     clock: Arc<dyn Clock>,
+    /// Set when this partition is one replica of a Raft group.
+    replica: Option<Arc<ReplicaLink>>,
+    /// The state holds commands applied as leader that may not be committed (a replica that
+    /// stops leading must rebuild it from the committed log).
+    speculative: AtomicBool,
     /// (offset, publish time) of the oldest unsettled message last looked up, so stats do
     /// not read the log every time.
     oldest: Mutex<Option<(u64, u64)>>,
@@ -124,27 +155,108 @@ impl Partition {
         config: StateConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, OpenError> {
-        let first = log.first_index();
-        let mut state = PartitionState::new(config, first);
-        let mut next = first;
-        let end = log.next_index();
-        while next < end {
-            let entries = log.read_range(next, READ_BATCH_ENTRIES, READ_BATCH_BYTES)?;
-            let Some(last) = entries.last() else { break };
-            next = last.index + 1;
-            for entry in &entries {
-                state.apply_entry(entry)?;
-            }
-        }
+        let mut state = replay(log.as_ref(), config, u64::MAX)?;
         state.finish_replay();
-        Ok(Self {
+        Ok(Self::build(
+            queue,
+            id,
+            log,
+            Arc::new(Mutex::new(state)),
+            config,
+            clock,
+            None,
+        ))
+    }
+
+    /// A replica of a replicated partition: `state` is shared with `link`'s state machine,
+    /// which applies committed entries to it.
+    pub fn replicated(
+        queue: &str,
+        id: u32,
+        log: Arc<dyn LogStore>,
+        state: SharedState,
+        config: StateConfig,
+        clock: Arc<dyn Clock>,
+        link: Arc<ReplicaLink>,
+    ) -> Self {
+        Self::build(queue, id, log, state, config, clock, Some(link))
+    }
+
+    fn build(
+        queue: &str,
+        id: u32,
+        log: Arc<dyn LogStore>,
+        state: SharedState,
+        config: StateConfig,
+        clock: Arc<dyn Clock>,
+        replica: Option<Arc<ReplicaLink>>,
+    ) -> Self {
+        Self {
             queue: queue.to_owned(),
             id,
             log,
-            state: Mutex::new(state),
+            state,
+            config,
             clock,
+            replica,
+            speculative: AtomicBool::new(false),
             oldest: Mutex::new(None),
-        })
+        }
+    }
+
+    /// The Raft side, when replicated.
+    pub fn replica(&self) -> Option<&Arc<ReplicaLink>> {
+        self.replica.as_ref()
+    }
+
+    /// Whether this agent may serve the partition now: always on a single agent; when
+    /// replicated, only as the ready leader.
+    pub fn is_serving(&self) -> bool {
+        self.replica.as_ref().is_none_or(|r| r.status().ready)
+    }
+
+    /// Whether the state may hold uncommitted commands applied as leader.
+    pub fn is_speculative(&self) -> bool {
+        self.speculative.load(Ordering::Acquire)
+    }
+
+    /// The error for a request this replica cannot serve, naming the leader when known.
+    pub fn not_leader(&self) -> BrokerError {
+        BrokerError::NotLeader {
+            what: format!("partition {} of queue {:?}", self.id, self.queue),
+            leader: self.replica.as_ref().and_then(|r| r.leader_address()),
+        }
+    }
+
+    fn check_serving(&self) -> Result<(), BrokerError> {
+        if self.is_serving() {
+            Ok(())
+        } else {
+            Err(self.not_leader())
+        }
+    }
+
+    /// Becomes the serving leader: in-flight deliveries of the previous leader's consumers are
+    /// made ready again, and a state that held another term's speculative commands is first
+    /// rebuilt from the committed log up to `applied` (everything in the log is committed
+    /// when a leader starts serving).
+    pub fn start_leading(&self, applied: u64) -> Result<(), OpenError> {
+        let mut st = self.state();
+        if self.speculative.swap(false, Ordering::AcqRel) || st.next_index() != applied + 1 {
+            *st = replay(self.log.as_ref(), self.config, applied)?;
+        }
+        st.finish_replay();
+        Ok(())
+    }
+
+    /// Stops leading: the state is rebuilt from the committed log up to `applied`, dropping
+    /// speculative commands the next leader may truncate. The caller holds the state
+    /// machine's lock, so no committed entry is applied meanwhile.
+    pub fn stop_leading(&self, applied: u64) -> Result<(), OpenError> {
+        if self.speculative.swap(false, Ordering::AcqRel) {
+            *self.state() = replay(self.log.as_ref(), self.config, applied)?;
+        }
+        Ok(())
     }
 
     /// Partition number.
@@ -158,20 +270,18 @@ impl Partition {
     }
 
     fn state(&self) -> MutexGuard<'_, PartitionState> {
-        // Every mutation of the state runs to completion without panicking on input; if a bug
-        // ever panicked mid-update, continuing with the state is no worse than poisoning every
-        // later request of the partition.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock_state(&self.state)
     }
 
-    /// Appends `commands` and applies them to `state`; returns the index of the last one.
+    /// Appends `commands` (on a single agent) or proposes them (as the leader of a replicated
+    /// partition), and applies them to `state`; returns what a confirm must wait for.
     fn execute(
         &self,
         state: &mut PartitionState,
         commands: &[LogCommand],
-    ) -> Result<u64, LogError> {
+    ) -> Result<WaitPoint, BrokerError> {
         if commands.is_empty() {
-            return Ok(0);
+            return Ok(WaitPoint::default());
         }
         // One allocation for the whole batch; each entry is a cheap slice of it.
         let total: usize = commands.iter().map(|c| c.encoded_len()).sum();
@@ -181,11 +291,38 @@ impl Partition {
             command.encode_raw(&mut buf);
             data.push(buf.split().freeze());
         }
-        let first = self.log.append(TERM, &data)?;
+        let (first, epoch) = match &self.replica {
+            None => (self.log.append(TERM, &data)?, 0),
+            Some(link) => {
+                let status = link.status();
+                if !status.ready {
+                    return Err(self.not_leader());
+                }
+                // The proposer submits in order and checks that each entry lands at exactly
+                // this index; the state only moves forward under this lock.
+                let first = state.next_index();
+                self.speculative.store(true, Ordering::Release);
+                link.proposals
+                    .send(Proposal {
+                        epoch: status.epoch,
+                        first,
+                        data,
+                    })
+                    .map_err(|_| self.not_leader())?;
+                (first, status.epoch)
+            }
+        };
         for (index, command) in (first..).zip(commands) {
             state.apply(index, command);
         }
-        Ok(first + commands.len() as u64 - 1)
+        Ok(WaitPoint {
+            index: first + commands.len() as u64 - 1,
+            epoch,
+        })
+    }
+
+    fn epoch(&self) -> u64 {
+        self.replica.as_ref().map_or(0, |r| r.status().epoch)
     }
 
     /// Enqueues a batch (already validated) under one lock hold. Duplicates (idempotency key
@@ -197,7 +334,9 @@ impl Partition {
         items: Vec<(usize, Message)>,
         ctx: &PublishContext,
     ) -> Result<Published, BrokerError> {
+        self.check_serving()?;
         let now = self.clock.now_ms();
+        let epoch = self.epoch();
         let mut st = self.state();
         let (own_messages, own_bytes) = st.backlog();
         let mut messages = own_messages + ctx.others_backlog.0;
@@ -213,7 +352,7 @@ impl Partition {
             let key = &message.idempotency_key;
             if !key.is_empty() {
                 if let Some(offset) = st.dedup(key, now) {
-                    out.wait_index = out.wait_index.max(offset);
+                    out.wait = out.wait.max(offset, epoch);
                     out.confirms.push((position, self.confirm(offset, true)));
                     continue;
                 }
@@ -249,11 +388,11 @@ impl Partition {
             });
             positions.push(position);
         }
-        let last = self.execute(&mut st, &commands)?;
+        let wait = self.execute(&mut st, &commands)?;
         drop(st);
         if !commands.is_empty() {
-            let first = last + 1 - commands.len() as u64;
-            out.wait_index = out.wait_index.max(last);
+            let first = wait.index + 1 - commands.len() as u64;
+            out.wait = out.wait.max(wait.index, wait.epoch);
             out.enqueued = true;
             for (i, position) in positions.into_iter().enumerate() {
                 out.confirms
@@ -278,10 +417,31 @@ impl Partition {
         }
     }
 
-    /// Waits until every entry up to `index` is durable (immediately for 0).
-    pub async fn wait_durable(&self, index: u64) -> Result<(), BrokerError> {
+    /// Waits until every entry up to `wait.index` is durable (immediately for 0): fsynced on a
+    /// single agent, committed by a quorum (and applied) when replicated.
+    pub async fn wait_durable(&self, wait: WaitPoint) -> Result<(), BrokerError> {
+        let index = wait.index;
         if index == 0 {
             return Ok(());
+        }
+        if let Some(link) = &self.replica {
+            let mut rx = link.status.subscribe();
+            let status = *rx
+                .wait_for(|s| s.epoch != wait.epoch || !s.ready || s.confirmed >= index)
+                .await
+                .map_err(|_| self.not_leader())?;
+            return if status.epoch == wait.epoch && status.confirmed >= index {
+                Ok(())
+            } else {
+                // Leadership moved before the commit was seen: the outcome is unknown.
+                Err(BrokerError::NotLeader {
+                    what: format!(
+                        "partition {} of queue {:?} changed leader before entry {index} was confirmed (it may or may not be stored; retry with the same idempotency key)",
+                        self.id, self.queue
+                    ),
+                    leader: link.leader_address(),
+                })
+            };
         }
         let mut rx = self.log.durability();
         let durability = rx
@@ -310,9 +470,15 @@ impl Partition {
             let Some((level, from)) = request else {
                 return Ok(());
             };
-            let entries = self
+            let mut entries = self
                 .log
                 .read_range(from, READ_BATCH_ENTRIES, READ_BATCH_BYTES)?;
+            if let Some(link) = &self.replica {
+                // Consumers see only committed messages: an uncommitted one may vanish in a
+                // failover.
+                let applied = link.status().applied;
+                entries.retain(|e| e.index <= applied);
+            }
             if entries.is_empty() {
                 return Ok(());
             }
@@ -338,7 +504,7 @@ impl Partition {
         max: usize,
         consumer: &Arc<ConsumerSlot>,
     ) -> Result<Vec<Delivery>, BrokerError> {
-        if max == 0 {
+        if max == 0 || !self.is_serving() {
             return Ok(Vec::new());
         }
         self.fill()?;
@@ -450,6 +616,7 @@ impl Partition {
         tags: &[DeliveryTag],
         delay_ms: u64,
     ) -> Result<Settled, BrokerError> {
+        self.check_serving()?;
         let now = self.clock.now_ms();
         let mut st = self.state();
         let mut out = Settled::default();
@@ -509,7 +676,7 @@ impl Partition {
                 not_before_ms,
                 reason: String::new(),
             };
-            out.wait_index = self.execute(
+            out.wait = self.execute(
                 &mut st,
                 &[LogCommand {
                     command: Some(Command::Settle(command)),
@@ -520,9 +687,9 @@ impl Partition {
         Ok(out)
     }
 
-    /// Records that `items` were copied durably to the dead-letter queue; returns the index
-    /// to wait on.
-    pub fn settle_dead_lettered(&self, items: &[DisposalItem]) -> Result<u64, BrokerError> {
+    /// Records that `items` were copied durably to the dead-letter queue; returns what to wait
+    /// on.
+    pub fn settle_dead_lettered(&self, items: &[DisposalItem]) -> Result<WaitPoint, BrokerError> {
         let now = self.clock.now_ms();
         let mut by_reason: HashMap<&'static str, Vec<MessageRef>> = HashMap::new();
         for item in items {
@@ -544,7 +711,7 @@ impl Partition {
             })
             .collect();
         let mut st = self.state();
-        Ok(self.execute(&mut st, &commands)?)
+        self.execute(&mut st, &commands)
     }
 
     /// Puts back disposals that could not be dead-lettered, for the next timer pass.
@@ -555,6 +722,9 @@ impl Partition {
     /// One timer pass: ack deadlines, due delays, TTL at the head (reading ahead if needed),
     /// disposals, and deleting segments below the low-water mark.
     pub fn tick(&self) -> Result<Ticked, BrokerError> {
+        if !self.is_serving() {
+            return Ok(Ticked::default());
+        }
         let now = self.clock.now_ms();
         let mut became_ready = {
             let mut st = self.state();
@@ -570,7 +740,9 @@ impl Partition {
             became_ready |= st.has_ready();
             (st.take_disposals(), st.next_timer(), st.low_water())
         };
-        if low_water > self.log.first_index() {
+        // A replicated log is purged by Raft after a snapshot (decision 0008), never here:
+        // a lagging follower may still need those entries.
+        if self.replica.is_none() && low_water > self.log.first_index() {
             self.log.purge_before(low_water)?;
         }
         Ok(Ticked {
@@ -620,6 +792,35 @@ impl Partition {
     pub fn tracked_len(&self) -> usize {
         self.state().tracked_len()
     }
+}
+
+fn lock_state(state: &SharedState) -> MutexGuard<'_, PartitionState> {
+    // Every mutation of the state runs to completion without panicking on input; if a bug ever
+    // panicked mid-update, continuing with the state is no worse than poisoning every later
+    // request of the partition.
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Rebuilds a partition's delivery state by replaying its log from the first retained entry up
+/// to `upto` (inclusive; `u64::MAX` for everything).
+pub fn replay(
+    log: &dyn LogStore,
+    config: StateConfig,
+    upto: u64,
+) -> Result<PartitionState, OpenError> {
+    let first = log.first_index();
+    let mut state = PartitionState::new(config, first);
+    let mut next = first;
+    let end = log.next_index().min(upto.saturating_add(1));
+    while next < end {
+        let entries = log.read_range(next, READ_BATCH_ENTRIES, READ_BATCH_BYTES)?;
+        let Some(last) = entries.last() else { break };
+        next = last.index + 1;
+        for entry in entries.iter().take_while(|e| e.index < end) {
+            state.apply_entry(entry)?;
+        }
+    }
+    Ok(state)
 }
 
 fn failure(tag: &DeliveryTag, error: String) -> SettleOutcome {

@@ -10,7 +10,7 @@ use sluice_proto::v1::{
 use tokio::sync::Notify;
 
 use super::consumer::ConsumerSlot;
-use super::partition::{Partition, PublishContext};
+use super::partition::{Partition, PublishContext, WaitPoint};
 use super::spec::validate_message;
 use super::state::{DisposalItem, StateConfig};
 use crate::broker::BrokerError;
@@ -48,7 +48,7 @@ pub struct QueueSettled {
     /// Tags that failed.
     pub failures: Vec<SettleOutcome>,
     /// (partition, index) to wait for durability on.
-    pub waits: Vec<(Arc<Partition>, u64)>,
+    pub waits: Vec<(Arc<Partition>, WaitPoint)>,
     /// Messages to dead-letter before answering.
     pub disposals: Vec<PartitionDisposals>,
 }
@@ -161,8 +161,21 @@ impl Queue {
             .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
+    /// Fails with a redirect when this agent serves none of the queue's partitions (it is
+    /// not their Raft leader).
+    pub fn check_serving(&self) -> Result<(), BrokerError> {
+        match self.partitions.iter().find(|p| p.is_serving()) {
+            Some(_) => Ok(()),
+            None => match self.partitions.first() {
+                Some(p) => Err(p.not_leader()),
+                None => Ok(()),
+            },
+        }
+    }
+
     /// The partition for a message: by ordering key, else by idempotency key (so duplicates
-    /// meet their first copy's partition), else round-robin.
+    /// meet their first copy's partition), else round-robin over the partitions this agent
+    /// serves.
     fn route(&self, message: &Message) -> usize {
         let n = self.partitions.len();
         let key = if !message.ordering_key.is_empty() {
@@ -171,7 +184,11 @@ impl Queue {
             &message.idempotency_key
         };
         if key.is_empty() {
-            self.next_partition.fetch_add(1, Ordering::Relaxed) % n
+            let start = self.next_partition.fetch_add(1, Ordering::Relaxed);
+            (0..n)
+                .map(|i| (start + i) % n)
+                .find(|p| self.partitions[*p].is_serving())
+                .unwrap_or(start % n)
         } else {
             (stable_hash(key.as_bytes()) % n as u64) as usize
         }
@@ -231,7 +248,7 @@ impl Queue {
             for (i, confirm) in published.confirms {
                 confirms[i] = confirm;
             }
-            waits.push((partition.clone(), published.wait_index));
+            waits.push((partition.clone(), published.wait));
         }
         if enqueued {
             self.wake_consumers();
@@ -299,7 +316,7 @@ impl Queue {
             }
             let settled = partition.settle(action, &tags, settle.delay_ms)?;
             out.failures.extend(settled.failures);
-            out.waits.push((partition.clone(), settled.wait_index));
+            out.waits.push((partition.clone(), settled.wait));
             if !settled.disposals.is_empty() {
                 out.disposals.push((partition.clone(), settled.disposals));
             }

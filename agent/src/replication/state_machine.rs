@@ -26,6 +26,8 @@ use tokio::sync::Mutex;
 use super::codec::{self, RaftEntry};
 use super::types::{Applied, NodeId, TypeConfig};
 use crate::log::LogStore;
+use crate::queue::partition::SharedState;
+use crate::queue::replica::ReplicaStatus;
 use crate::queue::state::{PartitionState, StateConfig};
 
 /// Upper bound of data bytes per log read while building a snapshot.
@@ -60,10 +62,9 @@ pub enum SnapshotError {
     },
 }
 
-/// What the state machine holds; one lock, since openraft applies from one task.
+/// What the state machine holds; one lock, since openraft applies from one task. The delivery
+/// state itself is behind its own lock, shared with the partition; this one is taken first.
 struct Inner {
-    /// The delivery state.
-    state: PartitionState,
     /// Last applied entry.
     last_applied: Option<LogId<NodeId>>,
     /// Membership as of `last_applied`.
@@ -76,6 +77,10 @@ struct Inner {
 #[derive(Clone)]
 pub struct QueueStateMachine {
     inner: Arc<Mutex<Inner>>,
+    /// The delivery state, shared with the partition that serves it as leader.
+    state: SharedState,
+    /// Where the applied index is published for the partition (confirms, read bounds).
+    status: Option<tokio::sync::watch::Sender<ReplicaStatus>>,
     /// Settings to build a fresh `PartitionState` when a snapshot replaces the state.
     config: StateConfig,
     /// Read by snapshots for the entries they carry.
@@ -89,14 +94,30 @@ pub struct QueueStateMachine {
 impl QueueStateMachine {
     /// A state machine with nothing applied, over the partition log it snapshots from.
     pub fn new(config: StateConfig, log: Arc<dyn LogStore>) -> Self {
+        let state = Arc::new(std::sync::Mutex::new(PartitionState::new(
+            config,
+            log.first_index(),
+        )));
+        Self::shared(config, log, state, None)
+    }
+
+    /// A state machine applying to `state` (shared with the partition), publishing the
+    /// applied index through `status`.
+    pub fn shared(
+        config: StateConfig,
+        log: Arc<dyn LogStore>,
+        state: SharedState,
+        status: Option<tokio::sync::watch::Sender<ReplicaStatus>>,
+    ) -> Self {
         let first = log.first_index();
         Self {
             inner: Arc::new(Mutex::new(Inner {
-                state: PartitionState::new(config, first),
                 last_applied: None,
                 membership: StoredMembership::default(),
                 snapshot: None,
             })),
+            state,
+            status,
             config,
             log,
             purge_floor: Arc::new(AtomicU64::new(first)),
@@ -117,23 +138,50 @@ impl QueueStateMachine {
 
     /// Runs `f` on the delivery state (for the queue layer and tests).
     pub async fn with_state<R>(&self, f: impl FnOnce(&PartitionState) -> R) -> R {
-        f(&self.inner.lock().await.state)
+        let _inner = self.inner.lock().await;
+        f(&self.lock_state())
+    }
+
+    /// Holds the apply lock while `f` runs with the applied index: nothing is applied
+    /// meanwhile (the partition rebuilds its state under it when leadership changes).
+    pub async fn while_paused<R>(&self, f: impl FnOnce(u64) -> R) -> R {
+        let inner = self.inner.lock().await;
+        f(inner.last_applied.map_or(0, |l| codec::log_index(l.index)))
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, PartitionState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-fn apply_one(inner: &mut Inner, entry: &RaftEntry) -> Result<Applied, prost::DecodeError> {
+fn apply_one(
+    inner: &mut Inner,
+    state: &mut PartitionState,
+    entry: &RaftEntry,
+) -> Result<Applied, prost::DecodeError> {
     // The delivery state is keyed by partition-log index (a message's offset).
     let index = codec::log_index(entry.log_id.index);
+    // A leader applied its own commands when it proposed them: below the state's next index
+    // an entry is already in the state.
+    let fresh = index >= state.next_index();
     match &entry.payload {
         EntryPayload::Normal(data) => {
             // The leader validates commands before proposing them, so a committed entry that
             // does not decode is damage, not input: stop rather than diverge.
             let command = LogCommand::decode(data.as_ref())?;
-            inner.state.apply(index, &command);
+            if fresh {
+                state.apply(index, &command);
+            }
         }
-        EntryPayload::Blank => inner.state.apply(index, &LogCommand::default()),
+        EntryPayload::Blank => {
+            if fresh {
+                state.apply(index, &LogCommand::default());
+            }
+        }
         EntryPayload::Membership(m) => {
-            inner.state.apply(index, &LogCommand::default());
+            if fresh {
+                state.apply(index, &LogCommand::default());
+            }
             inner.membership = StoredMembership::new(Some(entry.log_id), m.clone());
         }
     }
@@ -146,7 +194,8 @@ impl RaftSnapshotBuilder<TypeConfig> for QueueStateMachine {
         let mut inner = self.inner.lock().await;
         let last = inner.last_applied;
         // Partition-log indices: from the lowest unsettled offset to the last applied entry.
-        let from = inner.state.low_water().max(self.log.first_index());
+        let low_water = self.lock_state().low_water();
+        let from = low_water.max(self.log.first_index());
         let upto = last.map_or(0, |l| codec::log_index(l.index));
         let mut entries = Vec::new();
         let mut next = from;
@@ -208,13 +257,23 @@ impl RaftStateMachine<TypeConfig> for QueueStateMachine {
     {
         let mut inner = self.inner.lock().await;
         let mut out = Vec::new();
-        for entry in entries {
-            let applied = apply_one(&mut inner, &entry)
-                .map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
-            out.push(applied);
+        let low_water = {
+            let mut state = self.lock_state();
+            for entry in entries {
+                let applied = apply_one(&mut inner, &mut state, &entry)
+                    .map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
+                out.push(applied);
+            }
+            state.low_water()
+        };
+        self.purge_floor.store(low_water, Ordering::Release);
+        if let (Some(status), Some(last)) = (&self.status, out.last()) {
+            status.send_if_modified(|s| {
+                let changed = s.applied < last.index;
+                s.applied = s.applied.max(last.index);
+                changed
+            });
         }
-        self.purge_floor
-            .store(inner.state.low_water(), Ordering::Release);
         Ok(out)
     }
 
@@ -262,12 +321,16 @@ impl RaftStateMachine<TypeConfig> for QueueStateMachine {
             state.apply(codec::log_index(entry.log_id.index), &command);
         }
         let mut inner = self.inner.lock().await;
-        inner.state = state;
+        let low_water = state.low_water();
+        *self.lock_state() = state;
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();
         inner.snapshot = Some((meta.clone(), data));
-        self.purge_floor
-            .store(inner.state.low_water(), Ordering::Release);
+        self.purge_floor.store(low_water, Ordering::Release);
+        if let Some(status) = &self.status {
+            let applied = meta.last_log_id.map_or(0, |l| codec::log_index(l.index));
+            status.send_modify(|s| s.applied = applied);
+        }
         Ok(())
     }
 

@@ -30,3 +30,6 @@ pub struct Applied {
     /// Log index of the command (a publish's message offset).
     pub index: u64,
 }
+
+/// What a committed client write reports.
+pub type WriteResponse = openraft::raft::ClientWriteResponse<TypeConfig>;

@@ -1,0 +1,336 @@
+//! A partition's link to its Raft group: what lets [`Partition`](super::partition::Partition)
+//! run as one replica of a replicated partition (decision 0010).
+//!
+//! The leader applies each command to its delivery state as it proposes it (speculatively, so
+//! dispatch decisions such as "this message is in flight" take effect at once), hands the
+//! encoded commands to a proposer task that submits them to openraft in order, and confirms only
+//! once the entry is committed and applied. Followers apply committed entries through the state
+//! machine. When a replica stops leading, its speculative state may hold entries the new leader
+//! will truncate, so it is rebuilt from the committed log.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use crate::replication::{QueueStateMachine, Raft};
+
+/// Leadership and progress of one replica, as the queue layer needs them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    /// Current Raft term.
+    pub term: u64,
+    /// The known leader.
+    pub leader: Option<u64>,
+    /// This replica leads in `term` and its state is in step with its log: it may serve.
+    pub ready: bool,
+    /// Partition-log index of the last applied (hence committed) entry.
+    pub applied: u64,
+    /// Counts the times this replica started serving as leader; a confirm waits within the
+    /// epoch its commands were proposed in.
+    pub epoch: u64,
+    /// In the current epoch, every command up to this index was committed at exactly the
+    /// index the leader applied it at.
+    pub confirmed: u64,
+}
+
+/// Commands of one `execute` call: the leader's speculative indices `first..` in `epoch`.
+#[derive(Debug)]
+pub struct Proposal {
+    /// Leadership epoch the leader applied them in.
+    pub epoch: u64,
+    /// Partition-log index the first command was applied at.
+    pub first: u64,
+    /// Encoded `LogCommand`s.
+    pub data: Vec<Bytes>,
+}
+
+/// Maps a node id to the client address a redirected client should use.
+pub type Addresses = Arc<dyn Fn(u64) -> Option<String> + Send + Sync>;
+
+/// The Raft side of a replicated partition.
+pub struct ReplicaLink {
+    /// This agent's node id.
+    pub node_id: u64,
+    /// The group's name (`<queue>/<partition>`).
+    pub group: String,
+    /// The group's Raft.
+    pub raft: Raft,
+    /// Its state machine (shares the partition's delivery state).
+    pub machine: QueueStateMachine,
+    /// Status, written by the role task and the state machine.
+    pub status: watch::Sender<ReplicaStatus>,
+    /// Into the proposer task.
+    pub proposals: mpsc::UnboundedSender<Proposal>,
+    /// Client addresses of the agents, for redirects.
+    pub addresses: Addresses,
+}
+
+impl std::fmt::Debug for ReplicaLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaLink")
+            .field("node_id", &self.node_id)
+            .field("group", &self.group)
+            .field("status", &*self.status.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplicaLink {
+    /// The current status.
+    pub fn status(&self) -> ReplicaStatus {
+        *self.status.borrow()
+    }
+
+    /// Client address of the current leader, if known and not this agent.
+    pub fn leader_address(&self) -> Option<String> {
+        let status = self.status();
+        status
+            .leader
+            .filter(|l| *l != self.node_id)
+            .and_then(|l| (self.addresses)(l))
+    }
+}
+
+/// Submits proposals to openraft in order and checks, in order, that each entry was committed
+/// at the index the leader applied it at. A failure (leadership lost, an unexpected entry in
+/// between) stops the epoch: the partition stops serving until the role task resyncs it.
+pub async fn run_proposer(
+    raft: Raft,
+    mut proposals: mpsc::UnboundedReceiver<Proposal>,
+    status: watch::Sender<ReplicaStatus>,
+) {
+    let (checks, mut pending) = mpsc::unbounded_channel();
+    let checker = {
+        let status = status.clone();
+        tokio::spawn(async move {
+            while let Some((epoch, index, rx)) = pending.recv().await {
+                let result: Result<Result<crate::replication::types::WriteResponse, _>, _> =
+                    rx.await;
+                let landed = match result {
+                    Ok(Ok(response)) => Some(crate::replication::codec::log_index(
+                        response.log_id.index,
+                    )),
+                    Ok(Err(_)) | Err(_) => None,
+                };
+                status.send_if_modified(|s| {
+                    if s.epoch != epoch || !s.ready {
+                        return false;
+                    }
+                    if landed == Some(index) {
+                        s.confirmed = s.confirmed.max(index);
+                    } else {
+                        if let Some(at) = landed {
+                            tracing::error!(expected = index, landed = at, "a proposal landed at an unexpected index; resynchronising");
+                        }
+                        s.ready = false;
+                    }
+                    true
+                });
+            }
+        })
+    };
+    while let Some(proposal) = proposals.recv().await {
+        for (index, data) in (proposal.first..).zip(proposal.data) {
+            match raft.client_write_ff(data).await {
+                Ok(rx) => {
+                    if checks.send((proposal.epoch, index, rx)).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => {
+                    // Raft stopped: nothing more can be confirmed.
+                    status.send_modify(|s| s.ready = false);
+                }
+            }
+        }
+    }
+    drop(checks);
+    let _ = checker.await;
+}
+
+/// Follows the group's leadership: when this replica becomes leader it waits until its whole
+/// log is committed and applied, then makes the partition serve (a new epoch); when it stops
+/// leading (or an epoch failed), the partition stops serving and its state is rebuilt from
+/// the committed log.
+pub async fn run_role(
+    partition: std::sync::Weak<super::partition::Partition>,
+    link: Arc<ReplicaLink>,
+) {
+    let mut metrics = link.raft.metrics();
+    let mut status_rx = link.status.subscribe();
+    loop {
+        let m = metrics.borrow_and_update().clone();
+        let Some(partition) = partition.upgrade() else {
+            return;
+        };
+        let leading = m.current_leader == Some(link.node_id)
+            && m.state == openraft::ServerState::Leader;
+        let current = link.status();
+        link.status.send_if_modified(|s| {
+            let changed = s.term != m.current_term || s.leader != m.current_leader;
+            s.term = m.current_term;
+            s.leader = m.current_leader;
+            changed
+        });
+        if current.ready && (!leading || current.term != m.current_term) {
+            link.status.send_modify(|s| s.ready = false);
+        }
+        let current = link.status();
+        if !current.ready {
+            // Everything in a leader's log is committed once its own first entry of the term is
+            // applied: then the state equals the log and serving can start.
+            let last_log = m
+                .last_log_index
+                .map_or(0, crate::replication::codec::log_index);
+            let caught_up = m.last_applied.is_some_and(|a| {
+                a.leader_id.term == m.current_term
+                    && crate::replication::codec::log_index(a.index) >= last_log
+            });
+            let start = leading && caught_up;
+            if !start && !partition.is_speculative() {
+                drop(partition);
+                if !wait_change(&mut metrics, &mut status_rx).await {
+                    return;
+                }
+                continue;
+            }
+            let result = link
+                .machine
+                .while_paused(|applied| {
+                    if start {
+                        partition.start_leading(applied).map(|()| Some(applied))
+                    } else {
+                        partition.stop_leading(applied).map(|()| None)
+                    }
+                })
+                .await;
+            match result {
+                Ok(Some(applied)) => {
+                    link.status.send_modify(|s| {
+                        s.epoch += 1;
+                        s.confirmed = applied;
+                        s.ready = true;
+                    });
+                    tracing::info!(group = %link.group, term = m.current_term, "leading");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(group = %link.group, error = %e, "cannot rebuild the partition state; stepping out");
+                    return;
+                }
+            }
+        }
+        drop(partition);
+        if !wait_change(&mut metrics, &mut status_rx).await {
+            return;
+        }
+    }
+}
+
+/// Waits for a change of the Raft metrics or the status; false once either is closed.
+async fn wait_change(
+    metrics: &mut watch::Receiver<openraft::RaftMetrics<u64, openraft::BasicNode>>,
+    status: &mut watch::Receiver<ReplicaStatus>,
+) -> bool {
+    tokio::select! {
+        changed = metrics.changed() => changed.is_ok(),
+        changed = status.changed() => changed.is_ok(),
+    }
+}
+
+/// What a replicated partition is opened with.
+pub struct Setup {
+    /// This agent's node id.
+    pub node_id: u64,
+    /// The group's name on every replica (`<queue>/<partition>`).
+    pub group: String,
+    /// The initial voters with their peer addresses.
+    pub voters: std::collections::BTreeMap<u64, openraft::BasicNode>,
+    /// Raft settings.
+    pub raft_config: Arc<openraft::Config>,
+    /// Where the group is registered for the peer service.
+    pub groups: crate::replication::RaftGroups,
+    /// Client addresses for redirects.
+    pub addresses: Addresses,
+    /// Directory of the Raft metadata (vote, purge point).
+    pub meta_dir: std::path::PathBuf,
+}
+
+/// Why a replicated partition could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenReplicaError {
+    /// The Raft metadata could not be read.
+    #[error(transparent)]
+    Meta(#[from] crate::replication::meta::MetaError),
+    /// openraft refused to start.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Opens this agent's replica of a partition over `log`: starts its Raft group (initialising
+/// it with `setup.voters` the first time), the proposer and the role task.
+pub async fn open(
+    queue: &str,
+    id: u32,
+    log: Arc<dyn crate::log::LogStore>,
+    config: super::state::StateConfig,
+    clock: Arc<dyn super::clock::Clock>,
+    setup: Setup,
+) -> Result<Arc<super::partition::Partition>, OpenReplicaError> {
+    let state = Arc::new(std::sync::Mutex::new(super::state::PartitionState::new(
+        config,
+        log.first_index(),
+    )));
+    let status = watch::Sender::new(ReplicaStatus::default());
+    let machine =
+        QueueStateMachine::shared(config, log.clone(), state.clone(), Some(status.clone()));
+    let store = crate::replication::ReplicatedLog::open(
+        log.clone(),
+        crate::replication::meta::MetaFile::new(&setup.meta_dir),
+        machine.purge_floor(),
+    )?;
+    let raft = Raft::new(
+        setup.node_id,
+        setup.raft_config.clone(),
+        crate::replication::PeerNetwork::new(setup.group.clone()),
+        store,
+        machine.clone(),
+    )
+    .await
+    .map_err(|e| OpenReplicaError::Raft(e.to_string()))?;
+    setup.groups.insert(setup.group.clone(), raft.clone());
+    let initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| OpenReplicaError::Raft(e.to_string()))?;
+    if !initialized {
+        // Every replica initialises with the same voters; openraft accepts that, and whichever
+        // initialisation a replica's log already holds wins.
+        if let Err(e) = raft.initialize(setup.voters.clone()).await {
+            tracing::debug!(group = %setup.group, error = %e, "initialize skipped");
+        }
+    }
+    let (proposals, rx) = mpsc::unbounded_channel();
+    let link = Arc::new(ReplicaLink {
+        node_id: setup.node_id,
+        group: setup.group,
+        raft: raft.clone(),
+        machine,
+        status: status.clone(),
+        proposals,
+        addresses: setup.addresses,
+    });
+    let partition = Arc::new(super::partition::Partition::replicated(
+        queue,
+        id,
+        log,
+        state,
+        config,
+        clock,
+        link.clone(),
+    ));
+    tokio::spawn(run_proposer(raft, rx, status));
+    tokio::spawn(run_role(Arc::downgrade(&partition), link));
+    Ok(partition)
+}
