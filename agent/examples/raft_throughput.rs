@@ -5,8 +5,13 @@
 //! distribution, the process CPU time per second and the replication round trips observed.
 //!
 //! ```text
-//! cargo run --release -p sluice-agent --example raft_throughput -- [writers] [seconds] [tuned|untuned]
+//! cargo run --release -p sluice-agent --example raft_throughput -- [writers] [seconds] [tuned|untuned] [always|never] [messages-per-entry]
 //! ```
+//!
+//! `always|never` is the fsync policy (default `always`); `never` shows what the disk costs.
+//! `messages-per-entry` (default 1) sizes each entry as that many 256-byte messages packed
+//! together, the way a proposer that packs a publish batch into one entry would; the rate is
+//! then also printed in messages per second.
 //!
 //! `untuned` runs the openraft settings the replication tests used before tuning (decision 0008,
 //! "Tuning"), for before/after figures.
@@ -20,11 +25,11 @@ use anyhow::Context as _;
 use bytes::Bytes;
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use prost::Message as _;
-use sluice_agent::config::LogConfig;
+use sluice_agent::config::{FsyncPolicy, LogConfig};
 use sluice_agent::log::{FileLog, LogStore};
 use sluice_agent::queue::state::StateConfig;
 use sluice_agent::replication::meta::MetaFile;
-use sluice_agent::replication::service::peer_incoming;
+use sluice_agent::replication::service::{peer_incoming, peer_server};
 use sluice_agent::replication::{
     NodeId, PeerNetwork, PeerService, QueueStateMachine, Raft, RaftGroups, ReplicatedLog,
     raft_config,
@@ -82,10 +87,17 @@ async fn start_replica(
     dir: &Path,
     config: Arc<Config>,
     tuned: bool,
+    fsync: FsyncPolicy,
 ) -> anyhow::Result<Raft> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let (log, _) = FileLog::open(&dir.join("log"), LogConfig::default())?;
+    let (log, _) = FileLog::open(
+        &dir.join("log"),
+        LogConfig {
+            fsync,
+            ..LogConfig::default()
+        },
+    )?;
     let log: Arc<dyn LogStore> = Arc::new(log);
     let state_config = StateConfig {
         ack_timeout_ms: 30_000,
@@ -104,12 +116,16 @@ async fn start_replica(
     groups.insert(GROUP, raft.clone());
     let service = PeerService::new(groups).into_server();
     tokio::spawn(async move {
-        let server = tonic::transport::Server::builder().add_service(service);
-        // Untuned: accepted sockets as they come (Nagle on), as before tuning.
+        // Untuned: tonic's default server and accepted sockets as they come (Nagle on), as
+        // before tuning.
         let served = if tuned {
-            server.serve_with_incoming(peer_incoming(listener)).await
+            peer_server()
+                .add_service(service)
+                .serve_with_incoming(peer_incoming(listener))
+                .await
         } else {
-            server
+            tonic::transport::Server::builder()
+                .add_service(service)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await
         };
@@ -129,6 +145,11 @@ async fn main() -> anyhow::Result<()> {
     let writers: usize = args.get(1).map_or(Ok(64), |s| s.parse())?;
     let seconds: u64 = args.get(2).map_or(Ok(5), |s| s.parse())?;
     let tuned = args.get(3).is_none_or(|s| s != "untuned");
+    let fsync = match args.get(4).map(String::as_str) {
+        Some("never") => FsyncPolicy::Never,
+        _ => FsyncPolicy::Always,
+    };
+    let per_entry: usize = args.get(5).map_or(Ok(1), |s| s.parse())?;
     let config = if tuned {
         raft_config("raft-throughput")
     } else {
@@ -140,7 +161,7 @@ async fn main() -> anyhow::Result<()> {
     let mut rafts = Vec::new();
     for id in 1..=3 {
         let dir = root.path().join(format!("node-{id}"));
-        rafts.push(start_replica(id, &dir, config.clone(), tuned).await?);
+        rafts.push(start_replica(id, &dir, config.clone(), tuned, fsync).await?);
     }
     let members: BTreeMap<NodeId, BasicNode> = ADDRS
         .lock()
@@ -159,7 +180,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
 
-    let data = publish(&[0x5a; PAYLOAD_BYTES]);
+    let data = publish(&vec![0x5a; PAYLOAD_BYTES * per_entry]);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let (cpu0, t0) = (cpu_seconds(), Instant::now());
     let mut tasks = Vec::new();
@@ -186,11 +207,13 @@ async fn main() -> anyhow::Result<()> {
         latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
     println!(
-        "config={} writers={writers} writes={} elapsed={elapsed:.2}s rate={:.0}/s \
-         latency_ms p50={:.2} p99={:.2} max={:.2} cpu={:.0}%",
+        "config={} fsync={fsync:?} writers={writers} per_entry={per_entry} writes={} \
+         elapsed={elapsed:.2}s rate={:.0}/s msgs={:.0}/s latency_ms p50={:.2} p99={:.2} \
+         max={:.2} cpu={:.0}%",
         if tuned { "tuned" } else { "untuned" },
         latencies.len(),
         latencies.len() as f64 / elapsed,
+        (latencies.len() * per_entry) as f64 / elapsed,
         at(0.5),
         at(0.99),
         at(1.0),

@@ -2,7 +2,14 @@
 //!
 //! Each Raft entry is one record of the partition log (term = Raft term, data = the stored
 //! encoding from [`codec`](super::codec)), so the Raft log and the message store are the same
-//! bytes on disk. The vote and the purge point live in the [`MetaFile`] beside it.
+//! bytes on disk. The vote, the purge point and a committed hint live in the [`MetaFile`] beside
+//! it.
+//!
+//! The committed hint is saved off the commit path: openraft calls `save_committed` inline for
+//! every commit, so it only publishes the value to a background saver that writes the meta file
+//! at most once per [`COMMITTED_SAVE_INTERVAL`], and only for entries already durable in the
+//! log. A stale hint is safe (the committed prefix only grows); it lets a restarted replica
+//! re-apply its log before a leader tells it the commit point.
 //!
 //! Purging is split in two: openraft's purge point is recorded in the meta file at once, but
 //! segments are deleted only below the *purge floor*, the state machine's settled low-water mark,
@@ -10,23 +17,34 @@
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
 use sluice_proto::peer::v1::ReplicaMeta;
+use tokio::sync::watch;
 
 use super::codec::{self, RaftEntry};
 use super::meta::MetaFile;
 use super::types::{NodeId, TypeConfig};
-use crate::log::{LogError, LogStore};
+use crate::log::{Durability, LogError, LogStore};
 
 /// Upper bound of data bytes read per `read_range` call while serving openraft reads.
 const READ_BATCH_BYTES: usize = 4 << 20;
 /// Upper bound of entries read per `read_range` call.
 const READ_BATCH_ENTRIES: usize = 4096;
+/// Data bytes after which one AppendEntries stops taking more entries (it holds at least one).
+/// openraft 0.9 bounds a request by entry count only; this keeps requests well inside the peer
+/// server's decoding limit ([`super::service::MAX_REQUEST_BYTES`]) and the follower's write
+/// group ([`crate::log`]'s 8 MiB), while large enough that one round trip carries everything a
+/// busy leader appended during the previous one.
+pub const MAX_APPEND_BYTES: usize = 4 << 20;
+/// The committed hint is written to the meta file at most this often (each write is two
+/// fsyncs). Replay on restart covers at most this much more of the log from the hint.
+pub const COMMITTED_SAVE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Errors of the log adapter, converted to openraft's `StorageError` at the trait boundary.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +78,16 @@ pub struct ReplicatedLog {
     /// Segments below this index may be deleted: the lowest unsettled offset, published by the
     /// state machine after each apply.
     purge_floor: Arc<AtomicU64>,
+    /// The latest committed log id openraft reported, for the background saver.
+    committed: Arc<CommittedHint>,
+}
+
+/// The committed position as openraft reports it, shared with the task that saves it.
+struct CommittedHint {
+    /// Latest value; dropping the last `ReplicatedLog` clone closes it, which ends the saver.
+    latest: watch::Sender<Option<LogId<NodeId>>>,
+    /// Whether the saver task runs (it starts on the first report, inside the runtime).
+    saver_started: AtomicBool,
 }
 
 impl Debug for ReplicatedLog {
@@ -80,11 +108,38 @@ impl ReplicatedLog {
         purge_floor: Arc<AtomicU64>,
     ) -> Result<Self, super::meta::MetaError> {
         let saved = meta.load()?;
+        let (latest, _) = watch::channel(codec::opt_log_id_from_pb(&saved.committed));
         Ok(Self {
             log,
             meta: Arc::new(Mutex::new((meta, saved))),
             purge_floor,
+            committed: Arc::new(CommittedHint {
+                latest,
+                saver_started: AtomicBool::new(false),
+            }),
         })
+    }
+
+    /// The committed entry saved in the meta file (a lower bound of the real commit point; see
+    /// the module docs). At startup the state machine may re-apply the log up to it.
+    pub fn committed_hint(&self) -> Option<LogId<NodeId>> {
+        codec::opt_log_id_from_pb(&self.saved().committed)
+    }
+
+    /// Starts the task that saves committed hints, once.
+    fn start_committed_saver(&self) {
+        if self.committed.saver_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let mut latest = self.committed.latest.subscribe();
+        // The report that starts the saver was sent before it subscribed: save it too.
+        latest.mark_changed();
+        let saver = CommittedSaver {
+            latest,
+            durability: self.log.durability(),
+            meta: self.meta.clone(),
+        };
+        tokio::spawn(saver.run());
     }
 
     /// The underlying partition log.
@@ -126,6 +181,74 @@ impl ReplicatedLog {
 
     fn purged(&self) -> Option<LogId<NodeId>> {
         codec::opt_log_id_from_pb(&self.saved().purged)
+    }
+}
+
+/// Saves committed hints in the background. Holds no handle that keeps the partition log open,
+/// so a replica can be reopened as soon as its Raft stopped.
+struct CommittedSaver {
+    latest: watch::Receiver<Option<LogId<NodeId>>>,
+    durability: watch::Receiver<Durability>,
+    meta: Arc<Mutex<(MetaFile, ReplicaMeta)>>,
+}
+
+impl CommittedSaver {
+    async fn run(mut self) {
+        loop {
+            let closed = self.latest.changed().await.is_err();
+            let Some(committed) = *self.latest.borrow_and_update() else {
+                if closed {
+                    return;
+                }
+                continue;
+            };
+            let index = codec::log_index(committed.index);
+            if closed {
+                // Final save at shutdown, only if already durable: the log may be closing.
+                if self.durability.borrow().durable_next > index {
+                    self.save(committed).await;
+                }
+                return;
+            }
+            // Only a durable entry may be named: after a crash the hint must be in the log. A
+            // follower's commit point can run ahead of its own flush for a moment.
+            let durable = self
+                .durability
+                .wait_for(|d| d.durable_next > index || d.failure.is_some())
+                .await
+                .is_ok_and(|d| d.failure.is_none());
+            if !durable {
+                return;
+            }
+            self.save(committed).await;
+            tokio::time::sleep(COMMITTED_SAVE_INTERVAL).await;
+        }
+    }
+
+    async fn save(&self, committed: LogId<NodeId>) {
+        let meta = self.meta.clone();
+        let saved = tokio::task::spawn_blocking(move || {
+            let mut guard = match meta.lock() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let newer = codec::opt_log_id_from_pb(&guard.1.committed) < Some(committed);
+            if !newer {
+                return Ok(());
+            }
+            let mut next = guard.1;
+            next.committed = Some(codec::log_id_to_pb(&committed));
+            guard.0.save(&next)?;
+            guard.1 = next;
+            Ok::<_, super::meta::MetaError>(())
+        })
+        .await;
+        match saved {
+            Ok(Ok(())) => {}
+            // A hint: a failed save leaves an older one, which is still correct.
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not save the committed hint"),
+            Err(e) => tracing::warn!(error = %e, "committed hint saver failed"),
+        }
     }
 }
 
@@ -176,6 +299,35 @@ impl RaftLogReader<TypeConfig> for ReplicatedLog {
         }
         Ok(out)
     }
+
+    /// One AppendEntries worth: entries from `start` until [`MAX_APPEND_BYTES`] of data (at
+    /// least one entry), so a large backlog is sent in requests of bounded size.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<RaftEntry>, StorageError<NodeId>> {
+        let from = codec::log_index(start);
+        let want = usize::try_from(end.saturating_sub(start))
+            .unwrap_or(usize::MAX)
+            .min(READ_BATCH_ENTRIES);
+        let batch = self
+            .log
+            .read_range(from, want, MAX_APPEND_BYTES)
+            .map_err(|e| read_err(&e))?;
+        if batch.is_empty() && start < end {
+            let e = ReplicatedLogError::Missing { index: from };
+            return Err(StorageIOError::read_logs(&e).into());
+        }
+        batch
+            .into_iter()
+            .map(|record| {
+                let at = codec::raft_index(record.index);
+                codec::entry_from_record(record)
+                    .map_err(|e| StorageIOError::read_log_at_index(at, &e).into())
+            })
+            .collect()
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for ReplicatedLog {
@@ -216,6 +368,28 @@ impl RaftLogStorage<TypeConfig> for ReplicatedLog {
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
         Ok(self.saved().vote.as_ref().map(codec::vote_from_pb))
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        // Called inline for every commit: only publish; the saver writes the file lazily.
+        if committed.is_some() {
+            self.committed.latest.send_if_modified(|latest| {
+                let newer = *latest < committed;
+                if newer {
+                    *latest = committed;
+                }
+                newer
+            });
+            self.start_committed_saver();
+        }
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        Ok(self.committed_hint())
     }
 
     async fn append<I>(

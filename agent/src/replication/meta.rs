@@ -1,4 +1,5 @@
-//! The vote and purge point of one replica, in a small file replaced atomically.
+//! The vote, purge point and committed hint of one replica, in a small file replaced
+//! atomically.
 //!
 //! Raft must never forget a vote (it could vote twice in one term), so the file is written to a
 //! temporary name, fsynced, renamed over the old one and the directory fsynced: a crash leaves
@@ -110,6 +111,7 @@ mod tests {
                 committed: true,
             }),
             purged: Some(LogId { term: 2, index: 40 }),
+            committed: Some(LogId { term: 3, index: 57 }),
         };
         file.save(&meta).expect("save");
         assert_eq!(file.load().expect("load"), meta);

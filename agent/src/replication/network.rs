@@ -4,6 +4,8 @@
 //! Channels connect lazily and reconnect by themselves, so a peer that is down shows as
 //! `Unreachable` (openraft backs off) rather than failing the group.
 
+use std::time::Duration;
+
 use openraft::BasicNode;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -16,7 +18,15 @@ use sluice_proto::peer::v1::raft_client::RaftClient;
 use tonic::transport::{Channel, Endpoint};
 
 use super::codec;
+use super::service::{CONNECTION_WINDOW_BYTES, MAX_REQUEST_BYTES, STREAM_WINDOW_BYTES};
 use super::types::{NodeId, TypeConfig};
+
+/// HTTP/2 pings on an idle peer connection: a peer that vanished without closing the socket
+/// (power loss, partition) is noticed within interval + timeout and the channel reconnects,
+/// rather than the next AppendEntries waiting on a dead connection until its deadline.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a keepalive ping may go unanswered.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Builds clients to the peers of one partition group.
 #[derive(Debug, Clone)]
@@ -63,8 +73,16 @@ impl PeerClient {
             return Ok(c.clone());
         }
         // Fails only for an address that is no valid URI authority.
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.node.addr))?;
-        let client = RaftClient::new(endpoint.connect_lazy());
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.node.addr))?
+            .tcp_nodelay(true)
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        let client = RaftClient::new(endpoint.connect_lazy())
+            .max_encoding_message_size(MAX_REQUEST_BYTES)
+            .max_decoding_message_size(MAX_REQUEST_BYTES);
         self.client = Some(client.clone());
         Ok(client)
     }

@@ -23,6 +23,27 @@ use super::types::Raft;
 /// socket (power loss, network partition) is noticed and its connection dropped.
 const PEER_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Largest peer request the server decodes: one AppendEntries of
+/// [`MAX_APPEND_BYTES`](super::log_store::MAX_APPEND_BYTES) plus one entry of the largest size a
+/// log record holds, plus framing. (tonic's default of 4 MiB would refuse a batch ending in a
+/// large entry, and the follower could then never catch up.)
+pub const MAX_REQUEST_BYTES: usize =
+    super::log_store::MAX_APPEND_BYTES + crate::log::record::MAX_DATA_BYTES + (1 << 20);
+/// HTTP/2 receive window per stream on the peer port: one whole AppendEntries fits, so a
+/// request never waits a round trip for a window update.
+pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+/// HTTP/2 receive window per connection: the streams of every group this peer sends for.
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+
+/// The tonic server builder for the peer port, with the HTTP/2 windows sized for replication
+/// batches. Add [`PeerService::into_server`] (and the other peers-only services) and serve it
+/// with [`peer_incoming`].
+pub fn peer_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+}
+
 /// The accepted connections of the peer port, with `TCP_NODELAY` set on each.
 ///
 /// Serve the peer port through this (`serve_with_incoming(peer_incoming(listener))`): tonic
@@ -126,7 +147,7 @@ impl PeerService {
 
     /// The tonic server wrapper to add to a `Server` builder.
     pub fn into_server(self) -> pb::raft_server::RaftServer<Self> {
-        pb::raft_server::RaftServer::new(self)
+        pb::raft_server::RaftServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
     async fn append_entries(
