@@ -15,9 +15,17 @@ use crate::replication::service::ServiceError;
 
 /// How long a transfer keeps trying to win an election before reporting that it did not.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long one election attempt is given before the next is triggered; above the election
-/// timeout, so a lost round is over before another starts.
+/// How long one campaign is given to win; above the election timeout, so a lost round is over
+/// before anything else is tried.
 const ELECTION_ROUND: Duration = Duration::from_millis(1_000);
+/// How long a leader's vote keeps its voters from granting another (openraft's leader lease is
+/// the maximum election timeout), plus a heartbeat of margin.
+const LEASE: Duration = Duration::from_millis(
+    crate::replication::config::ELECTION_TIMEOUT_MAX_MS
+        + crate::replication::config::HEARTBEAT_INTERVAL_MS,
+);
+/// Longest pause between looks at the group's state while waiting for a settled leader.
+const POLL: Duration = Duration::from_millis(50);
 
 /// The `Cluster` service of one agent.
 #[derive(Clone)]
@@ -84,7 +92,11 @@ impl ClusterService {
 
     /// Starts elections on this agent's replica of the group until it leads or
     /// [`TRANSFER_TIMEOUT`] passes. openraft 0.9 has no transfer: a caught-up replica that
-    /// campaigns wins once the old leader's lease on its voters lapses (decision 0009).
+    /// campaigns wins with the old leader's vote once the old leader's own lease has lapsed
+    /// (the other followers' leases are kept fresh by its heartbeats). A lost campaign still
+    /// unseats the old leader (it saw a higher term), so campaigning again at once would unseat
+    /// every next leader too, forever; after a lost round this waits until some leader has
+    /// held office for a full lease before trying again (decision 0009).
     async fn transfer_leadership(
         &self,
         request: pb::TransferLeadershipRequest,
@@ -95,24 +107,45 @@ impl ClusterService {
             reason,
         };
         let deadline = Instant::now() + TRANSFER_TIMEOUT;
+        let mut metrics_rx = raft.metrics();
+        // The (term, leader) last seen and since when; the first campaign does not wait.
+        let mut office: Option<((u64, Option<u64>), Instant)> = None;
+        let mut campaigned = false;
         loop {
-            let metrics = raft.metrics().borrow().clone();
-            if metrics.state == ServerState::Leader || Instant::now() >= deadline {
+            let metrics = metrics_rx.borrow_and_update().clone();
+            let now = Instant::now();
+            if metrics.state == ServerState::Leader || now >= deadline {
                 return Ok(pb::TransferLeadershipResponse {
                     is_leader: metrics.state == ServerState::Leader,
                     leader_id: metrics.current_leader,
                 });
             }
-            raft.trigger()
-                .elect()
-                .await
-                .map_err(|e| failed(e.to_string()))?;
-            let round = ELECTION_ROUND.min(deadline.saturating_duration_since(Instant::now()));
-            // A timeout only means this round was lost; the loop decides what next.
-            let _ = raft
-                .wait(Some(round))
-                .state(ServerState::Leader, "leadership transfer")
-                .await;
+            let key = (metrics.current_term, metrics.current_leader);
+            let since = match office {
+                Some((k, since)) if k == key => since,
+                _ => {
+                    office = Some((key, now));
+                    now
+                }
+            };
+            let settled = metrics.current_leader.is_some() && now - since >= LEASE;
+            if !campaigned || settled {
+                campaigned = true;
+                raft.trigger()
+                    .elect()
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+                let round = ELECTION_ROUND.min(deadline.saturating_duration_since(Instant::now()));
+                // A timeout only means this round was lost; the loop decides what next.
+                let _ = raft
+                    .wait(Some(round))
+                    .state(ServerState::Leader, "leadership transfer")
+                    .await;
+                office = None;
+            } else {
+                // Wait for the next metrics change, or the moment the lease would have lapsed.
+                let _ = tokio::time::timeout(POLL, metrics_rx.changed()).await;
+            }
         }
     }
 }
