@@ -1,4 +1,4 @@
-//! The connection to an agent and the unary calls.
+//! [`Client`]: the unary calls, each routed to the queue's leader by the [`Router`].
 
 use sluice_proto::v1::admin_client::AdminClient;
 use sluice_proto::v1::consumer_client::ConsumerClient;
@@ -8,89 +8,114 @@ use sluice_proto::v1::{
     GetQueueStatsRequest, GetQueueStatsResponse, ListQueuesRequest, Message, PublishRequest,
     QueueSpec, Settle, SettleAction, SettleOutcome, SettleRequest,
 };
-use tonic::transport::{Channel, Endpoint};
+use std::sync::Arc;
+
+use tonic::transport::Channel;
 
 use crate::consumer::Consumer;
 use crate::error::{Error, Result};
 use crate::publisher::Publisher;
+use crate::retry::{Resend, RetryPolicy};
+use crate::router::Router;
 
 /// Largest gRPC message the client sends or accepts; matches the agent's decoding limit so a
 /// full batch of large messages is not refused by the client first.
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
 
-/// A connection to one Sluice agent (or sidecar). Cheap to clone; clones share the connection.
+/// A connection to Sluice: one agent (or sidecar), or several agents of a cluster. Cheap to
+/// clone; clones share connections and what was learnt about leaders.
+///
+/// Every call follows leader redirects and retries refusals during elections with backoff,
+/// at most [`RetryPolicy::max_attempts`] times (see [`crate::retry`]). A publish is resent only
+/// when the agent surely did not take it (a redirect, a refusal, no connection) unless every
+/// message carries an idempotency key: then a publish whose connection broke mid-call is
+/// resent too, and the agent confirms the repeat without enqueuing it twice. Publish with
+/// idempotency keys when duplicates matter.
 #[derive(Debug, Clone)]
 pub struct Client {
-    admin: AdminClient<Channel>,
-    publisher: PublisherClient<Channel>,
-    consumer: ConsumerClient<Channel>,
+    router: Arc<Router>,
 }
 
 impl Client {
     /// Connects to `endpoint`, e.g. `http://127.0.0.1:7070`.
     pub async fn connect(endpoint: impl Into<String>) -> Result<Self> {
-        let endpoint = endpoint.into();
-        let channel = Endpoint::from_shared(endpoint.clone())
-            .map_err(|source| Error::Endpoint {
-                endpoint: endpoint.clone(),
-                source,
-            })?
-            .connect()
-            .await
-            .map_err(|source| Error::Connect { endpoint, source })?;
-        Ok(Self::from_channel(channel))
+        Self::connect_any(&[endpoint.into()]).await
     }
 
-    /// A client over an existing channel.
-    pub fn from_channel(channel: Channel) -> Self {
-        Self {
-            admin: AdminClient::new(channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            publisher: PublisherClient::new(channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            consumer: ConsumerClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    /// Connects to the first reachable of `endpoints` (agents of one cluster, as
+    /// `http://host:port` or `host:port`); later calls
+    /// move to the others when that one goes away, and to whichever agent leads a queue.
+    pub async fn connect_any(endpoints: &[impl AsRef<str>]) -> Result<Self> {
+        Self::connect_with(endpoints, RetryPolicy::default()).await
+    }
+
+    /// [`Client::connect_any`] with a retry policy other than the default.
+    pub async fn connect_with(endpoints: &[impl AsRef<str>], policy: RetryPolicy) -> Result<Self> {
+        let endpoints: Vec<String> = endpoints
+            .iter()
+            .map(|e| with_scheme(e.as_ref().trim()))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(Error::NoEndpoints);
         }
+        let router = Router::connect(endpoints, policy).await?;
+        Ok(Self {
+            router: Arc::new(router),
+        })
+    }
+
+    /// A client over an existing channel (redirects still open channels of their own).
+    pub fn from_channel(channel: Channel) -> Self {
+        const NAME: &str = "channel";
+        let router = Router::new(vec![NAME.to_owned()], RetryPolicy::default(), 0, channel);
+        Self {
+            router: Arc::new(router),
+        }
+    }
+
+    /// The endpoints, connections and leader cache behind this client.
+    pub fn router(&self) -> &Router {
+        &self.router
     }
 
     /// Creates a queue or confirms an identical one.
     pub async fn declare_queue(&self, queue: QueueSpec) -> Result<DeclareQueueResponse> {
+        let name = queue.name.clone();
         let request = DeclareQueueRequest { queue: Some(queue) };
-        Ok(self
-            .admin
-            .clone()
-            .declare_queue(request)
-            .await?
-            .into_inner())
+        self.router
+            .call(Some(&name), Resend::Harmless, |channel| {
+                let request = request.clone();
+                async move { Ok(admin(channel).declare_queue(request).await?.into_inner()) }
+            })
+            .await
     }
 
-    /// Deletes a queue; returns how many messages were discarded.
+    /// Deletes a queue; returns how many messages were discarded. (A delete retried after a
+    /// broken connection can answer `NOT_FOUND` when the first try had already deleted it.)
     pub async fn delete_queue(&self, name: &str, if_empty: bool) -> Result<u64> {
         let request = DeleteQueueRequest {
             name: name.to_owned(),
             if_empty,
         };
-        Ok(self
-            .admin
-            .clone()
-            .delete_queue(request)
-            .await?
-            .into_inner()
-            .messages_deleted)
+        self.router
+            .call(Some(name), Resend::Harmless, |channel| {
+                let request = request.clone();
+                async move {
+                    let response = admin(channel).delete_queue(request).await?;
+                    Ok(response.into_inner().messages_deleted)
+                }
+            })
+            .await
     }
 
     /// Every queue's settings, sorted by name.
     pub async fn list_queues(&self) -> Result<Vec<QueueSpec>> {
-        Ok(self
-            .admin
-            .clone()
-            .list_queues(ListQueuesRequest {})
-            .await?
-            .into_inner()
-            .queues)
+        self.router
+            .call(None, Resend::Harmless, |channel| async move {
+                let response = admin(channel).list_queues(ListQueuesRequest {}).await?;
+                Ok(response.into_inner().queues)
+            })
+            .await
     }
 
     /// A queue's counters, in total and per partition.
@@ -98,12 +123,12 @@ impl Client {
         let request = GetQueueStatsRequest {
             name: name.to_owned(),
         };
-        Ok(self
-            .admin
-            .clone()
-            .get_queue_stats(request)
-            .await?
-            .into_inner())
+        self.router
+            .call(Some(name), Resend::Harmless, |channel| {
+                let request = request.clone();
+                async move { Ok(admin(channel).get_queue_stats(request).await?.into_inner()) }
+            })
+            .await
     }
 
     /// Publishes a batch and returns its confirms in order, or [`Error::Rejected`] naming the
@@ -120,27 +145,33 @@ impl Client {
         queue: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<Confirm>> {
+        let resend = resend_of(&messages);
         let request = PublishRequest {
             queue: queue.to_owned(),
             messages,
         };
-        Ok(self
-            .publisher
-            .clone()
-            .publish(request)
-            .await?
-            .into_inner()
-            .confirms)
+        self.router
+            .call(Some(queue), resend, |channel| {
+                let request = request.clone();
+                async move {
+                    Ok(publisher(channel)
+                        .publish(request)
+                        .await?
+                        .into_inner()
+                        .confirms)
+                }
+            })
+            .await
     }
 
     /// Opens a pipelined publisher with at most `window` frames awaiting confirms.
     pub async fn publisher(&self, window: usize) -> Result<Publisher> {
-        Publisher::open(self.publisher.clone(), window).await
+        Ok(Publisher::new(self.router.clone(), window))
     }
 
     /// Subscribes to `queue` holding at most `prefetch` unsettled deliveries (0 = 100).
     pub async fn subscribe(&self, queue: &str, prefetch: u32) -> Result<Consumer> {
-        Consumer::subscribe(self.consumer.clone(), queue, prefetch, "").await
+        Consumer::subscribe(&self.router, queue, prefetch, "").await
     }
 
     /// Settles deliveries outside a subscription; returns the tags that failed.
@@ -160,16 +191,22 @@ impl Client {
             queue: queue.to_owned(),
             settle: Some(settle),
         };
-        Ok(self
-            .consumer
-            .clone()
-            .settle(request)
-            .await?
-            .into_inner()
-            .failures)
+        self.router
+            .call(Some(queue), Resend::Harmless, |channel| {
+                let request = request.clone();
+                async move {
+                    Ok(consumer(channel)
+                        .settle(request)
+                        .await?
+                        .into_inner()
+                        .failures)
+                }
+            })
+            .await
     }
 
-    /// The raw generated clients, for calls this wrapper does not cover.
+    /// The raw generated clients on the endpoint the client first connected to, for calls
+    /// this wrapper does not cover (they neither follow redirects nor retry).
     pub fn raw(
         &self,
     ) -> (
@@ -177,12 +214,51 @@ impl Client {
         PublisherClient<Channel>,
         ConsumerClient<Channel>,
     ) {
+        let channel = self.router.first_channel();
         (
-            self.admin.clone(),
-            self.publisher.clone(),
-            self.consumer.clone(),
+            admin(channel.clone()),
+            publisher(channel.clone()),
+            consumer(channel),
         )
     }
+}
+
+/// `endpoint` with `http://` in front when it is a bare `host:port` (as agents print them and
+/// redirects name them).
+fn with_scheme(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+/// Whether a publish of `messages` may be resent after a broken connection: only when the
+/// agent can recognise the repeat by every message's idempotency key.
+pub(crate) fn resend_of(messages: &[Message]) -> Resend {
+    if !messages.is_empty() && messages.iter().all(|m| !m.idempotency_key.is_empty()) {
+        Resend::Harmless
+    } else {
+        Resend::OnlyIfRefused
+    }
+}
+
+pub(crate) fn admin(channel: Channel) -> AdminClient<Channel> {
+    AdminClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+pub(crate) fn publisher(channel: Channel) -> PublisherClient<Channel> {
+    PublisherClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+pub(crate) fn consumer(channel: Channel) -> ConsumerClient<Channel> {
+    ConsumerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// Turns the first failed confirm into [`Error::Rejected`].

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use sluice_proto::v1::consume_request::Request as Frame;
 use sluice_proto::v1::consume_response::Response as In;
-use sluice_proto::v1::consumer_client::ConsumerClient;
 use sluice_proto::v1::{
     ConsumeRequest, ConsumeResponse, Delivery, DeliveryTag, Settle, SettleAction, SettleOutcome,
     SettleResult, Subscribe,
@@ -20,9 +19,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
-use tonic::transport::Channel;
 
+use crate::client::consumer;
 use crate::error::{Error, Result};
+use crate::retry::{Failure, Resend};
+use crate::router::{Route, Router};
 
 /// Most tags in one settle frame sent by the batcher.
 pub const SETTLE_BATCH_MAX: usize = 1024;
@@ -44,6 +45,11 @@ enum Op {
 
 /// An open subscription. Dropping it ends the stream; the agent then redelivers whatever this
 /// consumer had not settled.
+///
+/// A subscription lives on one agent. If that agent stops leading the queue or goes away, the
+/// stream ends and [`Consumer::next`] returns the error; subscribe again (through the same
+/// [`crate::Client`], which then finds the new leader) and the unsettled deliveries of the old
+/// stream come back as redeliveries.
 #[derive(Debug)]
 pub struct Consumer {
     deliveries: mpsc::UnboundedReceiver<Result<Delivery>>,
@@ -53,28 +59,45 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    /// Opens a `Consume` stream and subscribes to `queue`.
+    /// Opens a `Consume` stream and subscribes to `queue` at the agent that leads it,
+    /// following redirects and retrying refusals within the router's bound.
     pub(crate) async fn subscribe(
-        mut client: ConsumerClient<Channel>,
+        router: &Router,
         queue: &str,
         prefetch: u32,
         consumer_name: &str,
     ) -> Result<Self> {
-        let (requests, rx) = mpsc::channel(REQUEST_BUFFER);
         let subscribe = Subscribe {
             queue: queue.to_owned(),
             prefetch,
             consumer_name: consumer_name.to_owned(),
         };
-        // Queued before the call: the agent reads the subscribe before it answers the headers.
-        requests
-            .send(ConsumeRequest {
-                sequence: 0,
-                request: Some(Frame::Subscribe(subscribe)),
-            })
-            .await
-            .map_err(|_| Error::Closed("consume"))?;
-        let responses = client.consume(ReceiverStream::new(rx)).await?.into_inner();
+        let mut route = Route::new(router, Some(queue));
+        let (requests, responses) = loop {
+            let failure = match router.channel(&route.target).await {
+                Ok(channel) => {
+                    let (requests, rx) = mpsc::channel(REQUEST_BUFFER);
+                    // Queued before the call: the agent reads the subscribe before it answers
+                    // the headers (and answers a redirect instead of them).
+                    requests
+                        .send(ConsumeRequest {
+                            sequence: 0,
+                            request: Some(Frame::Subscribe(subscribe.clone())),
+                        })
+                        .await
+                        .map_err(|_| Error::Closed("consume"))?;
+                    match consumer(channel).consume(ReceiverStream::new(rx)).await {
+                        Ok(responses) => break (requests, responses.into_inner()),
+                        Err(status) => Failure::classify(status),
+                    }
+                }
+                Err(err @ Error::Connect { .. }) => Failure::Unreachable(err),
+                Err(err) => Failure::Final(err),
+            };
+            // Opening a subscription takes nothing from the queue, so it is always resendable.
+            route.next(failure, Resend::Harmless).await?;
+        };
+        route.succeeded();
         let (deliveries_tx, deliveries) = mpsc::unbounded_channel();
         let (results_tx, results) = mpsc::unbounded_channel();
         let (ops, ops_rx) = mpsc::unbounded_channel();

@@ -38,6 +38,9 @@ pub enum Error {
         /// Why, as the server said.
         message: String,
     },
+    /// A client was built from an empty list of endpoints.
+    #[error("no endpoint given")]
+    NoEndpoints,
     /// A stream ended (server shut down or connection lost) before the answer arrived.
     #[error("the {0} stream closed before answering")]
     Closed(&'static str),

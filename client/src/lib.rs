@@ -1,6 +1,12 @@
 //! Rust client of Sluice's public gRPC API (`sluice.v1`), shared by the `sluice` CLI, the
 //! tests, the benchmarks and, later, the operator.
 //!
+//! A client may be given several agents of a cluster ([`Client::connect_any`]); every call goes
+//! to the agent leading its queue, following `UNAVAILABLE` redirects that name the leader in
+//! [`LEADER_METADATA_KEY`] metadata, with bounded retries and backoff ([`RetryPolicy`]).
+//! Publishes are resent only when that cannot enqueue twice; give messages idempotency keys to
+//! have them resent after a lost connection too.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), sluice_client::Error> {
 //! use sluice_client::{Client, proto::{Message, QueueSpec}};
@@ -16,7 +22,9 @@
 //! ```
 //!
 //! # Layout
-//! - [`client`]: [`Client`], the connection and the unary calls.
+//! - [`client`]: [`Client`], the unary calls.
+//! - [`router`]: [`Router`], which agent a call goes to; the loop following redirects.
+//! - [`retry`]: [`RetryPolicy`] and which failures may be retried.
 //! - [`publisher`]: [`Publisher`], pipelined publishing over `PublishStream`.
 //! - [`consumer`]: [`Consumer`], a subscription with automatically batched settles.
 //! - [`error`]: the crate's [`Error`].
@@ -25,11 +33,15 @@ pub mod client;
 pub mod consumer;
 pub mod error;
 pub mod publisher;
+pub mod retry;
+pub mod router;
 
 pub use client::Client;
 pub use consumer::Consumer;
 pub use error::{Error, Result};
 pub use publisher::{Pending, Publisher};
+pub use retry::{LEADER_METADATA_KEY, RetryPolicy};
+pub use router::Router;
 /// The generated `sluice.v1` types and raw gRPC clients.
 pub use sluice_proto::v1 as proto;
 
