@@ -214,6 +214,9 @@ fn check_peers(peers: Vec<String>) -> Result<Vec<String>, ClusterConfigError> {
 
 /// Splits `host:port` (`[v6]:port` for IPv6 literals); the reason names what is wrong.
 fn split_host_port(value: &str) -> Result<(&str, u16), String> {
+    if value.contains("://") {
+        return Err("expected host:port without a scheme".to_owned());
+    }
     let (host, port) = value
         .rsplit_once(':')
         .ok_or_else(|| "expected host:port, found no ':'".to_owned())?;
@@ -361,7 +364,8 @@ mod tests {
             ("a:0", "port 0"),
             ("::1:7071", "brackets"),
             ("[::1:7071", "without closing"),
-            ("http://a:1", "not allowed"),
+            ("http://a:1", "without a scheme"),
+            ("a b:1", "not allowed"),
         ];
         for (value, reason) in cases {
             match config("a-0", &["ok:1", value]) {
