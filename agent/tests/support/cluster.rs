@@ -1,0 +1,485 @@
+//! A three-agent cluster of real `sluice-agent` processes for fault tests: start, SIGKILL,
+//! SIGSTOP/SIGCONT, restart on the same ports and data directory, wipe a data directory, cut an
+//! agent off its peers (network namespaces, see [`super::netns`]), and find the leader of a
+//! partition group by asking the agents.
+//!
+//! Every agent keeps its ports for the whole test, so a restarted agent is the same cluster
+//! member at the same address; its stderr is kept in memory (and dumped when a test fails).
+
+#![allow(dead_code)] // Each fault test uses a different part of the harness.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use sluice_proto::v1::admin_client::AdminClient;
+use sluice_proto::v1::consumer_client::ConsumerClient;
+use sluice_proto::v1::{
+    DeliveryTag, GetQueueStatsRequest, GetQueueStatsResponse, Settle, SettleAction, SettleRequest,
+};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+use super::netns::Namespaces;
+
+/// How long an agent may take to print its listening line (recovery included).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most stderr lines kept per agent (the newest); enough to explain a failure.
+const LOG_LINES_MAX: usize = 20_000;
+/// Timeout of one probe RPC: a paused agent must not hold up the search for the leader.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+/// The agent binary under test.
+const AGENT_BIN: &str = env!("CARGO_BIN_EXE_sluice-agent");
+/// Agents in a test cluster.
+pub const NODES: usize = 3;
+/// Log filter of the agents: the queue layer at info (its `leading` lines), Raft quieter.
+const LOG_FILTER: &str = "info,openraft=error,h2=warn,tower=warn,hyper=warn";
+
+/// Where the agents' sockets live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Net {
+    /// Every agent on 127.0.0.1 with its own ports.
+    Loopback,
+    /// Every agent in its own network namespace (so one can be cut off its peers).
+    Namespaces,
+}
+
+/// One agent of the cluster: its fixed addresses, data directory and (when running) process.
+pub struct Node {
+    /// Ordinal (also its Raft node id: the pod name is `local-<index>`).
+    pub index: usize,
+    /// Client gRPC address as the test reaches it.
+    pub client: SocketAddr,
+    /// Address the agent binds its client port to.
+    listen: SocketAddr,
+    /// Address the agent binds its metrics port to.
+    metrics: SocketAddr,
+    /// Address the agent binds its peer port to.
+    peer_listen: SocketAddr,
+    /// Network namespace it runs in, if any.
+    namespace: Option<String>,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    paused: bool,
+    /// Its stderr, newest last, across restarts.
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Node {
+    /// Whether the process runs (and is not paused).
+    pub fn is_up(&self) -> bool {
+        self.child.is_some() && !self.paused
+    }
+
+    /// Stderr lines containing `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        lock(&self.log)
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    fn pid(&self) -> Option<Pid> {
+        let child = self.child.as_ref()?;
+        i32::try_from(child.id()).ok().map(Pid::from_raw)
+    }
+}
+
+/// What an agent said when asked whether it serves a queue's partition 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// It leads and serves.
+    Leader,
+    /// It does not lead; the leader's client address when it knows one.
+    Follower(Option<String>),
+    /// No answer (down, paused, cut off) or another failure.
+    Unreachable(String),
+}
+
+/// Three agents forming one cluster.
+pub struct Cluster {
+    /// The agents, by ordinal.
+    pub nodes: Vec<Node>,
+    peers: String,
+    net: Option<Namespaces>,
+    channels: Mutex<Vec<Option<Channel>>>,
+}
+
+impl Cluster {
+    /// Starts three agents under `root` (one data directory each) and waits until all printed
+    /// their listening line. `Err` says why the network could not be set up (namespaces only).
+    pub fn start(root: &Path, net: Net) -> Result<Cluster, String> {
+        let (net, addresses) = match net {
+            Net::Loopback => (None, loopback_addresses()?),
+            Net::Namespaces => {
+                let ns = Namespaces::create(NODES)?;
+                let addresses = (0..NODES).map(|i| ns.addresses(i)).collect();
+                (Some(ns), addresses)
+            }
+        };
+        let peers = addresses
+            .iter()
+            .map(|a| a.peer.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = addresses
+            .into_iter()
+            .enumerate()
+            .map(|(index, a)| Node {
+                index,
+                client: a.client,
+                listen: a.listen,
+                metrics: a.metrics,
+                peer_listen: a.peer_listen,
+                namespace: net.as_ref().map(|n| n.name(index)),
+                data_dir: root.join(format!("agent-{index}")),
+                child: None,
+                paused: false,
+                log: Arc::default(),
+            })
+            .collect();
+        let mut cluster = Cluster {
+            nodes,
+            peers,
+            net,
+            channels: Mutex::new(vec![None; NODES]),
+        };
+        // Spawned together so the first elections see all three.
+        for i in 0..NODES {
+            cluster.spawn(i)?;
+        }
+        Ok(cluster)
+    }
+
+    /// `http://<client address>` of every agent (what the workload clients are given).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("http://{}", n.client))
+            .collect()
+    }
+
+    /// Starts agent `i` with its fixed ports and data directory; waits for its listening line.
+    pub fn spawn(&mut self, i: usize) -> Result<(), String> {
+        let node = &self.nodes[i];
+        let mut command = match &node.namespace {
+            Some(ns) => {
+                // `ip netns exec` execs the agent, so the child's pid is the agent's.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(AGENT_BIN);
+                c
+            }
+            None => Command::new(AGENT_BIN),
+        };
+        command
+            .arg("broker")
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .args(["--listen", &node.listen.to_string()])
+            .args(["--metrics-listen", &node.metrics.to_string()])
+            .args(["--pod-name", &format!("local-{i}")])
+            .args(["--peers", &self.peers])
+            .args(["--peer-listen", &node.peer_listen.to_string()])
+            .args(["--advertise", &node.client.to_string()])
+            .args(["--log-level", LOG_FILTER])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .map_err(|e| format!("agent {i}: spawn: {e}"))?;
+        let log = node.log.clone();
+        if let Some(stderr) = child.stderr.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let mut log = lock(&log);
+                    if log.len() >= LOG_LINES_MAX {
+                        log.drain(..LOG_LINES_MAX / 2);
+                    }
+                    log.push(line);
+                }
+            });
+        }
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = tx.send(lines.next());
+            // Keep draining so the agent never blocks on a full pipe.
+            for _ in lines {}
+        });
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(Some(Ok(line))) if line.starts_with("sluice-agent listening ") => {}
+            other => {
+                let _ = child.kill();
+                let status = child.wait().map(|s| format!("{s}")).unwrap_or_default();
+                let tail: Vec<String> = {
+                    let log = lock(&node.log);
+                    log.iter().skip(log.len().saturating_sub(20)).cloned().collect()
+                };
+                return Err(format!(
+                    "agent {i} did not start ({other:?}, {status}); stderr tail:\n{}",
+                    tail.join("\n")
+                ));
+            }
+        }
+        let node = &mut self.nodes[i];
+        node.child = Some(child);
+        node.paused = false;
+        Ok(())
+    }
+
+    /// SIGKILL agent `i` and reap it.
+    pub fn kill9(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        node.paused = false;
+    }
+
+    /// Restarts agent `i` (after [`Cluster::kill9`]) on the same ports and data directory.
+    pub fn restart(&mut self, i: usize) {
+        if let Err(e) = self.spawn(i) {
+            panic!("restart of agent {i}: {e}");
+        }
+    }
+
+    /// SIGSTOP: the process keeps its sockets but answers nothing.
+    pub fn pause(&mut self, i: usize) {
+        self.signal(i, Signal::SIGSTOP);
+        self.nodes[i].paused = true;
+    }
+
+    /// SIGCONT after [`Cluster::pause`].
+    pub fn resume(&mut self, i: usize) {
+        self.signal(i, Signal::SIGCONT);
+        self.nodes[i].paused = false;
+    }
+
+    fn signal(&self, i: usize, signal: Signal) {
+        let pid = self.nodes[i]
+            .pid()
+            .unwrap_or_else(|| panic!("agent {i} is not running"));
+        kill(pid, signal).unwrap_or_else(|e| panic!("{signal} to agent {i}: {e}"));
+    }
+
+    /// Removes agent `i`'s whole data directory (it must be stopped).
+    pub fn wipe(&mut self, i: usize) {
+        assert!(self.nodes[i].child.is_none(), "wipe a stopped agent only");
+        let dir = &self.nodes[i].data_dir;
+        std::fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("rm -rf {}: {e}", dir.display()));
+    }
+
+    /// Cuts agent `i` off its peers (its client port stays reachable from the test).
+    pub fn isolate(&mut self, i: usize) {
+        let net = self.net.as_ref().expect("isolation needs Net::Namespaces");
+        net.set_peer_link(i, false)
+            .unwrap_or_else(|e| panic!("isolate agent {i}: {e}"));
+        // Live peer connections are not reset by a link going down; the peers must time out.
+    }
+
+    /// Undoes [`Cluster::isolate`].
+    pub fn heal(&mut self, i: usize) {
+        let net = self.net.as_ref().expect("isolation needs Net::Namespaces");
+        net.set_peer_link(i, true)
+            .unwrap_or_else(|e| panic!("heal agent {i}: {e}"));
+    }
+
+    /// A lazily connecting channel to agent `i`'s client port (reused).
+    pub fn channel(&self, i: usize) -> Channel {
+        let mut channels = lock(&self.channels);
+        channels[i]
+            .get_or_insert_with(|| channel_to(&format!("http://{}", self.nodes[i].client)))
+            .clone()
+    }
+
+    /// Asks agent `i` whether it serves partition 0 of `queue`: a settle of a tag that cannot
+    /// exist changes nothing, is answered by the leader with a per-tag failure and by any
+    /// other replica with UNAVAILABLE naming the leader.
+    pub async fn role(&self, i: usize, queue: &str) -> Role {
+        if !self.nodes[i].is_up() {
+            return Role::Unreachable("not running".into());
+        }
+        let mut request = tonic::Request::new(SettleRequest {
+            queue: queue.into(),
+            settle: Some(Settle {
+                action: SettleAction::Ack as i32,
+                tags: vec![DeliveryTag {
+                    partition: 0,
+                    offset: u64::MAX,
+                    attempt: 1,
+                }],
+                delay_ms: 0,
+            }),
+        });
+        request.set_timeout(PROBE_TIMEOUT);
+        let mut client = ConsumerClient::new(self.channel(i));
+        match tokio::time::timeout(PROBE_TIMEOUT, client.settle(request)).await {
+            Ok(Ok(_)) => Role::Leader,
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => Role::Follower(
+                status
+                    .metadata()
+                    .get("sluice-leader")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            ),
+            Ok(Err(status)) => Role::Unreachable(format!("{status}")),
+            Err(_) => Role::Unreachable("probe timed out".into()),
+        }
+    }
+
+    /// Waits until exactly one of `among` serves `queue` and every other reachable one of them
+    /// names it as leader; returns its ordinal.
+    pub async fn leader_among(&self, queue: &str, among: &[usize], timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let probes = among
+                .iter()
+                .map(|&i| async move { (i, self.role(i, queue).await) });
+            let roles = futures::future::join_all(probes).await;
+            let leaders: Vec<usize> = roles
+                .iter()
+                .filter(|(_, r)| *r == Role::Leader)
+                .map(|(i, _)| *i)
+                .collect();
+            if let [leader] = leaders[..] {
+                let address = self.nodes[leader].client.to_string();
+                let agreed = roles.iter().all(|(_, r)| match r {
+                    Role::Follower(Some(l)) => *l == address,
+                    Role::Follower(None) => false,
+                    Role::Leader | Role::Unreachable(_) => true,
+                });
+                if agreed {
+                    return leader;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader of {queue} among {among:?} within {timeout:?}: {roles:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// [`Cluster::leader_among`] over every running agent.
+    pub async fn leader(&self, queue: &str, timeout: Duration) -> usize {
+        let up: Vec<usize> = (0..NODES).filter(|&i| self.nodes[i].is_up()).collect();
+        self.leader_among(queue, &up, timeout).await
+    }
+
+    /// Agent `i`'s own counters of `queue` (stats are answered locally by every replica).
+    pub async fn stats(&self, i: usize, queue: &str) -> Result<GetQueueStatsResponse, String> {
+        let mut request = tonic::Request::new(GetQueueStatsRequest { name: queue.into() });
+        request.set_timeout(Duration::from_secs(2));
+        AdminClient::new(self.channel(i))
+            .get_queue_stats(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|s| format!("agent {i}: {}: {}", s.code(), s.message()))
+    }
+
+    /// Prints the last `n` stderr lines of every agent (for a failing test).
+    pub fn dump_logs(&self, n: usize) {
+        for node in &self.nodes {
+            let log = lock(&node.log);
+            eprintln!("---- agent {} stderr (last {n} lines) ----", node.index);
+            for line in log.iter().skip(log.len().saturating_sub(n)) {
+                eprintln!("[agent {}] {line}", node.index);
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs(40);
+        }
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                // A stopped process dies of SIGKILL too.
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        // `self.net` drops after this: namespaces go once their processes are gone.
+    }
+}
+
+/// The four addresses of one agent.
+pub struct Addresses {
+    /// Client address the test uses (and redirects name).
+    pub client: SocketAddr,
+    /// Client bind address.
+    pub listen: SocketAddr,
+    /// Metrics bind address.
+    pub metrics: SocketAddr,
+    /// Peer address the other agents use.
+    pub peer: SocketAddr,
+    /// Peer bind address.
+    pub peer_listen: SocketAddr,
+}
+
+/// Free loopback ports for three agents, three ports each. Picked by binding port 0 and
+/// releasing it: another process could take one in between, which a test would show as a
+/// bind error naming the address.
+fn loopback_addresses() -> Result<Vec<Addresses>, String> {
+    let listeners: Vec<TcpListener> = (0..NODES * 3)
+        .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}")))
+        .collect::<Result<_, _>>()?;
+    let ports: Vec<SocketAddr> = listeners
+        .iter()
+        .map(|l| l.local_addr().map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    Ok(ports
+        .chunks(3)
+        .map(|p| Addresses {
+            client: p[0],
+            listen: p[0],
+            metrics: p[1],
+            peer: p[2],
+            peer_listen: p[2],
+        })
+        .collect())
+}
+
+/// A channel that connects on first use, with a short connect timeout.
+pub fn channel_to(endpoint: &str) -> Channel {
+    Endpoint::from_shared(endpoint.to_owned())
+        .unwrap_or_else(|e| panic!("endpoint {endpoint}: {e}"))
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .connect_lazy()
+}
+
+/// Polls `probe` every 50 ms until it returns a value; `None` after `timeout`.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            eprintln!("gave up waiting for {what} after {timeout:?}");
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panicking reader thread cannot leave the log half-written in a way that matters.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,573 @@
+//! The load the fault tests run and the ledger that judges it.
+//!
+//! Publishers send batches with idempotency keys to whichever agent leads, follow
+//! `sluice-leader` redirects, and resend a batch with the same keys until it is confirmed, so a
+//! resend can never enqueue a key twice. Every confirmed key is recorded with its message id.
+//! Consumers subscribe at the leader, check every payload (it carries a checksum of its key),
+//! ack, and record an ack only once the agent reports it durable. The [`Ledger`] then answers:
+//! was every confirmed key consumed, did an acked message come back, was a payload wrong.
+
+#![allow(dead_code)] // Each fault test uses a different part of the workload.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice_proto::v1::consume_request::Request as Frame;
+use sluice_proto::v1::consume_response::Response as In;
+use sluice_proto::v1::consumer_client::ConsumerClient;
+use sluice_proto::v1::publisher_client::PublisherClient;
+use sluice_proto::v1::{
+    ConsumeRequest, Delivery, DeliveryTag, Message, MessageId, PublishRequest, Settle,
+    SettleAction, Subscribe,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use super::cluster::channel_to;
+
+/// Bytes of a payload (the benchmark size).
+const PAYLOAD_BYTES: usize = 256;
+/// Deadline of one publish request: a paused or isolated leader must not stall a publisher.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// A subscription that brings nothing for this long is given up and opened again at the
+/// leader (its agent may be paused or cut off).
+const CONSUME_IDLE: Duration = Duration::from_secs(2);
+/// Pause between attempts after a failure.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// The payload of `key`: the key, a CRC32 of it, and filler derived from both.
+pub fn payload(key: &str) -> Vec<u8> {
+    let crc = crc32fast::hash(key.as_bytes());
+    let mut out = format!("{key}|{crc:08x}|").into_bytes();
+    let mut x = crc;
+    while out.len() < PAYLOAD_BYTES {
+        // xorshift: filler that differs per key, so a payload moved to another key is caught.
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        out.push(b'a' + (x % 26) as u8);
+    }
+    out
+}
+
+/// The key a payload claims, if the payload is exactly [`payload`] of it.
+pub fn check_payload(bytes: &[u8]) -> Result<String, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("payload is not UTF-8: {e}"))?;
+    let key = text
+        .split('|')
+        .next()
+        .ok_or_else(|| format!("payload without a key: {text:?}"))?;
+    if payload(key) == bytes {
+        Ok(key.to_owned())
+    } else {
+        Err(format!("payload of {key:?} differs from what was published: {text:?}"))
+    }
+}
+
+/// What happened to the messages of one test.
+#[derive(Default)]
+pub struct Ledger {
+    inner: Mutex<Book>,
+}
+
+#[derive(Default)]
+struct Book {
+    /// Confirmed key -> message id of its (first) confirm.
+    confirmed: BTreeMap<String, MessageId>,
+    /// Keys confirmed with two different ids (enqueued twice).
+    id_conflicts: Vec<String>,
+    /// Key -> deliveries seen (attempt numbers).
+    delivered: BTreeMap<String, Vec<u32>>,
+    /// Key -> attempt whose ack the agent reported durable.
+    acked: BTreeMap<String, u32>,
+    /// Deliveries of a key after its ack was durable (key, acked attempt, later attempt).
+    resurrected: Vec<(String, u32, u32)>,
+    /// Payloads that did not check out.
+    corrupted: Vec<String>,
+}
+
+/// Totals of a ledger, printed by every test.
+#[derive(Debug)]
+pub struct Summary {
+    /// Keys confirmed to a publisher.
+    pub confirmed: usize,
+    /// Distinct keys delivered.
+    pub consumed: usize,
+    /// Deliveries in total.
+    pub deliveries: usize,
+    /// Deliveries beyond the first of each key.
+    pub redeliveries: usize,
+    /// Keys whose ack was durable.
+    pub acked: usize,
+    /// Confirmed keys never delivered.
+    pub missing: Vec<String>,
+    /// Acked keys delivered again afterwards.
+    pub resurrected: Vec<(String, u32, u32)>,
+    /// Payloads that differ from what was published.
+    pub corrupted: Vec<String>,
+    /// Keys confirmed with two different ids.
+    pub id_conflicts: Vec<String>,
+    /// Delivered keys starting with a given prefix (see [`Ledger::summary`]).
+    pub forbidden_delivered: Vec<String>,
+}
+
+impl Summary {
+    /// Asserts the guarantees every fault test holds.
+    pub fn assert_guarantees(&self) {
+        assert!(self.confirmed > 0, "nothing was confirmed: {self:?}");
+        assert!(
+            self.missing.is_empty(),
+            "{} confirmed keys were never consumed, e.g. {:?}",
+            self.missing.len(),
+            &self.missing[..self.missing.len().min(10)]
+        );
+        assert!(
+            self.resurrected.is_empty(),
+            "acked messages came back: {:?}",
+            &self.resurrected[..self.resurrected.len().min(10)]
+        );
+        assert!(self.corrupted.is_empty(), "corrupted payloads: {:?}", self.corrupted);
+        assert!(
+            self.id_conflicts.is_empty(),
+            "keys enqueued twice: {:?}",
+            self.id_conflicts
+        );
+        assert!(
+            self.forbidden_delivered.is_empty(),
+            "writes that were never confirmed by a leader of the majority were delivered: {:?}",
+            self.forbidden_delivered
+        );
+    }
+}
+
+impl Ledger {
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a confirm of `key` as `id`.
+    pub fn confirm(&self, key: &str, id: MessageId) {
+        let mut book = self.book();
+        match book.confirmed.get(key).copied() {
+            Some(first) if first != id => book.id_conflicts.push(format!(
+                "{key}: {}/{} then {}/{}",
+                first.partition, first.offset, id.partition, id.offset
+            )),
+            Some(_) => {}
+            None => {
+                book.confirmed.insert(key.to_owned(), id);
+            }
+        }
+    }
+
+    /// Records a delivery, checking its payload and that its key was not acked before.
+    /// Returns the key when the payload checks out.
+    pub fn deliver(&self, delivery: &Delivery) -> Option<String> {
+        let bytes = delivery
+            .message
+            .as_ref()
+            .map(|m| m.payload.as_slice())
+            .unwrap_or_default();
+        let mut book = self.book();
+        match check_payload(bytes) {
+            Ok(key) => {
+                // A durable ack of attempt `a` means attempt `a` was the last one: a new leader
+                // redelivering the message would number it above `a`.
+                if let Some(&acked) = book.acked.get(&key)
+                    && delivery.attempt > acked
+                {
+                    book.resurrected.push((key.clone(), acked, delivery.attempt));
+                }
+                book.delivered
+                    .entry(key.clone())
+                    .or_default()
+                    .push(delivery.attempt);
+                Some(key)
+            }
+            Err(reason) => {
+                book.corrupted.push(reason);
+                None
+            }
+        }
+    }
+
+    /// Records that the ack of `key`'s delivery `attempt` is durable.
+    pub fn ack(&self, key: &str, attempt: u32) {
+        let mut book = self.book();
+        // Anything delivered after the first delivery with a higher attempt already broke it.
+        if let Some(later) = book
+            .delivered
+            .get(key)
+            .and_then(|a| a.iter().copied().filter(|x| *x > attempt).max())
+        {
+            book.resurrected.push((key.to_owned(), attempt, later));
+        }
+        book.acked.insert(key.to_owned(), attempt);
+    }
+
+    /// Confirmed keys so far.
+    pub fn confirmed(&self) -> usize {
+        self.book().confirmed.len()
+    }
+
+    /// Distinct keys delivered so far.
+    pub fn consumed(&self) -> usize {
+        self.book().delivered.len()
+    }
+
+    /// Durable acks so far.
+    pub fn acked(&self) -> usize {
+        self.book().acked.len()
+    }
+
+    /// Totals; keys starting with `forbidden` must never be delivered (writes a deposed leader
+    /// took while it could not reach a quorum).
+    pub fn summary(&self, forbidden: Option<&str>) -> Summary {
+        let book = self.book();
+        let deliveries: usize = book.delivered.values().map(Vec::len).sum();
+        Summary {
+            confirmed: book.confirmed.len(),
+            consumed: book.delivered.len(),
+            deliveries,
+            redeliveries: deliveries - book.delivered.len(),
+            acked: book.acked.len(),
+            missing: book
+                .confirmed
+                .keys()
+                .filter(|k| !book.delivered.contains_key(*k))
+                .cloned()
+                .collect(),
+            resurrected: book.resurrected.clone(),
+            corrupted: book.corrupted.clone(),
+            id_conflicts: book.id_conflicts.clone(),
+            forbidden_delivered: forbidden
+                .map(|p| {
+                    book.delivered
+                        .keys()
+                        .filter(|k| k.starts_with(p))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Which agent a client talks to: the last known leader, learned from redirects.
+struct Target {
+    endpoints: Vec<String>,
+    channels: HashMap<String, Channel>,
+    current: String,
+    next: usize,
+}
+
+impl Target {
+    fn new(endpoints: Vec<String>) -> Self {
+        let current = endpoints[0].clone();
+        Target {
+            endpoints,
+            channels: HashMap::new(),
+            current,
+            next: 1,
+        }
+    }
+
+    fn channel(&mut self) -> Channel {
+        let endpoint = self.current.clone();
+        self.channels
+            .entry(endpoint.clone())
+            .or_insert_with(|| channel_to(&endpoint))
+            .clone()
+    }
+
+    /// After a failure: go where the redirect points, else to the next agent.
+    fn failed(&mut self, status: &tonic::Status) {
+        let leader = status
+            .metadata()
+            .get("sluice-leader")
+            .and_then(|v| v.to_str().ok());
+        match leader {
+            Some(address) => self.current = format!("http://{address}"),
+            None => {
+                self.current = self.endpoints[self.next % self.endpoints.len()].clone();
+                self.next += 1;
+            }
+        }
+    }
+}
+
+/// What one publisher did.
+#[derive(Debug, Default)]
+pub struct PublisherReport {
+    /// Batches confirmed.
+    pub batches: usize,
+    /// Requests that failed and were resent.
+    pub resends: usize,
+    /// The first few failures, for the test's output.
+    pub failures: Vec<String>,
+}
+
+/// Publishes batches of `batch` messages keyed `<prefix>-<n>` until `stop` is set, resending
+/// each batch with the same keys until every message of it is confirmed.
+pub async fn publish(
+    endpoints: Vec<String>,
+    queue: String,
+    prefix: String,
+    batch: usize,
+    ledger: Arc<Ledger>,
+    stop: Arc<AtomicBool>,
+) -> PublisherReport {
+    let mut target = Target::new(endpoints);
+    let mut report = PublisherReport::default();
+    let mut next = 0usize;
+    'batches: while !stop.load(Ordering::Acquire) {
+        let mut pending: Vec<String> = (next..next + batch).map(|n| format!("{prefix}-{n}")).collect();
+        next += batch;
+        loop {
+            match publish_once(&mut target, &queue, &pending, &ledger).await {
+                Ok(unconfirmed) => pending = unconfirmed,
+                Err(status) => {
+                    target.failed(&status);
+                    if report.failures.len() < 5 {
+                        report
+                            .failures
+                            .push(format!("{}: {}", status.code(), status.message()));
+                    }
+                }
+            }
+            if pending.is_empty() {
+                report.batches += 1;
+                break;
+            }
+            if stop.load(Ordering::Acquire) {
+                break 'batches;
+            }
+            report.resends += 1;
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+    }
+    report
+}
+
+/// Sends one publish of `keys` to the target; records the confirmed ones and returns the rest.
+async fn publish_once(
+    target: &mut Target,
+    queue: &str,
+    keys: &[String],
+    ledger: &Ledger,
+) -> Result<Vec<String>, tonic::Status> {
+    let confirms = publish_keys(target.channel(), queue, keys, PUBLISH_TIMEOUT).await?;
+    let mut unconfirmed = Vec::new();
+    for (key, confirm) in keys.iter().zip(confirms) {
+        match confirm.id.filter(|_| confirm.code == 0) {
+            Some(id) => ledger.confirm(key, id),
+            None => unconfirmed.push(key.clone()),
+        }
+    }
+    Ok(unconfirmed)
+}
+
+/// One `Publish` of the messages of `keys` (idempotency key = key) to `channel`.
+pub async fn publish_keys(
+    channel: Channel,
+    queue: &str,
+    keys: &[String],
+    timeout: Duration,
+) -> Result<Vec<sluice_proto::v1::Confirm>, tonic::Status> {
+    let messages = keys
+        .iter()
+        .map(|key| Message {
+            payload: payload(key),
+            idempotency_key: key.clone(),
+            ..Default::default()
+        })
+        .collect();
+    let mut request = tonic::Request::new(PublishRequest {
+        queue: queue.to_owned(),
+        messages,
+    });
+    request.set_timeout(timeout);
+    let mut client = PublisherClient::new(channel);
+    let call = client.publish(request);
+    // The transport timeout covers a server that answers nothing; this covers a connect that
+    // never completes.
+    match tokio::time::timeout(timeout + Duration::from_millis(200), call).await {
+        Ok(result) => result.map(|r| r.into_inner().confirms),
+        Err(_) => Err(tonic::Status::deadline_exceeded("publish timed out")),
+    }
+}
+
+/// When a consumer ends.
+#[derive(Debug, Clone)]
+pub enum Until {
+    /// When the flag is set.
+    Stopped(Arc<AtomicBool>),
+    /// When nothing was delivered for this long and every ack is settled (a drain); fails the
+    /// test when no leader served within the second duration.
+    Quiet(Duration, Duration),
+}
+
+/// What one consumer did.
+#[derive(Debug, Default)]
+pub struct ConsumerReport {
+    /// Deliveries received.
+    pub deliveries: usize,
+    /// Acks reported durable.
+    pub acks: usize,
+    /// Subscriptions opened.
+    pub subscriptions: usize,
+}
+
+/// Consumes `queue` at its leader, checking and acking every delivery, re-subscribing
+/// wherever the leader goes, until `until`.
+pub async fn consume(
+    endpoints: Vec<String>,
+    queue: String,
+    ledger: Arc<Ledger>,
+    until: Until,
+) -> ConsumerReport {
+    let mut target = Target::new(endpoints);
+    let mut report = ConsumerReport::default();
+    let mut last_delivery = Instant::now();
+    let mut last_served = Instant::now();
+    loop {
+        let done = match &until {
+            Until::Stopped(stop) => stop.load(Ordering::Acquire),
+            Until::Quiet(quiet, _) => last_delivery.elapsed() >= *quiet,
+        };
+        if done {
+            return report;
+        }
+        if let Until::Quiet(_, unserved) = &until {
+            assert!(
+                last_served.elapsed() < *unserved,
+                "no agent served {queue} to a consumer for {unserved:?}"
+            );
+        }
+        match subscription(&mut target, &queue, &ledger, &until, &mut report).await {
+            Ok(last) => {
+                last_served = Instant::now();
+                if let Some(at) = last {
+                    last_delivery = at;
+                }
+            }
+            Err(status) => {
+                target.failed(&status);
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+        }
+    }
+}
+
+/// One subscription at the target: consumes until it fails, idles, or `until` says stop.
+/// Returns when the last delivery came, if any did.
+async fn subscription(
+    target: &mut Target,
+    queue: &str,
+    ledger: &Ledger,
+    until: &Until,
+    report: &mut ConsumerReport,
+) -> Result<Option<Instant>, tonic::Status> {
+    let (requests, rx) = mpsc::channel(64);
+    let subscribe = ConsumeRequest {
+        sequence: 0,
+        request: Some(Frame::Subscribe(Subscribe {
+            queue: queue.to_owned(),
+            prefetch: 64,
+            consumer_name: "fault-test".into(),
+        })),
+    };
+    requests
+        .send(subscribe)
+        .await
+        .map_err(|_| tonic::Status::cancelled("request channel closed"))?;
+    let mut client = ConsumerClient::new(target.channel());
+    let call = client.consume(ReceiverStream::new(rx));
+    let mut stream = match tokio::time::timeout(CONSUME_IDLE, call).await {
+        Ok(result) => result?.into_inner(),
+        Err(_) => return Err(tonic::Status::deadline_exceeded("subscribe timed out")),
+    };
+    report.subscriptions += 1;
+    let mut delivered = None;
+    let mut sequence = 0u64;
+    // Settle frames awaiting their result: sequence -> (key, attempt) of each tag.
+    let mut unsettled: BTreeMap<u64, Vec<(DeliveryTag, String, u32)>> = BTreeMap::new();
+    let mut batch: Vec<(DeliveryTag, String, u32)> = Vec::new();
+    let mut idle_since = Instant::now();
+    let stopping = |u: &Until| matches!(u, Until::Stopped(s) if s.load(Ordering::Acquire));
+    loop {
+        // Collect acks briefly, then send them as one frame.
+        let wait = if batch.is_empty() {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(5)
+        };
+        match tokio::time::timeout(wait, stream.message()).await {
+            Ok(Ok(Some(frame))) => {
+                idle_since = Instant::now();
+                match frame.response {
+                    Some(In::Delivery(d)) => {
+                        delivered = Some(Instant::now());
+                        report.deliveries += 1;
+                        if let (Some(key), Some(tag)) = (ledger.deliver(&d), d.tag) {
+                            batch.push((tag, key, d.attempt));
+                        }
+                    }
+                    Some(In::Settled(result)) => {
+                        let failed: BTreeSet<(u32, u64, u32)> = result
+                            .failures
+                            .iter()
+                            .filter_map(|f| f.tag)
+                            .map(|t| (t.partition, t.offset, t.attempt))
+                            .collect();
+                        for (tag, key, attempt) in
+                            unsettled.remove(&result.sequence).unwrap_or_default()
+                        {
+                            if !failed.contains(&(tag.partition, tag.offset, tag.attempt)) {
+                                ledger.ack(&key, attempt);
+                                report.acks += 1;
+                            }
+                        }
+                    }
+                    None => {}
+                }
+            }
+            Ok(Ok(None)) => return Ok(delivered),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => {
+                if !batch.is_empty() {
+                    sequence += 1;
+                    let frame = ConsumeRequest {
+                        sequence,
+                        request: Some(Frame::Settle(Settle {
+                            action: SettleAction::Ack as i32,
+                            tags: batch.iter().map(|(t, _, _)| *t).collect(),
+                            delay_ms: 0,
+                        })),
+                    };
+                    unsettled.insert(sequence, std::mem::take(&mut batch));
+                    if requests.send(frame).await.is_err() {
+                        return Ok(delivered);
+                    }
+                    continue;
+                }
+                let idle = idle_since.elapsed();
+                let quiet = match until {
+                    Until::Quiet(q, _) => idle >= *q && unsettled.is_empty(),
+                    Until::Stopped(_) => false,
+                };
+                // Stop once every sent ack has its result (or the agent stopped answering).
+                let finished = stopping(until) && (unsettled.is_empty() || idle >= CONSUME_IDLE);
+                // A leader that went silent (paused, cut off) is given up; so is an idle
+                // subscription at a former leader.
+                if quiet || finished || idle >= CONSUME_IDLE {
+                    return Ok(delivered);
+                }
+            }
+        }
+    }
+}
