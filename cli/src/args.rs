@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about = "Sluice message queue command line")]
 pub struct Cli {
-    /// Agent (or sidecar) to talk to.
+    /// Agent (or sidecar) to talk to; several agents of one cluster may be given,
+    /// comma-separated.
     #[arg(
         long,
         global = true,
@@ -47,7 +48,8 @@ pub enum Command {
         #[arg(long)]
         if_empty: bool,
     },
-    /// Run Sluice on this machine: one broker with its data under a local directory.
+    /// Run Sluice on this machine: a cluster of three agents on loopback (or one, with
+    /// --agents 1), data under a local directory.
     Local(Local),
 }
 
@@ -137,15 +139,25 @@ pub struct Consume {
 /// Flags of `sluice local`.
 #[derive(Debug, clap::Args)]
 pub struct Local {
-    /// Where the queues are kept.
+    /// Where the queues are kept: one `agent-N` directory per agent, and their logs.
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./.sluice-data")]
     pub data_dir: PathBuf,
-    /// Address of the gRPC API.
+    /// Agents to run: 3 replicate every partition; 1 runs a lone agent without replication.
+    #[arg(long, default_value_t = 3)]
+    pub agents: u32,
+    /// Address of the first agent's gRPC API, the endpoint apps use; agent N adds N to the
+    /// port (port 0: free ports).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
-    /// Address of `/metrics` and `/healthz`.
+    /// Address of the first agent's replication port; agent N adds N to the port.
+    #[arg(long, default_value = "127.0.0.1:7170")]
+    pub peer_listen: SocketAddr,
+    /// Address of the first agent's `/metrics` and `/healthz`; agent N adds N to the port.
     #[arg(long, default_value = "127.0.0.1:9090")]
     pub metrics_listen: SocketAddr,
+    /// The `sluice-agent` binary. Default: the one next to `sluice`, else from `PATH`.
+    #[arg(long, env = "SLUICE_AGENT_BIN")]
+    pub agent_bin: Option<PathBuf>,
 }
 
 /// Parses a human duration such as `30s`, `1h 30m` or `250ms`.

@@ -6,7 +6,7 @@
 //! # Layout
 //! - `args`: subcommands, flags and the parsers of human durations and sizes.
 //! - `commands`: the subcommands that call an agent through `sluice-client`.
-//! - `local`: `sluice local`, a broker in this process.
+//! - `local`: `sluice local`, a cluster of agent processes on loopback.
 
 mod args;
 mod commands;
@@ -41,7 +41,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let endpoint = cli.endpoint;
     match cli.command {
         Command::Local(args) => {
-            // Agent logs go to stderr so stdout stays the listening line and the usage text.
+            // Agents log to files; this process logs (little) to stderr, so stdout stays the
+            // listening line and the usage text.
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
@@ -63,5 +64,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn connect(endpoint: String) -> anyhow::Result<Client> {
-    Ok(Client::connect(endpoint).await?)
+    let endpoints: Vec<&str> = endpoint
+        .split(',')
+        .filter(|e| !e.trim().is_empty())
+        .collect();
+    Ok(Client::connect_any(&endpoints).await?)
 }

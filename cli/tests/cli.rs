@@ -1,31 +1,76 @@
-//! The real `sluice` binary: `sluice local` as the agent, the other subcommands against it.
+//! The real `sluice` binary: `sluice local` running real `sluice-agent` processes, the other
+//! subcommands against them.
 
 use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
+
+/// The `sluice-agent` binary `sluice local` starts, built once per test run: cargo builds only
+/// this package's binaries for its tests, and the agent is another package's.
+fn agent_binary() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let sluice = Path::new(env!("CARGO_BIN_EXE_sluice"));
+        let dir = sluice.parent().expect("target profile directory");
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_owned(),
+            Some(other) => other.to_owned(),
+        };
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "sluice-agent",
+                "--bin",
+                "sluice-agent",
+            ])
+            .args(["--profile", &profile])
+            .status()
+            .expect("run cargo build -p sluice-agent");
+        assert!(status.success(), "cargo build -p sluice-agent failed");
+        dir.join("sluice-agent")
+    })
+}
 
 /// `sluice local` running on free ports with a temporary data directory; killed on drop.
 struct Local {
     child: Child,
     endpoint: String,
-    _dir: tempfile::TempDir,
+    /// The listening line.
+    line: String,
+    dir: tempfile::TempDir,
 }
 
 impl Local {
+    /// A lone agent (`--agents 1`).
     fn start() -> Self {
+        Self::start_agents(1)
+    }
+
+    fn start_agents(agents: u32) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args([
                 "local",
                 "--listen",
                 "127.0.0.1:0",
+                "--peer-listen",
+                "127.0.0.1:0",
                 "--metrics-listen",
                 "127.0.0.1:0",
             ])
+            .args(["--agents", &agents.to_string()])
+            .arg("--agent-bin")
+            .arg(agent_binary())
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn sluice local");
         let stdout = child.stdout.take().expect("stdout");
@@ -36,19 +81,27 @@ impl Local {
             for _ in lines {}
         });
         let line = rx
-            .recv_timeout(Duration::from_secs(60))
+            .recv_timeout(Duration::from_secs(120))
             .ok()
             .flatten()
-            .and_then(Result::ok)
-            .expect("listening line");
+            .and_then(Result::ok);
+        let Some(line) = line else {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("sluice local output");
+            panic!(
+                "sluice local --agents {agents} printed no listening line; stderr:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
         let grpc = line
             .split_whitespace()
             .find_map(|f| f.strip_prefix("grpc="))
             .unwrap_or_else(|| panic!("no grpc= in {line:?}"));
         Self {
-            child,
             endpoint: format!("http://{grpc}"),
-            _dir: dir,
+            line: line.clone(),
+            child,
+            dir,
         }
     }
 
@@ -84,6 +137,17 @@ impl Local {
 
 impl Drop for Local {
     fn drop(&mut self) {
+        // SIGTERM, so `sluice local` stops its agents too; SIGKILL would orphan them.
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        for _ in 0..300 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -219,4 +283,112 @@ fn sluice_local_stops_gracefully_on_sigterm() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     let status = local.child.wait().expect("exits");
     assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn sluice_local_runs_three_agents_that_serve_a_round_trip_through_the_printed_endpoint() {
+    let local = Local::start_agents(3);
+    let agents = local
+        .line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("agents="))
+        .unwrap_or_else(|| panic!("no agents= in {:?}", local.line));
+    assert_eq!(agents.split(',').count(), 3, "{}", local.line);
+    for n in 0..3 {
+        let data = local.dir.path().join("data").join(format!("agent-{n}"));
+        assert!(data.is_dir(), "{} missing", data.display());
+    }
+
+    // Everything goes through the first agent's endpoint, as an app behind a sidecar would;
+    // the client follows redirects to whichever agent leads the queue.
+    let declared = local.sluice(&["declare", "orders", "--partitions", "2"], "");
+    assert!(
+        declared.status.success(),
+        "declare on the 3-agent cluster failed (is replication wired into the agent?): {}",
+        String::from_utf8_lossy(&declared.stderr)
+    );
+    let ids = local.ok(&["publish", "orders", "one", "two", "three"], "");
+    assert_eq!(ids.lines().count(), 3, "{ids}");
+    let consumed = local.ok(&["consume", "orders", "--count", "3"], "");
+    let mut payloads: Vec<_> = consumed.lines().collect();
+    payloads.sort();
+    assert_eq!(payloads, ["one", "three", "two"]);
+    let rest = local.ok(&["consume", "orders", "--idle-timeout", "500ms"], "");
+    assert!(rest.is_empty(), "acked messages came back: {rest}");
+}
+
+#[test]
+fn sluice_local_fails_naming_the_agent_binary_it_cannot_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args([
+            "local",
+            "--listen",
+            "127.0.0.1:0",
+            "--peer-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .args(["--agent-bin", "/nonexistent/sluice-agent"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .expect("runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("starting local-0 (/nonexistent/sluice-agent)")
+            && stderr.contains("cargo build -p sluice-agent"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sluice_local_exits_naming_an_agent_that_died() {
+    let mut local = Local::start_agents(3);
+    let agents: Vec<String> = local
+        .line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("agents="))
+        .expect("agents=")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    // Find local-1's pid by the port it listens on, from its own command line.
+    let port = agents[1].rsplit(':').next().expect("port").to_owned();
+    let pid = find_agent_pid(&format!("127.0.0.1:{port}")).expect("local-1 is running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("SIGKILL");
+    let status = local.child.wait().expect("sluice local exits");
+    assert_eq!(status.code(), Some(1));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(local.child.stderr.as_mut().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(
+        stderr.contains(&format!("agent local-1 (pid {pid}) exited")),
+        "{stderr}"
+    );
+}
+
+/// The pid of the `sluice-agent` process whose command line has `--listen <listen>`.
+fn find_agent_pid(listen: &str) -> Option<i32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let listens = args
+            .windows(2)
+            .any(|w| w[0] == b"--listen" && w[1] == listen.as_bytes());
+        if listens && args.first().is_some_and(|a| a.ends_with(b"sluice-agent")) {
+            return Some(pid);
+        }
+    }
+    None
 }
