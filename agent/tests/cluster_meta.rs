@@ -165,7 +165,12 @@ async fn wait_all_registered(agents: &[Agent]) {
         })
         .await;
         for id in 0..3 {
-            assert_eq!(a.catalog().nodes[&id], client_address(id), "on node {}", a.id);
+            assert_eq!(
+                a.catalog().nodes[&id],
+                client_address(id),
+                "on node {}",
+                a.id
+            );
         }
     }
 }
@@ -214,7 +219,10 @@ async fn a_declare_on_a_follower_is_forwarded_to_the_leader_and_reaches_every_ca
         }
         other => panic!("expected a conflict, got {other:?}"),
     }
-    assert_eq!(agent(&agents, leader).catalog().queues["orders"].partitions, 3);
+    assert_eq!(
+        agent(&agents, leader).catalog().queues["orders"].partitions,
+        3
+    );
 
     // Phase 4: bad proposals fail precisely and change nothing.
     match follower.meta.propose(delete("missing")).await {
@@ -263,7 +271,10 @@ async fn survivors_of_a_leader_shutdown_accept_a_delete_and_the_restarted_agent_
     let (old_id, old_addr, old_dir) = agents.remove(position).stop().await;
     let new_leader = wait_for_leader(&agents).await;
     assert_ne!(new_leader, old_id);
-    let survivor = agents.iter().find(|a| a.id != new_leader).expect("survivor");
+    let survivor = agents
+        .iter()
+        .find(|a| a.id != new_leader)
+        .expect("survivor");
     survivor
         .meta
         .propose(delete("payments"))
