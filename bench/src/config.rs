@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// A system the harness can measure besides Sluice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -19,6 +19,15 @@ pub enum Peer {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "sluice-bench", version, about)]
 pub struct Args {
+    /// Another measurement than the throughput/latency table.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Also measure a cluster of this many agents (replication factor: the agent count, at
+    /// most 3) with the same workload, in a row after the single agent's.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub cluster: Option<u32>,
+
     /// Messages published (and then consumed) in the throughput phases.
     #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub messages: u64,
@@ -70,7 +79,7 @@ pub struct Args {
     pub no_sluice: bool,
 
     /// The `sluice-agent` binary. Default: next to this binary (`target/release/sluice-agent`).
-    #[arg(long, env = "SLUICE_AGENT_BIN")]
+    #[arg(long, env = "SLUICE_AGENT_BIN", global = true)]
     pub agent_bin: Option<PathBuf>,
 
     /// Backlog mode: instead of the throughput/latency table, publish this many messages,
@@ -92,8 +101,56 @@ pub struct Args {
     pub phase_timeout_secs: u64,
 
     /// Keep server data directories and logs (printed at the end) instead of deleting them.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub keep_data: bool,
+}
+
+/// Measurements other than the default table.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Failover time: kill -9 the leader of a cluster under steady confirmed-publish load,
+    /// measure the time to the first confirm on its successor, restart it; repeat.
+    Failover(FailoverArgs),
+}
+
+/// Flags of `sluice-bench failover`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FailoverArgs {
+    /// Leader kills to measure.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub trials: u32,
+
+    /// Agents in the cluster (a majority must survive a kill, so at least 3).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(3..=9))]
+    pub agents: u32,
+
+    /// Steady publish load in messages/s over all producers.
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rate: u64,
+
+    /// Producers of the load, each with its own client.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub producers: u32,
+
+    /// Messages per publish frame of the load.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub batch: u32,
+
+    /// Frames awaiting confirms per producer.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub window: u32,
+
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+
+    /// Milliseconds of load on the whole cluster before each kill (after each restart).
+    #[arg(long, default_value_t = 1_000)]
+    pub settle_ms: u64,
+
+    /// Seconds a trial may take to see a confirm on the successor before it counts as failed.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub trial_timeout_secs: u64,
 }
 
 impl Args {
@@ -142,6 +199,40 @@ mod tests {
     fn an_unknown_peer_is_refused_with_its_name() {
         let err = Args::try_parse_from(["sluice-bench", "--peers", "kafka"]).expect_err("refused");
         assert!(err.to_string().contains("kafka"), "{err}");
+    }
+
+    #[test]
+    fn failover_takes_its_flags_and_the_global_agent_binary_after_the_subcommand() {
+        let args = Args::try_parse_from([
+            "sluice-bench",
+            "failover",
+            "--trials",
+            "2",
+            "--agent-bin",
+            "/x/sluice-agent",
+        ])
+        .expect("parses");
+        let Some(Command::Failover(failover)) = &args.command else {
+            panic!("failover subcommand: {args:?}");
+        };
+        assert_eq!(failover.trials, 2);
+        assert_eq!(failover.agents, 3);
+        assert_eq!(args.agent_bin, Some(PathBuf::from("/x/sluice-agent")));
+    }
+
+    #[test]
+    fn a_failover_cluster_of_two_agents_is_refused_naming_the_flag() {
+        let err = Args::try_parse_from(["sluice-bench", "failover", "--agents", "2"])
+            .expect_err("refused");
+        assert!(err.to_string().contains("--agents"), "{err}");
+    }
+
+    #[test]
+    fn cluster_adds_a_size_and_defaults_to_none() {
+        let args = Args::try_parse_from(["sluice-bench"]).expect("parses");
+        assert_eq!(args.cluster, None);
+        let args = Args::try_parse_from(["sluice-bench", "--cluster", "3"]).expect("parses");
+        assert_eq!(args.cluster, Some(3));
     }
 
     #[test]

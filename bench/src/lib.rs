@@ -8,7 +8,8 @@
 //!
 //! # Layout
 //! - [`config`]: command-line flags.
-//! - [`process`]: spawning, probing and stopping server processes.
+//! - [`process`]: spawning, probing, killing and stopping server processes.
+//! - [`cluster`]: several Sluice agents on loopback forming a cluster; kill and restart one.
 //! - [`memory`]: resident memory of a process tree from `/proc/<pid>/status`.
 //! - [`stats`]: throughput figures and the latency histogram.
 //! - [`driver`]: the small trait every system's client side implements.
@@ -16,9 +17,12 @@
 //! - [`peers`]: one module per system: start its server, implement the driver.
 //! - [`report`]: rows and the Markdown tables (results and Sluice/peer ratios).
 //! - [`suite`]: runs the selected systems one after another and collects rows.
+//! - [`failover`]: leader kills under load and the time to the successor's first confirm.
 
+pub mod cluster;
 pub mod config;
 pub mod driver;
+pub mod failover;
 pub mod memory;
 pub mod peers;
 pub mod process;

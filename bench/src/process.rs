@@ -194,6 +194,14 @@ impl ServerProcess {
         self.stopped = true;
     }
 
+    /// Kills the server the way a crash would: SIGKILL to its group, no grace, then reaps it so
+    /// that its ports and files are released when this returns.
+    pub async fn kill(mut self) {
+        self.signal_group(Signal::SIGKILL);
+        let _ = self.child.wait().await;
+        self.stopped = true;
+    }
+
     fn signal_group(&self, signal: Signal) {
         if let Ok(pgid) = i32::try_from(self.pid) {
             // ESRCH (the group is already gone) is the outcome we want anyway.
@@ -236,11 +244,11 @@ pub fn free_port() -> Result<u16> {
     Ok(addr.port())
 }
 
-/// The first executable called `name` on `PATH`, or `name` itself when it is a path to an
-/// executable file.
+/// The first executable called `name` on `PATH`, or `name` itself when it is a path (absolute,
+/// or relative with a `/` as a shell reads it) to an executable file.
 pub fn find_program(name: &str) -> Option<PathBuf> {
     let direct = Path::new(name);
-    if direct.is_absolute() {
+    if direct.is_absolute() || name.contains('/') {
         return is_executable(direct).then(|| direct.to_path_buf());
     }
     let path = std::env::var_os("PATH")?;
@@ -263,6 +271,27 @@ mod tests {
     fn sh_is_found_on_path_and_a_made_up_program_is_not() {
         assert!(find_program("sh").is_some());
         assert!(find_program("no-such-program-sluice-bench").is_none());
+    }
+
+    #[test]
+    fn a_relative_path_is_taken_as_a_path_not_looked_up_on_path() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let relative = dir.path().join("tool");
+        std::fs::write(&relative, "#!/bin/sh\n").expect("writes");
+        let mut mode = std::fs::metadata(&relative).expect("meta").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut mode, 0o755);
+        std::fs::set_permissions(&relative, mode).expect("chmod");
+        let cwd = std::env::current_dir().expect("cwd");
+        let from_cwd = pathdiff(&relative, &cwd);
+        assert_eq!(find_program(&from_cwd), Some(PathBuf::from(&from_cwd)));
+        assert!(find_program("./no-such-program-sluice-bench").is_none());
+    }
+
+    /// `path` relative to `base` through the filesystem root (`../../tmp/x`).
+    fn pathdiff(path: &Path, base: &Path) -> String {
+        let ups = base.components().count().saturating_sub(1);
+        let rest = path.strip_prefix("/").expect("absolute temp path");
+        format!("{}{}", "../".repeat(ups), rest.display())
     }
 
     #[tokio::test]

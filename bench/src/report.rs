@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::stats::Throughput;
+use crate::stats::{Distribution, Throughput};
 
 /// Figures of one system in the throughput/latency mode.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,21 +89,26 @@ pub fn results_table(rows: &[Row<Measurement>]) -> String {
     out
 }
 
-/// Sluice's figures divided by each measured peer's, Markdown; `None` when Sluice was not
-/// measured or no peer was selected.
-pub fn ratios_table(rows: &[Row<Measurement>]) -> Option<String> {
-    if rows.iter().all(|row| row.system == crate::suite::SLUICE) {
+/// Whether `row` measures Sluice (one agent or a cluster) rather than a peer.
+pub fn is_sluice<M>(row: &Row<M>) -> bool {
+    row.system.starts_with(crate::suite::SLUICE)
+}
+
+/// The figures of the Sluice row named `reference` divided by each measured peer's, Markdown;
+/// `None` when that row was not measured or no peer was selected.
+pub fn ratios_table(rows: &[Row<Measurement>], reference: &str) -> Option<String> {
+    if rows.iter().all(is_sluice) {
         return None;
     }
     let sluice = rows.iter().find_map(|row| match &row.outcome {
-        Outcome::Measured(m) if row.system == crate::suite::SLUICE => Some(m),
+        Outcome::Measured(m) if row.system == reference => Some(m),
         _ => None,
     })?;
-    let mut out = String::from(
-        "| Sluice ÷ peer | Publish (>1: Sluice faster) | Consume+ack (>1: Sluice faster) | p99 confirm (<1: Sluice faster) | Peak RSS (<1: Sluice smaller) |\n\
+    let mut out = format!(
+        "| {reference} ÷ peer | Publish (>1: Sluice faster) | Consume+ack (>1: Sluice faster) | p99 confirm (<1: Sluice faster) | Peak RSS (<1: Sluice smaller) |\n\
          |---|---:|---:|---:|---:|\n",
     );
-    for row in rows.iter().filter(|row| row.system != crate::suite::SLUICE) {
+    for row in rows.iter().filter(|row| !is_sluice(row)) {
         let Outcome::Measured(peer) = &row.outcome else {
             let _ = writeln!(
                 out,
@@ -160,6 +165,32 @@ pub fn backlog_table(messages: u64, size: usize, rows: &[Row<BacklogMeasurement>
         }
     }
     out
+}
+
+/// The failover distribution, Markdown: kill -9 of the leader to the first confirm on its
+/// successor, over the successful trials; trials without a confirm in time are counted apart.
+pub fn failover_table(distribution: &Distribution, failed_trials: usize) -> String {
+    let mut out = String::from(
+        "| Trials | Failed | min ms | p50 ms | p90 ms | p99 ms | max ms |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let _ = writeln!(
+        out,
+        "| {} | {failed_trials} | {} | {} | {} | {} | {} |",
+        distribution.len() + failed_trials,
+        whole_millis(distribution.min()),
+        whole_millis(distribution.quantile(0.5)),
+        whole_millis(distribution.quantile(0.9)),
+        whole_millis(distribution.quantile(0.99)),
+        whole_millis(distribution.max()),
+    );
+    out
+}
+
+fn whole_millis(value: Option<Duration>) -> String {
+    value
+        .map(|d| d.as_millis().to_string())
+        .unwrap_or_else(|| "n/a".into())
 }
 
 fn no_figures<M>(outcome: &Outcome<M>) -> String {
@@ -269,7 +300,7 @@ mod tests {
                 Outcome::NotInstalled("redis-server".into()),
             ),
         ];
-        let table = ratios_table(&rows).expect("sluice measured");
+        let table = ratios_table(&rows, crate::suite::SLUICE).expect("sluice measured");
         assert!(
             table.contains("| RabbitMQ quorum | 4.00× | 2.00× | 0.50× | 0.25× |"),
             "{table}"
@@ -283,7 +314,7 @@ mod tests {
     #[test]
     fn no_ratios_without_peers() {
         let rows = vec![row(crate::suite::SLUICE, measured(100_000, 80_000, 8, 50))];
-        assert_eq!(ratios_table(&rows), None);
+        assert_eq!(ratios_table(&rows, crate::suite::SLUICE), None);
     }
 
     #[test]
@@ -295,7 +326,46 @@ mod tests {
             ),
             row("Redis streams", measured(1, 1, 1, 1)),
         ];
-        assert_eq!(ratios_table(&rows), None);
+        assert_eq!(ratios_table(&rows, crate::suite::SLUICE), None);
+    }
+
+    #[test]
+    fn a_cluster_row_gets_its_own_ratios_against_the_peers_only() {
+        let cluster = "Sluice, 3 agents, RF 3";
+        let rows = vec![
+            row(crate::suite::SLUICE, measured(100_000, 80_000, 8, 50)),
+            row(cluster, measured(50_000, 40_000, 16, 150)),
+            row("RabbitMQ quorum", measured(25_000, 40_000, 16, 300)),
+        ];
+        let table = ratios_table(&rows, cluster).expect("cluster measured");
+        assert!(
+            table.starts_with("| Sluice, 3 agents, RF 3 ÷ peer |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| RabbitMQ quorum | 2.00× | 1.00× | 1.00× | 0.50× |"),
+            "{table}"
+        );
+        assert!(!table.contains("| Sluice |"), "{table}");
+        assert_eq!(table.lines().count(), 3);
+    }
+
+    #[test]
+    fn failover_table_lists_trials_failures_and_quantiles_in_whole_ms() {
+        let samples = [900, 300, 450]
+            .into_iter()
+            .map(Duration::from_millis)
+            .collect();
+        let table = failover_table(&Distribution::new(samples), 1);
+        assert!(
+            table.contains("| 4 | 1 | 300 | 450 | 900 | 900 | 900 |"),
+            "{table}"
+        );
+        let empty = failover_table(&Distribution::default(), 2);
+        assert!(
+            empty.contains("| 2 | 2 | n/a | n/a | n/a | n/a | n/a |"),
+            "{empty}"
+        );
     }
 
     #[test]

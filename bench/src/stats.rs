@@ -76,9 +76,68 @@ impl Latency {
     }
 }
 
+/// A small set of durations (one per trial) and its order statistics, nearest-rank: with 20
+/// samples the p99 is the largest, as it should be, rather than an interpolation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Distribution {
+    sorted: Vec<Duration>,
+}
+
+impl Distribution {
+    /// The distribution of `samples`.
+    pub fn new(mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        Self { sorted: samples }
+    }
+
+    /// Samples.
+    pub fn len(&self) -> usize {
+        self.sorted.len()
+    }
+
+    /// Whether there are no samples.
+    pub fn is_empty(&self) -> bool {
+        self.sorted.is_empty()
+    }
+
+    /// The smallest sample.
+    pub fn min(&self) -> Option<Duration> {
+        self.sorted.first().copied()
+    }
+
+    /// The largest sample.
+    pub fn max(&self) -> Option<Duration> {
+        self.sorted.last().copied()
+    }
+
+    /// The nearest-rank `quantile` (0.5 = median): the smallest sample with at least that
+    /// share of samples at or below it.
+    pub fn quantile(&self, quantile: f64) -> Option<Duration> {
+        let rank = (quantile.clamp(0.0, 1.0) * self.sorted.len() as f64).ceil() as usize;
+        self.sorted.get(rank.saturating_sub(1)).copied()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nearest_rank_quantiles_of_twenty_trials() {
+        let samples = (1..=20)
+            .rev()
+            .map(|s| Duration::from_millis(s * 100))
+            .collect();
+        let d = Distribution::new(samples);
+        assert_eq!(d.len(), 20);
+        assert_eq!(d.min(), Some(Duration::from_millis(100)));
+        assert_eq!(d.quantile(0.5), Some(Duration::from_millis(1_000)));
+        assert_eq!(d.quantile(0.9), Some(Duration::from_millis(1_800)));
+        assert_eq!(d.quantile(0.99), Some(Duration::from_millis(2_000)));
+        assert_eq!(d.max(), Some(Duration::from_millis(2_000)));
+        assert_eq!(d.quantile(0.0), Some(Duration::from_millis(100)));
+        assert_eq!(Distribution::default().quantile(0.5), None);
+    }
 
     #[test]
     fn throughput_divides_messages_by_seconds() {

@@ -7,8 +7,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use crate::cluster::Cluster;
 use crate::config::{Args, Peer};
 use crate::driver::Driver;
+use crate::memory::Memory;
 use crate::peers::nats::{self, NatsDriver};
 use crate::peers::rabbitmq::{self, QueueType, RabbitDriver};
 use crate::peers::redis::{self, RedisDriver};
@@ -30,6 +32,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(120);
 pub enum Target {
     /// A `sluice-agent broker`, fsync `always`.
     Sluice,
+    /// That many agents in a cluster, replication factor the agent count (at most 3).
+    SluiceCluster(u32),
     /// RabbitMQ quorum queue.
     RabbitQuorum,
     /// RabbitMQ classic durable queue.
@@ -47,6 +51,9 @@ impl Target {
         if !args.no_sluice {
             targets.push(Target::Sluice);
         }
+        if let Some(agents) = args.cluster {
+            targets.push(Target::SluiceCluster(agents));
+        }
         for peer in args.selected_peers() {
             match peer {
                 Peer::Rabbitmq => targets.extend([Target::RabbitQuorum, Target::RabbitClassic]),
@@ -57,27 +64,40 @@ impl Target {
         targets
     }
 
-    /// Row name.
-    pub fn label(self) -> &'static str {
+    /// Row name. Every Sluice row starts with [`SLUICE`].
+    pub fn label(self) -> String {
         match self {
-            Target::Sluice => SLUICE,
-            Target::RabbitQuorum => "RabbitMQ quorum queue",
-            Target::RabbitClassic => "RabbitMQ classic durable queue",
-            Target::Nats => "NATS JetStream (file)",
-            Target::Redis => "Redis streams (AOF always)",
+            Target::Sluice => SLUICE.into(),
+            Target::SluiceCluster(agents) => format!(
+                "{SLUICE}, {agents} agents, RF {}",
+                replication_factor(agents)
+            ),
+            Target::RabbitQuorum => "RabbitMQ quorum queue".into(),
+            Target::RabbitClassic => "RabbitMQ classic durable queue".into(),
+            Target::Nats => "NATS JetStream (file)".into(),
+            Target::Redis => "Redis streams (AOF always)".into(),
         }
     }
 
     /// What a confirm promises, in a few words (details in `bench/README.md`).
-    pub fn durability(self) -> &'static str {
+    pub fn durability(self) -> String {
         match self {
-            Target::Sluice => "fsynced (group commit)",
-            Target::RabbitQuorum => "fsynced (Raft WAL)",
-            Target::RabbitClassic => "fsynced (msg store, batched)",
-            Target::Nats => "written, fsync every 2 min",
-            Target::Redis => "fsynced (AOF always)",
+            Target::Sluice => "fsynced (group commit)".into(),
+            Target::SluiceCluster(agents) => {
+                let factor = replication_factor(agents);
+                format!("fsynced on {} of {factor} replicas", factor / 2 + 1)
+            }
+            Target::RabbitQuorum => "fsynced (Raft WAL)".into(),
+            Target::RabbitClassic => "fsynced (msg store, batched)".into(),
+            Target::Nats => "written, fsync every 2 min".into(),
+            Target::Redis => "fsynced (AOF always)".into(),
         }
     }
+}
+
+/// The replication factor a cluster of `agents` is started with.
+fn replication_factor(agents: u32) -> usize {
+    (agents as usize).min(crate::cluster::REPLICATION_FACTOR_MAX)
 }
 
 /// Everything a target needs from the command line.
@@ -102,8 +122,8 @@ pub async fn run_table(args: &Args) -> Vec<Row<Measurement>> {
             Outcome::Failed(error) => Outcome::Failed(error),
         };
         rows.push(Row {
-            system: target.label().into(),
-            durability: target.durability().into(),
+            system: target.label(),
+            durability: target.durability(),
             outcome,
         });
     }
@@ -123,8 +143,8 @@ pub async fn run_backlog(args: &Args, messages: u64) -> Vec<Row<BacklogMeasureme
             Outcome::Failed(error) => Outcome::Failed(error),
         };
         rows.push(Row {
-            system: target.label().into(),
-            durability: target.durability().into(),
+            system: target.label(),
+            durability: target.durability(),
             outcome,
         });
     }
@@ -185,21 +205,7 @@ async fn run_target(target: Target, plan: &Plan<'_>, mode: Mode) -> Outcome<Meas
 fn program_of(target: Target, args: &Args) -> Result<PathBuf, String> {
     let found = |name: &str| find_program(name).ok_or_else(|| name.to_string());
     match target {
-        Target::Sluice => {
-            let path = match &args.agent_bin {
-                Some(path) => path.clone(),
-                None => std::env::current_exe()
-                    .ok()
-                    .and_then(|exe| exe.parent().map(|dir| dir.join("sluice-agent")))
-                    .unwrap_or_else(|| PathBuf::from("sluice-agent")),
-            };
-            find_program(&path.to_string_lossy()).ok_or_else(|| {
-                format!(
-                    "{}; build it with `cargo build --release -p sluice-agent`",
-                    path.display()
-                )
-            })
-        }
+        Target::Sluice | Target::SluiceCluster(_) => agent_program(args),
         // RabbitMQ also needs `epmd`; the node's script is checked when it starts.
         Target::RabbitQuorum | Target::RabbitClassic => {
             found(rabbitmq::SERVER_PROGRAM)?;
@@ -208,6 +214,24 @@ fn program_of(target: Target, args: &Args) -> Result<PathBuf, String> {
         Target::Nats => found("nats-server"),
         Target::Redis => found("redis-server"),
     }
+}
+
+/// The `sluice-agent` binary: `--agent-bin`, else the one next to this binary; or what is
+/// missing and how to build it.
+pub fn agent_program(args: &Args) -> Result<PathBuf, String> {
+    let path = match &args.agent_bin {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|dir| dir.join("sluice-agent")))
+            .unwrap_or_else(|| PathBuf::from("sluice-agent")),
+    };
+    find_program(&path.to_string_lossy()).ok_or_else(|| {
+        format!(
+            "{}; build it with `cargo build --release -p sluice-agent`",
+            path.display()
+        )
+    })
 }
 
 async fn run_in(
@@ -223,7 +247,20 @@ async fn run_in(
             let (server, addr) = sluice::start(program, dir, READY_TIMEOUT).await?;
             let window = plan.shape.window as usize;
             let driver = SluiceDriver::connect(addr, payload, plan.args.partitions, window).await;
-            finish(driver, server, plan, mode).await
+            finish(driver, Servers::One(server), plan, mode).await
+        }
+        Target::SluiceCluster(agents) => {
+            let cluster = Cluster::start(program, dir, agents as usize, READY_TIMEOUT).await?;
+            let window = plan.shape.window as usize;
+            let driver = SluiceDriver::connect_cluster(
+                &cluster.client_addrs(),
+                payload,
+                plan.args.partitions,
+                window,
+                READY_TIMEOUT,
+            )
+            .await;
+            finish(driver, Servers::Cluster(cluster), plan, mode).await
         }
         Target::RabbitQuorum | Target::RabbitClassic => {
             let queue_type = if target == Target::RabbitQuorum {
@@ -233,7 +270,7 @@ async fn run_in(
             };
             let server = rabbitmq::start(program, dir, READY_TIMEOUT).await?;
             let driver = RabbitDriver::connect(server.addr, queue_type, payload).await;
-            let result = finish(driver, server.node, plan, mode).await;
+            let result = finish(driver, Servers::One(server.node), plan, mode).await;
             server.epmd.stop().await;
             result
         }
@@ -241,12 +278,56 @@ async fn run_in(
             let (server, addr) = nats::start(program, dir, READY_TIMEOUT).await?;
             let max_ack_pending = i64::from(plan.shape.prefetch) * i64::from(plan.shape.consumers);
             let driver = NatsDriver::connect(addr, payload, max_ack_pending).await;
-            finish(driver, server, plan, mode).await
+            finish(driver, Servers::One(server), plan, mode).await
         }
         Target::Redis => {
             let (server, addr) = redis::start(program, dir, READY_TIMEOUT).await?;
             let driver = RedisDriver::connect(addr, payload).await;
-            finish(driver, server, plan, mode).await
+            finish(driver, Servers::One(server), plan, mode).await
+        }
+    }
+}
+
+/// The server processes of one target.
+enum Servers {
+    /// One server (and its process tree).
+    One(ServerProcess),
+    /// A Sluice cluster.
+    Cluster(Cluster),
+}
+
+impl Servers {
+    /// Memory of the server, or the sum over a cluster's agents (each its own process, sharing
+    /// nothing, so the sum is what the cluster holds). A cluster's per-agent peaks go to
+    /// stderr.
+    fn memory(&self) -> Result<Memory> {
+        match self {
+            Servers::One(server) => server.memory(),
+            Servers::Cluster(cluster) => {
+                let agents = cluster.memory()?;
+                let peaks: Vec<String> = agents
+                    .iter()
+                    .map(|m| match m {
+                        Some(m) => format!("{:.1}", m.peak_rss_bytes as f64 / (1024.0 * 1024.0)),
+                        None => "down".into(),
+                    })
+                    .collect();
+                eprintln!("  agents' peak RSS MiB: {}", peaks.join(", "));
+                Ok(agents
+                    .iter()
+                    .flatten()
+                    .fold(Memory::default(), |sum, m| Memory {
+                        rss_bytes: sum.rss_bytes + m.rss_bytes,
+                        peak_rss_bytes: sum.peak_rss_bytes + m.peak_rss_bytes,
+                    }))
+            }
+        }
+    }
+
+    async fn stop(self) {
+        match self {
+            Servers::One(server) => server.stop().await,
+            Servers::Cluster(cluster) => cluster.stop().await,
         }
     }
 }
@@ -254,7 +335,7 @@ async fn run_in(
 /// Measures with a connected driver, then stops the server whatever happened.
 async fn finish<D: Driver>(
     driver: Result<D>,
-    server: ServerProcess,
+    server: Servers,
     plan: &Plan<'_>,
     mode: Mode,
 ) -> Result<Measured> {
@@ -275,7 +356,7 @@ async fn finish<D: Driver>(
 
 async fn measure_table<D: Driver>(
     driver: &D,
-    server: &ServerProcess,
+    server: &Servers,
     plan: &Plan<'_>,
 ) -> Result<Measurement> {
     let messages = plan.args.messages;
@@ -321,7 +402,7 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 
 async fn measure_backlog<D: Driver>(
     driver: &D,
-    server: &ServerProcess,
+    server: &Servers,
     plan: &Plan<'_>,
     messages: u64,
 ) -> Result<BacklogMeasurement> {

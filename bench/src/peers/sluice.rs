@@ -23,7 +23,7 @@ use crate::{Error, Result};
 
 const SYSTEM: &str = "sluice";
 /// The benchmark queue.
-const QUEUE: &str = "bench";
+pub const QUEUE: &str = "bench";
 /// What the agent prints on stdout once it serves.
 const LISTENING_PREFIX: &str = "sluice-agent listening ";
 /// How long a consumer waits for a first delivery before reporting an empty receive.
@@ -36,21 +36,33 @@ pub async fn start(
     dir: &Path,
     ready_timeout: Duration,
 ) -> Result<(ServerProcess, SocketAddr)> {
+    let command = agent_command(program, &dir.join("data"), "127.0.0.1:0");
+    spawn_agent(command, &dir.join("agent.log"), ready_timeout).await
+}
+
+/// `sluice-agent broker` with its data in `data_dir`, serving clients on `listen`, metrics on
+/// any free port and fsync `always` (the default, spelt out because it is what is measured).
+pub fn agent_command(program: &Path, data_dir: &Path, listen: &str) -> Command {
     let mut command = Command::new(program);
+    command.arg("broker").arg("--data-dir").arg(data_dir).args([
+        "--listen",
+        listen,
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--fsync",
+        "always",
+    ]);
     command
-        .arg("broker")
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--fsync",
-            "always",
-        ]);
-    let (mut server, stdout) =
-        ServerProcess::spawn_piped("sluice-agent", command, &dir.join("agent.log"))?;
+}
+
+/// Spawns an agent `command` logging to `log` and waits for its listening line; returns the
+/// process and the gRPC address it announces.
+pub async fn spawn_agent(
+    command: Command,
+    log: &Path,
+    ready_timeout: Duration,
+) -> Result<(ServerProcess, SocketAddr)> {
+    let (mut server, stdout) = ServerProcess::spawn_piped("sluice-agent", command, log)?;
     let line = server
         .wait_for_line(stdout, LISTENING_PREFIX, ready_timeout)
         .await?;
@@ -69,7 +81,8 @@ fn parse_listening_line(line: &str) -> Option<SocketAddr> {
 
 /// Sluice as a [`Driver`], through the `sluice-client` crate.
 pub struct SluiceDriver {
-    endpoint: String,
+    /// Every agent's client endpoint; the client crate finds the queue's leader among them.
+    endpoints: Vec<String>,
     message: Message,
     window: usize,
 }
@@ -83,11 +96,59 @@ impl SluiceDriver {
         partitions: u32,
         window: usize,
     ) -> Result<Self> {
-        let endpoint = format!("http://{addr}");
-        let client = Client::connect(endpoint.clone())
-            .await
-            .map_err(|err| Error::client(SYSTEM, "connect", err))?;
-        client
+        let driver = Self::new(&[addr], payload, window);
+        driver.declare(partitions).await?;
+        Ok(driver)
+    }
+
+    /// Connects to a cluster of agents at `addrs`, declares the benchmark queue through any of
+    /// them, and waits until its partitions have leaders that confirm a publish (one
+    /// message per partition, left in the queue), so the measured phases do not include the
+    /// first election.
+    pub async fn connect_cluster(
+        addrs: &[SocketAddr],
+        payload: Bytes,
+        partitions: u32,
+        window: usize,
+        ready_timeout: Duration,
+    ) -> Result<Self> {
+        let driver = Self::new(addrs, payload, window);
+        driver.declare(partitions).await?;
+        let deadline = tokio::time::Instant::now() + ready_timeout;
+        let client = driver.client().await?;
+        for _ in 0..partitions {
+            loop {
+                match client.publish(QUEUE, vec![driver.message.clone()]).await {
+                    Ok(confirms) => match check_confirms(&confirms) {
+                        Ok(()) => break,
+                        Err(err) => return Err(Error::client(SYSTEM, "first publish", err)),
+                    },
+                    // The client already retried with backoff; an election may still be on.
+                    Err(err) if tokio::time::Instant::now() >= deadline => {
+                        return Err(Error::client(SYSTEM, "first publish", err));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+        Ok(driver)
+    }
+
+    fn new(addrs: &[SocketAddr], payload: Bytes, window: usize) -> Self {
+        let message = Message {
+            payload: payload.to_vec(),
+            ..Default::default()
+        };
+        Self {
+            endpoints: addrs.iter().map(|addr| format!("http://{addr}")).collect(),
+            message,
+            window,
+        }
+    }
+
+    async fn declare(&self, partitions: u32) -> Result<()> {
+        self.client()
+            .await?
             .declare_queue(QueueSpec {
                 name: QUEUE.into(),
                 partitions,
@@ -95,22 +156,19 @@ impl SluiceDriver {
             })
             .await
             .map_err(|err| Error::client(SYSTEM, "declare queue", err))?;
-        let message = Message {
-            payload: payload.to_vec(),
-            ..Default::default()
-        };
-        Ok(Self {
-            endpoint,
-            message,
-            window,
-        })
+        Ok(())
     }
 
     /// A client on its own HTTP/2 connection, so producers and consumers do not share one.
-    async fn client(&self) -> Result<Client> {
-        Client::connect(self.endpoint.clone())
+    pub async fn client(&self) -> Result<Client> {
+        Client::connect_any(&self.endpoints)
             .await
             .map_err(|err| Error::client(SYSTEM, "connect", err))
+    }
+
+    /// The message every publish sends.
+    pub fn message(&self) -> &Message {
+        &self.message
     }
 }
 
@@ -119,9 +177,11 @@ impl Driver for SluiceDriver {
     type Consumer = SluiceConsumer;
 
     async fn producer(&self) -> Result<SluiceProducer> {
-        let publisher = self
-            .client()
-            .await?
+        let client = self.client().await?;
+        if self.endpoints.len() > 1 {
+            learn_leader(&client, &self.message).await?;
+        }
+        let publisher = client
             .publisher(self.window)
             .await
             .map_err(|err| Error::client(SYSTEM, "open publish stream", err))?;
@@ -140,6 +200,22 @@ impl Driver for SluiceDriver {
             .map_err(|err| Error::client(SYSTEM, "subscribe", err))?;
         Ok(SluiceConsumer { consumer })
     }
+}
+
+/// Makes `client` learn the benchmark queue's leader by publishing `message` once through the
+/// unary `Publish` RPC, whose redirects the client follows.
+///
+/// Needed before opening a publish stream in a cluster: an agent that does not lead the queue
+/// answers a `PublishStream` frame with a failed confirm per message ("not led by this agent;
+/// its leader is ...") instead of ending the stream with a redirect status, and the client's
+/// publisher does not act on per-message failures, so a stream opened at a follower would
+/// fail every frame.
+pub async fn learn_leader(client: &Client, message: &Message) -> Result<()> {
+    client
+        .publish(QUEUE, vec![message.clone()])
+        .await
+        .map_err(|err| Error::client(SYSTEM, "find the leader", err))?;
+    Ok(())
 }
 
 /// One `PublishStream`.
