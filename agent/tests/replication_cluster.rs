@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use openraft::storage::RaftLogStorage as _;
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use prost::Message as _;
 use sluice_agent::config::LogConfig;
 use sluice_agent::log::{FileLog, LogStore};
-use sluice_agent::queue::state::StateConfig;
+use sluice_agent::queue::state::{PartitionState, StateConfig};
 use sluice_agent::replication::codec;
 use sluice_agent::replication::meta::MetaFile;
 use sluice_agent::replication::{
@@ -39,17 +40,25 @@ struct Replica {
     state_machine: QueueStateMachine,
     log: Arc<dyn LogStore>,
     server: JoinHandle<()>,
+    /// Ends the peer server, closing its connections as a killed process would.
+    stop_server: tokio::sync::oneshot::Sender<()>,
 }
 
 fn raft_config() -> Arc<Config> {
+    raft_config_with(SnapshotPolicy::Never)
+}
+
+fn raft_config_with(snapshot_policy: SnapshotPolicy) -> Arc<Config> {
     let config = Config {
         cluster_name: "replication-test".into(),
         heartbeat_interval: 100,
         election_timeout_min: 400,
         election_timeout_max: 800,
-        // Snapshots would need the log-restart hook (decision 0008); this test exercises
-        // catch-up from the log.
-        snapshot_policy: SnapshotPolicy::Never,
+        snapshot_policy,
+        // Purge as soon as a snapshot covers the entries, so a lost replica must be rebuilt
+        // from the snapshot rather than from the log.
+        max_in_snapshot_log_to_keep: 0,
+        purge_batch_size: 1,
         ..Default::default()
     };
     Arc::new(config.validate().expect("valid raft config"))
@@ -67,20 +76,50 @@ fn state_config() -> StateConfig {
 impl Replica {
     /// Opens (or reopens) the replica's storage in `dir` and serves it on `listener`.
     async fn start(id: NodeId, dir: &Path, listener: TcpListener) -> Replica {
+        Self::start_with(id, dir, listener, raft_config()).await
+    }
+
+    /// Like the agent does: the state machine owns the replica's log (snapshots are written
+    /// into it) and recovers from it up to the saved commit hint before Raft starts.
+    async fn start_with(
+        id: NodeId,
+        dir: &Path,
+        listener: TcpListener,
+        config: Arc<Config>,
+    ) -> Replica {
         let addr = listener.local_addr().expect("bound address");
         let (log, _recovery) =
             FileLog::open(&dir.join("log"), LogConfig::default()).expect("open the partition log");
         let log: Arc<dyn LogStore> = Arc::new(log);
-        let state_machine = QueueStateMachine::new(state_config(), log.clone());
-        let store = ReplicatedLog::open(
+        let state = Arc::new(std::sync::Mutex::new(PartitionState::new(
+            state_config(),
+            log.first_index(),
+        )));
+        let state_machine = QueueStateMachine::shared(
+            state_config(),
+            log.clone(),
+            state,
+            None,
+            Some(dir.join("raft")),
+        );
+        let mut store = ReplicatedLog::open(
             log.clone(),
             MetaFile::new(dir.join("raft")),
             state_machine.purge_floor(),
         )
         .expect("open the raft meta");
+        let purged = store
+            .get_log_state()
+            .await
+            .expect("log state")
+            .last_purged_log_id;
+        state_machine
+            .recover(store.committed_hint().max(purged))
+            .await
+            .expect("recover the state from the log");
         let raft = Raft::new(
             id,
-            raft_config(),
+            config,
             PeerNetwork::new(GROUP),
             store,
             state_machine.clone(),
@@ -90,10 +129,13 @@ impl Replica {
         let groups = RaftGroups::new();
         groups.insert(GROUP, raft.clone());
         let service = PeerService::new(groups).into_server();
+        let (stop_server, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming(TcpListenerStream::new(listener))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                })
                 .await;
             if let Err(e) = result {
                 eprintln!("peer server of node {id} ended: {e}");
@@ -107,13 +149,22 @@ impl Replica {
             state_machine,
             log,
             server,
+            stop_server,
         }
     }
 
     /// Kills the replica: its peer server stops answering and its Raft stops; storage closes.
-    async fn stop(self) -> (NodeId, SocketAddr, PathBuf) {
-        self.server.abort();
-        let _ = self.server.await;
+    async fn stop(mut self) -> (NodeId, SocketAddr, PathBuf) {
+        // A graceful stop sends GOAWAY, so peers drop their connections and reconnect to
+        // whatever listens on the address next (aborting the accept loop would leave the
+        // accepted connections serving the stopped Raft).
+        let _ = self.stop_server.send(());
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.server)
+            .await
+            .is_err()
+        {
+            self.server.abort();
+        }
         self.raft.shutdown().await.expect("raft shuts down");
         (self.id, self.addr, self.dir)
     }
@@ -295,6 +346,137 @@ async fn a_leader_without_a_quorum_cannot_commit() {
         "a write committed without a quorum: {attempt:?}"
     );
     assert_eq!(lone.state_machine.applied_index().await, index);
+    for r in replicas {
+        r.stop().await;
+    }
+}
+
+fn ack(offsets: std::ops::RangeInclusive<u64>) -> Bytes {
+    use sluice_proto::storage::v1::{MessageRef, SettleCommand, SettleKind};
+    Bytes::from(
+        LogCommand {
+            command: Some(Command::Settle(SettleCommand {
+                time_ms: 2,
+                kind: SettleKind::Ack as i32,
+                messages: offsets
+                    .map(|offset| MessageRef {
+                        offset,
+                        attempt: 1,
+                        size: 3,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_disk_is_rebuilt_from_a_snapshot_and_restarts_from_its_own_log() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let config = raft_config_with(SnapshotPolicy::LogsSinceLast(20));
+    let mut replicas = Vec::new();
+    for id in 1..=3 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let dir = root.path().join(format!("node-{id}"));
+        replicas.push(Replica::start_with(id, &dir, listener, config.clone()).await);
+    }
+    let members: BTreeMap<NodeId, BasicNode> = replicas
+        .iter()
+        .map(|r| (r.id, BasicNode::new(r.addr.to_string())))
+        .collect();
+    replicas[0]
+        .raft
+        .initialize(members)
+        .await
+        .expect("initialize");
+    let leader = wait_for_leader(&replicas).await;
+
+    // 60 messages; the first 40 acked: the snapshot must carry only the 20 unsettled bodies.
+    let mut offsets = Vec::new();
+    for i in 0..60 {
+        offsets.push(write(&replica(&replicas, leader).raft, &format!("m{i:02}")).await);
+    }
+    let mut last = write(&replica(&replicas, leader).raft, "").await;
+    let settle = replica(&replicas, leader)
+        .raft
+        .client_write(ack(offsets[0]..=offsets[39]))
+        .await
+        .expect("ack commits");
+    last = last.max(settle.data.index);
+    for i in 60..90 {
+        last = write(&replica(&replicas, leader).raft, &format!("m{i:02}")).await;
+    }
+    for r in &replicas {
+        wait_applied(r, last).await;
+    }
+
+    // A follower loses its disk: it comes back empty on the same address.
+    let follower = replicas
+        .iter()
+        .find(|r| r.id != leader)
+        .expect("a follower")
+        .id;
+    let position = replicas
+        .iter()
+        .position(|r| r.id == follower)
+        .expect("follower");
+    let (id, addr, dir) = replicas.remove(position).stop().await;
+    std::fs::remove_dir_all(&dir).expect("wipe the follower's directory");
+    // The leader snapshots and purges its log while the follower is away.
+    replica(&replicas, leader)
+        .raft
+        .trigger()
+        .snapshot()
+        .await
+        .expect("snapshot");
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    while replica(&replicas, leader)
+        .raft
+        .metrics()
+        .borrow()
+        .purged
+        .is_none()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader never purged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let listener = TcpListener::bind(addr).await.expect("rebind");
+    let rebuilt = Replica::start_with(id, &dir, listener, config.clone()).await;
+    wait_applied(&rebuilt, last).await;
+    // Its log starts at the lowest unsettled message: the acked prefix was never copied.
+    assert_eq!(rebuilt.log.first_index(), offsets[40]);
+    let expected: Vec<String> = (40..90)
+        .map(|i| format!("m{i:02}"))
+        .filter(|p| !p.is_empty())
+        .collect();
+    let mut stored = stored_payloads(rebuilt.log.as_ref());
+    stored.retain(|p| !p.is_empty());
+    assert_eq!(stored, expected);
+    assert_eq!(
+        rebuilt.state_machine.with_state(|s| s.backlog().0).await,
+        51
+    );
+
+    // It keeps up with new writes, then restarts from its own (restarted) log.
+    for i in 90..95 {
+        last = write(&replica(&replicas, leader).raft, &format!("m{i:02}")).await;
+    }
+    wait_applied(&rebuilt, last).await;
+    let (id, addr, dir) = rebuilt.stop().await;
+    let listener = TcpListener::bind(addr).await.expect("rebind");
+    let restarted = Replica::start_with(id, &dir, listener, config.clone()).await;
+    wait_applied(&restarted, last).await;
+    assert_eq!(
+        restarted.state_machine.with_state(|s| s.backlog().0).await,
+        56
+    );
+    replicas.push(restarted);
     for r in replicas {
         r.stop().await;
     }

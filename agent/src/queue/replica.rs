@@ -108,9 +108,9 @@ pub async fn run_proposer(
                 let result: Result<Result<crate::replication::types::WriteResponse, _>, _> =
                     rx.await;
                 let landed = match result {
-                    Ok(Ok(response)) => Some(crate::replication::codec::log_index(
-                        response.log_id.index,
-                    )),
+                    Ok(Ok(response)) => {
+                        Some(crate::replication::codec::log_index(response.log_id.index))
+                    }
                     Ok(Err(_)) | Err(_) => None,
                 };
                 status.send_if_modified(|s| {
@@ -121,7 +121,11 @@ pub async fn run_proposer(
                         s.confirmed = s.confirmed.max(index);
                     } else {
                         if let Some(at) = landed {
-                            tracing::error!(expected = index, landed = at, "a proposal landed at an unexpected index; resynchronising");
+                            tracing::error!(
+                                expected = index,
+                                landed = at,
+                                "a proposal landed at an unexpected index; resynchronising"
+                            );
                         }
                         s.ready = false;
                     }
@@ -164,8 +168,8 @@ pub async fn run_role(
         let Some(partition) = partition.upgrade() else {
             return;
         };
-        let leading = m.current_leader == Some(link.node_id)
-            && m.state == openraft::ServerState::Leader;
+        let leading =
+            m.current_leader == Some(link.node_id) && m.state == openraft::ServerState::Leader;
         let current = link.status();
         link.status.send_if_modified(|s| {
             let changed = s.term != m.current_term || s.leader != m.current_leader;
@@ -263,6 +267,9 @@ pub enum OpenReplicaError {
     /// The Raft metadata could not be read.
     #[error(transparent)]
     Meta(#[from] crate::replication::meta::MetaError),
+    /// The state could not be rebuilt from the log.
+    #[error(transparent)]
+    Recover(#[from] crate::replication::state_machine::RecoverError),
     /// openraft refused to start.
     #[error("raft: {0}")]
     Raft(String),
@@ -283,13 +290,25 @@ pub async fn open(
         log.first_index(),
     )));
     let status = watch::Sender::new(ReplicaStatus::default());
-    let machine =
-        QueueStateMachine::shared(config, log.clone(), state.clone(), Some(status.clone()));
-    let store = crate::replication::ReplicatedLog::open(
+    let machine = QueueStateMachine::shared(
+        config,
+        log.clone(),
+        state.clone(),
+        Some(status.clone()),
+        Some(setup.meta_dir.clone()),
+    );
+    let mut store = crate::replication::ReplicatedLog::open(
         log.clone(),
         crate::replication::meta::MetaFile::new(&setup.meta_dir),
         machine.purge_floor(),
     )?;
+    // Everything up to the saved commit hint (or the purge point, which is committed too) is
+    // replayed here; openraft re-applies only what follows.
+    let purged = openraft::storage::RaftLogStorage::get_log_state(&mut store)
+        .await
+        .map_err(|e| OpenReplicaError::Raft(e.to_string()))?
+        .last_purged_log_id;
+    machine.recover(store.committed_hint().max(purged)).await?;
     let raft = Raft::new(
         setup.node_id,
         setup.raft_config.clone(),

@@ -74,24 +74,29 @@ impl MetaFile {
 
     /// Durably replaces the file with `meta`.
     pub fn save(&self, meta: &ReplicaMeta) -> Result<(), MetaError> {
-        let io = |op, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| MetaError::Io { op, path, source }
-        };
-        fs::create_dir_all(&self.dir).map_err(io("create", &self.dir))?;
-        let tmp = self.dir.join(format!("{META_FILE_NAME}.tmp"));
-        let mut file = fs::File::create(&tmp).map_err(io("create", &tmp))?;
-        file.write_all(&meta.encode_to_vec())
-            .map_err(io("write", &tmp))?;
-        file.sync_all().map_err(io("fsync", &tmp))?;
-        let path = self.path();
-        fs::rename(&tmp, &path).map_err(io("rename", &path))?;
-        // The rename is durable only once the directory entry is.
-        fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("fsync", &self.dir))?;
-        Ok(())
+        replace_file(&self.dir, META_FILE_NAME, &meta.encode_to_vec())
     }
+}
+
+/// Durably replaces `dir/name` with `bytes`: a crash leaves the old file or the new one,
+/// never a mix (temp file, fsync, rename, directory fsync).
+pub fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), MetaError> {
+    let io = |op, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| MetaError::Io { op, path, source }
+    };
+    fs::create_dir_all(dir).map_err(io("create", dir))?;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut file = fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    file.write_all(bytes).map_err(io("write", &tmp))?;
+    file.sync_all().map_err(io("fsync", &tmp))?;
+    let path = dir.join(name);
+    fs::rename(&tmp, &path).map_err(io("rename", &path))?;
+    // The rename is durable only once the directory entry is.
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync", dir))?;
+    Ok(())
 }
 
 #[cfg(test)]

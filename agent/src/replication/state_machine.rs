@@ -62,6 +62,50 @@ pub enum SnapshotError {
     },
 }
 
+/// Why a replica's state could not be recovered from its log at startup.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    /// The log could not be read.
+    #[error(transparent)]
+    Log(#[from] crate::log::LogError),
+    /// An entry is not a valid Raft entry.
+    #[error("log entry {index}: {source}")]
+    Entry {
+        /// Its index.
+        index: u64,
+        /// What was wrong.
+        #[source]
+        source: codec::CodecError,
+    },
+    /// An entry is not a valid command.
+    #[error("log entry {index} is not a valid command: {source}")]
+    Command {
+        /// Its index.
+        index: u64,
+        /// The decoder's error.
+        #[source]
+        source: prost::DecodeError,
+    },
+    /// The membership file does not decode.
+    #[error("{} is damaged: {source}", path.display())]
+    Membership {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The decoder's error.
+        #[source]
+        source: prost::DecodeError,
+    },
+    /// The membership file could not be read.
+    #[error("read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// What the state machine holds; one lock, since openraft applies from one task. The delivery
 /// state itself is behind its own lock, shared with the partition; this one is taken first.
 struct Inner {
@@ -89,7 +133,16 @@ pub struct QueueStateMachine {
     purge_floor: Arc<AtomicU64>,
     /// Counter to make snapshot ids unique within this process.
     snapshots_built: Arc<AtomicU64>,
+    /// Whether an installed snapshot's entries are written into `log` (a replica's own log;
+    /// off for state machines reading a log someone else writes, as in unit tests).
+    write_log: bool,
+    /// Where the last applied membership is kept, so a restart whose log was purged past
+    /// the membership entry still knows its group.
+    membership_dir: Option<std::path::PathBuf>,
 }
+
+/// File (in the replica's Raft metadata directory) holding the last applied membership.
+const MEMBERSHIP_FILE: &str = "membership.pb";
 
 impl QueueStateMachine {
     /// A state machine with nothing applied, over the partition log it snapshots from.
@@ -98,7 +151,7 @@ impl QueueStateMachine {
             config,
             log.first_index(),
         )));
-        Self::shared(config, log, state, None)
+        Self::shared(config, log, state, None, None)
     }
 
     /// A state machine applying to `state` (shared with the partition), publishing the
@@ -108,6 +161,7 @@ impl QueueStateMachine {
         log: Arc<dyn LogStore>,
         state: SharedState,
         status: Option<tokio::sync::watch::Sender<ReplicaStatus>>,
+        membership_dir: Option<std::path::PathBuf>,
     ) -> Self {
         let first = log.first_index();
         Self {
@@ -122,7 +176,95 @@ impl QueueStateMachine {
             log,
             purge_floor: Arc::new(AtomicU64::new(first)),
             snapshots_built: Arc::new(AtomicU64::new(0)),
+            write_log: membership_dir.is_some(),
+            membership_dir,
         }
+    }
+
+    fn append_run(
+        &self,
+        (term, data): &(u64, Vec<bytes::Bytes>),
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+    ) -> Result<(), StorageIOError<NodeId>> {
+        self.log
+            .append(*term, data)
+            .map(|_| ())
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))
+    }
+
+    fn save_membership(
+        &self,
+        membership: &StoredMembership<NodeId, BasicNode>,
+    ) -> Result<(), super::meta::MetaError> {
+        match &self.membership_dir {
+            Some(dir) => super::meta::replace_file(
+                dir,
+                MEMBERSHIP_FILE,
+                &codec::stored_membership_to_pb(membership).encode_to_vec(),
+            ),
+            None => Ok(()),
+        }
+    }
+
+    fn load_membership(&self) -> Result<StoredMembership<NodeId, BasicNode>, RecoverError> {
+        let Some(dir) = &self.membership_dir else {
+            return Ok(StoredMembership::default());
+        };
+        let path = dir.join(MEMBERSHIP_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let stored = pb::StoredMembership::decode(bytes.as_slice())
+                    .map_err(|source| RecoverError::Membership { path, source })?;
+                Ok(codec::stored_membership_from_pb(&Some(stored)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoredMembership::default()),
+            Err(source) => Err(RecoverError::Read { path, source }),
+        }
+    }
+
+    /// Rebuilds the state after a restart by replaying this replica's log up to `upto`, an
+    /// entry known committed (the saved commit hint, or the purge point): openraft then only
+    /// re-applies what follows, and never needs entries the log no longer holds.
+    pub async fn recover(&self, upto: Option<LogId<NodeId>>) -> Result<(), RecoverError> {
+        let Some(upto) = upto else {
+            return Ok(());
+        };
+        let mut inner = self.inner.lock().await;
+        let mut membership = self.load_membership()?;
+        let end = codec::log_index(upto.index);
+        let first = self.log.first_index();
+        let mut state = PartitionState::new(self.config, first);
+        let mut next = first;
+        while next <= end {
+            let batch =
+                self.log
+                    .read_range(next, (end + 1 - next) as usize, SNAPSHOT_READ_BYTES)?;
+            if batch.is_empty() {
+                break;
+            }
+            for record in batch.into_iter().take_while(|r| r.index <= end) {
+                next = record.index + 1;
+                let index = record.index;
+                let entry = codec::entry_from_record(record)
+                    .map_err(|source| RecoverError::Entry { index, source })?;
+                apply_one(&mut inner, &mut state, &entry)
+                    .map_err(|source| RecoverError::Command { index, source })?;
+                if let Some(m) =
+                    Some(&inner.membership).filter(|m| m.log_id() > membership.log_id())
+                {
+                    membership = m.clone();
+                }
+            }
+        }
+        inner.last_applied = Some(upto);
+        inner.membership = membership;
+        let low_water = state.low_water();
+        *self.lock_state() = state;
+        self.purge_floor.store(low_water, Ordering::Release);
+        if let Some(status) = &self.status {
+            status.send_modify(|s| s.applied = end);
+        }
+        Ok(())
     }
 
     /// The purge floor to share with [`ReplicatedLog`](super::ReplicatedLog).
@@ -256,6 +398,7 @@ impl RaftStateMachine<TypeConfig> for QueueStateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut inner = self.inner.lock().await;
+        let membership_before = *inner.membership.log_id();
         let mut out = Vec::new();
         let low_water = {
             let mut state = self.lock_state();
@@ -267,6 +410,11 @@ impl RaftStateMachine<TypeConfig> for QueueStateMachine {
             state.low_water()
         };
         self.purge_floor.store(low_water, Ordering::Release);
+        if inner.membership.log_id() != &membership_before {
+            let membership = inner.membership.clone();
+            self.save_membership(&membership)
+                .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        }
         if let (Some(status), Some(last)) = (&self.status, out.last()) {
             status.send_if_modified(|s| {
                 let changed = s.applied < last.index;
@@ -306,7 +454,18 @@ impl RaftStateMachine<TypeConfig> for QueueStateMachine {
             |e| codec::log_index(e.index),
         );
         let mut state = PartitionState::new(self.config, first);
+        let mut inner = self.inner.lock().await;
+        // The snapshot's entries become this replica's log: the bodies of unsettled messages
+        // live there, and Raft appends after them (decision 0008).
+        if self.write_log {
+            self.log
+                .reset(first)
+                .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        }
+        let mut run: (u64, Vec<bytes::Bytes>) = (0, Vec::new());
         for entry in decoded.entries {
+            let term = entry.term;
+            let stored = bytes::Bytes::from(entry.data.clone());
             let entry = codec::entry_from_pb(entry).map_err(|source| {
                 invalid(&SnapshotError::Entry {
                     id: meta.snapshot_id.clone(),
@@ -319,8 +478,25 @@ impl RaftStateMachine<TypeConfig> for QueueStateMachine {
                 _ => LogCommand::default(),
             };
             state.apply(codec::log_index(entry.log_id.index), &command);
+            if self.write_log {
+                if !run.1.is_empty() && run.0 != term {
+                    self.append_run(&run, meta)?;
+                    run.1.clear();
+                }
+                run.0 = term;
+                run.1.push(stored);
+            }
         }
-        let mut inner = self.inner.lock().await;
+        if self.write_log {
+            if !run.1.is_empty() {
+                self.append_run(&run, meta)?;
+            }
+            self.log
+                .sync()
+                .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        }
+        self.save_membership(&meta.last_membership)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         let low_water = state.low_water();
         *self.lock_state() = state;
         inner.last_applied = meta.last_log_id;
