@@ -319,14 +319,14 @@ impl RaftLogReader<TypeConfig> for ReplicatedLog {
             let e = ReplicatedLogError::Missing { index: from };
             return Err(StorageIOError::read_logs(&e).into());
         }
-        batch
-            .into_iter()
-            .map(|record| {
-                let at = codec::raft_index(record.index);
-                codec::entry_from_record(record)
-                    .map_err(|e| StorageIOError::read_log_at_index(at, &e).into())
-            })
-            .collect()
+        let mut out = Vec::with_capacity(batch.len());
+        for record in batch {
+            let at = codec::raft_index(record.index);
+            let entry = codec::entry_from_record(record)
+                .map_err(|e| StorageIOError::read_log_at_index(at, &e))?;
+            out.push(entry);
+        }
+        Ok(out)
     }
 }
 
