@@ -29,6 +29,13 @@ const PEER_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(10);
 /// large entry, and the follower could then never catch up.)
 pub const MAX_REQUEST_BYTES: usize =
     super::log_store::MAX_APPEND_BYTES + crate::log::record::MAX_DATA_BYTES + (1 << 20);
+// A request stops taking entries once MAX_APPEND_BYTES is reached, so its worst case is just
+// under that plus one entry of the largest size; one whole request fits the stream window.
+const _: () = assert!(
+    MAX_REQUEST_BYTES > super::log_store::MAX_APPEND_BYTES + crate::log::record::MAX_DATA_BYTES
+);
+const _: () = assert!(STREAM_WINDOW_BYTES as usize >= super::log_store::MAX_APPEND_BYTES);
+
 /// HTTP/2 receive window per stream on the peer port: one whole AppendEntries fits, so a
 /// request never waits a round trip for a window update.
 pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
@@ -260,5 +267,26 @@ impl pb::raft_server::Raft for PeerService {
             .await
             .map(Response::new)
             .map_err(ServiceError::into_status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn peer_connections_are_accepted_with_nodelay_set() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let mut incoming = peer_incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let accepted = incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted");
+        assert!(accepted.nodelay().expect("read TCP_NODELAY"));
     }
 }
