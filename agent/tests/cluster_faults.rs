@@ -247,8 +247,321 @@ async fn a_killed_leader_loses_no_confirmed_message_and_catches_up_after_restart
     // Phase 4: it catches up: all three report the same non-empty backlog.
     let (backlog, bytes) = replicas_agree(&cluster, &[0, 1, 2]).await;
     eprintln!("after restart all replicas hold backlog {backlog} ({bytes} bytes)");
-    assert!(backlog > 0, "the restarted replica was compared on an empty queue");
+    assert!(
+        backlog > 0,
+        "the restarted replica was compared on an empty queue"
+    );
 
     finish(&cluster, &ledger, None).await;
     assert_eq!(replicas_agree(&cluster, &[0, 1, 2]).await, (0, 0));
+}
+
+/// Publishes keys `stale-<n>` straight to agent `i` (no redirects, no resend) and returns what
+/// it answered: the confirmed keys, or the error.
+async fn publish_stale(
+    cluster: &Cluster,
+    i: usize,
+    timeout: Duration,
+) -> JoinHandle<Result<Vec<String>, tonic::Status>> {
+    let channel = cluster.channel(i);
+    tokio::spawn(async move {
+        let keys: Vec<String> = (0..BATCH).map(|n| format!("stale-{n}")).collect();
+        let confirms = workload::publish_keys(channel, QUEUE, &keys, timeout).await?;
+        Ok(keys
+            .into_iter()
+            .zip(confirms)
+            .filter(|(_, c)| c.code == 0 && c.id.is_some())
+            .map(|(k, _)| k)
+            .collect())
+    })
+}
+
+/// Asserts that a deposed leader's answer to a stale publish confirmed nothing.
+fn assert_nothing_confirmed(what: &str, answer: Result<Vec<String>, tonic::Status>) {
+    match answer {
+        Ok(confirmed) => assert!(
+            confirmed.is_empty(),
+            "{what}: the deposed leader confirmed {confirmed:?}"
+        ),
+        Err(status) => eprintln!(
+            "{what}: refused with {:?}: {}",
+            status.code(),
+            status.message()
+        ),
+    }
+}
+
+/// Waits until agent `i` answers as a follower naming `leader`'s address.
+async fn follows(cluster: &Cluster, i: usize, leader: usize) {
+    let address = cluster.nodes[leader].client.to_string();
+    let deadline = Instant::now() + ELECTION;
+    loop {
+        let role = cluster.role(i, QUEUE).await;
+        if role == cluster::Role::Follower(Some(address.clone())) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent {i} does not follow agent {leader} after {ELECTION:?}: {role:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_is_replaced_and_steps_down_without_confirming_stale_writes() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let (mut cluster, leader) = cluster_with_queue(root.path(), Net::Loopback)
+        .await
+        .expect("cluster starts");
+    let ledger = Arc::new(Ledger::default());
+
+    // Phase 1: load, then SIGSTOP the leader for longer than an election takes.
+    let load = Load::start(&cluster, &ledger, 2, "k");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.pause(leader);
+    let paused = Instant::now();
+    let before = ledger.confirmed();
+    // A publish that reaches the paused leader: it is read only after SIGCONT.
+    let stale = publish_stale(&cluster, leader, Duration::from_secs(20)).await;
+
+    // Phase 2: the others elect a successor that confirms publishes.
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let successor = cluster.leader_among(QUEUE, &others, ELECTION).await;
+    cluster::wait_until("a confirm on the successor", ELECTION, || async {
+        (ledger.confirmed() > before + BATCH).then_some(())
+    })
+    .await
+    .expect("the successor confirms publishes");
+    eprintln!(
+        "agent {leader} paused; agent {successor} confirms {:?} later",
+        paused.elapsed()
+    );
+    let pause = Duration::from_secs(4);
+    tokio::time::sleep(pause.saturating_sub(paused.elapsed())).await;
+
+    // Phase 3: SIGCONT. The old leader steps down: the stale publish is not confirmed, and new
+    // publishes there are redirected to the successor.
+    cluster.resume(leader);
+    assert_nothing_confirmed("publish sent while paused", stale.await.expect("task"));
+    follows(&cluster, leader, successor).await;
+    let redirected = publish_stale(&cluster, leader, Duration::from_secs(5)).await;
+    match redirected.await.expect("task") {
+        Err(status) => {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+            let leader_meta = status
+                .metadata()
+                .get("sluice-leader")
+                .and_then(|v| v.to_str().ok());
+            assert_eq!(
+                leader_meta,
+                Some(&*cluster.nodes[successor].client.to_string()),
+                "{status}"
+            );
+        }
+        Ok(confirmed) => panic!("the deposed leader confirmed {confirmed:?}"),
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.stop().await;
+
+    // Phase 4: everything confirmed is there, none of the stale writes.
+    finish(&cluster, &ledger, Some("stale-")).await;
+    replicas_agree(&cluster, &[0, 1, 2]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_confirms_nothing_while_the_majority_serves_and_heals_into_it() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let (mut cluster, leader) = match cluster_with_queue(root.path(), Net::Namespaces).await {
+        Ok(started) => started,
+        Err(reason) => {
+            // Only a machine without CAP_NET_ADMIN gets here (CI runs as root).
+            eprintln!("SKIPPED: network namespaces are not available: {reason}");
+            return;
+        }
+    };
+    let ledger = Arc::new(Ledger::default());
+
+    // Phase 1: load, then cut the leader off its peers (the test still reaches it).
+    let load = Load::start(&cluster, &ledger, 2, "k");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.isolate(leader);
+    let isolated = Instant::now();
+    let before = ledger.confirmed();
+
+    // Phase 2: the isolated leader confirms nothing new; the majority elects and serves.
+    let stale = publish_stale(&cluster, leader, Duration::from_secs(3)).await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let successor = cluster.leader_among(QUEUE, &others, ELECTION).await;
+    cluster::wait_until("a confirm on the majority's leader", ELECTION, || async {
+        (ledger.confirmed() > before + BATCH).then_some(())
+    })
+    .await
+    .expect("the majority confirms publishes");
+    eprintln!(
+        "agent {leader} isolated; agent {successor} confirms {:?} later; the isolated one says \
+         it is {:?}",
+        isolated.elapsed(),
+        cluster.role(leader, QUEUE).await
+    );
+    assert_nothing_confirmed("publish at the isolated leader", stale.await.expect("task"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Phase 3: heal; the old leader follows the new one and catches up.
+    cluster.heal(leader);
+    follows(&cluster, leader, successor).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    load.stop().await;
+    let (backlog, bytes) = replicas_agree(&cluster, &[0, 1, 2]).await;
+    eprintln!("after healing all replicas hold backlog {backlog} ({bytes} bytes)");
+
+    // Phase 4: everything confirmed survived; the isolated leader's writes did not.
+    finish(&cluster, &ledger, Some("stale-")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_disk_is_rebuilt_and_can_lead_with_every_confirmed_message() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let (mut cluster, leader) = cluster_with_queue(root.path(), Net::Loopback)
+        .await
+        .expect("cluster starts");
+    let ledger = Arc::new(Ledger::default());
+    let wiped = (leader + 1) % 3;
+
+    // Phase 1: load; a follower is killed and its data directory removed.
+    let load = Load::start(&cluster, &ledger, 2, "k");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.kill9(wiped);
+    cluster.wipe(wiped);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Phase 2: it restarts empty and is rebuilt from the leader while the load goes on; the
+    // consumer stops first so the replicas are compared on a non-empty queue.
+    cluster.restart(wiped);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.stop_consumer();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    load.stop().await;
+    let (backlog, bytes) = replicas_agree(&cluster, &[0, 1, 2]).await;
+    eprintln!("rebuilt agent {wiped} holds backlog {backlog} ({bytes} bytes) like the others");
+    assert!(
+        backlog > 0,
+        "the rebuilt replica was compared on an empty queue"
+    );
+
+    // Phase 3: the leader dies; the rebuilt replica takes over (asked to, if the election
+    // chose the other survivor) and serves every confirmed message.
+    cluster.kill9(leader);
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let elected = cluster.leader_among(QUEUE, &survivors, ELECTION).await;
+    if elected != wiped {
+        let mut peer = sluice_proto::peer::v1::cluster_client::ClusterClient::new(
+            cluster::channel_to(&cluster.nodes[wiped].peer_endpoint()),
+        );
+        let answer = peer
+            .transfer_leadership(sluice_proto::peer::v1::TransferLeadershipRequest {
+                group: format!("{QUEUE}/0"),
+            })
+            .await
+            .expect("transfer leadership to the rebuilt replica");
+        assert!(answer.get_ref().is_leader, "{answer:?}");
+    }
+    assert_eq!(
+        cluster.leader_among(QUEUE, &survivors, ELECTION).await,
+        wiped,
+        "the rebuilt replica leads"
+    );
+    eprintln!("agent {wiped} (rebuilt) leads after agent {leader} was killed");
+    finish(&cluster, &ledger, None).await;
+}
+
+/// The first (lowest base offset) segment file of partition 0 of [`QUEUE`] under `data_dir`.
+fn first_segment(data_dir: &std::path::Path) -> std::path::PathBuf {
+    let partition = data_dir.join("queues").join(QUEUE).join("p-0000");
+    std::fs::read_dir(&partition)
+        .unwrap_or_else(|e| panic!("{}: {e}", partition.display()))
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .min()
+        .unwrap_or_else(|| panic!("no segment in {}", partition.display()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_segment_on_a_follower_is_never_served_and_the_others_keep_serving() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let (mut cluster, leader) = cluster_with_queue(root.path(), Net::Loopback)
+        .await
+        .expect("cluster starts");
+    let ledger = Arc::new(Ledger::default());
+    let corrupted = (leader + 1) % 3;
+
+    // Phase 1: load, so the follower's segment holds messages.
+    let load = Load::start(&cluster, &ledger, 2, "k");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Phase 2: kill the follower and flip bytes in the middle of its first segment.
+    cluster.kill9(corrupted);
+    let segment = first_segment(&cluster.nodes[corrupted].data_dir);
+    let mut bytes = std::fs::read(&segment).expect("read segment");
+    let middle = bytes.len() / 2;
+    for b in &mut bytes[middle..middle + 16] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&segment, bytes).expect("write segment");
+    let name = segment
+        .file_name()
+        .expect("file name")
+        .to_string_lossy()
+        .into_owned();
+    eprintln!(
+        "flipped 16 bytes at offset {middle} of {} on agent {corrupted}",
+        segment.display()
+    );
+
+    // Phase 3: it restarts; its replica of the partition is refused, naming the file and the
+    // offset, and serves nothing from it.
+    cluster.restart(corrupted);
+    let refusal = cluster::wait_until("the corrupted replica's refusal", ELECTION, || async {
+        cluster.stats(corrupted, QUEUE).await.err()
+    })
+    .await;
+    match &refusal {
+        Some(reason) => {
+            eprintln!("agent {corrupted} refuses the queue: {reason}");
+            assert!(reason.contains("FailedPrecondition"), "{reason}");
+            assert!(
+                reason.contains(name.as_str()),
+                "segment not named: {reason}"
+            );
+            assert!(reason.contains("byte offset"), "offset not named: {reason}");
+            let served = publish_stale(&cluster, corrupted, Duration::from_secs(3)).await;
+            match served.await.expect("task") {
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status}")
+                }
+                Ok(confirmed) => panic!("the corrupted replica confirmed {confirmed:?}"),
+            }
+            eprintln!(
+                "repair from peers is missing: the replica stays offline until its data is \
+                 replaced"
+            );
+        }
+        None => eprintln!("agent {corrupted} serves stats for the queue: repaired or rebuilt"),
+    }
+
+    // Phase 4: the other two keep serving under load; nothing confirmed is lost or corrupted.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.stop().await;
+    assert!(
+        cluster.nodes[corrupted].log_lines("panicked").is_empty(),
+        "the corrupted replica panicked"
+    );
+    finish(&cluster, &ledger, Some("stale-")).await;
+    if refusal.is_none() {
+        replicas_agree(&cluster, &[0, 1, 2]).await;
+    } else {
+        let healthy: Vec<usize> = (0..3).filter(|&i| i != corrupted).collect();
+        replicas_agree(&cluster, &healthy).await;
+    }
 }

@@ -35,6 +35,8 @@ const LOG_LINES_MAX: usize = 20_000;
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 /// The agent binary under test.
 const AGENT_BIN: &str = env!("CARGO_BIN_EXE_sluice-agent");
+/// Set (to anything) to print every agent's whole stderr when a test ends, passed or not.
+pub const DUMP_LOGS_ENV: &str = "SLUICE_FAULT_TEST_LOGS";
 /// Agents in a test cluster.
 pub const NODES: usize = 3;
 /// Log filter of the agents: the queue layer at info (its `leading` lines), Raft quieter.
@@ -84,6 +86,11 @@ impl Node {
             .filter(|l| l.contains(needle))
             .cloned()
             .collect()
+    }
+
+    /// `http://<peer address>` (for the peers-only `sluice.peer.v1.Cluster` service).
+    pub fn peer_endpoint(&self) -> String {
+        format!("http://{}", self.peer_listen)
     }
 
     fn pid(&self) -> Option<Pid> {
@@ -221,7 +228,10 @@ impl Cluster {
                 let status = child.wait().map(|s| format!("{s}")).unwrap_or_default();
                 let tail: Vec<String> = {
                     let log = lock(&node.log);
-                    log.iter().skip(log.len().saturating_sub(20)).cloned().collect()
+                    log.iter()
+                        .skip(log.len().saturating_sub(20))
+                        .cloned()
+                        .collect()
                 };
                 return Err(format!(
                     "agent {i} did not start ({other:?}, {status}); stderr tail:\n{}",
@@ -400,7 +410,9 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::env::var_os(DUMP_LOGS_ENV).is_some() {
+            self.dump_logs(LOG_LINES_MAX);
+        } else if std::thread::panicking() {
             self.dump_logs(40);
         }
         for node in &mut self.nodes {

@@ -45,7 +45,13 @@ impl Namespaces {
         let bridge = ns.bridge();
         ip(&["link", "add", &bridge, "type", "bridge"])?;
         ns.count = count; // From here on, drop cleans up whatever exists.
-        ip(&["addr", "add", &format!("10.213.{}.254/24", ns.subnet), "dev", &bridge])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.213.{}.254/24", ns.subnet),
+            "dev",
+            &bridge,
+        ])?;
         ip(&["link", "set", &bridge, "up"])?;
         for i in 0..count {
             let name = ns.name(i);

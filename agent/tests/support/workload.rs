@@ -64,7 +64,9 @@ pub fn check_payload(bytes: &[u8]) -> Result<String, String> {
     if payload(key) == bytes {
         Ok(key.to_owned())
     } else {
-        Err(format!("payload of {key:?} differs from what was published: {text:?}"))
+        Err(format!(
+            "payload of {key:?} differs from what was published: {text:?}"
+        ))
     }
 }
 
@@ -130,7 +132,11 @@ impl Summary {
             "acked messages came back: {:?}",
             &self.resurrected[..self.resurrected.len().min(10)]
         );
-        assert!(self.corrupted.is_empty(), "corrupted payloads: {:?}", self.corrupted);
+        assert!(
+            self.corrupted.is_empty(),
+            "corrupted payloads: {:?}",
+            self.corrupted
+        );
         assert!(
             self.id_conflicts.is_empty(),
             "keys enqueued twice: {:?}",
@@ -180,7 +186,8 @@ impl Ledger {
                 if let Some(&acked) = book.acked.get(&key)
                     && delivery.attempt > acked
                 {
-                    book.resurrected.push((key.clone(), acked, delivery.attempt));
+                    book.resurrected
+                        .push((key.clone(), acked, delivery.attempt));
                 }
                 book.delivered
                     .entry(key.clone())
@@ -325,7 +332,9 @@ pub async fn publish(
     let mut report = PublisherReport::default();
     let mut next = 0usize;
     'batches: while !stop.load(Ordering::Acquire) {
-        let mut pending: Vec<String> = (next..next + batch).map(|n| format!("{prefix}-{n}")).collect();
+        let mut pending: Vec<String> = (next..next + batch)
+            .map(|n| format!("{prefix}-{n}"))
+            .collect();
         next += batch;
         loop {
             match publish_once(&mut target, &queue, &pending, &ledger).await {
@@ -420,6 +429,10 @@ pub struct ConsumerReport {
     pub acks: usize,
     /// Subscriptions opened.
     pub subscriptions: usize,
+    /// When the last delivery came.
+    pub last_delivery: Option<Instant>,
+    /// How the subscriptions ended (the first few), for the test's output.
+    pub ends: Vec<String>,
 }
 
 /// Consumes `queue` at its leader, checking and acking every delivery, re-subscribing
@@ -448,13 +461,12 @@ pub async fn consume(
                 "no agent served {queue} to a consumer for {unserved:?}"
             );
         }
-        match subscription(&mut target, &queue, &ledger, &until, &mut report).await {
-            Ok(last) => {
-                last_served = Instant::now();
-                if let Some(at) = last {
-                    last_delivery = at;
-                }
-            }
+        let result = subscription(&mut target, &queue, &ledger, &until, &mut report).await;
+        if let Some(at) = report.last_delivery {
+            last_delivery = at;
+        }
+        match result {
+            Ok(()) => last_served = Instant::now(),
             Err(status) => {
                 target.failed(&status);
                 tokio::time::sleep(RETRY_PAUSE).await;
@@ -464,14 +476,32 @@ pub async fn consume(
 }
 
 /// One subscription at the target: consumes until it fails, idles, or `until` says stop.
-/// Returns when the last delivery came, if any did.
+/// Records its deliveries and how it ended in `report`.
 async fn subscription(
     target: &mut Target,
     queue: &str,
     ledger: &Ledger,
     until: &Until,
     report: &mut ConsumerReport,
-) -> Result<Option<Instant>, tonic::Status> {
+) -> Result<(), tonic::Status> {
+    let result = subscribe_once(target, queue, ledger, until, report).await;
+    if report.ends.len() < 8 {
+        let end = match &result {
+            Ok(()) => "ended".to_owned(),
+            Err(status) => format!("{:?}: {}", status.code(), status.message()),
+        };
+        report.ends.push(end);
+    }
+    result
+}
+
+async fn subscribe_once(
+    target: &mut Target,
+    queue: &str,
+    ledger: &Ledger,
+    until: &Until,
+    report: &mut ConsumerReport,
+) -> Result<(), tonic::Status> {
     let (requests, rx) = mpsc::channel(64);
     let subscribe = ConsumeRequest {
         sequence: 0,
@@ -492,7 +522,6 @@ async fn subscription(
         Err(_) => return Err(tonic::Status::deadline_exceeded("subscribe timed out")),
     };
     report.subscriptions += 1;
-    let mut delivered = None;
     let mut sequence = 0u64;
     // Settle frames awaiting their result: sequence -> (key, attempt) of each tag.
     let mut unsettled: BTreeMap<u64, Vec<(DeliveryTag, String, u32)>> = BTreeMap::new();
@@ -511,7 +540,7 @@ async fn subscription(
                 idle_since = Instant::now();
                 match frame.response {
                     Some(In::Delivery(d)) => {
-                        delivered = Some(Instant::now());
+                        report.last_delivery = Some(Instant::now());
                         report.deliveries += 1;
                         if let (Some(key), Some(tag)) = (ledger.deliver(&d), d.tag) {
                             batch.push((tag, key, d.attempt));
@@ -536,7 +565,7 @@ async fn subscription(
                     None => {}
                 }
             }
-            Ok(Ok(None)) => return Ok(delivered),
+            Ok(Ok(None)) => return Ok(()),
             Ok(Err(status)) => return Err(status),
             Err(_) => {
                 if !batch.is_empty() {
@@ -551,7 +580,7 @@ async fn subscription(
                     };
                     unsettled.insert(sequence, std::mem::take(&mut batch));
                     if requests.send(frame).await.is_err() {
-                        return Ok(delivered);
+                        return Ok(());
                     }
                     continue;
                 }
@@ -565,7 +594,7 @@ async fn subscription(
                 // A leader that went silent (paused, cut off) is given up; so is an idle
                 // subscription at a former leader.
                 if quiet || finished || idle >= CONSUME_IDLE {
-                    return Ok(delivered);
+                    return Ok(());
                 }
             }
         }
