@@ -111,6 +111,12 @@ const TAKE_BATCH_MAX: usize = 256;
 /// Longest the timer task sleeps without a known deadline: bounds how late a TTL head sweep or
 /// segment purge runs on an idle queue.
 const TIMER_IDLE_MS: u64 = 250;
+/// How often an agent checks that the partitions it leads are led by their preferred agent.
+const BALANCE_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest a stopping agent waits for one Raft group to stop.
+const RAFT_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest a stopping agent spends handing its leaderships away.
+const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(5);
 /// Shortest pause between timer passes, so a busy queue is not ticked on every delivery.
 const TIMER_MIN_MS: u64 = 5;
 
@@ -166,6 +172,8 @@ pub struct Broker {
     next_consumer: AtomicU64,
     /// Timer task per queue.
     timers: Mutex<Vec<JoinHandle<()>>>,
+    /// Catalog follower and leader balancer (cluster mode); aborted at shutdown.
+    cluster_tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Handed to subscriptions and timer tasks.
     me: Weak<Broker>,
 }
@@ -266,6 +274,7 @@ impl Broker {
             shutting_down: AtomicBool::new(false),
             next_consumer: AtomicU64::new(1),
             timers: Mutex::new(Vec::new()),
+            cluster_tasks: Mutex::new(Vec::new()),
             me: me.clone(),
         });
         let all: Vec<Arc<Queue>> = broker.read_queues().values().cloned().collect();
@@ -274,8 +283,9 @@ impl Broker {
         }
         if let Some(cluster) = &broker.options.cluster {
             let catalog = cluster.meta.catalog();
-            let handle = tokio::spawn(follow_catalog(broker.me.clone(), catalog));
-            lock(&broker.timers).push(handle);
+            let mut tasks = lock(&broker.cluster_tasks);
+            tasks.push(tokio::spawn(follow_catalog(broker.me.clone(), catalog)));
+            tasks.push(tokio::spawn(balance_leaders(broker.me.clone())));
         }
         Ok(broker)
     }
@@ -372,6 +382,85 @@ impl Broker {
         Ok(Queue::new(spec, partitions))
     }
 
+    /// Leader placement: hands each partition this agent leads to its preferred leader (the
+    /// same agent for all partitions of a queue, so one agent serves a queue's consumers)
+    /// once that agent has caught up.
+    async fn balance_once(&self, cluster: &ClusterContext) {
+        let nodes = cluster.config.node_ids();
+        let me = cluster.config.node_id;
+        let queues: Vec<Arc<Queue>> = self.read_queues().values().cloned().collect();
+        for queue in queues {
+            for partition in queue.partitions() {
+                let Some(link) = partition.replica() else {
+                    continue;
+                };
+                if !link.status().ready {
+                    continue;
+                }
+                let placed = crate::cluster::placement(
+                    &queue.spec().name,
+                    partition.id(),
+                    nodes.len() as u32,
+                    &nodes,
+                );
+                let Some(&preferred) = placed.first() else {
+                    continue;
+                };
+                if preferred == me {
+                    continue;
+                }
+                let Some((matched, last)) = link.progress_of(preferred) else {
+                    continue;
+                };
+                let Some(peer) = cluster.config.peer(preferred) else {
+                    continue;
+                };
+                if matched < last {
+                    continue;
+                }
+                match link.hand_off(preferred, peer).await {
+                    Ok(true) => {
+                        tracing::info!(group = %link.group, to = preferred, "leadership moved to the preferred leader")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::debug!(group = %link.group, error = %e, "leadership hand-off failed")
+                    }
+                }
+            }
+        }
+    }
+
+    /// Before this agent stops: hands every partition it leads to the most caught-up other
+    /// replica, so clients see one short election instead of an election timeout.
+    async fn hand_off_all(&self, cluster: &ClusterContext) {
+        let queues: Vec<Arc<Queue>> = self.read_queues().values().cloned().collect();
+        for queue in queues {
+            for partition in queue.partitions() {
+                let Some(link) = partition.replica() else {
+                    continue;
+                };
+                if !link.status().ready {
+                    continue;
+                }
+                let Some((node, _)) = link.best_follower() else {
+                    continue;
+                };
+                let Some(peer) = cluster.config.peer(node) else {
+                    continue;
+                };
+                match link.hand_off(node, peer).await {
+                    Ok(moved) => {
+                        tracing::info!(group = %link.group, to = node, moved, "handed leadership away before stopping")
+                    }
+                    Err(e) => {
+                        tracing::warn!(group = %link.group, error = %e, "leadership hand-off before stopping failed")
+                    }
+                }
+            }
+        }
+    }
+
     /// Closes a queue and stops its replicas' Raft groups.
     async fn close_queue(&self, queue: &Queue) {
         queue.close();
@@ -380,8 +469,14 @@ impl Broker {
                 if let Some(cluster) = &self.options.cluster {
                     cluster.groups.remove(&link.group);
                 }
-                if let Err(e) = link.raft.shutdown().await {
-                    tracing::warn!(group = %link.group, error = %e, "raft did not stop cleanly");
+                // Everything acknowledged is on disk already; a Raft that does not stop in time
+                // is left behind like a crash would leave it.
+                match tokio::time::timeout(RAFT_STOP_TIMEOUT, link.raft.shutdown()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(group = %link.group, error = %e, "raft did not stop cleanly")
+                    }
+                    Err(_) => tracing::warn!(group = %link.group, "raft did not stop in time"),
                 }
             }
         }
@@ -618,7 +713,13 @@ impl Broker {
         cluster: &ClusterContext,
         spec: QueueSpec,
     ) -> Result<(QueueSpec, bool), BrokerError> {
-        let existing = cluster.meta.catalog().borrow().queues.get(&spec.name).cloned();
+        let existing = cluster
+            .meta
+            .catalog()
+            .borrow()
+            .queues
+            .get(&spec.name)
+            .cloned();
         if let Some(existing) = existing {
             return match difference(&existing, &spec) {
                 Some(difference) => Err(BrokerError::QueueExists {
@@ -796,15 +897,27 @@ impl Broker {
 
     /// Stops accepting work and makes everything durable.
     pub async fn shutdown(&self) {
+        if let Some(cluster) = &self.options.cluster
+            && tokio::time::timeout(HAND_OFF_TIMEOUT, self.hand_off_all(cluster))
+                .await
+                .is_err()
+        {
+            tracing::warn!(timeout = ?HAND_OFF_TIMEOUT, "leadership hand-off before stopping timed out");
+        }
         self.shutting_down.store(true, Ordering::Release);
+        for task in lock(&self.cluster_tasks).drain(..) {
+            task.abort();
+        }
         let queues: Vec<Arc<Queue>> = self.read_queues().values().cloned().collect();
         for queue in &queues {
             self.close_queue(queue).await;
         }
-        if let Some(cluster) = &self.options.cluster
-            && let Err(e) = cluster.meta.shutdown().await
-        {
-            tracing::warn!(error = %e, "the meta group did not stop cleanly");
+        if let Some(cluster) = &self.options.cluster {
+            match tokio::time::timeout(RAFT_STOP_TIMEOUT, cluster.meta.shutdown()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "the meta group did not stop cleanly"),
+                Err(_) => tracing::warn!("the meta group did not stop in time"),
+            }
         }
         let timers: Vec<JoinHandle<()>> = lock(&self.timers).drain(..).collect();
         for timer in timers {
@@ -1022,6 +1135,20 @@ fn open_partitions(
         partitions.push(Arc::new(partition));
     }
     Ok(Queue::new(spec, partitions))
+}
+
+/// Runs [`Broker::balance_once`] every [`BALANCE_INTERVAL`] for the broker's life.
+async fn balance_leaders(me: Weak<Broker>) {
+    loop {
+        tokio::time::sleep(BALANCE_INTERVAL).await;
+        let Some(broker) = me.upgrade() else { return };
+        if broker.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(cluster) = broker.options.cluster.clone() {
+            broker.balance_once(&cluster).await;
+        }
+    }
 }
 
 /// Follows the meta group's catalog for the broker's life.

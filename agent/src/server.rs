@@ -138,15 +138,12 @@ impl Agent {
         let listener = bind(listen).await?;
         let metrics_listener = bind(metrics_listen).await?;
         let peer_listener = bind(cluster.peer_listen).await?;
-        let peer_addr = peer_listener
-            .local_addr()
-            .unwrap_or_else(|_| unspecified());
+        let peer_addr = peer_listener.local_addr().unwrap_or_else(|_| unspecified());
         let groups = crate::replication::RaftGroups::new();
         // The peer port serves before the meta group starts, so peers can reach this agent
         // while it forms or joins the group.
-        let meta = Arc::new(
-            crate::cluster::MetaGroup::open(&data_dir, &cluster, &groups, log).await?,
-        );
+        let meta =
+            Arc::new(crate::cluster::MetaGroup::open(&data_dir, &cluster, &groups, log).await?);
         let raft_service = crate::replication::PeerService::new(groups.clone()).into_server();
         let cluster_service = crate::cluster::peer_service(groups.clone(), (*meta).clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -235,10 +232,14 @@ impl Agent {
         let result = run(self.listener, self.metrics_listener, self.broker, shutdown).await;
         if let Some(peer) = self.peer_server {
             let _ = peer.stop.send(());
-            match peer.task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "peer server failed"),
-                Err(e) => tracing::warn!(error = %e, "peer server task failed"),
+            // Peers hold long-lived connections to this port; a graceful stop would wait for
+            // them, so it gets a moment and then the port just closes.
+            let mut task = peer.task;
+            match tokio::time::timeout(Duration::from_secs(1), &mut task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "peer server failed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "peer server task failed"),
+                Err(_) => task.abort(),
             }
         }
         result

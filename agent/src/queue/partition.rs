@@ -26,6 +26,8 @@ use super::state::{Counters, Disposal, DisposalItem, PartitionState, StateConfig
 use crate::broker::BrokerError;
 use crate::log::{LogError, LogStore};
 
+/// What stats name as the leader of a partition on a single agent.
+const LOCAL_LEADER: &str = "local";
 /// Raft term of every entry on a single agent.
 const TERM: u64 = 1;
 /// Entries read per cursor read-ahead or replay batch.
@@ -213,6 +215,19 @@ impl Partition {
     /// replicated, only as the ready leader.
     pub fn is_serving(&self) -> bool {
         self.replica.as_ref().is_none_or(|r| r.status().ready)
+    }
+
+    /// Who leads this partition, for stats: `local` on a single agent; the leader's client
+    /// address when replicated (empty during an election).
+    pub fn leader_label(&self) -> String {
+        match &self.replica {
+            None => LOCAL_LEADER.to_owned(),
+            Some(link) => link
+                .status()
+                .leader
+                .and_then(|l| (link.addresses)(l))
+                .unwrap_or_default(),
+        }
     }
 
     /// Whether the state may hold uncommitted commands applied as leader.

@@ -15,9 +15,6 @@ use super::spec::validate_message;
 use super::state::{DisposalItem, StateConfig};
 use crate::broker::BrokerError;
 
-/// Leader name reported in stats on a single agent.
-const LOCAL_LEADER: &str = "local";
-
 /// One queue on this agent.
 #[derive(Debug)]
 pub struct Queue {
@@ -380,7 +377,7 @@ impl Queue {
             partitions.push(PartitionStats {
                 partition: partition.id(),
                 stats: Some(stats),
-                leader: LOCAL_LEADER.into(),
+                leader: partition.leader_label(),
             });
         }
         Ok(GetQueueStatsResponse {

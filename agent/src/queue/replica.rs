@@ -353,3 +353,44 @@ pub async fn open(
     tokio::spawn(run_role(Arc::downgrade(&partition), link));
     Ok(partition)
 }
+
+impl ReplicaLink {
+    /// The follower that holds the most of this leader's log, with how far it got
+    /// (partition-log index); `None` when not leading or no follower reported yet.
+    pub fn best_follower(&self) -> Option<(u64, u64)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        metrics
+            .replication
+            .as_ref()?
+            .iter()
+            .filter(|(node, _)| **node != self.node_id)
+            .map(|(node, matched)| {
+                let index = matched.map_or(0, |m| crate::replication::codec::log_index(m.index));
+                (*node, index)
+            })
+            .max_by_key(|(_, index)| *index)
+    }
+
+    /// How far `node` has replicated this leader's log, and the leader's last index.
+    pub fn progress_of(&self, node: u64) -> Option<(u64, u64)> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let matched = *metrics.replication.as_ref()?.get(&node)?;
+        let last = metrics
+            .last_log_index
+            .map_or(0, crate::replication::codec::log_index);
+        Some((
+            matched.map_or(0, |m| crate::replication::codec::log_index(m.index)),
+            last,
+        ))
+    }
+
+    /// Asks `node` (reached at its peer address `peer`) to take leadership of this group: it
+    /// starts an election, which a caught-up replica wins (decision 0009). Returns whether it
+    /// leads now.
+    pub async fn hand_off(&self, node: u64, peer: &str) -> Result<bool, String> {
+        crate::cluster::client::transfer_leadership(peer, &self.group)
+            .await
+            .map(|outcome| outcome.is_leader || outcome.leader == Some(node))
+            .map_err(|e| e.to_string())
+    }
+}

@@ -25,7 +25,7 @@ use tokio::sync::Mutex;
 
 use super::codec::{self, RaftEntry};
 use super::types::{Applied, NodeId, TypeConfig};
-use crate::log::LogStore;
+use crate::log::{LogError, LogStore};
 use crate::queue::partition::SharedState;
 use crate::queue::replica::ReplicaStatus;
 use crate::queue::state::{PartitionState, StateConfig};
@@ -181,15 +181,8 @@ impl QueueStateMachine {
         }
     }
 
-    fn append_run(
-        &self,
-        (term, data): &(u64, Vec<bytes::Bytes>),
-        meta: &SnapshotMeta<NodeId, BasicNode>,
-    ) -> Result<(), StorageIOError<NodeId>> {
-        self.log
-            .append(*term, data)
-            .map(|_| ())
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))
+    fn append_run(&self, (term, data): &(u64, Vec<bytes::Bytes>)) -> Result<(), LogError> {
+        self.log.append(*term, data).map(|_| ())
     }
 
     fn save_membership(
@@ -480,7 +473,8 @@ impl RaftStateMachine<TypeConfig> for QueueStateMachine {
             state.apply(codec::log_index(entry.log_id.index), &command);
             if self.write_log {
                 if !run.1.is_empty() && run.0 != term {
-                    self.append_run(&run, meta)?;
+                    self.append_run(&run)
+                        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
                     run.1.clear();
                 }
                 run.0 = term;
@@ -489,7 +483,8 @@ impl RaftStateMachine<TypeConfig> for QueueStateMachine {
         }
         if self.write_log {
             if !run.1.is_empty() {
-                self.append_run(&run, meta)?;
+                self.append_run(&run)
+                    .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
             }
             self.log
                 .sync()
