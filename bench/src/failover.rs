@@ -20,7 +20,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::cluster::Cluster;
 use crate::config::{Args, FailoverArgs};
-use crate::peers::sluice::{QUEUE, SluiceDriver, learn_leader};
+use crate::peers::sluice::{LEADER_STABLE_FOR, QUEUE, SluiceDriver, learn_leader, stable_leader};
 use crate::stats::Distribution;
 use crate::suite::agent_program;
 use crate::{Error, Result};
@@ -46,7 +46,8 @@ pub struct Plan {
     pub window: usize,
     /// Payload bytes.
     pub size: usize,
-    /// Load on the whole cluster before each kill (and after each restart).
+    /// Load on the whole cluster after each restart, before the trial waits for a settled
+    /// leader ([`LEADER_STABLE_FOR`]) and kills it.
     pub settle: Duration,
     /// A trial without a confirm on the successor within this long counts as failed.
     pub trial_timeout: Duration,
@@ -205,7 +206,16 @@ async fn trials(
     for number in 1..=plan.trials {
         tokio::time::sleep(plan.settle).await;
         cluster.ensure_running()?;
-        let leader = find_leader(cluster, prober, plan.trial_timeout).await?;
+        // Settled, so the kill does not land in the hand-off back to a restarted agent.
+        let endpoint =
+            stable_leader(prober, &probe_message(), LEADER_STABLE_FOR, READY_TIMEOUT).await?;
+        let leader = cluster.index_of(&endpoint).ok_or_else(|| {
+            Error::client(
+                SYSTEM,
+                "find the leader",
+                format!("the leader {endpoint:?} is none of the cluster's agents"),
+            )
+        })?;
         // The clock starts before the signal; only sends after the reap may count.
         let killed_at = Instant::now();
         cluster.kill(leader).await?;
@@ -234,13 +244,18 @@ async fn trials(
     Ok(trials)
 }
 
+/// The small message leader probes publish.
+fn probe_message() -> Message {
+    Message {
+        payload: b"probe".to_vec(),
+        ..Default::default()
+    }
+}
+
 /// The agent that confirms a one-message probe publish; the client follows redirects to it.
 async fn find_leader(cluster: &Cluster, client: &Client, timeout: Duration) -> Result<usize> {
     let deadline = Instant::now() + timeout;
-    let message = Message {
-        payload: b"probe".to_vec(),
-        ..Default::default()
-    };
+    let message = probe_message();
     loop {
         let outcome = client.publish(QUEUE, vec![message.clone()]).await;
         let leader = client.router().target(Some(QUEUE));

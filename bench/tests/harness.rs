@@ -97,7 +97,7 @@ async fn every_installed_peer_is_measured_and_a_missing_one_is_reported_not_inst
     for (row, target) in rows.iter().zip(&targets) {
         assert_eq!(row.system, target.label());
         let installed = match target {
-            Target::Sluice => false,
+            Target::Sluice | Target::SluiceCluster(_) => false,
             Target::RabbitQuorum | Target::RabbitClassic => {
                 find_program(sluice_bench::peers::rabbitmq::SERVER_PROGRAM).is_some()
                     && find_program("epmd").is_some()

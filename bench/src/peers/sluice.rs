@@ -102,9 +102,9 @@ impl SluiceDriver {
     }
 
     /// Connects to a cluster of agents at `addrs`, declares the benchmark queue through any of
-    /// them, and waits until its partitions have leaders that confirm a publish (one
-    /// message per partition, left in the queue), so the measured phases do not include the
-    /// first election.
+    /// them, and waits until the queue's leader is settled (see [`stable_leader`]), so the
+    /// measured phases include neither the first election nor the hand-off to the preferred
+    /// leader.
     pub async fn connect_cluster(
         addrs: &[SocketAddr],
         payload: Bytes,
@@ -114,23 +114,8 @@ impl SluiceDriver {
     ) -> Result<Self> {
         let driver = Self::new(addrs, payload, window);
         driver.declare(partitions).await?;
-        let deadline = tokio::time::Instant::now() + ready_timeout;
         let client = driver.client().await?;
-        for _ in 0..partitions {
-            loop {
-                match client.publish(QUEUE, vec![driver.message.clone()]).await {
-                    Ok(confirms) => match check_confirms(&confirms) {
-                        Ok(()) => break,
-                        Err(err) => return Err(Error::client(SYSTEM, "first publish", err)),
-                    },
-                    // The client already retried with backoff; an election may still be on.
-                    Err(err) if tokio::time::Instant::now() >= deadline => {
-                        return Err(Error::client(SYSTEM, "first publish", err));
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        }
+        stable_leader(&client, &driver.message, LEADER_STABLE_FOR, ready_timeout).await?;
         Ok(driver)
     }
 
@@ -216,6 +201,54 @@ pub async fn learn_leader(client: &Client, message: &Message) -> Result<()> {
         .await
         .map_err(|err| Error::client(SYSTEM, "find the leader", err))?;
     Ok(())
+}
+
+/// How long the same agent must keep confirming probe publishes before its leadership counts
+/// as settled: longer than the agents' placement balancer takes (every 2 s) to hand a queue
+/// to its preferred leader.
+pub const LEADER_STABLE_FOR: Duration = Duration::from_secs(3);
+
+/// How often [`stable_leader`] probes.
+const PROBE_EVERY: Duration = Duration::from_millis(200);
+
+/// Waits until the same agent has confirmed every probe publish (one message each, left in the
+/// queue) for `stable_for`, and returns its endpoint as the client reports it; fails once
+/// `timeout` has passed without that.
+pub async fn stable_leader(
+    client: &Client,
+    message: &Message,
+    stable_for: Duration,
+    timeout: Duration,
+) -> Result<String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut current: Option<(String, tokio::time::Instant)> = None;
+    loop {
+        let now = tokio::time::Instant::now();
+        match learn_leader(client, message).await {
+            Ok(()) => {
+                let leader = client.router().target(Some(QUEUE));
+                match &current {
+                    Some((known, since)) if *known == leader => {
+                        if now.duration_since(*since) >= stable_for {
+                            return Ok(leader);
+                        }
+                    }
+                    _ => current = Some((leader, now)),
+                }
+            }
+            // The client already retried with backoff; an election may still be on.
+            Err(err) if now >= deadline => return Err(err),
+            Err(_) => current = None,
+        }
+        if now >= deadline {
+            return Err(Error::client(
+                SYSTEM,
+                "find the leader",
+                format!("no agent led queue {QUEUE:?} for {stable_for:?} within {timeout:?}"),
+            ));
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
 }
 
 /// One `PublishStream`.
