@@ -345,11 +345,25 @@ impl Broker {
         let mut partitions = Vec::with_capacity(spec.partitions as usize);
         for id in 0..spec.partitions {
             let dir = self.layout.partition_dir(&spec.name, id);
-            let log = self
-                .options
-                .logs
-                .open(&dir)
-                .map_err(|e| format!("partition {id}: {e}"))?;
+            let log = match self.options.logs.open(&dir) {
+                Ok(log) => log,
+                Err(e @ LogError::Corrupted { .. }) => {
+                    // The other replicas hold every committed entry: set the damaged log aside
+                    // (for inspection) and let the leader rebuild this replica, as if its disk
+                    // had been replaced. The vote file stays, so it never votes twice in a term.
+                    let aside = quarantine(&dir).map_err(|io| {
+                        format!("partition {id}: {e}; moving it aside failed: {io}")
+                    })?;
+                    tracing::error!(queue = %spec.name, partition = id, error = %e, moved_to = %aside.display(), "corrupted replica set aside; rebuilding it from its peers");
+                    forget_log_positions(&dir.with_extension("raft"))
+                        .map_err(|m| format!("partition {id}: {m}"))?;
+                    self.options
+                        .logs
+                        .open(&dir)
+                        .map_err(|e| format!("partition {id}: {e}"))?
+                }
+                Err(e) => return Err(format!("partition {id}: {e}")),
+            };
             let setup = crate::queue::replica::Setup {
                 node_id: cluster.config.node_id,
                 group: format!("{}/{id}", spec.name),
@@ -1149,6 +1163,31 @@ async fn balance_leaders(me: Weak<Broker>) {
             broker.balance_once(&cluster).await;
         }
     }
+}
+
+/// Keeps only the vote of a replica whose log was set aside: its commit hint and purge point
+/// described entries it no longer has.
+fn forget_log_positions(meta_dir: &Path) -> Result<(), crate::replication::meta::MetaError> {
+    let file = crate::replication::meta::MetaFile::new(meta_dir);
+    let saved = file.load()?;
+    file.save(&sluice_proto::peer::v1::ReplicaMeta {
+        vote: saved.vote,
+        ..Default::default()
+    })
+}
+
+/// Renames a damaged partition log directory to `<dir>.corrupt-<unix seconds>`; returns the
+/// new path.
+fn quarantine(dir: &Path) -> std::io::Result<PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let aside = dir.with_extension(format!("corrupt-{stamp}"));
+    std::fs::rename(dir, &aside)?;
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(aside)
 }
 
 /// Follows the meta group's catalog for the broker's life.
