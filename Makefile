@@ -31,7 +31,7 @@ crds: ## regenerate crds/ from the Rust types, and the chart's copy
 	cp crds/messagequeue.yaml charts/sluice/crds/messagequeue.yaml
 
 local: ## run Sluice on this machine (same as the README's run command)
-	$(CARGO) run --release -p sluice -- local
+	$(CARGO) build --release -p sluice -p sluice-agent && target/release/sluice local
 
 bench: ## benchmark Sluice against peers (see bench/README.md)
 	$(CARGO) build --release -p sluice-agent -p sluice-bench
