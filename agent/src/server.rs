@@ -19,7 +19,6 @@ use sluice_proto::v1::admin_server::AdminServer;
 use sluice_proto::v1::consumer_server::ConsumerServer;
 use sluice_proto::v1::publisher_server::PublisherServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::broker::{Broker, BrokerConfig, BrokerError};
@@ -148,12 +147,15 @@ impl Agent {
         let cluster_service = crate::cluster::peer_service(groups.clone(), (*meta).clone());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(
-            tonic::transport::Server::builder()
+            crate::replication::service::peer_server()
                 .add_service(raft_service)
                 .add_service(cluster_service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), async {
-                    let _ = stopped.await;
-                }),
+                .serve_with_incoming_shutdown(
+                    crate::replication::service::peer_incoming(peer_listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
         );
         let raft_config = crate::replication::raft_config("partition")
             .validate()
@@ -348,7 +350,12 @@ pub async fn run(
         .add_service(
             ConsumerServer::new(consumer).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown);
+        // TCP_NODELAY: a confirm is a small frame; Nagle would hold it for the client's delayed
+        // ACK (tonic ignores its own nodelay setting for a caller's listener).
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            on_shutdown,
+        );
     tokio::pin!(grpc);
     let drain_deadline = async {
         begun.notified().await;
