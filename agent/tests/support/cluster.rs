@@ -35,6 +35,8 @@ const LOG_LINES_MAX: usize = 20_000;
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 /// The agent binary under test.
 const AGENT_BIN: &str = env!("CARGO_BIN_EXE_sluice-agent");
+/// Overrides [`LOG_FILTER`] (e.g. `info` to see openraft's elections).
+pub const LOG_FILTER_ENV: &str = "SLUICE_FAULT_TEST_LOG_FILTER";
 /// Set (to anything) to print every agent's whole stderr when a test ends, passed or not.
 pub const DUMP_LOGS_ENV: &str = "SLUICE_FAULT_TEST_LOGS";
 /// Agents in a test cluster.
@@ -195,7 +197,8 @@ impl Cluster {
             .args(["--peers", &self.peers])
             .args(["--peer-listen", &node.peer_listen.to_string()])
             .args(["--advertise", &node.client.to_string()])
-            .args(["--log-level", LOG_FILTER])
+            .arg("--log-level")
+            .arg(std::env::var_os(LOG_FILTER_ENV).unwrap_or_else(|| LOG_FILTER.into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command
@@ -383,6 +386,27 @@ impl Cluster {
     pub async fn leader(&self, queue: &str, timeout: Duration) -> usize {
         let up: Vec<usize> = (0..NODES).filter(|&i| self.nodes[i].is_up()).collect();
         self.leader_among(queue, &up, timeout).await
+    }
+
+    /// Waits until one agent has led `queue` for `hold` without a change (past the agents'
+    /// hand-off of leadership to the queue's preferred leader); returns it.
+    pub async fn settled_leader(&self, queue: &str, hold: Duration, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        let mut current = self.leader(queue, timeout).await;
+        let mut since = Instant::now();
+        while since.elapsed() < hold {
+            assert!(
+                Instant::now() < deadline,
+                "leadership of {queue} did not settle within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let leader = self.leader(queue, timeout).await;
+            if leader != current {
+                current = leader;
+                since = Instant::now();
+            }
+        }
+        current
     }
 
     /// Agent `i`'s own counters of `queue` (stats are answered locally by every replica).

@@ -84,12 +84,20 @@ struct Book {
     id_conflicts: Vec<String>,
     /// Key -> deliveries seen (attempt numbers).
     delivered: BTreeMap<String, Vec<u32>>,
-    /// Key -> attempt whose ack the agent reported durable.
-    acked: BTreeMap<String, u32>,
-    /// Deliveries of a key after its ack was durable (key, acked attempt, later attempt).
-    resurrected: Vec<(String, u32, u32)>,
+    /// Key -> attempt whose ack the agent reported durable, and the subscription it was made
+    /// durable on.
+    acked: BTreeMap<String, (u32, u64)>,
+    /// Redeliveries that raced an ack on the same subscription (taken before the ack applied,
+    /// e.g. when a leader re-synchronised); legitimate at-least-once duplicates.
+    raced: usize,
+    /// Key -> where its ack was made durable.
+    acked_at: BTreeMap<String, String>,
+    /// Deliveries of a key after its ack was durable.
+    resurrected: Vec<String>,
     /// Payloads that did not check out.
     corrupted: Vec<String>,
+    /// Subscriptions opened so far (numbers them).
+    subscriptions: u64,
 }
 
 /// Totals of a ledger, printed by every test.
@@ -107,8 +115,10 @@ pub struct Summary {
     pub acked: usize,
     /// Confirmed keys never delivered.
     pub missing: Vec<String>,
-    /// Acked keys delivered again afterwards.
-    pub resurrected: Vec<(String, u32, u32)>,
+    /// Acked keys delivered again afterwards: key, attempts and agents.
+    pub resurrected: Vec<String>,
+    /// Redeliveries on the subscription whose ack of an earlier attempt was still in flight.
+    pub raced: usize,
     /// Payloads that differ from what was published.
     pub corrupted: Vec<String>,
     /// Keys confirmed with two different ids.
@@ -170,9 +180,9 @@ impl Ledger {
         }
     }
 
-    /// Records a delivery, checking its payload and that its key was not acked before.
-    /// Returns the key when the payload checks out.
-    pub fn deliver(&self, delivery: &Delivery) -> Option<String> {
+    /// Records a delivery made by agent `from` on subscription `sub`, checking its payload and
+    /// that its key was not acked before. Returns the key when the payload checks out.
+    pub fn deliver(&self, delivery: &Delivery, from: &str, sub: u64) -> Option<String> {
         let bytes = delivery
             .message
             .as_ref()
@@ -181,13 +191,22 @@ impl Ledger {
         let mut book = self.book();
         match check_payload(bytes) {
             Ok(key) => {
-                // A durable ack of attempt `a` means attempt `a` was the last one: a new leader
-                // redelivering the message would number it above `a`.
-                if let Some(&acked) = book.acked.get(&key)
+                // A durable ack of attempt `a` means attempt `a` was the last one: any later
+                // subscription seeing a higher attempt got a message back that was done. On
+                // the same subscription a redelivery may have been taken just before the ack
+                // applied and still be on its way, so it only counts as a race.
+                if let Some(&(acked, acked_sub)) = book.acked.get(&key)
                     && delivery.attempt > acked
                 {
-                    book.resurrected
-                        .push((key.clone(), acked, delivery.attempt));
+                    if sub > acked_sub {
+                        let at = book.acked_at.get(&key).cloned().unwrap_or_default();
+                        book.resurrected.push(format!(
+                            "{key}: attempt {acked} acked at {at}, attempt {} delivered later by {from}",
+                            delivery.attempt
+                        ));
+                    } else {
+                        book.raced += 1;
+                    }
                 }
                 book.delivered
                     .entry(key.clone())
@@ -196,24 +215,33 @@ impl Ledger {
                 Some(key)
             }
             Err(reason) => {
-                book.corrupted.push(reason);
+                book.corrupted.push(format!("from {from}: {reason}"));
                 None
             }
         }
     }
 
-    /// Records that the ack of `key`'s delivery `attempt` is durable.
-    pub fn ack(&self, key: &str, attempt: u32) {
+    /// Records that agent `at` made the ack of `key`'s delivery `attempt` durable on
+    /// subscription `sub`.
+    pub fn ack(&self, key: &str, attempt: u32, at: &str, sub: u64) {
         let mut book = self.book();
-        // Anything delivered after the first delivery with a higher attempt already broke it.
-        if let Some(later) = book
+        // A higher attempt already delivered raced this ack (see `deliver`).
+        if book
             .delivered
             .get(key)
-            .and_then(|a| a.iter().copied().filter(|x| *x > attempt).max())
+            .is_some_and(|a| a.iter().any(|x| *x > attempt))
         {
-            book.resurrected.push((key.to_owned(), attempt, later));
+            book.raced += 1;
         }
-        book.acked.insert(key.to_owned(), attempt);
+        book.acked.insert(key.to_owned(), (attempt, sub));
+        book.acked_at.insert(key.to_owned(), at.to_owned());
+    }
+
+    /// A number for a new subscription, larger than every earlier one.
+    pub fn next_subscription(&self) -> u64 {
+        let mut book = self.book();
+        book.subscriptions += 1;
+        book.subscriptions
     }
 
     /// Confirmed keys so far.
@@ -249,6 +277,7 @@ impl Ledger {
                 .cloned()
                 .collect(),
             resurrected: book.resurrected.clone(),
+            raced: book.raced,
             corrupted: book.corrupted.clone(),
             id_conflicts: book.id_conflicts.clone(),
             forbidden_delivered: forbidden
@@ -522,13 +551,23 @@ async fn subscribe_once(
         Err(_) => return Err(tonic::Status::deadline_exceeded("subscribe timed out")),
     };
     report.subscriptions += 1;
+    let sub = ledger.next_subscription();
     let mut sequence = 0u64;
     // Settle frames awaiting their result: sequence -> (key, attempt) of each tag.
     let mut unsettled: BTreeMap<u64, Vec<(DeliveryTag, String, u32)>> = BTreeMap::new();
     let mut batch: Vec<(DeliveryTag, String, u32)> = Vec::new();
     let mut idle_since = Instant::now();
     let stopping = |u: &Until| matches!(u, Until::Stopped(s) if s.load(Ordering::Acquire));
+    let mut stopped_at: Option<Instant> = None;
     loop {
+        // Once told to stop: no new acks; finish when the sent ones have their results (or
+        // the agent has not answered them within the idle bound).
+        if stopping(until) {
+            let since = *stopped_at.get_or_insert_with(Instant::now);
+            if batch.is_empty() && (unsettled.is_empty() || since.elapsed() >= CONSUME_IDLE) {
+                return Ok(());
+            }
+        }
         // Collect acks briefly, then send them as one frame.
         let wait = if batch.is_empty() {
             Duration::from_millis(100)
@@ -542,7 +581,8 @@ async fn subscribe_once(
                     Some(In::Delivery(d)) => {
                         report.last_delivery = Some(Instant::now());
                         report.deliveries += 1;
-                        if let (Some(key), Some(tag)) = (ledger.deliver(&d), d.tag) {
+                        let key = ledger.deliver(&d, &target.current, sub);
+                        if let (Some(key), Some(tag), None) = (key, d.tag, stopped_at) {
                             batch.push((tag, key, d.attempt));
                         }
                     }
@@ -557,7 +597,7 @@ async fn subscribe_once(
                             unsettled.remove(&result.sequence).unwrap_or_default()
                         {
                             if !failed.contains(&(tag.partition, tag.offset, tag.attempt)) {
-                                ledger.ack(&key, attempt);
+                                ledger.ack(&key, attempt, &target.current, sub);
                                 report.acks += 1;
                             }
                         }
