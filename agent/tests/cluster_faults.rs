@@ -461,27 +461,33 @@ async fn a_replica_that_lost_its_disk_is_rebuilt_and_can_lead_with_every_confirm
     // Phase 3: the leader dies; the rebuilt replica takes over (asked to, if the election
     // chose the other survivor) and serves every confirmed message.
     cluster.kill9(leader);
-    let survivors: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    lead_with(&cluster, wiped, leader).await;
+    eprintln!("agent {wiped} (rebuilt) leads after agent {leader} was killed");
+    finish(&cluster, &ledger, None).await;
+}
+
+/// After `dead` was killed: makes agent `i` lead [`QUEUE`] among the two survivors (asking it
+/// to take over when the election chose the other one) and checks that it does.
+async fn lead_with(cluster: &Cluster, i: usize, dead: usize) {
+    let survivors: Vec<usize> = (0..3).filter(|&n| n != dead).collect();
     let elected = cluster.leader_among(QUEUE, &survivors, ELECTION).await;
-    if elected != wiped {
+    if elected != i {
         let mut peer = sluice_proto::peer::v1::cluster_client::ClusterClient::new(
-            cluster::channel_to(&cluster.nodes[wiped].peer_endpoint()),
+            cluster::channel_to(&cluster.nodes[i].peer_endpoint()),
         );
         let answer = peer
             .transfer_leadership(sluice_proto::peer::v1::TransferLeadershipRequest {
                 group: format!("{QUEUE}/0"),
             })
             .await
-            .expect("transfer leadership to the rebuilt replica");
+            .unwrap_or_else(|e| panic!("transfer leadership to agent {i}: {e}"));
         assert!(answer.get_ref().is_leader, "{answer:?}");
     }
     assert_eq!(
         cluster.leader_among(QUEUE, &survivors, ELECTION).await,
-        wiped,
-        "the rebuilt replica leads"
+        i,
+        "agent {i} leads"
     );
-    eprintln!("agent {wiped} (rebuilt) leads after agent {leader} was killed");
-    finish(&cluster, &ledger, None).await;
 }
 
 /// The first (lowest base offset) segment file of partition 0 of [`QUEUE`] under `data_dir`.
@@ -567,7 +573,16 @@ async fn a_corrupted_segment_on_a_follower_is_never_served_and_the_others_keep_s
                  replaced"
             );
         }
-        None => eprintln!("agent {corrupted} serves stats for the queue: repaired or rebuilt"),
+        None => {
+            // What the agent said about the file (it must have noticed, naming it).
+            let said = cluster.nodes[corrupted].log_lines(&name);
+            eprintln!(
+                "agent {corrupted} serves the queue again (repaired from its peers); it logged: {}",
+                said.first()
+                    .map_or("nothing naming the segment", String::as_str)
+            );
+            assert!(!said.is_empty(), "the corruption of {name} went unreported");
+        }
     }
 
     // Phase 4: the other two keep serving under load; nothing confirmed is lost or corrupted.
@@ -577,10 +592,16 @@ async fn a_corrupted_segment_on_a_follower_is_never_served_and_the_others_keep_s
         cluster.nodes[corrupted].log_lines("panicked").is_empty(),
         "the corrupted replica panicked"
     );
-    finish(&cluster, &ledger, Some("stale-")).await;
     if refusal.is_none() {
+        // Phase 5 (repaired): it holds what the others hold and, once the leader is gone and
+        // it leads, serves every confirmed message with the published payload.
         replicas_agree(&cluster, &[0, 1, 2]).await;
+        cluster.kill9(leader);
+        lead_with(&cluster, corrupted, leader).await;
+        eprintln!("agent {corrupted} (repaired) leads after agent {leader} was killed");
+        finish(&cluster, &ledger, Some("stale-")).await;
     } else {
+        finish(&cluster, &ledger, Some("stale-")).await;
         let healthy: Vec<usize> = (0..3).filter(|&i| i != corrupted).collect();
         replicas_agree(&cluster, &healthy).await;
     }

@@ -417,7 +417,7 @@ impl Cluster {
             .get_queue_stats(request)
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|s| format!("agent {i}: {}: {}", s.code(), s.message()))
+            .map_err(|s| format!("agent {i}: {:?}: {}", s.code(), s.message()))
     }
 
     /// Prints the last `n` stderr lines of every agent (for a failing test).
