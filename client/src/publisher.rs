@@ -12,7 +12,9 @@
 //! frame it accepted before it ends a stream, so those were refused. A stream that breaks
 //! (connection lost) is reopened and its frames resent only when each of their messages
 //! carries an idempotency key; otherwise they fail with the error, as they may have been
-//! taken.
+//! taken. Once a queue's stream cannot be (re)opened within the retry bound, or the agent ends
+//! it (shutting down), that queue's lane is finished: later `send`s to it fail at once, and
+//! the application opens a new publisher when it wants to try again.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
@@ -196,10 +198,10 @@ async fn drive(
         let mut stream = match open(&router, &mut route, &waiting).await {
             Ok(stream) => stream,
             Err(err) => {
+                // Out of retries: the lane ends, so later sends fail at once instead of each
+                // waiting out the retry bound again (dropped frames answer `Closed`).
                 fail_all(&mut waiting, &err);
-                last_end = Some(status_of(err));
-                route = Route::new(&router, Some(&queue));
-                continue;
+                return Some(status_of(err));
             }
         };
         if !input_open {
@@ -236,17 +238,20 @@ async fn drive(
         match end {
             Ok(()) => {
                 // A clean end with frames unanswered (the agent shut down): they may or may
-                // not have been taken, so they fail rather than being resent.
+                // not have been taken, so they fail rather than being resent. A stream the
+                // agent ended while frames could still come ends the lane (later sends fail);
+                // one ended after the publisher closed is the normal finish.
                 fail_all(&mut waiting, &Error::Closed("publish"));
+                if input_open {
+                    return None;
+                }
                 last_end = None;
-                route = Route::new(&router, Some(&queue));
             }
             Err(status) => {
                 let resend = resend_of_frames(&waiting);
                 if let Err(err) = route.next(Failure::classify(status.clone()), resend).await {
                     fail_all(&mut waiting, &err);
-                    last_end = Some(status);
-                    route = Route::new(&router, Some(&queue));
+                    return Some(status);
                 }
                 // Otherwise the loop reopens at the route's new target and resends.
             }
