@@ -8,7 +8,10 @@
 //! from what was published, and the cluster serves new publishes again. Redelivery counts are
 //! printed (`--nocapture`).
 //!
-//! Run: `cargo test -p sluice-agent --test cluster_faults -- --nocapture --test-threads=1`.
+//! Run: `cargo test -p sluice-agent --test cluster_faults -- --nocapture --test-threads=1`
+//! (about 90 s; the isolation test needs root for network namespaces and says SKIPPED without).
+//! `SLUICE_FAULT_TEST_LOGS=1` prints every agent's stderr at the end of each test;
+//! `SLUICE_FAULT_TEST_LOG_FILTER=info` shows openraft's elections in it.
 
 #[path = "support/cluster.rs"]
 mod cluster;
@@ -39,6 +42,11 @@ const CATCH_UP: Duration = Duration::from_secs(30);
 const SETTLED: Duration = Duration::from_secs(3);
 /// Messages per publish batch.
 const BATCH: usize = 20;
+
+/// One cluster at a time: five three-agent clusters at once on a 2-core machine would turn
+/// election timeouts into test failures, so the tests take turns even without
+/// `--test-threads=1`.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Publishers and a consumer running against the cluster.
 struct Load {
@@ -218,6 +226,7 @@ async fn replicas_agree(cluster: &Cluster, among: &[usize]) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_leader_loses_no_confirmed_message_and_catches_up_after_restart() {
+    let _serial = SERIAL.lock().await;
     let root = tempfile::tempdir().expect("temp dir");
     let (mut cluster, leader) = cluster_with_queue(root.path(), Net::Loopback)
         .await
@@ -319,6 +328,7 @@ async fn follows(cluster: &Cluster, i: usize, leader: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_leader_is_replaced_and_steps_down_without_confirming_stale_writes() {
+    let _serial = SERIAL.lock().await;
     let root = tempfile::tempdir().expect("temp dir");
     let (mut cluster, leader) = cluster_with_queue(root.path(), Net::Loopback)
         .await
@@ -380,6 +390,7 @@ async fn a_paused_leader_is_replaced_and_steps_down_without_confirming_stale_wri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_leader_confirms_nothing_while_the_majority_serves_and_heals_into_it() {
+    let _serial = SERIAL.lock().await;
     let root = tempfile::tempdir().expect("temp dir");
     let (mut cluster, leader) = match cluster_with_queue(root.path(), Net::Namespaces).await {
         Ok(started) => started,
@@ -430,6 +441,7 @@ async fn an_isolated_leader_confirms_nothing_while_the_majority_serves_and_heals
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_lost_its_disk_is_rebuilt_and_can_lead_with_every_confirmed_message() {
+    let _serial = SERIAL.lock().await;
     let root = tempfile::tempdir().expect("temp dir");
     let (mut cluster, leader) = cluster_with_queue(root.path(), Net::Loopback)
         .await
@@ -504,6 +516,7 @@ fn first_segment(data_dir: &std::path::Path) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_segment_on_a_follower_is_never_served_and_the_others_keep_serving() {
+    let _serial = SERIAL.lock().await;
     let root = tempfile::tempdir().expect("temp dir");
     let (mut cluster, leader) = cluster_with_queue(root.path(), Net::Loopback)
         .await

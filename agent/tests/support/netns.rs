@@ -35,13 +35,12 @@ impl Namespaces {
     /// command that failed (e.g. without CAP_NET_ADMIN).
     pub fn create(count: usize) -> Result<Namespaces, String> {
         let pid = std::process::id();
-        let ns = Namespaces {
+        let mut ns = Namespaces {
             tag: pid % 100_000,
             // 20..=219: clear of 10.x.0/1 ranges a machine is likely to use already.
             subnet: u8::try_from(pid % 200 + 20).unwrap_or(20),
             count: 0,
         };
-        let mut ns = ns;
         let bridge = ns.bridge();
         ip(&["link", "add", &bridge, "type", "bridge"])?;
         ns.count = count; // From here on, drop cleans up whatever exists.
