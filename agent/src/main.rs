@@ -71,8 +71,8 @@ async fn serve(args: BrokerArgs) -> anyhow::Result<()> {
             .await?
         }
     };
-    // --- Queues file, single-agent mode: declared before the listening line, so clients and
-    // probes never see the agent without them.
+    // Queues file: declared before the listening line, so clients and probes never see the
+    // agent without them (in a cluster, through the replicated catalog).
     if let Some(path) = &args.queues_file {
         declare_queues(agent.broker(), path, queues).await?;
     }
@@ -83,8 +83,10 @@ async fn serve(args: BrokerArgs) -> anyhow::Result<()> {
         fsync = ?args.fsync,
         "sluice-agent started"
     );
+    // Handlers first: whoever reads the listening line may signal at once.
+    let stop = shutdown::signal();
     println!("{}", agent.listening_line());
-    agent.run(shutdown::signal()).await?;
+    agent.run(stop).await?;
     tracing::info!("sluice-agent stopped");
     Ok(())
 }

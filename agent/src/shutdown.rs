@@ -8,20 +8,36 @@ use tokio::sync::watch;
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C).
 ///
-/// Falls back to Ctrl-C only when the SIGTERM handler cannot be installed, which only happens
-/// on exotic platforms; the agent is still stoppable then.
-pub async fn signal() {
+/// The handlers are installed when this is called, not when the future is first polled, so a
+/// signal that arrives right after the agent announced itself is not the default (fatal) one.
+/// Falls back to a future that never resolves on a signal it cannot catch, which only happens
+/// on exotic platforms; the process then keeps the default action for that signal.
+pub fn signal() -> impl Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
-                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    if let Err(err) = &term {
+        tracing::warn!(%err, "cannot install the SIGTERM handler");
+    }
+    if let Err(err) = &int {
+        tracing::warn!(%err, "cannot install the SIGINT handler");
+    }
+    async move {
+        let term = async {
+            match term {
+                Ok(mut s) => s.recv().await,
+                Err(_) => std::future::pending().await,
             }
-        }
-        Err(err) => {
-            tracing::warn!(%err, "cannot install SIGTERM handler; only Ctrl-C stops the agent");
-            let _ = tokio::signal::ctrl_c().await;
+        };
+        let int = async {
+            match int {
+                Ok(mut s) => s.recv().await,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term => tracing::info!("SIGTERM received, shutting down"),
+            _ = int => tracing::info!("SIGINT received, shutting down"),
         }
     }
 }
