@@ -2,9 +2,9 @@
 //!
 //! Each pod runs `sluice-agent broker` with its data directory on its own claim. Peers are
 //! passed as the StatefulSet's stable DNS names, so a restarted pod finds the same peers under
-//! the same names. There is deliberately no `preStop` hook yet: the hook must hand partition
-//! leadership away (`sluice-agent` gains that with replication, issue 3), and a sleep in its
-//! place would only delay shutdown without making it safe.
+//! the same names. There is no `preStop` hook: the agent hands every partition it leads to its
+//! most caught-up peer when it receives the kubelet's SIGTERM, before it stops (decision 0010),
+//! so a hook would only delay that.
 
 use std::collections::BTreeMap;
 
