@@ -70,6 +70,11 @@ pub enum BrokerError {
         /// Client address of the leader, when known.
         leader: Option<String>,
     },
+    /// Leadership moved after the request was taken and before it was confirmed: it may or
+    /// may not have been stored. Not retried by clients on their own (a resend could store it
+    /// twice); a resend with the same idempotency keys is safe.
+    #[error("{0}")]
+    Ambiguous(String),
     /// Storage failed.
     #[error("storage: {0}")]
     Storage(#[from] LogError),
@@ -85,6 +90,7 @@ impl BrokerError {
             Self::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             Self::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Self::Unavailable(_) | Self::NotLeader { .. } => tonic::Code::Unavailable,
+            Self::Ambiguous(_) => tonic::Code::Aborted,
             Self::Storage(LogError::Corrupted { .. }) => tonic::Code::FailedPrecondition,
             Self::Storage(_) => tonic::Code::Internal,
         }

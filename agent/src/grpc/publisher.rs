@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::check_batch_len;
 use super::status::failed_confirm;
-use crate::broker::Broker;
+use crate::broker::{Broker, BrokerError};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -105,7 +105,14 @@ impl Pipeline {
         loop {
             tokio::select! {
                 biased;
-                Some(response) = in_flight.next(), if !in_flight.is_empty() => {
+                Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
+                    let response = match answer {
+                        Answer::Done(response) => response,
+                        Answer::Redirect(response, status) => {
+                            self.redirect(response, status, &mut in_flight).await;
+                            return;
+                        }
+                    };
                     if self.tx.send(Ok(response)).await.is_err() {
                         return; // The producer is gone; nobody can read the confirms.
                     }
@@ -136,6 +143,43 @@ impl Pipeline {
             let _ = self.tx.send(Err(status)).await;
         }
     }
+
+    /// Another agent leads the queue: ends the stream with the redirect, so the producer
+    /// reopens it at the leader and resends every unanswered frame. That is only safe when no
+    /// later frame was taken (leadership can arrive between two frames), so the frames behind
+    /// the refused one finish first; if any of them was taken, every frame is answered in
+    /// order (the refused ones with failed confirms) before the redirect.
+    async fn redirect(
+        &self,
+        refused: PublishStreamResponse,
+        status: Status,
+        in_flight: &mut FuturesOrdered<impl Future<Output = Answer>>,
+    ) {
+        let mut rest = Vec::new();
+        while let Some(answer) = in_flight.next().await {
+            rest.push(answer);
+        }
+        if rest.iter().any(|a| matches!(a, Answer::Done(_))) {
+            let answers = std::iter::once(refused).chain(rest.into_iter().map(|a| match a {
+                Answer::Done(response) | Answer::Redirect(response, _) => response,
+            }));
+            for response in answers {
+                if self.tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let _ = self.tx.send(Err(status)).await;
+    }
+}
+
+/// How one frame ended.
+enum Answer {
+    /// Confirms (some may be failures) to send in order.
+    Done(PublishStreamResponse),
+    /// Nothing was taken: another agent leads the queue. The response holds failed confirms,
+    /// used only when a later frame was taken and everything must be answered.
+    Redirect(PublishStreamResponse, Status),
 }
 
 /// Publishes one frame. Frame-level failures (unknown queue, batch too large, shutting down)
@@ -145,21 +189,34 @@ async fn publish_frame(
     broker: Arc<Broker>,
     metrics: Arc<Metrics>,
     frame: PublishStreamRequest,
-) -> PublishStreamResponse {
+) -> Answer {
     let started = Instant::now();
     let count = frame.messages.len();
+    let mut redirect = None;
     let confirms = match check_batch_len(count) {
         Err(status) => vec![failed_confirm(&status); count],
         Ok(()) => match broker.publish(&frame.queue, frame.messages).await {
             Ok(confirms) => confirms,
-            Err(err) => vec![failed_confirm(&Status::from(err)); count],
+            Err(err) => {
+                let refused = matches!(err, BrokerError::NotLeader { .. });
+                let status = Status::from(err);
+                let confirms = vec![failed_confirm(&status); count];
+                if refused {
+                    redirect = Some(status);
+                }
+                confirms
+            }
         },
     };
     metrics.observe_rpc("PublishStream", started.elapsed());
     count_confirms(&metrics, &confirms);
-    PublishStreamResponse {
+    let response = PublishStreamResponse {
         sequence: frame.sequence,
         confirms,
+    };
+    match redirect {
+        Some(status) => Answer::Redirect(response, status),
+        None => Answer::Done(response),
     }
 }
 

@@ -449,13 +449,10 @@ impl Partition {
                 Ok(())
             } else {
                 // Leadership moved before the commit was seen: the outcome is unknown.
-                Err(BrokerError::NotLeader {
-                    what: format!(
-                        "partition {} of queue {:?} changed leader before entry {index} was confirmed (it may or may not be stored; retry with the same idempotency key)",
-                        self.id, self.queue
-                    ),
-                    leader: link.leader_address(),
-                })
+                Err(BrokerError::Ambiguous(format!(
+                    "partition {} of queue {:?} changed leader before entry {index} was confirmed: it may or may not be stored; resend with the same idempotency keys",
+                    self.id, self.queue
+                )))
             };
         }
         let mut rx = self.log.durability();

@@ -214,6 +214,13 @@ impl Queue {
             let p = self.route(&message);
             groups[p].push((i, message));
         }
+        // Refuse the whole batch (nothing taken) when a partition it needs is led elsewhere,
+        // so a redirected producer can resend it without duplicating the rest.
+        for (p, items) in groups.iter().enumerate() {
+            if !items.is_empty() && !self.partitions[p].is_serving() {
+                return Err(self.partitions[p].not_leader());
+            }
+        }
         let limited = self.spec.max_backlog_messages > 0 || self.spec.max_backlog_bytes > 0;
         let totals = if limited { self.backlog() } else { (0, 0) };
         let mut waits = Vec::new();
