@@ -10,14 +10,16 @@ use std::time::Duration;
 /// gRPC metadata key naming the leader's client address (`host:port`) in a redirect.
 pub const LEADER_METADATA_KEY: &str = "sluice-leader";
 
-/// Attempts per call (the first try included) before the last error is returned.
-pub const MAX_ATTEMPTS_DEFAULT: u32 = 8;
+/// Attempts per call (the first try included) before the last error is returned: with the
+/// backoff below, about 4 s of retrying, which outlasts an election (under 2 s).
+pub const MAX_ATTEMPTS_DEFAULT: u32 = 16;
 
 /// Backoff before the first retry; it doubles with every further retry.
 pub const BACKOFF_INITIAL_DEFAULT: Duration = Duration::from_millis(25);
 
-/// Ceiling of the backoff.
-pub const BACKOFF_MAX_DEFAULT: Duration = Duration::from_secs(1);
+/// Ceiling of the backoff: low, so a client notices a newly elected leader within a quarter
+/// second instead of sleeping through it.
+pub const BACKOFF_MAX_DEFAULT: Duration = Duration::from_millis(250);
 
 /// How many times a call is tried and how long the client waits in between.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,9 +222,9 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_from_25ms_to_a_1s_ceiling_with_jitter_in_the_upper_half() {
+    fn backoff_doubles_from_25ms_to_a_250ms_ceiling_with_jitter_in_the_upper_half() {
         let policy = RetryPolicy::default();
-        for (retry, full_ms) in [(1, 25), (2, 50), (3, 100), (6, 800), (7, 1000), (30, 1000)] {
+        for (retry, full_ms) in [(1, 25), (2, 50), (3, 100), (4, 200), (5, 250), (30, 250)] {
             for _ in 0..50 {
                 let wait = policy.backoff(retry);
                 let full = Duration::from_millis(full_ms);
