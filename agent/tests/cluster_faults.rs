@@ -3,7 +3,7 @@
 //! queue's partition is killed, paused, cut off its peers, and while a replica loses its disk or
 //! has a segment corrupted (issue 3, "Show").
 //!
-//! After each fault every test checks the same guarantees with [`workload::Summary`]: every
+//! After each fault every test checks the same guarantees with [`ledger::Summary`]: every
 //! confirmed key is consumed, no message whose ack was durable comes back, no payload differs
 //! from what was published, and the cluster serves new publishes again. Redelivery counts are
 //! printed (`--nocapture`).
@@ -15,6 +15,8 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/ledger.rs"]
+mod ledger;
 #[path = "support/netns.rs"]
 mod netns;
 #[path = "support/workload.rs"]
@@ -25,11 +27,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use cluster::{Cluster, Net};
+use ledger::{Ledger, Summary};
 use sluice_proto::v1::admin_client::AdminClient;
 use sluice_proto::v1::{DeclareQueueRequest, QueueSpec};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use workload::{ConsumerReport, Ledger, PublisherReport, Summary, Until};
+use workload::{ConsumerReport, PublisherReport, Until};
 
 /// The queue every test uses: one partition, so one Raft group with one leader.
 const QUEUE: &str = "orders";
