@@ -151,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let per_entry: usize = args.get(5).map_or(Ok(1), |s| s.parse())?;
     let config = if tuned {
-        raft_config("raft-throughput")
+        raft_config("raft-throughput", 0)
     } else {
         untuned_config()
     };

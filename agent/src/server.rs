@@ -157,7 +157,7 @@ impl Agent {
                     },
                 ),
         );
-        let raft_config = crate::replication::raft_config("partition")
+        let raft_config = crate::replication::raft_config("partition", cluster.node_id)
             .validate()
             .map_err(|e| ServerError::Cluster(crate::cluster::MetaError::Config(e.to_string())))?;
         let options = crate::broker::BrokerOptions {

@@ -188,7 +188,7 @@ impl MetaGroup {
         let store = ReplicatedLog::open(log, MetaFile::new(&dir), Arc::new(AtomicU64::new(0)))?;
         let config = openraft::Config {
             snapshot_policy: SnapshotPolicy::Never,
-            ..crate::replication::raft_config(META_GROUP)
+            ..crate::replication::raft_config(META_GROUP, cluster.node_id)
         }
         .validate()
         .map_err(|e| MetaError::Config(e.to_string()))?;
