@@ -45,6 +45,9 @@ pub struct Proposal {
     pub data: Vec<Bytes>,
 }
 
+/// Entries submitted to openraft and not yet committed, per partition (see [`run_proposer`]).
+const PROPOSALS_IN_FLIGHT: usize = 128;
+
 /// Maps a node id to the client address a redirected client should use.
 pub type Addresses = Arc<dyn Fn(u64) -> Option<String> + Send + Sync>;
 
@@ -101,10 +104,14 @@ pub async fn run_proposer(
     status: watch::Sender<ReplicaStatus>,
 ) {
     let (checks, mut pending) = mpsc::unbounded_channel();
+    // openraft 0.9 writes (and fsyncs) each proposal before taking the next, and sends
+    // heartbeats from the same loop: a deep queue in front of it delays heartbeats past the
+    // followers' election timeout and costs the leadership. The queue waits here instead.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT));
     let checker = {
         let status = status.clone();
         tokio::spawn(async move {
-            while let Some((epoch, index, rx)) = pending.recv().await {
+            while let Some((epoch, index, rx, _permit)) = pending.recv().await {
                 let result: Result<Result<crate::replication::types::WriteResponse, _>, _> =
                     rx.await;
                 let landed = match result {
@@ -136,9 +143,12 @@ pub async fn run_proposer(
     };
     while let Some(proposal) = proposals.recv().await {
         for (index, data) in (proposal.first..).zip(proposal.data) {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
             match raft.client_write_ff(data).await {
                 Ok(rx) => {
-                    if checks.send((proposal.epoch, index, rx)).is_err() {
+                    if checks.send((proposal.epoch, index, rx, permit)).is_err() {
                         return;
                     }
                 }
