@@ -69,7 +69,10 @@ mod tests {
             leader: Some("10.0.0.2:7070".into()),
         });
         assert_eq!(status.code(), tonic::Code::Unavailable);
-        let leader = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok());
+        let leader = status
+            .metadata()
+            .get(LEADER_METADATA)
+            .and_then(|v| v.to_str().ok());
         assert_eq!(leader, Some("10.0.0.2:7070"));
 
         let status = Status::from(BrokerError::NotLeader {
@@ -77,6 +80,10 @@ mod tests {
             leader: None,
         });
         assert!(status.metadata().get(LEADER_METADATA).is_none());
-        assert!(status.message().contains("election"), "{}", status.message());
+        assert!(
+            status.message().contains("election"),
+            "{}",
+            status.message()
+        );
     }
 }
