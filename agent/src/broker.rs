@@ -24,6 +24,7 @@ use crate::queue::clock::{Clock, SystemClock};
 use crate::queue::consumer::ConsumerSlot;
 use crate::queue::partition::Partition;
 use crate::queue::queue::Queue;
+use crate::queue::replica::ReplicaLink;
 use crate::queue::spec::{difference, effective_spec, validate_name};
 use crate::queue::state::DisposalItem;
 
@@ -162,6 +163,19 @@ pub struct BrokerOptions {
     pub cluster: Option<ClusterContext>,
 }
 
+impl BrokerOptions {
+    /// The production set-up of a single agent: system clock, `FileLog`s with `log`'s knobs,
+    /// timer tasks, no cluster.
+    pub fn files(log: crate::config::LogConfig) -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+            logs: Arc::new(FileLogOpener { config: log }),
+            timers: true,
+            cluster: None,
+        }
+    }
+}
+
 /// All queues of this agent.
 pub struct Broker {
     layout: Layout,
@@ -218,12 +232,7 @@ impl Broker {
     /// needed. Fails when the directory is unusable or locked by another agent; a partition
     /// whose log is corrupted is kept offline and its queue answers FAILED_PRECONDITION.
     pub async fn open(config: BrokerConfig) -> Result<Arc<Broker>, BrokerError> {
-        let options = BrokerOptions {
-            clock: Arc::new(SystemClock),
-            logs: Arc::new(FileLogOpener { config: config.log }),
-            timers: true,
-            cluster: None,
-        };
+        let options = BrokerOptions::files(config.log);
         Self::open_with(config, options).await
     }
 
@@ -408,74 +417,67 @@ impl Broker {
     async fn balance_once(&self, cluster: &ClusterContext) {
         let nodes = cluster.config.node_ids();
         let me = cluster.config.node_id;
-        let queues: Vec<Arc<Queue>> = self.read_queues().values().cloned().collect();
-        for queue in queues {
-            for partition in queue.partitions() {
-                let Some(link) = partition.replica() else {
-                    continue;
-                };
-                if !link.status().ready {
-                    continue;
+        for (queue, partition, link) in self.led_partitions() {
+            let placed =
+                crate::cluster::placement(&queue, partition.id(), nodes.len() as u32, &nodes);
+            let Some(&preferred) = placed.first() else {
+                continue;
+            };
+            if preferred == me {
+                continue;
+            }
+            let Some((matched, last)) = link.progress_of(preferred) else {
+                continue;
+            };
+            let Some(peer) = cluster.config.peer(preferred) else {
+                continue;
+            };
+            if matched < last {
+                continue;
+            }
+            match link.hand_off(preferred, peer).await {
+                Ok(true) => {
+                    tracing::info!(group = %link.group, to = preferred, "leadership moved to the preferred leader")
                 }
-                let placed = crate::cluster::placement(
-                    &queue.spec().name,
-                    partition.id(),
-                    nodes.len() as u32,
-                    &nodes,
-                );
-                let Some(&preferred) = placed.first() else {
-                    continue;
-                };
-                if preferred == me {
-                    continue;
-                }
-                let Some((matched, last)) = link.progress_of(preferred) else {
-                    continue;
-                };
-                let Some(peer) = cluster.config.peer(preferred) else {
-                    continue;
-                };
-                if matched < last {
-                    continue;
-                }
-                match link.hand_off(preferred, peer).await {
-                    Ok(true) => {
-                        tracing::info!(group = %link.group, to = preferred, "leadership moved to the preferred leader")
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::debug!(group = %link.group, error = %e, "leadership hand-off failed")
-                    }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(group = %link.group, error = %e, "leadership hand-off failed")
                 }
             }
         }
     }
 
+    /// Every partition this agent serves as leader: (queue name, partition, its Raft side).
+    fn led_partitions(&self) -> Vec<(String, Arc<Partition>, Arc<ReplicaLink>)> {
+        let mut out = Vec::new();
+        for queue in self.read_queues().values() {
+            for partition in queue.partitions() {
+                if let Some(link) = partition.replica()
+                    && link.status().ready
+                {
+                    out.push((queue.spec().name.clone(), partition.clone(), link.clone()));
+                }
+            }
+        }
+        out
+    }
+
     /// Before this agent stops: hands every partition it leads to the most caught-up other
     /// replica, so clients see one short election instead of an election timeout.
     async fn hand_off_all(&self, cluster: &ClusterContext) {
-        let queues: Vec<Arc<Queue>> = self.read_queues().values().cloned().collect();
-        for queue in queues {
-            for partition in queue.partitions() {
-                let Some(link) = partition.replica() else {
-                    continue;
-                };
-                if !link.status().ready {
-                    continue;
+        for (_, _, link) in self.led_partitions() {
+            let Some((node, _)) = link.best_follower() else {
+                continue;
+            };
+            let Some(peer) = cluster.config.peer(node) else {
+                continue;
+            };
+            match link.hand_off(node, peer).await {
+                Ok(moved) => {
+                    tracing::info!(group = %link.group, to = node, moved, "handed leadership away before stopping")
                 }
-                let Some((node, _)) = link.best_follower() else {
-                    continue;
-                };
-                let Some(peer) = cluster.config.peer(node) else {
-                    continue;
-                };
-                match link.hand_off(node, peer).await {
-                    Ok(moved) => {
-                        tracing::info!(group = %link.group, to = node, moved, "handed leadership away before stopping")
-                    }
-                    Err(e) => {
-                        tracing::warn!(group = %link.group, error = %e, "leadership hand-off before stopping failed")
-                    }
+                Err(e) => {
+                    tracing::warn!(group = %link.group, error = %e, "leadership hand-off before stopping failed")
                 }
             }
         }

@@ -96,28 +96,7 @@ impl Agent {
         listen: SocketAddr,
         metrics_listen: SocketAddr,
     ) -> Result<Self, ServerError> {
-        let bind = |addr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::Bind { addr, source })
-        };
-        let listener = bind(listen).await?;
-        let metrics_listener = bind(metrics_listen).await?;
-        let broker = Broker::open(BrokerConfig {
-            data_dir: data_dir.clone(),
-            log,
-        })
-        .await
-        .map_err(|source| ServerError::OpenBroker {
-            path: data_dir,
-            source,
-        })?;
-        Ok(Self {
-            listener,
-            metrics_listener,
-            broker,
-            peer_server: None,
-        })
+        Self::start_with(data_dir, log, listen, metrics_listen, None).await
     }
 
     /// Like [`Agent::start`], as one agent of a cluster: also binds the peer port, joins the
@@ -129,69 +108,43 @@ impl Agent {
         metrics_listen: SocketAddr,
         cluster: crate::cluster::ClusterConfig,
     ) -> Result<Self, ServerError> {
-        let bind = |addr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::Bind { addr, source })
-        };
+        Self::start_with(data_dir, log, listen, metrics_listen, Some(cluster)).await
+    }
+
+    async fn start_with(
+        data_dir: PathBuf,
+        log: LogConfig,
+        listen: SocketAddr,
+        metrics_listen: SocketAddr,
+        cluster: Option<crate::cluster::ClusterConfig>,
+    ) -> Result<Self, ServerError> {
         let listener = bind(listen).await?;
         let metrics_listener = bind(metrics_listen).await?;
-        let peer_listener = bind(cluster.peer_listen).await?;
-        let peer_addr = peer_listener.local_addr().unwrap_or_else(|_| unspecified());
-        let groups = crate::replication::RaftGroups::new();
-        // The peer port serves before the meta group starts, so peers can reach this agent
-        // while it forms or joins the group.
-        let meta =
-            Arc::new(crate::cluster::MetaGroup::open(&data_dir, &cluster, &groups, log).await?);
-        let raft_service = crate::replication::PeerService::new(groups.clone()).into_server();
-        let cluster_service = crate::cluster::peer_service(groups.clone(), (*meta).clone());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(
-            crate::replication::service::peer_server()
-                .add_service(raft_service)
-                .add_service(cluster_service)
-                .serve_with_incoming_shutdown(
-                    crate::replication::service::peer_incoming(peer_listener),
-                    async {
-                        let _ = stopped.await;
-                    },
-                ),
-        );
-        let raft_config = crate::replication::raft_config("partition", cluster.node_id)
-            .validate()
-            .map_err(|e| ServerError::Cluster(crate::cluster::MetaError::Config(e.to_string())))?;
-        let options = crate::broker::BrokerOptions {
-            clock: Arc::new(crate::queue::clock::SystemClock),
-            logs: Arc::new(crate::broker::FileLogOpener { config: log }),
-            timers: true,
-            cluster: Some(crate::broker::ClusterContext {
-                config: cluster,
-                groups,
-                raft_config: Arc::new(raft_config),
-                meta,
-            }),
+        let mut options = crate::broker::BrokerOptions::files(log);
+        let peer_server = match cluster {
+            None => None,
+            Some(cluster) => {
+                let (context, server) = join_cluster(&data_dir, log, cluster).await?;
+                options.cluster = Some(context);
+                Some(server)
+            }
         };
-        let broker = Broker::open_with(
-            BrokerConfig {
-                data_dir: data_dir.clone(),
-                log,
-            },
-            options,
-        )
-        .await
-        .map_err(|source| ServerError::OpenBroker {
-            path: data_dir,
-            source,
-        })?;
+        let config = BrokerConfig {
+            data_dir: data_dir.clone(),
+            log,
+        };
+        let broker =
+            Broker::open_with(config, options)
+                .await
+                .map_err(|source| ServerError::OpenBroker {
+                    path: data_dir,
+                    source,
+                })?;
         Ok(Self {
             listener,
             metrics_listener,
             broker,
-            peer_server: Some(PeerServer {
-                addr: peer_addr,
-                stop,
-                task,
-            }),
+            peer_server,
         })
     }
 
@@ -246,6 +199,49 @@ impl Agent {
         }
         result
     }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+/// Binds the peer port and serves it (before the meta group starts, so peers can reach this
+/// agent while it forms or joins the group), then joins the meta group.
+async fn join_cluster(
+    data_dir: &std::path::Path,
+    log: LogConfig,
+    cluster: crate::cluster::ClusterConfig,
+) -> Result<(crate::broker::ClusterContext, PeerServer), ServerError> {
+    let peer_listener = bind(cluster.peer_listen).await?;
+    let addr = peer_listener.local_addr().unwrap_or_else(|_| unspecified());
+    let groups = crate::replication::RaftGroups::new();
+    let meta = Arc::new(crate::cluster::MetaGroup::open(data_dir, &cluster, &groups, log).await?);
+    let raft_service = crate::replication::PeerService::new(groups.clone()).into_server();
+    let cluster_service = crate::cluster::peer_service(groups.clone(), (*meta).clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(
+        crate::replication::service::peer_server()
+            .add_service(raft_service)
+            .add_service(cluster_service)
+            .serve_with_incoming_shutdown(
+                crate::replication::service::peer_incoming(peer_listener),
+                async {
+                    let _ = stopped.await;
+                },
+            ),
+    );
+    let raft_config = crate::replication::raft_config("partition", cluster.node_id)
+        .validate()
+        .map_err(|e| ServerError::Cluster(crate::cluster::MetaError::Config(e.to_string())))?;
+    let context = crate::broker::ClusterContext {
+        config: cluster,
+        groups,
+        raft_config: Arc::new(raft_config),
+        meta,
+    };
+    Ok((context, PeerServer { addr, stop, task }))
 }
 
 fn unspecified() -> SocketAddr {
