@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&reflected),
     )?;
     tonic_prost_build::configure()
+        // A batch entry's commands decode as slices of the entry, not copies.
+        .bytes(".sluice.storage.v1.CommandBatch.commands")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

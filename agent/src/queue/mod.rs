@@ -12,12 +12,16 @@
 //! - [`queue`]: [`queue::Queue`], routing to partitions, competing consumers, stats.
 //! - [`spec`]: validation and defaults of queue specs and messages.
 //! - [`replica`]: [`replica::ReplicaLink`], a replicated partition's Raft side and status.
+//! - [`entry`]: what a log entry holds (one command or a batch) and what an offset means;
+//!   [`outbox`]: the leader's entries waiting for the proposer.
 //! - [`consumer`]: [`consumer::ConsumerSlot`], a subscription's credit.
 //! - [`dedup`], [`rates`], [`clock`]: idempotency window, per-minute rates, injectable time.
 
 pub mod clock;
 pub mod consumer;
 pub mod dedup;
+pub mod entry;
+pub mod outbox;
 pub mod partition;
 // The type is `Queue`, the module owns it; `queue::queue::Queue` is the honest name.
 #[allow(clippy::module_inception)]

@@ -21,7 +21,8 @@ use sluice_proto::v1::{
 
 use super::clock::Clock;
 use super::consumer::ConsumerSlot;
-use super::replica::{Proposal, ReplicaLink};
+use super::entry::{self, entry_of, slot_of};
+use super::replica::ReplicaLink;
 use super::state::{Counters, Disposal, DisposalItem, PartitionState, StateConfig};
 use crate::broker::BrokerError;
 use crate::log::{LogError, LogStore};
@@ -52,21 +53,21 @@ pub struct PublishContext {
     pub dead_letter_reason: String,
 }
 
-/// What a confirm waits for: the last log index it depends on and, on a replicated partition,
+/// What a confirm waits for: the last log entry it depends on and, on a replicated partition,
 /// the leadership epoch the commands were proposed in (a later epoch may have replaced them).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WaitPoint {
-    /// Log index (0 = nothing to wait for).
+    /// Log entry index (0 = nothing to wait for).
     pub index: u64,
     /// Leadership epoch of the proposal (0 on a single agent).
     pub epoch: u64,
 }
 
 impl WaitPoint {
-    /// The later of two points of the same call.
-    fn max(self, index: u64, epoch: u64) -> Self {
+    /// The later of two points of the same call; `offset` names a command.
+    fn max(self, offset: u64, epoch: u64) -> Self {
         Self {
-            index: self.index.max(index),
+            index: self.index.max(entry_of(offset)),
             epoch,
         }
     }
@@ -257,7 +258,7 @@ impl Partition {
     /// when a leader starts serving).
     pub fn start_leading(&self, applied: u64) -> Result<(), OpenError> {
         let mut st = self.state();
-        if self.speculative.swap(false, Ordering::AcqRel) || st.next_index() != applied + 1 {
+        if self.speculative.swap(false, Ordering::AcqRel) || st.next_entry() != applied + 1 {
             *st = replay(self.log.as_ref(), self.config, applied)?;
         }
         st.finish_replay();
@@ -288,15 +289,16 @@ impl Partition {
         lock_state(&self.state)
     }
 
-    /// Appends `commands` (on a single agent) or proposes them (as the leader of a replicated
-    /// partition), and applies them to `state`; returns what a confirm must wait for.
+    /// Appends `commands` (on a single agent, one entry each) or stages them for the proposer
+    /// (as the leader of a replicated partition, packed into entries), and applies them to
+    /// `state`; returns what a confirm must wait for and each command's offset.
     fn execute(
         &self,
         state: &mut PartitionState,
         commands: &[LogCommand],
-    ) -> Result<WaitPoint, BrokerError> {
+    ) -> Result<(WaitPoint, Vec<u64>), BrokerError> {
         if commands.is_empty() {
-            return Ok(WaitPoint::default());
+            return Ok((WaitPoint::default(), Vec::new()));
         }
         // One allocation for the whole batch; each entry is a cheap slice of it.
         let total: usize = commands.iter().map(|c| c.encoded_len()).sum();
@@ -306,34 +308,44 @@ impl Partition {
             command.encode_raw(&mut buf);
             data.push(buf.split().freeze());
         }
-        let (first, epoch) = match &self.replica {
-            None => (self.log.append(TERM, &data)?, 0),
+        let (offsets, epoch) = match &self.replica {
+            None => {
+                let first = self.log.append(TERM, &data)?;
+                let offsets: Vec<u64> = (first..)
+                    .zip(commands)
+                    .map(|(index, command)| {
+                        state.apply_commands(index, std::slice::from_ref(command));
+                        entry::offset(index, 0)
+                    })
+                    .collect();
+                (offsets, 0)
+            }
             Some(link) => {
                 let status = link.status();
                 if !status.ready {
                     return Err(self.not_leader());
                 }
-                // The proposer submits in order and checks that each entry lands at exactly
-                // this index; the state only moves forward under this lock.
-                let first = state.next_index();
+                // The proposer takes whole entries in order and checks that each lands at
+                // exactly the index it was staged at; the state only moves forward under this
+                // lock.
                 self.speculative.store(true, Ordering::Release);
-                link.proposals
-                    .send(Proposal {
-                        epoch: status.epoch,
-                        first,
-                        data,
-                    })
-                    .map_err(|_| self.not_leader())?;
-                (first, status.epoch)
+                let offsets: Vec<u64> = data
+                    .into_iter()
+                    .zip(commands)
+                    .map(|(data, command)| state.stage(status.epoch, command, data))
+                    .collect();
+                link.wake_proposer();
+                (offsets, status.epoch)
             }
         };
-        for (index, command) in (first..).zip(commands) {
-            state.apply(index, command);
-        }
-        Ok(WaitPoint {
-            index: first + commands.len() as u64 - 1,
-            epoch,
-        })
+        let last = offsets.last().copied().unwrap_or_default();
+        Ok((
+            WaitPoint {
+                index: entry_of(last),
+                epoch,
+            },
+            offsets,
+        ))
     }
 
     fn epoch(&self) -> u64 {
@@ -403,19 +415,20 @@ impl Partition {
             });
             positions.push(position);
         }
-        let wait = self.execute(&mut st, &commands)?;
+        let (wait, offsets) = self.execute(&mut st, &commands)?;
         drop(st);
         if !commands.is_empty() {
-            let first = wait.index + 1 - commands.len() as u64;
-            out.wait = out.wait.max(wait.index, wait.epoch);
+            out.wait = WaitPoint {
+                index: out.wait.index.max(wait.index),
+                epoch: wait.epoch,
+            };
             out.enqueued = true;
-            for (i, position) in positions.into_iter().enumerate() {
-                out.confirms
-                    .push((position, self.confirm(first + i as u64, false)));
+            for (&offset, position) in offsets.iter().zip(positions) {
+                out.confirms.push((position, self.confirm(offset, false)));
             }
             for (position, first_of_key) in batch_duplicates {
                 out.confirms
-                    .push((position, self.confirm(first + first_of_key as u64, true)));
+                    .push((position, self.confirm(offsets[first_of_key], true)));
             }
         }
         Ok(out)
@@ -573,19 +586,19 @@ impl Partition {
 
     /// Reads a stored message.
     pub fn read_publish(&self, offset: u64) -> Result<PublishCommand, BrokerError> {
-        let entry = self.log.read(offset)?.ok_or_else(|| {
+        let missing = || {
             self.corrupted(format!(
                 "message at offset {offset} is missing from the log"
             ))
-        })?;
-        match LogCommand::decode(entry.data.as_ref()) {
-            Ok(LogCommand {
+        };
+        let entry = self.log.read(entry_of(offset))?.ok_or_else(missing)?;
+        match entry::decode_at(entry.index, entry.data.as_ref(), slot_of(offset)) {
+            Ok(Some(LogCommand {
                 command: Some(Command::Publish(p)),
-            }) => Ok(p),
-            Ok(_) => Err(self.corrupted(format!("log entry {offset} is not a message"))),
-            Err(e) => {
-                Err(self.corrupted(format!("log entry {offset} is not a valid command: {e}")))
-            }
+            })) => Ok(p),
+            Ok(Some(_)) => Err(self.corrupted(format!("offset {offset} is not a message"))),
+            Ok(None) => Err(missing()),
+            Err(e) => Err(self.corrupted(e.to_string())),
         }
     }
 
@@ -688,12 +701,14 @@ impl Partition {
                 not_before_ms,
                 reason: String::new(),
             };
-            out.wait = self.execute(
-                &mut st,
-                &[LogCommand {
-                    command: Some(Command::Settle(command)),
-                }],
-            )?;
+            out.wait = self
+                .execute(
+                    &mut st,
+                    &[LogCommand {
+                        command: Some(Command::Settle(command)),
+                    }],
+                )?
+                .0;
         }
         out.disposals = st.take_disposals();
         Ok(out)
@@ -723,7 +738,7 @@ impl Partition {
             })
             .collect();
         let mut st = self.state();
-        self.execute(&mut st, &commands)
+        Ok(self.execute(&mut st, &commands)?.0)
     }
 
     /// Puts back disposals that could not be dead-lettered, for the next timer pass.
@@ -745,17 +760,17 @@ impl Partition {
         // Read ahead so an idle queue still finds its expired head; bounded by one batch per
         // level because only empty buffers are filled.
         self.fill()?;
-        let (disposals, next_timer_ms, low_water) = {
+        let (disposals, next_timer_ms, purge_point) = {
             let mut st = self.state();
             st.expire_buffered(now);
             self.discard_disposals(&mut st, now)?;
             became_ready |= st.has_ready();
-            (st.take_disposals(), st.next_timer(), st.low_water())
+            (st.take_disposals(), st.next_timer(), st.purge_point())
         };
         // A replicated log is purged by Raft after a snapshot (decision 0008), never here:
         // a lagging follower may still need those entries.
-        if self.replica.is_none() && low_water > self.log.first_index() {
-            self.log.purge_before(low_water)?;
+        if self.replica.is_none() && purge_point > self.log.first_index() {
+            self.log.purge_before(purge_point)?;
         }
         Ok(Ticked {
             became_ready,
@@ -784,7 +799,7 @@ impl Partition {
         let now = self.clock.now_ms();
         let (counters, low_water, next) = {
             let st = self.state();
-            (st.counters(now), st.low_water(), st.next_index())
+            (st.counters(now), st.low_water(), st.next_offset())
         };
         if low_water >= next {
             return (counters, 0);
@@ -806,7 +821,8 @@ impl Partition {
     }
 }
 
-fn lock_state(state: &SharedState) -> MutexGuard<'_, PartitionState> {
+/// Locks a partition's state.
+pub(crate) fn lock_state(state: &SharedState) -> MutexGuard<'_, PartitionState> {
     // Every mutation of the state runs to completion without panicking on input; if a bug ever
     // panicked mid-update, continuing with the state is no worse than poisoning every later
     // request of the partition.

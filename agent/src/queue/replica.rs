@@ -2,16 +2,18 @@
 //! run as one replica of a replicated partition (decision 0010).
 //!
 //! The leader applies each command to its delivery state as it proposes it (speculatively, so
-//! dispatch decisions such as "this message is in flight" take effect at once), hands the
-//! encoded commands to a proposer task that submits them to openraft in order, and confirms only
-//! once the entry is committed and applied. Followers apply committed entries through the state
+//! dispatch decisions such as "this message is in flight" take effect at once) at the next
+//! position of the open entry of its [`Outbox`](super::outbox::Outbox); a proposer task takes
+//! whole entries and submits them to openraft in order, and a confirm waits until its entry is
+//! committed and applied. Followers apply committed entries through the state
 //! machine. When a replica stops leading, its speculative state may hold entries the new leader
 //! will truncate, so it is rebuilt from the committed log.
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
+
+use super::partition::SharedState;
 
 use crate::replication::{QueueStateMachine, Raft};
 
@@ -34,19 +36,10 @@ pub struct ReplicaStatus {
     pub confirmed: u64,
 }
 
-/// Commands of one `execute` call: the leader's speculative indices `first..` in `epoch`.
-#[derive(Debug)]
-pub struct Proposal {
-    /// Leadership epoch the leader applied them in.
-    pub epoch: u64,
-    /// Partition-log index the first command was applied at.
-    pub first: u64,
-    /// Encoded `LogCommand`s.
-    pub data: Vec<Bytes>,
-}
-
 /// Entries submitted to openraft and not yet committed, per partition (see [`run_proposer`]).
-const PROPOSALS_IN_FLIGHT: usize = 128;
+/// Few on purpose: while they are written and replicated, the next entry fills up with
+/// everything that arrives meanwhile, so one fsync carries many commands.
+pub const ENTRIES_IN_FLIGHT: usize = 4;
 
 /// Maps a node id to the client address a redirected client should use.
 pub type Addresses = Arc<dyn Fn(u64) -> Option<String> + Send + Sync>;
@@ -63,8 +56,8 @@ pub struct ReplicaLink {
     pub machine: QueueStateMachine,
     /// Status, written by the role task and the state machine.
     pub status: watch::Sender<ReplicaStatus>,
-    /// Into the proposer task.
-    pub proposals: mpsc::UnboundedSender<Proposal>,
+    /// Wakes the proposer task: the outbox has commands (a pending wake-up is kept once).
+    pub wake: mpsc::Sender<()>,
     /// Client addresses of the agents, for redirects.
     pub addresses: Addresses,
 }
@@ -95,19 +88,30 @@ impl ReplicaLink {
     }
 }
 
-/// Submits proposals to openraft in order and checks, in order, that each entry was committed
-/// at the index the leader applied it at. A failure (leadership lost, an unexpected entry in
-/// between) stops the epoch: the partition stops serving until the role task resyncs it.
+impl ReplicaLink {
+    /// Tells the proposer that the outbox has commands.
+    pub fn wake_proposer(&self) {
+        // Full means a wake-up is already pending; closed means the proposer is gone.
+        let _ = self.wake.try_send(());
+    }
+}
+
+/// Takes the leader's staged entries whole and submits them to openraft in order, at most
+/// [`ENTRIES_IN_FLIGHT`] at a time, and checks, in order, that each entry was committed at the
+/// index the leader applied it at. A failure (leadership lost, an unexpected entry in between)
+/// stops the epoch: the partition stops serving until the role task resyncs it.
 pub async fn run_proposer(
     raft: Raft,
-    mut proposals: mpsc::UnboundedReceiver<Proposal>,
+    state: SharedState,
+    mut wake: mpsc::Receiver<()>,
     status: watch::Sender<ReplicaStatus>,
 ) {
     let (checks, mut pending) = mpsc::unbounded_channel();
-    // openraft 0.9 writes (and fsyncs) each proposal before taking the next, and sends
-    // heartbeats from the same loop: a deep queue in front of it delays heartbeats past the
-    // followers' election timeout and costs the leadership. The queue waits here instead.
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(PROPOSALS_IN_FLIGHT));
+    // openraft 0.9 writes (and fsyncs) each entry before taking the next, and sends heartbeats
+    // from the same loop: a deep queue in front of it delays heartbeats past the followers'
+    // election timeout and costs the leadership. Commands wait in the outbox instead, where
+    // they pack into the next entry.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(ENTRIES_IN_FLIGHT));
     let checker = {
         let status = status.clone();
         tokio::spawn(async move {
@@ -141,21 +145,37 @@ pub async fn run_proposer(
             }
         })
     };
-    while let Some(proposal) = proposals.recv().await {
-        for (index, data) in (proposal.first..).zip(proposal.data) {
-            let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                return;
-            };
-            match raft.client_write_ff(data).await {
-                Ok(rx) => {
-                    if checks.send((proposal.epoch, index, rx, permit)).is_err() {
-                        return;
-                    }
+    'entries: loop {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let staged = loop {
+            let taken = super::partition::lock_state(&state).take_staged();
+            if let Some(staged) = taken {
+                break staged;
+            }
+            if wake.recv().await.is_none() {
+                break 'entries;
+            }
+        };
+        let current = *status.borrow();
+        if staged.epoch != current.epoch || !current.ready {
+            // Applied in an epoch that ended: the role task rebuilds that state.
+            continue;
+        }
+        let index = staged.index;
+        match raft
+            .client_write_ff(super::entry::encode(staged.commands))
+            .await
+        {
+            Ok(rx) => {
+                if checks.send((staged.epoch, index, rx, permit)).is_err() {
+                    break;
                 }
-                Err(_) => {
-                    // Raft stopped: nothing more can be confirmed.
-                    status.send_modify(|s| s.ready = false);
-                }
+            }
+            Err(_) => {
+                // Raft stopped: nothing more can be confirmed.
+                status.send_modify(|s| s.ready = false);
             }
         }
     }
@@ -340,26 +360,26 @@ pub async fn open(
             tracing::debug!(group = %setup.group, error = %e, "initialize skipped");
         }
     }
-    let (proposals, rx) = mpsc::unbounded_channel();
+    let (wake, woken) = mpsc::channel(1);
     let link = Arc::new(ReplicaLink {
         node_id: setup.node_id,
         group: setup.group,
         raft: raft.clone(),
         machine,
         status: status.clone(),
-        proposals,
+        wake,
         addresses: setup.addresses,
     });
     let partition = Arc::new(super::partition::Partition::replicated(
         queue,
         id,
         log,
-        state,
+        state.clone(),
         config,
         clock,
         link.clone(),
     ));
-    tokio::spawn(run_proposer(raft, rx, status));
+    tokio::spawn(run_proposer(raft, state, woken, status));
     tokio::spawn(run_role(Arc::downgrade(&partition), link));
     Ok(partition)
 }

@@ -15,10 +15,10 @@
 //! roaring bitmap).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 
-use prost::Message as _;
+use bytes::Bytes;
 use roaring::RoaringTreemap;
 use sluice_proto::storage::v1::{
     DeliverCommand, LogCommand, MessageRef, PublishCommand, SettleCommand, SettleKind,
@@ -27,6 +27,8 @@ use sluice_proto::storage::v1::{
 
 use super::consumer::ConsumerSlot;
 use super::dedup::DedupWindow;
+use super::entry::{self, BadEntry, entry_of, offset as offset_of, slot_of};
+use super::outbox::{Outbox, Staged};
 use super::rates::RateWindow;
 use crate::log::Entry;
 
@@ -169,28 +171,28 @@ pub struct Counters {
     pub ack_rate: f64,
 }
 
-/// A log entry whose command could not be decoded.
-#[derive(Debug, thiserror::Error)]
-#[error("log entry {index} is not a valid command: {source}")]
-pub struct BadCommand {
-    /// The entry's index.
-    pub index: u64,
-    /// The decoding error.
-    #[source]
-    pub source: prost::DecodeError,
-}
+/// A log entry whose commands could not be decoded.
+pub type BadCommand = BadEntry;
 
 /// The delivery state of one partition.
 #[derive(Debug)]
 pub struct PartitionState {
     config: StateConfig,
     /// Every offset below it is settled (or not a message); it is the lowest unsettled offset,
-    /// or `next_index` when nothing is unsettled. Segments below it may be deleted.
+    /// or `next_offset` when nothing is unsettled. Entries below its entry may be deleted.
     low_water: u64,
-    /// Settled offsets (and non-message entries) at or above `low_water`.
+    /// Settled offsets (and non-message commands) at or above `low_water`.
     settled: RoaringTreemap,
-    /// Index after the last applied entry.
-    next_index: u64,
+    /// Offset after the last applied command.
+    next_offset: u64,
+    /// Every entry below it is complete (applied from the log, or sealed by the leader); the
+    /// leader's open entry, if any, is this one.
+    next_entry: u64,
+    /// Commands in complete entries at or above `low_water`'s entry that hold more than one
+    /// (one is the default), so `low_water` can step over the unused positions of an entry.
+    counts: BTreeMap<u64, u32>,
+    /// The leader's applied commands the proposer has not taken yet.
+    outbox: Outbox,
     tracked: HashMap<u64, Tracked>,
     /// Messages waiting for redelivery, highest priority then lowest offset first.
     redeliver: BTreeSet<(u8, u64)>,
@@ -220,15 +222,18 @@ impl PartitionState {
     pub fn new(config: StateConfig, first_index: u64) -> Self {
         let levels = (0..PRIORITY_LEVELS)
             .map(|_| Level {
-                cursor: first_index,
+                cursor: offset_of(first_index, 0),
                 ..Level::default()
             })
             .collect();
         Self {
             config,
-            low_water: first_index,
+            low_water: offset_of(first_index, 0),
             settled: RoaringTreemap::new(),
-            next_index: first_index,
+            next_offset: offset_of(first_index, 0),
+            next_entry: first_index,
+            counts: BTreeMap::new(),
+            outbox: Outbox::default(),
             tracked: HashMap::new(),
             redeliver: BTreeSet::new(),
             delays: BinaryHeap::new(),
@@ -249,18 +254,59 @@ impl PartitionState {
 
     /// Decodes and applies one log entry.
     pub fn apply_entry(&mut self, entry: &Entry) -> Result<(), BadCommand> {
-        let command = LogCommand::decode(entry.data.as_ref()).map_err(|source| BadCommand {
-            index: entry.index,
-            source,
-        })?;
-        self.apply(entry.index, &command);
+        let commands = entry::decode(entry.index, entry.data.as_ref())?;
+        self.apply_commands(entry.index, &commands);
         Ok(())
     }
 
-    /// Applies the command stored at `index`. Deterministic: depends only on the state and
-    /// the command.
-    pub fn apply(&mut self, index: u64, command: &LogCommand) {
-        self.next_index = self.next_index.max(index + 1);
+    /// Applies the complete entry `index` holding `commands` (none for a Raft entry that
+    /// carries no command). Deterministic: depends only on the state and the commands.
+    pub fn apply_commands(&mut self, index: u64, commands: &[LogCommand]) {
+        if commands.is_empty() {
+            self.apply(offset_of(index, 0), &LogCommand::default());
+        }
+        for (slot, command) in (0..).zip(commands) {
+            self.apply(offset_of(index, slot), command);
+        }
+        self.complete(index);
+    }
+
+    /// Applies `command` (encoded as `data`) as the leader, at the next position of the open
+    /// entry; the proposer takes that entry whole later ([`PartitionState::take_staged`]).
+    /// Returns the command's offset and the entry it is in.
+    pub fn stage(&mut self, epoch: u64, command: &LogCommand, data: Bytes) -> u64 {
+        if let Some(sealed) = self.outbox.seal_if_full(data.len()) {
+            self.complete(sealed);
+        }
+        let offset = self.outbox.push(epoch, self.next_entry, data);
+        self.apply(offset, command);
+        offset
+    }
+
+    /// The oldest entry staged by the leader, sealed: nothing more goes into it.
+    pub fn take_staged(&mut self) -> Option<Staged> {
+        let staged = self.outbox.take()?;
+        self.complete(staged.index);
+        Some(staged)
+    }
+
+    /// Entry `index` holds all its commands.
+    fn complete(&mut self, index: u64) {
+        if index >= self.next_entry {
+            self.next_entry = index + 1;
+            self.advance_low_water();
+        }
+    }
+
+    /// Applies the command stored at `offset`.
+    fn apply(&mut self, offset: u64, command: &LogCommand) {
+        let index = offset;
+        self.next_offset = self.next_offset.max(offset + 1);
+        let slot = slot_of(offset);
+        if slot > 0 {
+            let count = self.counts.entry(entry_of(offset)).or_insert(1);
+            *count = (*count).max(slot + 1);
+        }
         match &command.command {
             Some(Command::Publish(publish)) => self.apply_publish(index, publish),
             Some(Command::Deliver(deliver)) => {
@@ -271,7 +317,7 @@ impl PartitionState {
                 self.mark_settled(index);
                 self.apply_settle(settle);
             }
-            None => self.mark_settled(index),
+            Some(Command::Batch(_)) | None => self.mark_settled(index),
         }
     }
 
@@ -310,7 +356,7 @@ impl PartitionState {
     fn apply_settle(&mut self, settle: &SettleCommand) {
         let kind = SettleKind::try_from(settle.kind).unwrap_or(SettleKind::Unspecified);
         for r in &settle.messages {
-            if self.is_settled(r.offset) || r.offset >= self.next_index {
+            if self.is_settled(r.offset) || r.offset >= self.next_offset {
                 continue;
             }
             match kind {
@@ -376,15 +422,32 @@ impl PartitionState {
         offset < self.low_water || self.settled.contains(offset)
     }
 
-    fn mark_settled(&mut self, index: u64) {
-        if index < self.low_water {
+    fn mark_settled(&mut self, offset: u64) {
+        if offset < self.low_water {
             return;
         }
-        self.settled.insert(index);
-        // Advance the low-water mark over the settled prefix; each index is passed once, so
-        // this is amortised O(1) per entry.
-        while self.settled.remove(self.low_water) {
-            self.low_water += 1;
+        self.settled.insert(offset);
+        self.advance_low_water();
+    }
+
+    /// Advances the low-water mark over the settled prefix, stepping from the end of a
+    /// complete entry to the next entry; each offset is passed once, so this is amortised
+    /// O(1) per command.
+    fn advance_low_water(&mut self) {
+        loop {
+            while self.settled.remove(self.low_water) {
+                self.low_water += 1;
+            }
+            let (index, slot) = (entry_of(self.low_water), slot_of(self.low_water));
+            if slot == 0 || index >= self.next_entry {
+                return;
+            }
+            let count = self.counts.get(&index).copied().unwrap_or(1);
+            if slot < count {
+                return;
+            }
+            self.counts.remove(&index);
+            self.low_water = offset_of(index + 1, 0);
         }
     }
 
@@ -596,13 +659,17 @@ impl PartitionState {
         }
     }
 
-    /// The highest level whose buffer is empty while it still has unseen messages, and where
-    /// its cursor must read from. `None` when every level with work has a buffer.
+    /// The highest level whose buffer is empty while it still has unseen messages, and the
+    /// log entry its cursor must read from. `None` when every level with work has a buffer.
     pub fn fill_request(&self, first_index: u64) -> Option<FillRequest> {
         (0..PRIORITY_LEVELS).rev().find_map(|level| {
             let l = &self.levels[level];
-            (l.unseen > 0 && l.buffer.is_empty())
-                .then(|| (level, l.cursor.max(self.low_water).max(first_index)))
+            (l.unseen > 0 && l.buffer.is_empty()).then(|| {
+                (
+                    level,
+                    entry_of(l.cursor.max(self.low_water)).max(first_index),
+                )
+            })
         })
     }
 
@@ -611,41 +678,49 @@ impl PartitionState {
     /// already passed (a concurrent fill) are skipped.
     pub fn fill(&mut self, level: usize, entries: &[Entry], now_ms: u64) -> Result<(), BadCommand> {
         for entry in entries {
-            if entry.index < self.levels[level].cursor || entry.index >= self.next_index {
+            if offset_of(entry.index + 1, 0) <= self.levels[level].cursor
+                || offset_of(entry.index, 0) >= self.next_offset
+            {
                 continue;
             }
-            self.levels[level].cursor = entry.index + 1;
-            if self.is_settled(entry.index) || self.tracked.contains_key(&entry.index) {
-                continue;
-            }
-            let command = LogCommand::decode(entry.data.as_ref()).map_err(|source| BadCommand {
-                index: entry.index,
-                source,
-            })?;
-            let Some(Command::Publish(publish)) = command.command else {
-                continue;
-            };
-            let priority = publish.message.as_ref().map_or(0, |m| m.priority.min(9)) as usize;
-            if priority != level {
-                continue;
-            }
-            let b = Buffered {
-                offset: entry.index,
-                publish,
-            };
-            if let Some(phase) = self.hold_back(&b.publish, now_ms) {
-                let message = Self::buffered_ref(&b);
-                self.untrack_unseen(message.priority);
-                self.insert_tracked(&message, 0, phase);
-            } else {
-                self.levels[level].buffer.push_back(b);
+            for (slot, command) in (0..).zip(entry::decode(entry.index, entry.data.as_ref())?) {
+                let offset = offset_of(entry.index, slot);
+                self.read_ahead(level, offset, command, now_ms);
             }
         }
         if let Some(last) = entries.last() {
             let l = &mut self.levels[level];
-            l.cursor = l.cursor.max((last.index + 1).min(self.next_index));
+            l.cursor = l
+                .cursor
+                .max(offset_of(last.index + 1, 0).min(self.next_offset));
         }
         Ok(())
+    }
+
+    /// One command reached by `level`'s cursor.
+    fn read_ahead(&mut self, level: usize, offset: u64, command: LogCommand, now_ms: u64) {
+        if offset < self.levels[level].cursor || offset >= self.next_offset {
+            return;
+        }
+        self.levels[level].cursor = offset + 1;
+        if self.is_settled(offset) || self.tracked.contains_key(&offset) {
+            return;
+        }
+        let Some(Command::Publish(publish)) = command.command else {
+            return;
+        };
+        let priority = publish.message.as_ref().map_or(0, |m| m.priority.min(9)) as usize;
+        if priority != level {
+            return;
+        }
+        let b = Buffered { offset, publish };
+        if let Some(phase) = self.hold_back(&b.publish, now_ms) {
+            let message = Self::buffered_ref(&b);
+            self.untrack_unseen(message.priority);
+            self.insert_tracked(&message, 0, phase);
+        } else {
+            self.levels[level].buffer.push_back(b);
+        }
     }
 
     /// Drops read-ahead messages whose TTL passed (into disposal), so an idle queue still
@@ -742,7 +817,7 @@ impl PartitionState {
                 "stale delivery tag: attempt {attempt}, the current delivery is attempt {current}"
             )),
             Some(_) => Err(format!("message at offset {offset} is not in flight")),
-            None if offset < self.next_index && self.is_settled(offset) => {
+            None if offset < self.next_offset && self.is_settled(offset) => {
                 Err(format!("message at offset {offset} is already settled"))
             }
             None => Err(format!("no delivery of a message at offset {offset}")),
@@ -809,14 +884,24 @@ impl PartitionState {
         }
     }
 
-    /// Lowest unsettled offset: every entry below it may be purged.
+    /// Lowest unsettled offset.
     pub fn low_water(&self) -> u64 {
         self.low_water
     }
 
-    /// Index after the last applied entry.
-    pub fn next_index(&self) -> u64 {
-        self.next_index
+    /// Every log entry below this one holds only settled commands and may be purged.
+    pub fn purge_point(&self) -> u64 {
+        entry_of(self.low_water)
+    }
+
+    /// Offset after the last applied command.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// Entry after the last complete one (the leader's open entry, if it has one).
+    pub fn next_entry(&self) -> u64 {
+        self.next_entry
     }
 
     /// Unsettled messages and their payload bytes (for backlog limits).

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use prost::Message as _;
+
 use sluice_proto::storage::v1::{
     DeliverCommand, LogCommand, MessageRef, PublishCommand, SettleCommand, SettleKind,
     log_command::Command,
@@ -46,8 +48,9 @@ impl Harness {
             term: 1,
             data: command.encode_to_vec().into(),
         });
-        self.state.apply(index, &command);
-        index
+        self.state
+            .apply_commands(index, std::slice::from_ref(&command));
+        crate::queue::entry::offset(index, 0)
     }
 
     fn publish(&mut self, publish: PublishCommand) -> u64 {
@@ -392,4 +395,146 @@ fn a_deep_backlog_costs_no_per_message_memory() {
     h.settle(SettleKind::Ack, got, 0);
     assert_eq!(h.state.tracked_len(), 0);
     assert_eq!(h.state.counters(T0).ready, 9_900);
+}
+
+// ----- packed entries (the leader's outbox, decision 0013) -----
+
+fn encoded(command: &LogCommand) -> bytes::Bytes {
+    command.encode_to_vec().into()
+}
+
+fn publish_of(payload: &str) -> LogCommand {
+    LogCommand {
+        command: Some(Command::Publish(PublishCommand {
+            message: Some(Message {
+                payload: payload.as_bytes().to_vec(),
+                ..Default::default()
+            }),
+            publish_time_ms: T0,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Stages `commands` as a leader would and takes the entry; returns the offsets and the entry
+/// as a follower's log would hold it.
+fn stage_entry(state: &mut PartitionState, commands: &[LogCommand]) -> (Vec<u64>, Entry) {
+    let offsets = commands
+        .iter()
+        .map(|c| state.stage(1, c, encoded(c)))
+        .collect();
+    let staged = state.take_staged().expect("an entry was staged");
+    let entry = Entry {
+        index: staged.index,
+        term: 1,
+        data: crate::queue::entry::encode(staged.commands),
+    };
+    (offsets, entry)
+}
+
+#[test]
+fn a_packed_entry_gives_each_command_its_own_offset_and_a_follower_the_same_state() {
+    let mut leader = PartitionState::new(config(), 1);
+    let (offsets, entry) = stage_entry(
+        &mut leader,
+        &[publish_of("a"), publish_of("b"), publish_of("c")],
+    );
+    assert_eq!(entry.index, 1);
+    assert_eq!(
+        offsets,
+        (0..3).map(|s| crate::queue::entry::offset(1, s)).collect::<Vec<_>>()
+    );
+    let mut follower = PartitionState::new(config(), 1);
+    follower.apply_entry(&entry).expect("valid batch");
+    assert_eq!(follower.counters(T0), leader.counters(T0));
+    assert_eq!(
+        (follower.next_entry(), follower.next_offset()),
+        (leader.next_entry(), leader.next_offset())
+    );
+    // The follower's cursor reads the three messages out of the one entry, in order.
+    let (level, from) = follower.fill_request(1).expect("unseen messages");
+    assert_eq!(from, 1);
+    follower.fill(level, &[entry], T0).expect("valid batch");
+    let picks = follower.take(10, T0);
+    assert_eq!(
+        picks.iter().map(|p| p.message.offset).collect::<Vec<_>>(),
+        offsets
+    );
+}
+
+#[test]
+fn the_low_water_mark_steps_over_a_settled_entry_only_once_it_is_complete() {
+    let mut state = PartitionState::new(config(), 1);
+    let a = state.stage(1, &publish_of("a"), encoded(&publish_of("a")));
+    let b = state.stage(1, &publish_of("b"), encoded(&publish_of("b")));
+    // Deliver and ack both inside the still open entry 1.
+    let refs: Vec<MessageRef> = [a, b]
+        .iter()
+        .map(|&offset| MessageRef {
+            offset,
+            attempt: 1,
+            priority: 0,
+            size: 1,
+            expires_at_ms: 0,
+        })
+        .collect();
+    let deliver = LogCommand {
+        command: Some(Command::Deliver(DeliverCommand {
+            time_ms: T0,
+            messages: refs.clone(),
+        })),
+    };
+    state.stage(1, &deliver, encoded(&deliver));
+    let ack = LogCommand {
+        command: Some(Command::Settle(SettleCommand {
+            time_ms: T0,
+            kind: SettleKind::Ack as i32,
+            messages: refs,
+            ..Default::default()
+        })),
+    };
+    let ack_offset = state.stage(1, &ack, encoded(&ack));
+    assert_eq!(state.counters(T0).unsettled, 0);
+    // Entry 1 is open: more commands may still take positions in it.
+    assert_eq!(state.low_water(), ack_offset + 1);
+    assert_eq!(state.purge_point(), 1);
+    let staged = state.take_staged().expect("entry 1");
+    assert_eq!((staged.index, staged.commands.len()), (1, 4));
+    assert_eq!(state.low_water(), crate::queue::entry::offset(2, 0));
+    assert_eq!(state.purge_point(), 2);
+    // The next command opens entry 2.
+    let c = state.stage(1, &publish_of("c"), encoded(&publish_of("c")));
+    assert_eq!(c, crate::queue::entry::offset(2, 0));
+    assert_eq!(state.low_water(), c);
+}
+
+#[test]
+fn a_replayed_log_of_packed_and_single_entries_rebuilds_the_low_water_mark() {
+    let mut leader = PartitionState::new(config(), 1);
+    let (first, e1) = stage_entry(&mut leader, &[publish_of("a"), publish_of("b")]);
+    let ack = LogCommand {
+        command: Some(Command::Settle(SettleCommand {
+            time_ms: T0,
+            kind: SettleKind::Ack as i32,
+            messages: first
+                .iter()
+                .map(|&offset| MessageRef {
+                    offset,
+                    size: 1,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })),
+    };
+    let (_, e2) = stage_entry(&mut leader, &[ack]);
+    let (third, e3) = stage_entry(&mut leader, &[publish_of("c"), publish_of("d")]);
+    let mut replayed = PartitionState::new(config(), 1);
+    for entry in [&e1, &e2, &e3] {
+        replayed.apply_entry(entry).expect("valid");
+    }
+    assert_eq!(replayed.low_water(), third[0]);
+    assert_eq!(replayed.low_water(), leader.low_water());
+    assert_eq!(replayed.purge_point(), 3);
+    assert_eq!(replayed.counters(T0).unsettled, 2);
 }

@@ -13,6 +13,7 @@ use std::io::Cursor;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::queue::entry::BadEntry;
 use openraft::storage::RaftStateMachine;
 use openraft::{
     BasicNode, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
@@ -20,7 +21,6 @@ use openraft::{
 };
 use prost::Message;
 use sluice_proto::peer::v1 as pb;
-use sluice_proto::storage::v1::LogCommand;
 use tokio::sync::Mutex;
 
 use super::codec::{self, RaftEntry};
@@ -77,15 +77,9 @@ pub enum RecoverError {
         #[source]
         source: codec::CodecError,
     },
-    /// An entry is not a valid command.
-    #[error("log entry {index} is not a valid command: {source}")]
-    Command {
-        /// Its index.
-        index: u64,
-        /// The decoder's error.
-        #[source]
-        source: prost::DecodeError,
-    },
+    /// An entry is not a valid command or batch (the error names the entry).
+    #[error(transparent)]
+    Command(#[from] crate::queue::entry::BadEntry),
     /// The membership file does not decode.
     #[error("{} is damaged: {source}", path.display())]
     Membership {
@@ -240,8 +234,7 @@ impl QueueStateMachine {
                 let index = record.index;
                 let entry = codec::entry_from_record(record)
                     .map_err(|source| RecoverError::Entry { index, source })?;
-                apply_one(&mut inner, &mut state, &entry)
-                    .map_err(|source| RecoverError::Command { index, source })?;
+                apply_one(&mut inner, &mut state, &entry)?;
                 if let Some(m) =
                     Some(&inner.membership).filter(|m| m.log_id() > membership.log_id())
                 {
@@ -251,9 +244,9 @@ impl QueueStateMachine {
         }
         inner.last_applied = Some(upto);
         inner.membership = membership;
-        let low_water = state.low_water();
+        let purge_point = state.purge_point();
         *self.lock_state() = state;
-        self.purge_floor.store(low_water, Ordering::Release);
+        self.purge_floor.store(purge_point, Ordering::Release);
         if let Some(status) = &self.status {
             status.send_modify(|s| s.applied = end);
         }
@@ -293,29 +286,29 @@ fn apply_one(
     inner: &mut Inner,
     state: &mut PartitionState,
     entry: &RaftEntry,
-) -> Result<Applied, prost::DecodeError> {
-    // The delivery state is keyed by partition-log index (a message's offset).
+) -> Result<Applied, BadEntry> {
+    // The delivery state is keyed by partition-log index (offsets name entries).
     let index = codec::log_index(entry.log_id.index);
-    // A leader applied its own commands when it proposed them: below the state's next index
-    // an entry is already in the state.
-    let fresh = index >= state.next_index();
+    // A leader applied its own commands when it staged them: below the state's next entry an
+    // entry is already in the state.
+    let fresh = index >= state.next_entry();
     match &entry.payload {
         EntryPayload::Normal(data) => {
             // The leader validates commands before proposing them, so a committed entry that
             // does not decode is damage, not input: stop rather than diverge.
-            let command = LogCommand::decode(data.as_ref())?;
+            let commands = crate::queue::entry::decode(index, data.as_ref())?;
             if fresh {
-                state.apply(index, &command);
+                state.apply_commands(index, &commands);
             }
         }
         EntryPayload::Blank => {
             if fresh {
-                state.apply(index, &LogCommand::default());
+                state.apply_commands(index, &[]);
             }
         }
         EntryPayload::Membership(m) => {
             if fresh {
-                state.apply(index, &LogCommand::default());
+                state.apply_commands(index, &[]);
             }
             inner.membership = StoredMembership::new(Some(entry.log_id), m.clone());
         }
@@ -329,8 +322,7 @@ impl RaftSnapshotBuilder<TypeConfig> for QueueStateMachine {
         let mut inner = self.inner.lock().await;
         let last = inner.last_applied;
         // Partition-log indices: from the lowest unsettled offset to the last applied entry.
-        let low_water = self.lock_state().low_water();
-        let from = low_water.max(self.log.first_index());
+        let from = self.lock_state().purge_point().max(self.log.first_index());
         let upto = last.map_or(0, |l| codec::log_index(l.index));
         let mut entries = Vec::new();
         let mut next = from;
@@ -400,7 +392,7 @@ impl RaftStateMachine<TypeConfig> for QueueStateMachine {
                     .map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
                 out.push(applied);
             }
-            state.low_water()
+            state.purge_point()
         };
         self.purge_floor.store(low_water, Ordering::Release);
         if inner.membership.log_id() != &membership_before {
@@ -465,12 +457,13 @@ impl RaftStateMachine<TypeConfig> for QueueStateMachine {
                     source,
                 })
             })?;
-            let command = match &entry.payload {
-                EntryPayload::Normal(data) => LogCommand::decode(data.as_ref())
+            let index = codec::log_index(entry.log_id.index);
+            let commands = match &entry.payload {
+                EntryPayload::Normal(data) => crate::queue::entry::decode(index, data.as_ref())
                     .map_err(|e| StorageIOError::apply(entry.log_id, &e))?,
-                _ => LogCommand::default(),
+                _ => Vec::new(),
             };
-            state.apply(codec::log_index(entry.log_id.index), &command);
+            state.apply_commands(index, &commands);
             if self.write_log {
                 if !run.1.is_empty() && run.0 != term {
                     self.append_run(&run)
@@ -492,7 +485,7 @@ impl RaftStateMachine<TypeConfig> for QueueStateMachine {
         }
         self.save_membership(&meta.last_membership)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        let low_water = state.low_water();
+        let low_water = state.purge_point();
         *self.lock_state() = state;
         inner.last_applied = meta.last_log_id;
         inner.membership = meta.last_membership.clone();

@@ -39,14 +39,14 @@ fn publish(payload: &str) -> Bytes {
     )
 }
 
-fn ack(offset: u64, size: u32) -> Bytes {
+fn ack(entry: u64, size: u32) -> Bytes {
     Bytes::from(
         LogCommand {
             command: Some(Command::Settle(SettleCommand {
                 time_ms: 2,
                 kind: SettleKind::Ack as i32,
                 messages: vec![MessageRef {
-                    offset,
+                    offset: crate::queue::entry::offset(entry, 0),
                     size,
                     ..Default::default()
                 }],
