@@ -239,7 +239,7 @@ async fn write(raft: &Raft, payload: &str) -> u64 {
         .await
         .expect("the write commits in time")
         .expect("the write commits");
-    // The applied result names the partition-log index: the message's offset.
+    // The applied result names the partition-log index (a message there is at offset index << 16).
     assert_eq!(response.data.index, codec::log_index(response.log_id.index));
     response.data.index
 }
@@ -351,16 +351,17 @@ async fn a_leader_without_a_quorum_cannot_commit() {
     }
 }
 
-fn ack(offsets: std::ops::RangeInclusive<u64>) -> Bytes {
+/// Acks the messages of the one-command entries `entries`.
+fn ack(entries: std::ops::RangeInclusive<u64>) -> Bytes {
     use sluice_proto::storage::v1::{MessageRef, SettleCommand, SettleKind};
     Bytes::from(
         LogCommand {
             command: Some(Command::Settle(SettleCommand {
                 time_ms: 2,
                 kind: SettleKind::Ack as i32,
-                messages: offsets
-                    .map(|offset| MessageRef {
-                        offset,
+                messages: entries
+                    .map(|entry| MessageRef {
+                        offset: sluice_agent::queue::entry::offset(entry, 0),
                         attempt: 1,
                         size: 3,
                         ..Default::default()
@@ -395,14 +396,14 @@ async fn a_replica_that_lost_its_disk_is_rebuilt_from_a_snapshot_and_restarts_fr
     let leader = wait_for_leader(&replicas).await;
 
     // 60 messages; the first 40 acked: the snapshot must carry only the 20 unsettled bodies.
-    let mut offsets = Vec::new();
+    let mut entries = Vec::new();
     for i in 0..60 {
-        offsets.push(write(&replica(&replicas, leader).raft, &format!("m{i:02}")).await);
+        entries.push(write(&replica(&replicas, leader).raft, &format!("m{i:02}")).await);
     }
     let mut last = write(&replica(&replicas, leader).raft, "").await;
     let settle = replica(&replicas, leader)
         .raft
-        .client_write(ack(offsets[0]..=offsets[39]))
+        .client_write(ack(entries[0]..=entries[39]))
         .await
         .expect("ack commits");
     last = last.max(settle.data.index);
@@ -450,7 +451,7 @@ async fn a_replica_that_lost_its_disk_is_rebuilt_from_a_snapshot_and_restarts_fr
     let rebuilt = Replica::start_with(id, &dir, listener, config.clone()).await;
     wait_applied(&rebuilt, last).await;
     // Its log starts at the lowest unsettled message: the acked prefix was never copied.
-    assert_eq!(rebuilt.log.first_index(), offsets[40]);
+    assert_eq!(rebuilt.log.first_index(), entries[40]);
     let expected: Vec<String> = (40..90)
         .map(|i| format!("m{i:02}"))
         .filter(|p| !p.is_empty())
