@@ -971,13 +971,14 @@ impl Broker {
         cluster: &ClusterContext,
         spec: QueueSpec,
     ) -> Result<(QueueSpec, bool), BrokerError> {
-        let existing = cluster
-            .meta
-            .catalog()
-            .borrow()
-            .queues
-            .get(&spec.name)
-            .cloned();
+        let catalog = cluster.meta.current();
+        if cluster.config.is_joining() && catalog.state_of(cluster.config.node_id).is_none() {
+            return Err(BrokerError::Unavailable(format!(
+                "agent {} joins the cluster and has not been added yet (Membership.AddAgent); declare queues at a member",
+                cluster.config.node_id
+            )));
+        }
+        let existing = catalog.queues.get(&spec.name).cloned();
         if let Some(existing) = existing {
             return match difference(&existing, &spec) {
                 Some(difference) => Err(BrokerError::QueueExists {

@@ -85,9 +85,11 @@ impl Catalog {
             Some(Command::SetAgentState(s)) => {
                 let to = AgentState::try_from(s.state).unwrap_or(AgentState::Unspecified);
                 let from = AgentState::try_from(s.from).unwrap_or(AgentState::Unspecified);
+                // A drain of a drained agent leaves it drained (DrainAgent is idempotent).
                 if let Some(agent) = self.agents.get_mut(&s.node_id)
                     && to != AgentState::Unspecified
                     && (from == AgentState::Unspecified || agent.state == from)
+                    && !(to == AgentState::Draining && agent.state == AgentState::Drained)
                 {
                     agent.state = to;
                 }
@@ -334,6 +336,8 @@ mod tests {
         c.apply(&set_state(3, AgentState::Active, AgentState::Joining));
         assert_eq!(c.state_of(3), Some(AgentState::Draining));
         c.apply(&set_state(3, AgentState::Drained, AgentState::Draining));
+        c.apply(&set_state(3, AgentState::Draining, AgentState::Unspecified));
+        assert_eq!(c.state_of(3), Some(AgentState::Drained), "a drain again changes nothing");
         c.apply(&command(Command::RemoveAgent(pb::RemoveAgent { node_id: 3 })));
         assert_eq!(c.state_of(3), None);
         assert!(c.removed.contains(&3));
