@@ -145,6 +145,15 @@ impl Catalog {
             .filter(|a| !a.is_empty())
     }
 
+    /// The client address of every agent that has one, by node id.
+    pub fn client_addresses(&self) -> BTreeMap<NodeId, String> {
+        self.agents
+            .iter()
+            .filter(|(_, a)| !a.client_address.is_empty())
+            .map(|(id, a)| (*id, a.client_address.clone()))
+            .collect()
+    }
+
     /// The catalog as a snapshot message.
     pub fn to_pb(&self) -> pb::CatalogSnapshot {
         pb::CatalogSnapshot {
