@@ -613,35 +613,27 @@ impl Broker {
         for link in &links {
             let view = GroupView::of(&link.raft.metrics().borrow());
             if let Some(step) = reconcile::next_step(&view, &catalog, &nothing) {
-                self.carry_out(cluster, &link.group, &link.raft, &view, step)
-                    .await;
+                self.carry_out(&link.group, &link.raft, step).await;
             }
             let leaving = matches!(
                 catalog.state_of(me),
                 Some(sluice_proto::v1::AgentState::Draining | sluice_proto::v1::AgentState::Drained)
             );
-            if leaving && view.settled && !view.voters.is_empty() && !view.counts(me) {
+            // `target`, not the settled membership: the final configuration without this
+            // agent may never reach it (its leader stops replicating to it).
+            if leaving && !view.target.is_empty() && !view.target.contains(&me) {
                 self.drop_replica(cluster, link).await;
                 continue;
             }
             views.push(view);
         }
         let meta_view = GroupView::of(&cluster.meta.raft().metrics().borrow());
-        // The meta group keeps a draining agent while a partition still counts it, so it goes
-        // on learning the catalog (and that it is draining).
-        let keep = views
-            .iter()
-            .flat_map(|v| v.voters.iter().chain(v.learners.iter()).copied())
-            .collect();
+        // The meta group keeps a draining agent while it leads a partition, so it learns the
+        // catalog (that it is draining) until it has removed itself from its groups.
+        let keep = views.iter().filter_map(|v| v.leader).collect();
         if let Some(step) = reconcile::next_step(&meta_view, &catalog, &keep) {
-            self.carry_out(
-                cluster,
-                crate::cluster::META_GROUP,
-                cluster.meta.raft(),
-                &meta_view,
-                step,
-            )
-            .await;
+            self.carry_out(crate::cluster::META_GROUP, cluster.meta.raft(), step)
+                .await;
         }
         if !meta_view.is_leader {
             return;
@@ -677,15 +669,12 @@ impl Broker {
 
     async fn carry_out(
         &self,
-        cluster: &ClusterContext,
         group: &str,
         raft: &openraft::Raft<crate::replication::TypeConfig>,
-        view: &crate::cluster::reconcile::GroupView,
         step: crate::cluster::reconcile::Step,
     ) {
-        let peer = |node| self.peer_address(cluster, view, node);
-        match crate::cluster::reconcile::execute(group, raft, &step, peer).await {
-            Ok(changed) => tracing::info!(%group, ?step, changed, "membership step"),
+        match crate::cluster::reconcile::execute(group, raft, &step).await {
+            Ok(()) => tracing::info!(%group, ?step, "membership step"),
             Err(e) => tracing::debug!(error = %e, "membership step failed; retrying next round"),
         }
     }

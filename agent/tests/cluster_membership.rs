@@ -357,16 +357,27 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
     assert!(summary.confirmed > 0, "the load confirmed nothing");
     summary.assert_guarantees();
 
-    // Phase 7: a hand-off asked at any agent moves the new agent's leaderships away.
-    let handed = membership(&cluster, 1)
-        .hand_off_leadership(HandOffLeadershipRequest { node_id: new_id })
+    // Phase 7: a hand-off asked at another agent moves the queue leader's leaderships away
+    // (three voters remain, for which a transfer is exact).
+    let view = get_cluster(&cluster, 2).await.expect("GetCluster");
+    let leader = view.partitions[0].leader.expect("partition 0 has a leader");
+    let asked = [1, 2, new]
+        .into_iter()
+        .find(|&i| i as u64 != leader)
+        .expect("another agent");
+    let handed = membership(&cluster, asked)
+        .hand_off_leadership(HandOffLeadershipRequest { node_id: leader })
         .await
         .expect("HandOffLeadership")
         .into_inner();
-    eprintln!("hand-off of agent {new}: {handed:?}");
+    eprintln!("hand-off of agent {leader}, asked at agent {asked}: {handed:?}");
+    assert!(handed.moved >= 1, "{handed:?}");
+    assert!(handed.remaining.is_empty(), "{handed:?}");
+    let view = get_cluster(&cluster, asked).await.expect("GetCluster");
     assert!(
-        handed.remaining.is_empty(),
-        "every group has a caught-up voter elsewhere: {handed:?}"
+        view.partitions.iter().all(|p| p.leader != Some(leader)),
+        "{:?}",
+        view.partitions
     );
 }
 

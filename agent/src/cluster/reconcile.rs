@@ -36,6 +36,10 @@ pub struct GroupView {
     pub voters: BTreeSet<NodeId>,
     /// Non-voting members of it.
     pub learners: BTreeSet<NodeId>,
+    /// The members the group is moving to: the last configuration of a joint membership (or
+    /// the only one) and the learners. A replica that is not among them is being removed,
+    /// even when the final membership never reaches it (its leader stops replicating to it).
+    pub target: BTreeSet<NodeId>,
     /// Peer addresses of every member.
     pub addresses: BTreeMap<NodeId, String>,
     /// Whether that membership is committed and not a joint configuration: only then may the
@@ -54,6 +58,14 @@ impl GroupView {
         let membership = stored.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        let target = membership
+            .get_joint_config()
+            .last()
+            .into_iter()
+            .flatten()
+            .chain(learners.iter())
+            .copied()
+            .collect();
         let addresses = membership
             .nodes()
             .map(|(id, node)| (*id, node.addr.clone()))
@@ -80,6 +92,7 @@ impl GroupView {
             leader: metrics.current_leader,
             voters,
             learners,
+            target,
             addresses,
             settled: committed && membership.get_joint_config().len() <= 1,
             matched,
@@ -112,11 +125,6 @@ impl GroupView {
 /// One membership change of one group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// This leader is leaving: ask `to` to take over first.
-    HandOff {
-        /// The successor.
-        to: NodeId,
-    },
     /// Start replicating to `node` as a learner.
     AddLearner {
         /// The agent.
@@ -129,7 +137,9 @@ pub enum Step {
         /// The agent.
         node: NodeId,
     },
-    /// Take a leaving agent out of the group altogether (voter or learner).
+    /// Take a leaving agent out of the group altogether (voter or learner). When it is the
+    /// leader itself, openraft commits the change and then steps down, and the remaining
+    /// voters elect a successor.
     Remove {
         /// The agent.
         node: NodeId,
@@ -137,8 +147,14 @@ pub enum Step {
 }
 
 /// The next change the leader of a group makes, if any. `keep` lists agents that must stay
-/// members for now although they are leaving (the meta group keeps a draining agent until no
-/// partition counts it, so that agent goes on learning the catalog).
+/// members for now although they are leaving (the meta group keeps a draining agent while it
+/// still leads partitions, so it goes on learning the catalog until it has left them).
+///
+/// A leaving leader removes itself: openraft 0.9 has no leadership transfer, and the
+/// campaign-based hand-off (decision 0009) is exact only with three voters, while a drain
+/// always starts with more (the remaining ACTIVE agents must hold the replication factor).
+/// openraft keeps it leading until the change is committed, then it steps down; the others
+/// elect a successor within an election timeout.
 pub fn next_step(view: &GroupView, catalog: &Catalog, keep: &BTreeSet<NodeId>) -> Option<Step> {
     if !view.is_leader || !view.settled {
         return None;
@@ -146,21 +162,19 @@ pub fn next_step(view: &GroupView, catalog: &Catalog, keep: &BTreeSet<NodeId>) -
     let state = |n: NodeId| catalog.state_of(n);
     let leaving =
         |n: NodeId| matches!(state(n), Some(AgentState::Draining | AgentState::Drained));
-    // Leadership moves off a leaving agent before anything else: its own removal is done by
-    // its successor.
-    if leaving(view.me) {
-        return view.successor(catalog).map(|to| Step::HandOff { to });
-    }
     // Removals first, so a drain finishes even while a join waits for a slow learner. A
-    // removed agent (RemoveAgent after DRAINED) that still counts is taken out too.
+    // removed agent (RemoveAgent after DRAINED) that still counts is taken out too. Others
+    // go before the leader itself, which steps down with its own removal.
     let gone = |n: NodeId| leaving(n) || (state(n).is_none() && catalog.removed.contains(&n));
-    if let Some(node) = view
+    let mut candidates: Vec<NodeId> = view
         .learners
         .iter()
         .chain(view.voters.iter())
         .copied()
-        .find(|n| *n != view.me && gone(*n) && !keep.contains(n))
-    {
+        .filter(|n| gone(*n) && !keep.contains(n))
+        .collect();
+    candidates.sort_by_key(|n| *n == view.me);
+    if let Some(&node) = candidates.first() {
         // The last voter never removes itself or leaves a group without voters.
         if !view.voters.contains(&node) || view.voters.len() > 1 {
             return Some(Step::Remove { node });
@@ -223,39 +237,26 @@ pub struct StepError {
     pub reason: String,
 }
 
-/// Carries out a membership step of `group` on its leader `raft`. Hand-offs go through the
-/// peer `TransferLeadership` call to the successor at `peer`; returns whether something
-/// changed.
-pub async fn execute(
-    group: &str,
-    raft: &Raft,
-    step: &Step,
-    peer: impl Fn(NodeId) -> Option<String>,
-) -> Result<bool, StepError> {
+/// Carries out a membership step of `group` on its leader `raft`, waiting until openraft
+/// committed it.
+pub async fn execute(group: &str, raft: &Raft, step: &Step) -> Result<(), StepError> {
     let failed = |reason: String| StepError {
         group: group.to_owned(),
         step: step.clone(),
         reason,
     };
     match step {
-        Step::HandOff { to } => {
-            let address = peer(*to).ok_or_else(|| failed(format!("no peer address of {to}")))?;
-            let outcome = super::client::transfer_leadership(&address, group)
-                .await
-                .map_err(|e| failed(e.to_string()))?;
-            Ok(outcome.is_leader || outcome.leader == Some(*to))
-        }
         Step::AddLearner { node, address } => {
             raft.add_learner(*node, BasicNode::new(address), false)
                 .await
                 .map_err(|e| failed(e.to_string()))?;
-            Ok(true)
+            Ok(())
         }
         Step::Promote { node } => {
             raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*node])), true)
                 .await
                 .map_err(|e| failed(e.to_string()))?;
-            Ok(true)
+            Ok(())
         }
         Step::Remove { node } => {
             let metrics = raft.metrics().borrow().clone();
@@ -273,7 +274,7 @@ pub async fn execute(
             raft.change_membership(change, false)
                 .await
                 .map_err(|e| failed(e.to_string()))?;
-            Ok(true)
+            Ok(())
         }
     }
 }
@@ -308,6 +309,7 @@ mod tests {
             leader: Some(voters[0]),
             voters: voters.iter().copied().collect(),
             learners: learners.iter().copied().collect(),
+            target: voters.iter().chain(learners).copied().collect(),
             addresses: BTreeMap::new(),
             settled: true,
             matched: voters
@@ -356,16 +358,28 @@ mod tests {
     }
 
     #[test]
-    fn a_draining_leader_hands_off_to_an_active_voter_before_anything_is_removed() {
+    fn a_draining_leader_removes_the_other_leaving_agents_then_itself_unless_kept() {
+        let c = catalog(&[(0, Draining), (1, Draining), (2, Active), (3, Active)]);
+        let view = leader_view(&[0, 1, 2, 3], &[]);
+        assert_eq!(
+            next_step(&view, &c, &BTreeSet::new()),
+            Some(Step::Remove { node: 1 })
+        );
+        let view = leader_view(&[0, 2, 3], &[]);
+        assert_eq!(
+            next_step(&view, &c, &BTreeSet::new()),
+            Some(Step::Remove { node: 0 })
+        );
+        assert_eq!(next_step(&view, &c, &BTreeSet::from([0])), None);
+    }
+
+    #[test]
+    fn the_successor_of_a_leader_is_the_most_caught_up_voter_not_leaving() {
         let c = catalog(&[(0, Draining), (1, Draining), (2, Active), (3, Active)]);
         let mut view = leader_view(&[0, 1, 2, 3], &[]);
         view.matched.insert(2, 900);
         view.matched.insert(1, 1_000);
-        assert_eq!(
-            next_step(&view, &c, &BTreeSet::new()),
-            Some(Step::HandOff { to: 3 }),
-            "the most caught-up voter that is not leaving"
-        );
+        assert_eq!(view.successor(&c), Some(3));
     }
 
     #[test]
