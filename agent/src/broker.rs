@@ -530,19 +530,17 @@ impl Broker {
             }
             let moved = match view.successor(&catalog) {
                 Some(node) => match self.peer_address(cluster, &view, node) {
-                    Some(peer) => {
-                        match crate::cluster::transfer_leadership(&peer, &group).await {
-                            Ok(outcome) => {
-                                let moved = outcome.is_leader || outcome.leader == Some(node);
-                                tracing::info!(%group, to = node, moved, "handed leadership away");
-                                moved
-                            }
-                            Err(e) => {
-                                tracing::warn!(%group, error = %e, "leadership hand-off failed");
-                                false
-                            }
+                    Some(peer) => match crate::cluster::transfer_leadership(&peer, &group).await {
+                        Ok(outcome) => {
+                            let moved = outcome.is_leader || outcome.leader == Some(node);
+                            tracing::info!(%group, to = node, moved, "handed leadership away");
+                            moved
                         }
-                    }
+                        Err(e) => {
+                            tracing::warn!(%group, error = %e, "leadership hand-off failed");
+                            false
+                        }
+                    },
                     None => false,
                 },
                 None => false,
@@ -617,7 +615,9 @@ impl Broker {
             }
             let leaving = matches!(
                 catalog.state_of(me),
-                Some(sluice_proto::v1::AgentState::Draining | sluice_proto::v1::AgentState::Drained)
+                Some(
+                    sluice_proto::v1::AgentState::Draining | sluice_proto::v1::AgentState::Drained
+                )
             );
             // `target`, not the settled membership: the final configuration without this
             // agent may never reach it (its leader stops replicating to it).
@@ -687,7 +687,9 @@ impl Broker {
         cluster.groups.remove(&link.group);
         match tokio::time::timeout(RAFT_STOP_TIMEOUT, link.raft.shutdown()).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(group = %link.group, error = %e, "raft did not stop cleanly"),
+            Ok(Err(e)) => {
+                tracing::warn!(group = %link.group, error = %e, "raft did not stop cleanly")
+            }
             Err(_) => tracing::warn!(group = %link.group, "raft did not stop in time"),
         }
         let Some((queue, partition)) = link

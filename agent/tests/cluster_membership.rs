@@ -194,7 +194,9 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Phase 2: a fourth agent starts beyond --peers and is added through agent 1.
-    let new = cluster.start_joining(root.path()).expect("joining agent starts");
+    let new = cluster
+        .start_joining(root.path())
+        .expect("joining agent starts");
     let add = AddAgentRequest {
         node_id: new as u64,
         peer_address: cluster.nodes[new].peer.to_string(),
@@ -281,7 +283,9 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
                 && v.partitions
                     .iter()
                     .all(|p| !p.voters.contains(&0) && !p.learners.contains(&0))
-                && v.partitions.iter().all(|p| p.leader.is_some_and(|l| l != 0))
+                && v.partitions
+                    .iter()
+                    .all(|p| p.leader.is_some_and(|l| l != 0))
         },
     )
     .await;
@@ -301,10 +305,21 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
         .drain_agent(DrainAgentRequest { node_id: 1 })
         .await
         .expect_err("drain below the replication factor");
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
-    assert!(refused.message().contains("replication factor"), "{refused:?}");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("replication factor"),
+        "{refused:?}"
+    );
     let view = get_cluster(&cluster, 2).await.expect("GetCluster");
-    assert_eq!(state_of(&view, 1), Some(AgentState::Active), "nothing changed");
+    assert_eq!(
+        state_of(&view, 1),
+        Some(AgentState::Active),
+        "nothing changed"
+    );
 
     // Phase 5: agent 0 is forgotten and stopped; the load goes on.
     membership(&cluster, 1)

@@ -346,8 +346,14 @@ mod tests {
         assert_eq!(c.state_of(3), Some(AgentState::Draining));
         c.apply(&set_state(3, AgentState::Drained, AgentState::Draining));
         c.apply(&set_state(3, AgentState::Draining, AgentState::Unspecified));
-        assert_eq!(c.state_of(3), Some(AgentState::Drained), "a drain again changes nothing");
-        c.apply(&command(Command::RemoveAgent(pb::RemoveAgent { node_id: 3 })));
+        assert_eq!(
+            c.state_of(3),
+            Some(AgentState::Drained),
+            "a drain again changes nothing"
+        );
+        c.apply(&command(Command::RemoveAgent(pb::RemoveAgent {
+            node_id: 3,
+        })));
         assert_eq!(c.state_of(3), None);
         assert!(c.removed.contains(&3));
         c.apply(&add);
@@ -361,7 +367,9 @@ mod tests {
         c.apply(&declare("a", 1));
         c.apply(&declare("b", 2));
         c.apply(&set_state(2, AgentState::Draining, AgentState::Active));
-        c.apply(&command(Command::RemoveAgent(pb::RemoveAgent { node_id: 1 })));
+        c.apply(&command(Command::RemoveAgent(pb::RemoveAgent {
+            node_id: 1,
+        })));
         assert_eq!(Catalog::from_pb(c.to_pb()), c);
     }
 
@@ -369,7 +377,9 @@ mod tests {
     fn empty_commands_change_nothing() {
         let mut c = Catalog::default();
         c.apply(&pb::MetaCommand { command: None });
-        c.apply(&command(Command::DeclareQueue(pb::DeclareQueue { spec: None })));
+        c.apply(&command(Command::DeclareQueue(pb::DeclareQueue {
+            spec: None,
+        })));
         assert_eq!(c, Catalog::default());
     }
 }

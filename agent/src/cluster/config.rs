@@ -193,13 +193,15 @@ impl ClusterConfig {
                 }
                 value
             }
-            None => entry
-                .cloned()
-                .ok_or_else(|| ClusterConfigError::JoiningWithoutPeerAdvertise {
-                    pod_name: pod_name.to_owned(),
-                    node_id,
-                    peers: peers.len(),
-                })?,
+            None => {
+                entry
+                    .cloned()
+                    .ok_or_else(|| ClusterConfigError::JoiningWithoutPeerAdvertise {
+                        pod_name: pod_name.to_owned(),
+                        node_id,
+                        peers: peers.len(),
+                    })?
+            }
         };
         let own = &peer_advertise;
         let advertise = match advertise {
@@ -465,7 +467,10 @@ mod tests {
     #[test]
     fn a_peer_advertise_address_must_be_host_port_and_fit_the_peers() {
         let e = joining("orders-3", "nohost").expect_err("refused");
-        assert!(e.to_string().starts_with("--peer-advertise \"nohost\""), "{e}");
+        assert!(
+            e.to_string().starts_with("--peer-advertise \"nohost\""),
+            "{e}"
+        );
         assert_eq!(
             joining("orders-3", THREE[2]),
             Err(ClusterConfigError::PeerAdvertiseTaken {

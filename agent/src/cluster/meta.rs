@@ -285,7 +285,12 @@ impl MetaGroup {
             .get_node(&node)
             .map(|n| n.addr.clone());
         from_membership
-            .or_else(|| self.current().agents.get(&node).map(|a| a.peer_address.clone()))
+            .or_else(|| {
+                self.current()
+                    .agents
+                    .get(&node)
+                    .map(|a| a.peer_address.clone())
+            })
             .or_else(|| {
                 usize::try_from(node)
                     .ok()

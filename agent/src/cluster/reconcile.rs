@@ -160,8 +160,7 @@ pub fn next_step(view: &GroupView, catalog: &Catalog, keep: &BTreeSet<NodeId>) -
         return None;
     }
     let state = |n: NodeId| catalog.state_of(n);
-    let leaving =
-        |n: NodeId| matches!(state(n), Some(AgentState::Draining | AgentState::Drained));
+    let leaving = |n: NodeId| matches!(state(n), Some(AgentState::Draining | AgentState::Drained));
     // Removals first, so a drain finishes even while a join waits for a slow learner. A
     // removed agent (RemoveAgent after DRAINED) that still counts is taken out too. Others
     // go before the leader itself, which steps down with its own removal.
@@ -206,7 +205,10 @@ pub fn next_step(view: &GroupView, catalog: &Catalog, keep: &BTreeSet<NodeId>) -
 /// (`groups`: the meta group and every partition of every queue): a JOINING agent becomes
 /// ACTIVE once every group counts it as a voter, a DRAINING one DRAINED once none counts it.
 /// Views of unsettled memberships decide nothing (a change may still be rolled back).
-pub fn agent_moves(catalog: &Catalog, groups: &[GroupView]) -> Vec<(NodeId, AgentState, AgentState)> {
+pub fn agent_moves(
+    catalog: &Catalog,
+    groups: &[GroupView],
+) -> Vec<(NodeId, AgentState, AgentState)> {
     if groups.iter().any(|g| !g.settled) {
         return Vec::new();
     }
@@ -312,16 +314,12 @@ mod tests {
             target: voters.iter().chain(learners).copied().collect(),
             addresses: BTreeMap::new(),
             settled: true,
-            matched: voters
-                .iter()
-                .chain(learners)
-                .map(|n| (*n, 1_000))
-                .collect(),
+            matched: voters.iter().chain(learners).map(|n| (*n, 1_000)).collect(),
             last_index: 1_000,
         }
     }
 
-    use AgentState::{Active, Draining, Drained, Joining};
+    use AgentState::{Active, Drained, Draining, Joining};
 
     #[test]
     fn a_joining_agent_is_added_as_a_learner_then_promoted_once_caught_up() {

@@ -229,10 +229,12 @@ fn agent_pb(
 }
 
 fn channel(address: &str) -> Result<tonic::transport::Channel, MembershipError> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| MembershipError::BadAddress {
-            address: address.to_owned(),
-            reason: e.to_string(),
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{address}")).map_err(|e| {
+            MembershipError::BadAddress {
+                address: address.to_owned(),
+                reason: e.to_string(),
+            }
         })?;
     Ok(endpoint.connect_lazy())
 }
@@ -241,9 +243,10 @@ fn channel(address: &str) -> Result<tonic::transport::Channel, MembershipError> 
 async fn local_view(address: &str) -> Result<GetClusterResponse, MembershipError> {
     let mut request = Request::new(GetClusterRequest {});
     request.set_timeout(LOCAL_VIEW_TIMEOUT);
-    request
-        .metadata_mut()
-        .insert(LOCAL_ONLY_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    request.metadata_mut().insert(
+        LOCAL_ONLY_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
     let mut client = MembershipClient::new(channel(address)?);
     client
         .get_cluster(request)
@@ -291,9 +294,7 @@ impl MembershipError {
             },
             Self::Meta(_) => Status::unavailable(message),
             // The other agent's own answer, passed on as it is.
-            Self::Forward { status, .. } => {
-                Status::new(status.code(), message)
-            }
+            Self::Forward { status, .. } => Status::new(status.code(), message),
             Self::BadAddress { .. } => Status::internal(message),
         }
     }
