@@ -92,6 +92,9 @@ pub struct Shape {
     pub replicas: i32,
     /// Agents listed in `SLUICE_PEERS`.
     pub bootstrap_replicas: i32,
+    /// `SLUICE_REPLICATION_FACTOR`: fixed at bootstrap like the peers, since the agents
+    /// refuse a factor above their bootstrap peer count and apply it cluster-wide.
+    pub replication_factor: i32,
     /// Size of the claim template.
     pub claim_size: String,
 }
@@ -99,9 +102,13 @@ pub struct Shape {
 impl Shape {
     /// The shape of a StatefulSet created now from `mq`'s spec.
     pub fn initial(mq: &MessageQueue) -> Self {
+        let factor = Names::of(mq)
+            .map(|names| replication_factor(mq, &names))
+            .unwrap_or(1);
         Self {
             replicas: mq.spec.replicas,
             bootstrap_replicas: mq.spec.replicas,
+            replication_factor: factor,
             claim_size: mq.spec.storage.size.clone(),
         }
     }
@@ -119,7 +126,7 @@ impl Shape {
             .and_then(|a| a.get(BOOTSTRAP_ANNOTATION))
             .and_then(|v| v.parse::<i32>().ok())
             .filter(|n| *n > 0);
-        let from_env = || {
+        let env_value = |name: &str| {
             sts.spec
                 .as_ref()?
                 .template
@@ -131,16 +138,20 @@ impl Shape {
                 .env
                 .as_ref()?
                 .iter()
-                .find(|e| e.name == env::PEERS)?
+                .find(|e| e.name == name)?
                 .value
-                .as_ref()
-                .and_then(|v| i32::try_from(v.split(',').count()).ok())
+                .clone()
         };
+        let peers_in_env =
+            || env_value(env::PEERS).and_then(|v| i32::try_from(v.split(',').count()).ok());
         Self {
             replicas,
             bootstrap_replicas: annotated
-                .or_else(from_env)
+                .or_else(peers_in_env)
                 .unwrap_or(initial.bootstrap_replicas),
+            replication_factor: env_value(env::REPLICATION_FACTOR)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(initial.replication_factor),
             claim_size: template_claim_size(sts).unwrap_or(initial.claim_size),
         }
     }
@@ -266,7 +277,7 @@ fn agent_container(
     mq: &MessageQueue,
     names: &Names,
     settings: &Settings,
-    bootstrap_replicas: i32,
+    shape: &Shape,
 ) -> Container {
     let image = mq
         .spec
@@ -290,7 +301,7 @@ fn agent_container(
             env_value(
                 env::PEERS,
                 names
-                    .peers(bootstrap_replicas, &settings.cluster_domain)
+                    .peers(shape.bootstrap_replicas, &settings.cluster_domain)
                     .join(","),
             ),
             env_value(env::PEER_LISTEN, format!("0.0.0.0:{PEER_PORT}")),
@@ -300,7 +311,7 @@ fn agent_container(
             ),
             env_value(
                 env::REPLICATION_FACTOR,
-                replication_factor(mq, names).to_string(),
+                shape.replication_factor.to_string(),
             ),
             // Must stay after POD_NAME: `$(VAR)` only expands variables defined before it.
             env_value(
@@ -459,12 +470,7 @@ pub fn build(
                         ..PodSecurityContext::default()
                     }),
                     topology_spread_constraints: Some(topology_spread(names)),
-                    containers: vec![agent_container(
-                        mq,
-                        names,
-                        settings,
-                        shape.bootstrap_replicas,
-                    )],
+                    containers: vec![agent_container(mq, names, settings, shape)],
                     volumes: Some(vec![
                         Volume {
                             name: CONFIG_VOLUME.to_owned(),

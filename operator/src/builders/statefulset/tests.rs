@@ -166,6 +166,7 @@ fn peers_env_is_the_bootstrap_set_and_stays_when_replicas_change() {
     let scaled_mq = test_mq(serde_json::json!({"replicas": 5}));
     let shape = Shape::of_existing(&scaled_mq, &created, 5);
     assert_eq!(shape.bootstrap_replicas, 3);
+    assert_eq!(shape.replication_factor, 3);
     let scaled = build(&scaled_mq, &names, &Settings::default(), &shape).unwrap();
 
     assert_eq!(scaled.spec.as_ref().unwrap().replicas, Some(5));
@@ -177,6 +178,23 @@ fn peers_env_is_the_bootstrap_set_and_stays_when_replicas_change() {
     assert_eq!(
         scaled.metadata.annotations.as_ref().unwrap()[BOOTSTRAP_ANNOTATION],
         "3"
+    );
+}
+
+#[test]
+fn replication_factor_env_stays_the_bootstrap_one_when_replicas_grow() {
+    let mq = test_mq(serde_json::json!({"replicas": 1}));
+    let names = Names::of(&mq).unwrap();
+    let created = build(&mq, &names, &Settings::default(), &Shape::initial(&mq)).unwrap();
+    let grown = test_mq(serde_json::json!({"replicas": 3}));
+    let shape = Shape::of_existing(&grown, &created, 3);
+    let sts = build(&grown, &names, &Settings::default(), &shape).unwrap();
+    assert_eq!(
+        env_of(&agent(&sts), env::REPLICATION_FACTOR)
+            .value
+            .as_deref(),
+        Some("1"),
+        "the agents refuse a factor above their bootstrap peers"
     );
 }
 
