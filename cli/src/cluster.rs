@@ -96,7 +96,11 @@ fn request<T>(message: T) -> tonic::Request<T> {
 /// A channel to the first of `endpoints` that accepts a connection.
 async fn connect(endpoints: &str) -> anyhow::Result<Channel> {
     let mut last = None;
-    for endpoint in endpoints.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+    for endpoint in endpoints
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+    {
         let parsed = Endpoint::from_shared(endpoint.to_owned())
             .with_context(|| format!("--endpoint {endpoint:?}"))?
             .connect_timeout(CONNECT_TIMEOUT);
@@ -118,10 +122,7 @@ fn ids(ids: &[u64]) -> String {
     if ids.is_empty() {
         return "-".to_owned();
     }
-    ids.iter()
-        .map(u64::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// The agents table, then the partitions table.
