@@ -120,6 +120,9 @@ const TAKE_BATCH_MAX: usize = 256;
 const TIMER_IDLE_MS: u64 = 250;
 /// How often an agent checks that the partitions it leads are led by their preferred agent.
 const BALANCE_INTERVAL: Duration = Duration::from_secs(2);
+/// How often an agent moves the groups it leads towards the catalog's membership (decision
+/// 0011). Each round makes at most one change per group and waits for it to commit.
+const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
 /// Longest a stopping agent waits for one Raft group to stop.
 const RAFT_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest a stopping agent spends handing its leaderships away.
@@ -192,8 +195,11 @@ pub struct Broker {
     next_consumer: AtomicU64,
     /// Timer task per queue.
     timers: Mutex<Vec<JoinHandle<()>>>,
-    /// Catalog follower and leader balancer (cluster mode); aborted at shutdown.
+    /// Catalog follower, leader balancer and membership reconciler (cluster mode); aborted
+    /// at shutdown.
     cluster_tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Groups whose replica this agent dropped after the group removed it (a drain).
+    dropped: Mutex<std::collections::BTreeSet<String>>,
     /// Handed to subscriptions and timer tasks.
     me: Weak<Broker>,
 }
@@ -290,6 +296,7 @@ impl Broker {
             next_consumer: AtomicU64::new(1),
             timers: Mutex::new(Vec::new()),
             cluster_tasks: Mutex::new(Vec::new()),
+            dropped: Mutex::new(std::collections::BTreeSet::new()),
             me: me.clone(),
         });
         let all: Vec<Arc<Queue>> = broker.read_queues().values().cloned().collect();
@@ -301,6 +308,7 @@ impl Broker {
             let mut tasks = lock(&broker.cluster_tasks);
             tasks.push(tokio::spawn(follow_catalog(broker.me.clone(), catalog)));
             tasks.push(tokio::spawn(balance_leaders(broker.me.clone())));
+            tasks.push(tokio::spawn(reconcile_membership(broker.me.clone())));
         }
         Ok(broker)
     }
@@ -312,11 +320,24 @@ impl Broker {
             return;
         };
         let _admin = self.admin.lock().await;
+        // A drained (or removed) agent holds no replicas: it opens none of a new queue.
+        let me = cluster.config.node_id;
+        let leaving = match catalog.state_of(me) {
+            Some(state) => state == sluice_proto::v1::AgentState::Drained,
+            None => catalog.removed.contains(&me),
+        };
         for (name, spec) in &catalog.queues {
-            if self.read_queues().contains_key(name) || self.shutting_down.load(Ordering::Acquire) {
+            if self.read_queues().contains_key(name)
+                || self.shutting_down.load(Ordering::Acquire)
+                || leaving
+            {
                 continue;
             }
-            let queue = match self.open_replicated_queue(cluster, spec.clone()).await {
+            let voters = catalog.voters.get(name).cloned().unwrap_or_default();
+            let queue = match self
+                .open_replicated_queue(cluster, spec.clone(), voters)
+                .await
+            {
                 Ok(queue) => queue,
                 Err(reason) => {
                     tracing::error!(queue = %name, %reason, "queue kept offline");
@@ -347,16 +368,38 @@ impl Broker {
     }
 
     /// Opens this agent's replica of every partition of `spec` (creating its directories).
+    /// A bootstrap agent initialises a new replica's group with `voters` (the catalog's
+    /// initial voters of the queue; the bootstrap agents when the catalog has none, as for a
+    /// queue declared before the catalog recorded agents); a joining agent initialises
+    /// nothing and waits for the leaders to add it.
     async fn open_replicated_queue(
         &self,
         cluster: &ClusterContext,
         spec: QueueSpec,
+        voters: BTreeMap<u64, String>,
     ) -> Result<Queue, String> {
         let dir = self.layout.queue_dir(&spec.name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         write_spec(&self.layout, &spec).map_err(|e| e.to_string())?;
         let config = Queue::state_config(&spec);
-        let nodes = cluster.config.node_ids();
+        let voters: BTreeMap<u64, openraft::BasicNode> = if cluster.config.is_joining() {
+            BTreeMap::new()
+        } else if voters.is_empty() {
+            cluster
+                .config
+                .node_ids()
+                .into_iter()
+                .filter_map(|n| {
+                    let addr = cluster.config.peer(n)?;
+                    Some((n, openraft::BasicNode::new(addr)))
+                })
+                .collect()
+        } else {
+            voters
+                .into_iter()
+                .map(|(n, addr)| (n, openraft::BasicNode::new(addr)))
+                .collect()
+        };
         let mut partitions = Vec::with_capacity(spec.partitions as usize);
         for id in 0..spec.partitions {
             let dir = self.layout.partition_dir(&spec.name, id);
@@ -382,15 +425,7 @@ impl Broker {
             let setup = crate::queue::replica::Setup {
                 node_id: cluster.config.node_id,
                 group: format!("{}/{id}", spec.name),
-                voters: nodes
-                    .iter()
-                    .filter_map(|n| {
-                        cluster
-                            .config
-                            .peer(*n)
-                            .map(|addr| (*n, openraft::BasicNode::new(addr)))
-                    })
-                    .collect(),
+                voters: voters.clone(),
                 raft_config: cluster.raft_config.clone(),
                 groups: cluster.groups.clone(),
                 addresses: addresses(&cluster.meta),
@@ -415,7 +450,13 @@ impl Broker {
     /// same agent for all partitions of a queue, so one agent serves a queue's consumers)
     /// once that agent has caught up.
     async fn balance_once(&self, cluster: &ClusterContext) {
-        let nodes = cluster.config.node_ids();
+        // Only ACTIVE agents are preferred: a joining one is not a voter everywhere yet, a
+        // draining one is giving its leaderships away.
+        let catalog = cluster.meta.current();
+        let mut nodes: Vec<u64> = catalog.active_members().into_keys().collect();
+        if nodes.is_empty() {
+            nodes = cluster.config.node_ids();
+        }
         let me = cluster.config.node_id;
         for (queue, partition, link) in self.led_partitions() {
             let placed =
@@ -426,16 +467,20 @@ impl Broker {
             if preferred == me {
                 continue;
             }
+            let view = crate::cluster::reconcile::GroupView::of(&link.raft.metrics().borrow());
+            if !view.voters.contains(&preferred) {
+                continue;
+            }
             let Some((matched, last)) = link.progress_of(preferred) else {
                 continue;
             };
-            let Some(peer) = cluster.config.peer(preferred) else {
+            let Some(peer) = self.peer_address(cluster, &view, preferred) else {
                 continue;
             };
             if matched < last {
                 continue;
             }
-            match link.hand_off(preferred, peer).await {
+            match link.hand_off(preferred, &peer).await {
                 Ok(true) => {
                     tracing::info!(group = %link.group, to = preferred, "leadership moved to the preferred leader")
                 }
@@ -462,25 +507,207 @@ impl Broker {
         out
     }
 
-    /// Before this agent stops: hands every partition it leads to the most caught-up other
-    /// replica, so clients see one short election instead of an election timeout.
-    async fn hand_off_all(&self, cluster: &ClusterContext) {
-        for (_, _, link) in self.led_partitions() {
-            let Some((node, _)) = link.best_follower() else {
+    /// Hands every Raft leadership this agent holds (its partitions', then the meta group's)
+    /// to the most caught-up other voter, preferring agents that are not leaving, so clients
+    /// see one short election instead of an election timeout: before stopping, and for
+    /// `Membership.HandOffLeadership`. Returns how many moved and the groups still led here.
+    pub async fn hand_off_all(&self, cluster: &ClusterContext) -> HandOff {
+        let catalog = cluster.meta.current();
+        let mut groups: Vec<(String, openraft::Raft<crate::replication::TypeConfig>)> = self
+            .led_partitions()
+            .into_iter()
+            .map(|(_, _, link)| (link.group.clone(), link.raft.clone()))
+            .collect();
+        groups.push((
+            crate::cluster::META_GROUP.to_owned(),
+            cluster.meta.raft().clone(),
+        ));
+        let mut report = HandOff::default();
+        for (group, raft) in groups {
+            let view = crate::cluster::reconcile::GroupView::of(&raft.metrics().borrow());
+            if !view.is_leader {
                 continue;
+            }
+            let moved = match view.successor(&catalog) {
+                Some(node) => match self.peer_address(cluster, &view, node) {
+                    Some(peer) => match crate::cluster::transfer_leadership(&peer, &group).await {
+                        Ok(outcome) => {
+                            let moved = outcome.is_leader || outcome.leader == Some(node);
+                            tracing::info!(%group, to = node, moved, "handed leadership away");
+                            moved
+                        }
+                        Err(e) => {
+                            tracing::warn!(%group, error = %e, "leadership hand-off failed");
+                            false
+                        }
+                    },
+                    None => false,
+                },
+                None => false,
             };
-            let Some(peer) = cluster.config.peer(node) else {
-                continue;
-            };
-            match link.hand_off(node, peer).await {
-                Ok(moved) => {
-                    tracing::info!(group = %link.group, to = node, moved, "handed leadership away before stopping")
-                }
-                Err(e) => {
-                    tracing::warn!(group = %link.group, error = %e, "leadership hand-off before stopping failed")
+            if moved {
+                report.moved += 1;
+            } else {
+                report.remaining.push(group);
+            }
+        }
+        report
+    }
+
+    /// The peer address of `node`: from the group's membership, else the meta group's
+    /// knowledge (its membership, the catalog, `--peers`).
+    fn peer_address(
+        &self,
+        cluster: &ClusterContext,
+        view: &crate::cluster::reconcile::GroupView,
+        node: u64,
+    ) -> Option<String> {
+        view.addresses
+            .get(&node)
+            .cloned()
+            .or_else(|| cluster.meta.peer_address(node))
+    }
+
+    /// The cluster side of this broker, `None` for a single agent.
+    pub fn cluster(&self) -> Option<&ClusterContext> {
+        self.options.cluster.as_ref()
+    }
+
+    /// Every partition this agent hosts a replica of, with that replica's view of its group,
+    /// by queue then partition (for `Membership.GetCluster`).
+    pub fn replica_views(&self) -> Vec<(String, u32, crate::cluster::reconcile::GroupView)> {
+        let mut out = Vec::new();
+        for queue in self.read_queues().values() {
+            for partition in queue.partitions() {
+                if let Some(link) = partition.replica() {
+                    if lock(&self.dropped).contains(&link.group) {
+                        continue;
+                    }
+                    let view =
+                        crate::cluster::reconcile::GroupView::of(&link.raft.metrics().borrow());
+                    out.push((queue.spec().name.clone(), partition.id(), view));
                 }
             }
         }
+        out
+    }
+
+    /// One round of membership reconciliation (decision 0011): every group this agent leads
+    /// gets at most one change towards the catalog; as meta leader, agents whose groups all
+    /// agree move on in their life cycle; replicas the groups removed this agent from are
+    /// dropped.
+    async fn reconcile_once(&self, cluster: &ClusterContext) {
+        use crate::cluster::reconcile::{self, GroupView};
+        let catalog = cluster.meta.current();
+        let me = cluster.config.node_id;
+        let nothing = std::collections::BTreeSet::new();
+        let links: Vec<Arc<ReplicaLink>> = self
+            .read_queues()
+            .values()
+            .flat_map(|q| q.partitions().iter().filter_map(|p| p.replica().cloned()))
+            .filter(|link| !lock(&self.dropped).contains(&link.group))
+            .collect();
+        let mut views = Vec::with_capacity(links.len() + 1);
+        for link in &links {
+            let view = GroupView::of(&link.raft.metrics().borrow());
+            if let Some(step) = reconcile::next_step(&view, &catalog, &nothing) {
+                self.carry_out(&link.group, &link.raft, step).await;
+            }
+            let leaving = matches!(
+                catalog.state_of(me),
+                Some(
+                    sluice_proto::v1::AgentState::Draining | sluice_proto::v1::AgentState::Drained
+                )
+            );
+            // `target`, not the settled membership: the final configuration without this
+            // agent may never reach it (its leader stops replicating to it).
+            if leaving && !view.target.is_empty() && !view.target.contains(&me) {
+                self.drop_replica(cluster, link).await;
+                continue;
+            }
+            views.push(view);
+        }
+        let meta_view = GroupView::of(&cluster.meta.raft().metrics().borrow());
+        // The meta group keeps a draining agent while it leads a partition, so it learns the
+        // catalog (that it is draining) until it has removed itself from its groups.
+        let keep = views.iter().filter_map(|v| v.leader).collect();
+        if let Some(step) = reconcile::next_step(&meta_view, &catalog, &keep) {
+            self.carry_out(crate::cluster::META_GROUP, cluster.meta.raft(), step)
+                .await;
+        }
+        if !meta_view.is_leader {
+            return;
+        }
+        // Only a complete view decides: every partition of every declared queue.
+        let expected: usize = catalog.queues.values().map(|q| q.partitions as usize).sum();
+        let hosted = self.read_queues().len() == catalog.queues.len() && views.len() == expected;
+        if !hosted {
+            return;
+        }
+        views.push(meta_view);
+        for (node, from, to) in reconcile::agent_moves(&catalog, &views) {
+            let command = MetaCommand {
+                command: Some(meta_command::Command::SetAgentState(
+                    sluice_proto::peer::v1::SetAgentState {
+                        node_id: node,
+                        state: to as i32,
+                        from: from as i32,
+                    },
+                )),
+            };
+            match cluster.meta.propose(command).await {
+                Ok(()) => tracing::info!(
+                    node,
+                    from = from.as_str_name(),
+                    to = to.as_str_name(),
+                    "agent membership state changed"
+                ),
+                Err(e) => tracing::warn!(node, error = %e, "recording an agent state failed"),
+            }
+        }
+    }
+
+    async fn carry_out(
+        &self,
+        group: &str,
+        raft: &openraft::Raft<crate::replication::TypeConfig>,
+        step: crate::cluster::reconcile::Step,
+    ) {
+        match crate::cluster::reconcile::execute(group, raft, &step).await {
+            Ok(()) => tracing::info!(%group, ?step, "membership step"),
+            Err(e) => tracing::debug!(error = %e, "membership step failed; retrying next round"),
+        }
+    }
+
+    /// Stops this agent's replica of a group that no longer counts it, and deletes its data.
+    async fn drop_replica(&self, cluster: &ClusterContext, link: &Arc<ReplicaLink>) {
+        if !lock(&self.dropped).insert(link.group.clone()) {
+            return;
+        }
+        cluster.groups.remove(&link.group);
+        match tokio::time::timeout(RAFT_STOP_TIMEOUT, link.raft.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(group = %link.group, error = %e, "raft did not stop cleanly")
+            }
+            Err(_) => tracing::warn!(group = %link.group, "raft did not stop in time"),
+        }
+        let Some((queue, partition)) = link
+            .group
+            .rsplit_once('/')
+            .and_then(|(q, p)| Some((q, p.parse::<u32>().ok()?)))
+        else {
+            return;
+        };
+        let dir = self.layout.partition_dir(queue, partition);
+        for path in [dir.with_extension("raft"), dir] {
+            if let Err(e) = std::fs::remove_dir_all(&path)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %path.display(), error = %e, "deleting a removed replica failed");
+            }
+        }
+        tracing::info!(group = %link.group, "removed from the group: replica stopped and deleted");
     }
 
     /// Closes a queue and stops its replicas' Raft groups.
@@ -735,13 +962,14 @@ impl Broker {
         cluster: &ClusterContext,
         spec: QueueSpec,
     ) -> Result<(QueueSpec, bool), BrokerError> {
-        let existing = cluster
-            .meta
-            .catalog()
-            .borrow()
-            .queues
-            .get(&spec.name)
-            .cloned();
+        let catalog = cluster.meta.current();
+        if cluster.config.is_joining() && catalog.state_of(cluster.config.node_id).is_none() {
+            return Err(BrokerError::Unavailable(format!(
+                "agent {} joins the cluster and has not been added yet (Membership.AddAgent); declare queues at a member",
+                cluster.config.node_id
+            )));
+        }
+        let existing = catalog.queues.get(&spec.name).cloned();
         if let Some(existing) = existing {
             return match difference(&existing, &spec) {
                 Some(difference) => Err(BrokerError::QueueExists {
@@ -1198,6 +1426,29 @@ fn quarantine(dir: &Path) -> std::io::Result<PathBuf> {
     Ok(aside)
 }
 
+/// Runs [`Broker::reconcile_once`] every [`RECONCILE_INTERVAL`] for the broker's life.
+async fn reconcile_membership(me: Weak<Broker>) {
+    loop {
+        tokio::time::sleep(RECONCILE_INTERVAL).await;
+        let Some(broker) = me.upgrade() else { return };
+        if broker.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(cluster) = broker.options.cluster.clone() {
+            broker.reconcile_once(&cluster).await;
+        }
+    }
+}
+
+/// What [`Broker::hand_off_all`] achieved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HandOff {
+    /// Groups whose leadership moved.
+    pub moved: u32,
+    /// Groups still led here (`<queue>/<partition>` or `meta`): no caught-up voter took them.
+    pub remaining: Vec<String>,
+}
+
 /// Follows the meta group's catalog for the broker's life.
 async fn follow_catalog(
     me: Weak<Broker>,
@@ -1221,7 +1472,7 @@ async fn follow_catalog(
 /// Client addresses of the agents, as registered in the catalog.
 fn addresses(meta: &Arc<crate::cluster::MetaGroup>) -> crate::queue::replica::Addresses {
     let catalog = meta.catalog();
-    Arc::new(move |node| catalog.borrow().nodes.get(&node).cloned())
+    Arc::new(move |node| catalog.borrow().client_address(node))
 }
 
 async fn propose_declare(cluster: &ClusterContext, spec: QueueSpec) -> Result<(), BrokerError> {

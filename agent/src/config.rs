@@ -103,6 +103,11 @@ pub struct BrokerArgs {
     /// Address of the peers-only replication API (cluster mode).
     #[arg(long, env = "SLUICE_PEER_LISTEN", default_value = "0.0.0.0:7071")]
     pub peer_listen: std::net::SocketAddr,
+    /// Where the other agents reach this agent's peer port (`host:port`). Default: this
+    /// agent's `--peers` entry. Required for a joining agent, whose ordinal is beyond
+    /// `--peers` (scale-out: it waits to be added through `Membership.AddAgent`).
+    #[arg(long, env = "SLUICE_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
     /// This agent's client address (`host:port`) that other agents give clients in redirects.
     /// Default: the host of this agent's `--peers` entry with the port of `--listen`.
     #[arg(long, env = "SLUICE_ADVERTISE")]
@@ -140,10 +145,11 @@ impl BrokerArgs {
         }
         // clap's `requires` makes `--peers` without `--pod-name` a usage error before this.
         let pod_name = self.pod_name.as_deref().unwrap_or_default();
-        ClusterConfig::new(
+        ClusterConfig::with_peer_advertise(
             pod_name,
             self.peers.clone(),
             self.peer_listen,
+            self.peer_advertise.clone(),
             self.advertise.clone(),
             self.listen,
             self.replication_factor,

@@ -50,7 +50,11 @@ async fn serve(args: BrokerArgs) -> anyhow::Result<()> {
         Some(path) => sluice_agent::queues_file::load(path)?,
         None => Vec::new(),
     };
-    let agent = match args.cluster()? {
+    let cluster = args.cluster()?;
+    // A joining agent is not a member until Membership.AddAgent: the bootstrap agents declare
+    // the queues file's queues, and it learns them from the catalog once added.
+    let joining = cluster.as_ref().is_some_and(|c| c.is_joining());
+    let agent = match cluster {
         Some(cluster) => {
             Agent::start_in_cluster(
                 args.data_dir.clone(),
@@ -73,7 +77,7 @@ async fn serve(args: BrokerArgs) -> anyhow::Result<()> {
     };
     // Queues file: declared before the listening line, so clients and probes never see the
     // agent without them (in a cluster, through the replicated catalog).
-    if let Some(path) = &args.queues_file {
+    if let Some(path) = args.queues_file.as_ref().filter(|_| !joining) {
         declare_queues(agent.broker(), path, queues).await?;
     }
     tracing::info!(

@@ -17,13 +17,16 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use sluice_proto::v1::admin_server::AdminServer;
 use sluice_proto::v1::consumer_server::ConsumerServer;
+use sluice_proto::v1::membership_server::MembershipServer;
 use sluice_proto::v1::publisher_server::PublisherServer;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
 use crate::broker::{Broker, BrokerConfig, BrokerError};
 use crate::config::LogConfig;
-use crate::grpc::{AdminService, ConsumerService, MAX_DECODING_MESSAGE_BYTES, PublisherService};
+use crate::grpc::{
+    AdminService, ConsumerService, MAX_DECODING_MESSAGE_BYTES, MembershipService, PublisherService,
+};
 use crate::metrics::Metrics;
 use crate::shutdown;
 
@@ -276,6 +279,9 @@ pub async fn run(
     health
         .set_serving::<ConsumerServer<ConsumerService>>()
         .await;
+    health
+        .set_serving::<MembershipServer<MembershipService>>()
+        .await;
     health.set_service_status("", ServingStatus::Serving).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
@@ -285,6 +291,8 @@ pub async fn run(
     let admin = AdminService::new(broker.clone(), metrics.clone());
     let publisher = PublisherService::new(broker.clone(), metrics.clone(), observer.clone());
     let consumer = ConsumerService::new(broker.clone(), metrics.clone(), observer.clone());
+    // Served by single agents too, which answer FAILED_PRECONDITION (the contract says so).
+    let membership = MembershipService::new(broker.clone());
 
     let http = Http {
         broker: broker.clone(),
@@ -331,6 +339,9 @@ pub async fn run(
             health
                 .set_not_serving::<ConsumerServer<ConsumerService>>()
                 .await;
+            health
+                .set_not_serving::<MembershipServer<MembershipService>>()
+                .await;
             trigger.fire();
             begun.notify_one();
         }
@@ -346,6 +357,7 @@ pub async fn run(
         .add_service(
             ConsumerServer::new(consumer).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
         )
+        .add_service(MembershipServer::new(membership))
         // TCP_NODELAY: a confirm is a small frame; Nagle would hold it for the client's delayed
         // ACK (tonic ignores its own nodelay setting for a caller's listener).
         .serve_with_incoming_shutdown(

@@ -160,13 +160,13 @@ fn delete(name: &str) -> pb::MetaCommand {
 async fn wait_all_registered(agents: &[Agent]) {
     for a in agents {
         wait_until("every agent registered", || {
-            let nodes = a.catalog().nodes.clone();
+            let nodes = a.catalog().client_addresses();
             (nodes.len() == 3).then_some(nodes)
         })
         .await;
         for id in 0..3 {
             assert_eq!(
-                a.catalog().nodes[&id],
+                a.catalog().client_addresses()[&id],
                 client_address(id),
                 "on node {}",
                 a.id
@@ -300,7 +300,7 @@ async fn survivors_of_a_leader_shutdown_accept_a_delete_and_the_restarted_agent_
         (*restarted.catalog() == *expected).then_some(())
     })
     .await;
-    assert_eq!(restarted.catalog().nodes.len(), 3);
+    assert_eq!(restarted.catalog().client_addresses().len(), 3);
     agents.push(restarted);
     for a in agents {
         a.stop().await;

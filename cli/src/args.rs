@@ -51,6 +51,44 @@ pub enum Command {
     /// Run Sluice on this machine: a cluster of three agents on loopback (or one, with
     /// --agents 1), data under a local directory.
     Local(Local),
+    /// Show and change which agents hold the cluster's replicas (scale-out, scale-in,
+    /// leadership hand-off).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// The subcommands of `sluice cluster`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Tables of the agents (state, addresses, replicas, leaderships) and of every
+    /// partition's leader and replicas.
+    Status,
+    /// Add an agent (it joins as JOINING and becomes ACTIVE once it votes everywhere).
+    Add {
+        /// Its node id (StatefulSet ordinal).
+        node_id: u64,
+        /// Where its peers reach it, `host:port`.
+        #[arg(long)]
+        peer_address: String,
+        /// Where clients are redirected to it, `host:port`.
+        #[arg(long)]
+        client_address: String,
+    },
+    /// Move every replica and leadership off an agent (DRAINING, then DRAINED).
+    Drain {
+        /// Its node id.
+        node_id: u64,
+    },
+    /// Forget a DRAINED agent.
+    Remove {
+        /// Its node id.
+        node_id: u64,
+    },
+    /// Move every leadership an agent holds to caught-up replicas elsewhere.
+    Handoff {
+        /// Its node id.
+        node_id: u64,
+    },
 }
 
 /// Flags of `sluice declare`.

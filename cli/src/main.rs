@@ -7,8 +7,10 @@
 //! - `args`: subcommands, flags and the parsers of human durations and sizes.
 //! - `commands`: the subcommands that call an agent through `sluice-client`.
 //! - `local`: `sluice local`, a cluster of agent processes on loopback.
+//! - `cluster`: `sluice cluster`, the membership of a cluster (`sluice.v1.Membership`).
 
 mod args;
+mod cluster;
 mod commands;
 mod local;
 
@@ -60,6 +62,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Delete { queue, if_empty } => {
             commands::delete(&connect(endpoint).await?, &queue, if_empty).await
         }
+        Command::Cluster(command) => cluster::run(&endpoint, command).await,
     }
 }
 

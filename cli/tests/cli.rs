@@ -392,3 +392,86 @@ fn find_agent_pid(listen: &str) -> Option<i32> {
     }
     None
 }
+
+#[test]
+fn sluice_cluster_shows_the_agents_and_refuses_unsafe_membership_changes() {
+    let local = Local::start_agents(3);
+    local.ok(&["declare", "orders"], "");
+
+    // The bootstrap agents are ACTIVE; their client addresses arrive as each registers.
+    let mut status = String::new();
+    for _ in 0..100 {
+        status = local.ok(&["cluster", "status"], "");
+        let active = status.lines().filter(|l| l.contains(" ACTIVE ")).count();
+        let registered = status.lines().filter(|l| l.contains("127.0.0.1:")).count();
+        let placed = status.lines().any(|l| {
+            let row: Vec<&str> = l.split_whitespace().collect();
+            row.first() == Some(&"orders")
+                && row.get(2).is_some_and(|l| *l != "-")
+                && row.get(3) == Some(&"0,1,2")
+        });
+        if active == 3 && registered == 3 && placed {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(status.starts_with("AGENT"), "{status}");
+    assert!(status.contains("replication factor 3"), "{status}");
+    assert_eq!(
+        status.lines().filter(|l| l.contains(" ACTIVE ")).count(),
+        3,
+        "{status}"
+    );
+
+    // Draining one of three agents would leave fewer than the replication factor.
+    let output = local.sluice(&["cluster", "drain", "0"], "");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("replication factor") && stderr.contains("FAILED_PRECONDITION"),
+        "{stderr}"
+    );
+    // A known agent with other addresses is a conflict.
+    let output = local.sluice(
+        &[
+            "cluster",
+            "add",
+            "0",
+            "--peer-address",
+            "127.0.0.1:1",
+            "--client-address",
+            "127.0.0.1:2",
+        ],
+        "",
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("ALREADY_EXISTS"), "{stderr}");
+    // Removing an agent the cluster does not know is already done.
+    assert_eq!(
+        local.ok(&["cluster", "remove", "9"], ""),
+        "agent 9: removed\n"
+    );
+
+    // A hand-off moves the leaderships the queue's leader holds.
+    let leader = status
+        .lines()
+        .find(|l| l.starts_with("orders "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or_else(|| panic!("no partition row in {status}"))
+        .to_owned();
+    let handed = local.ok(&["cluster", "handoff", &leader], "");
+    assert!(handed.contains("leaderships moved"), "{handed}");
+}
+
+#[test]
+fn sluice_cluster_on_a_single_agent_fails_with_failed_precondition() {
+    let local = Local::start();
+    let output = local.sluice(&["cluster", "status"], "");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("FAILED_PRECONDITION") && stderr.contains("--peers"),
+        "{stderr}"
+    );
+}

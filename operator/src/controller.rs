@@ -6,6 +6,11 @@
 //! the StatefulSets they own (whose status drives readiness); other children are re-applied on
 //! the periodic requeue rather than watched, which keeps the operator's RBAC and memory small.
 //!
+//! Day-2 operations (rolling update, scale-out, scale-in, PVC expansion) take one step per
+//! pass, decided by [`crate::day2::decide`] from the StatefulSet, its pods and the agents'
+//! membership; the StatefulSet's replicas are whatever that step says, not `spec.replicas`
+//! directly, so a scale-in shrinks it only after the leaving agent was drained and removed.
+//!
 //! Deletion: there is no finalizer, because nothing outside Kubernetes needs cleaning up.
 //! Every child carries a controller owner reference and is garbage-collected with the
 //! MessageQueue; the agents' PersistentVolumeClaims are retained (decision 0005).
@@ -35,10 +40,18 @@ use tracing::{info, warn};
 use crate::{
     Error, FIELD_MANAGER, Result,
     agent_admin::{ADMIN_TIMEOUT, AgentAdmin, QueueStats},
-    builders::{self, Children},
+    builders::{
+        self, Children,
+        statefulset::{self as sts_builder, Shape},
+    },
     crd::{MessageQueue, condition_types},
+    day2::{
+        self, Membership, Progress, Snapshot, Step,
+        agents::{Outcome, ServiceAddresses},
+        kube_ops,
+    },
     metrics::Metrics,
-    names::{DATA_VOLUME, Names, display_name},
+    names::{Names, display_name},
     settings::Settings,
     status::{self, Observed},
 };
@@ -58,8 +71,29 @@ pub mod event_reasons {
     pub const STATUS_UPDATE_FAILED: &str = "StatusUpdateFailed";
     /// The agents could not be asked for their counters.
     pub const AGENT_STATS_UNAVAILABLE: &str = "AgentStatsUnavailable";
-    /// `spec.storage.size` grew; the claims are not expanded by this operator version yet.
-    pub const STORAGE_RESIZE_PENDING: &str = "StorageResizePending";
+    /// `spec.storage.size` grew and an agent's claim was patched to the new size.
+    pub const STORAGE_EXPANDED: &str = "StorageExpanded";
+    /// Patching a claim's size was refused (e.g. its storage class does not allow expansion).
+    pub const STORAGE_EXPANSION_FAILED: &str = "StorageExpansionFailed";
+    /// The StatefulSet grows; new agents are added to the cluster.
+    pub const SCALING_OUT: &str = "ScalingOut";
+    /// Agents are drained and removed, then the StatefulSet shrinks.
+    pub const SCALING_IN: &str = "ScalingIn";
+    /// A scale-in would leave fewer agents than the replication factor; the spec is left as is.
+    pub const SCALE_IN_REFUSED: &str = "ScaleInRefused";
+    /// An agent was added to the cluster.
+    pub const AGENT_ADDED: &str = "AgentAdded";
+    /// An agent is being drained.
+    pub const AGENT_DRAINING: &str = "AgentDraining";
+    /// A drained agent was removed from the cluster.
+    pub const AGENT_REMOVED: &str = "AgentRemoved";
+    /// An agent handed off its leaderships and its pod was deleted to restart on the new
+    /// revision.
+    pub const AGENT_RESTARTED: &str = "AgentRestarted";
+    /// An agent could not hand off every leadership; its restart waits.
+    pub const HAND_OFF_INCOMPLETE: &str = "HandOffIncomplete";
+    /// A day-2 call into the agents, or deleting a pod, failed; retried with backoff.
+    pub const DAY2_FAILED: &str = "Day2Failed";
     /// Every agent became ready.
     pub const READY: &str = "Ready";
     /// The cluster stopped being ready.
@@ -197,24 +231,6 @@ async fn apply_children(client: &Client, namespace: &str, c: &Children) -> Resul
     apply(client, namespace, &c.statefulset, "StatefulSet").await
 }
 
-/// Size of the claim template of an existing StatefulSet.
-fn template_claim_size(sts: &StatefulSet) -> Option<String> {
-    sts.spec
-        .as_ref()?
-        .volume_claim_templates
-        .as_ref()?
-        .iter()
-        .find(|t| t.metadata.name.as_deref() == Some(DATA_VOLUME))?
-        .spec
-        .as_ref()?
-        .resources
-        .as_ref()?
-        .requests
-        .as_ref()?
-        .get("storage")
-        .map(|q| q.0.clone())
-}
-
 async fn read_stats(
     mq: &MessageQueue,
     names: &Names,
@@ -331,6 +347,10 @@ pub async fn reconcile(mq: Arc<MessageQueue>, ctx: Arc<Context>) -> Result<Actio
             Error::ApplyFailed { .. } => event_reasons::APPLY_FAILED,
             Error::InvalidSpec { .. } => event_reasons::INVALID_SPEC,
             Error::StatusPatchFailed { .. } => event_reasons::STATUS_UPDATE_FAILED,
+            Error::AgentCallFailed { .. } | Error::DeleteFailed { .. } => {
+                event_reasons::DAY2_FAILED
+            }
+            Error::PatchFailed { .. } => event_reasons::STORAGE_EXPANSION_FAILED,
             _ => event_reasons::APPLY_FAILED,
         };
         ctx.publish(&mq, EventType::Warning, reason, "Reconcile", e.to_string())
@@ -351,28 +371,27 @@ async fn reconcile_inner(mq: &MessageQueue, names: &Names, ctx: &Context) -> Res
             name: names.statefulset(),
             source,
         })?;
+    let addresses = ServiceAddresses {
+        names: names.clone(),
+        cluster_domain: ctx.settings.cluster_domain.clone(),
+    };
 
-    // Claim templates are immutable: keep the size the StatefulSet was created with.
-    let claim_size = existing
-        .as_ref()
-        .and_then(template_claim_size)
-        .unwrap_or_else(|| mq.spec.storage.size.clone());
-    if claim_size != mq.spec.storage.size {
-        let note = format!(
-            "spec.storage.size is {} but the agents' claims were created with {claim_size}; this operator version does not expand claims yet",
-            mq.spec.storage.size
-        );
-        ctx.publish(
-            mq,
-            EventType::Warning,
-            event_reasons::STORAGE_RESIZE_PENDING,
-            "ResizeStorage",
-            note,
-        )
-        .await;
-    }
+    // The StatefulSet's replicas move one day-2 step at a time; its peer env and claim
+    // template stay as created.
+    let (shape, step) = match &existing {
+        None => (Shape::initial(mq), Step::Steady),
+        Some(sts) => {
+            let snapshot = observe(mq, names, sts, ctx, &addresses).await?;
+            let step = day2::decide(&snapshot);
+            let replicas = match &step {
+                Step::Scale { replicas, .. } => *replicas,
+                _ => snapshot.current,
+            };
+            (Shape::of_existing(mq, sts, replicas), step)
+        }
+    };
 
-    let children = builders::build_all(mq, &ctx.settings, &claim_size)?;
+    let children = builders::build_all(mq, &ctx.settings, &shape)?;
     let applied = apply_children(&ctx.client, &names.namespace, &children).await?;
     match &existing {
         None => {
@@ -396,6 +415,11 @@ async fn reconcile_inner(mq: &MessageQueue, names: &Names, ctx: &Context) -> Res
         Some(_) => {}
     }
 
+    let day2_progress = carry_out(mq, names, ctx, &addresses, &step).await?;
+    if existing.is_some() {
+        expand_claims(mq, names, ctx, shape.replicas).await?;
+    }
+
     let ready_replicas = applied
         .status
         .as_ref()
@@ -409,6 +433,7 @@ async fn reconcile_inner(mq: &MessageQueue, names: &Names, ctx: &Context) -> Res
     let observed = Observed {
         statefulset: Some(applied),
         queue_stats,
+        day2: day2_progress.clone(),
     };
     let new_status = status::desired_status(mq, names, &observed, Time(jiff_now()));
 
@@ -436,11 +461,215 @@ async fn reconcile_inner(mq: &MessageQueue, names: &Names, ctx: &Context) -> Res
         .conditions
         .iter()
         .any(|c| c.type_ == condition_types::READY && c.status == "True");
-    Ok(Action::requeue(if all_ready {
-        REQUEUE_READY
+    Ok(Action::requeue(
+        if matches!(day2_progress, Some((true, _))) {
+            day2::REQUEUE_DAY2
+        } else if all_ready {
+            REQUEUE_READY
+        } else {
+            REQUEUE_CONVERGING
+        },
+    ))
+}
+
+/// What the day-2 decision looks at: the StatefulSet, its pods and (once an agent is ready)
+/// the agents' membership.
+async fn observe(
+    mq: &MessageQueue,
+    names: &Names,
+    sts: &StatefulSet,
+    ctx: &Context,
+    addresses: &ServiceAddresses,
+) -> Result<Snapshot> {
+    let current = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(mq.spec.replicas);
+    let status = sts.status.clone().unwrap_or_default();
+    let pods = kube_ops::pods(&ctx.client, names).await?;
+    let membership = if status.ready_replicas.unwrap_or(0) == 0 {
+        Membership::Unreadable("no agent is ready".to_owned())
     } else {
-        REQUEUE_CONVERGING
-    }))
+        read_membership(ctx, addresses).await
+    };
+    // The agents' own factor is the one their drains are checked against; the spec's may
+    // differ when the spec changed after the cluster bootstrapped.
+    let agents_factor = match &membership {
+        Membership::Known(view) => i32::try_from(view.replication_factor).unwrap_or(i32::MAX),
+        Membership::Unreadable(_) => 0,
+    };
+    Ok(Snapshot {
+        desired: mq.spec.replicas,
+        current,
+        replication_factor: sts_builder::replication_factor(mq, names).max(agents_factor),
+        update_revision: status.update_revision,
+        pods,
+        membership,
+    })
+}
+
+async fn read_membership(ctx: &Context, addresses: &ServiceAddresses) -> Membership {
+    use day2::agents::AgentAddresses as _;
+    let endpoint = addresses.cluster();
+    match tokio::time::timeout(ADMIN_TIMEOUT, ctx.admin.cluster(&endpoint)).await {
+        Ok(Ok(view)) => Membership::Known(view),
+        Ok(Err(e)) => Membership::Unreadable(e.to_string()),
+        Err(_) => Membership::Unreadable(format!(
+            "GetCluster at {endpoint} took longer than {ADMIN_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// Carries out `step` (the StatefulSet's replicas were already applied) and publishes its
+/// event; returns what the Progressing condition should say.
+async fn carry_out(
+    mq: &MessageQueue,
+    names: &Names,
+    ctx: &Context,
+    addresses: &ServiceAddresses,
+    step: &Step,
+) -> Result<Option<(bool, Progress)>> {
+    let progress = step.progress();
+    let outcome = match tokio::time::timeout(
+        ADMIN_TIMEOUT,
+        day2::agents::perform(ctx.admin.as_ref(), addresses, step),
+    )
+    .await
+    {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) if matches!(step, Step::Drain(_)) && e.is_precondition() => {
+            // The agents' own check (fewer ACTIVE agents would remain than the factor) is
+            // the last word: report it as a refused scale-in, not as a failure to retry.
+            let progress = Progress {
+                reason: day2::plan::reasons::SCALE_IN_REFUSED,
+                message: format!("the agents refused the drain: {e}"),
+            };
+            ctx.publish(
+                mq,
+                EventType::Warning,
+                event_reasons::SCALE_IN_REFUSED,
+                "Drain",
+                progress.message.clone(),
+            )
+            .await;
+            return Ok(Some((false, progress)));
+        }
+        Ok(Err(source)) => {
+            return Err(Error::AgentCallFailed {
+                step: describe(step),
+                source,
+            });
+        }
+        Err(_) => {
+            return Err(Error::AgentCallFailed {
+                step: describe(step),
+                source: crate::agent_admin::AdminError::Unreachable {
+                    endpoint: day2::agents::AgentAddresses::cluster(addresses),
+                    reason: format!("no answer within {ADMIN_TIMEOUT:?}"),
+                },
+            });
+        }
+    };
+    let (type_, reason, action, note) = match (step, outcome) {
+        (Step::Scale { replicas, progress }, _) => {
+            let reason = if progress.reason == day2::plan::reasons::SCALING_OUT {
+                event_reasons::SCALING_OUT
+            } else {
+                event_reasons::SCALING_IN
+            };
+            let note = format!(
+                "StatefulSet replicas set to {replicas}: {}",
+                progress.message
+            );
+            (EventType::Normal, reason, "Scale", note)
+        }
+        (Step::RefuseScaleIn(p), _) => (
+            EventType::Warning,
+            event_reasons::SCALE_IN_REFUSED,
+            "Scale",
+            p.message.clone(),
+        ),
+        (Step::Add(_), Outcome::Done(note)) => (
+            EventType::Normal,
+            event_reasons::AGENT_ADDED,
+            "AddAgent",
+            note,
+        ),
+        (Step::Drain(_), Outcome::Done(note)) => (
+            EventType::Normal,
+            event_reasons::AGENT_DRAINING,
+            "DrainAgent",
+            note,
+        ),
+        (Step::Remove(_), Outcome::Done(note)) => (
+            EventType::Normal,
+            event_reasons::AGENT_REMOVED,
+            "RemoveAgent",
+            note,
+        ),
+        (Step::Restart(i), Outcome::Done(note)) => {
+            kube_ops::delete_pod(&ctx.client, names, *i).await?;
+            (
+                EventType::Normal,
+                event_reasons::AGENT_RESTARTED,
+                "Restart",
+                format!(
+                    "{note}; deleted pod {}-{i} to restart it on the new revision",
+                    names.statefulset()
+                ),
+            )
+        }
+        (Step::Restart(i), Outcome::HandOffIncomplete(remaining)) => (
+            EventType::Warning,
+            event_reasons::HAND_OFF_INCOMPLETE,
+            "Restart",
+            format!(
+                "agent {i} still leads {} (no caught-up replica yet); its restart waits",
+                remaining.join(", ")
+            ),
+        ),
+        _ => return Ok(progress),
+    };
+    ctx.publish(mq, type_, reason, action, note).await;
+    Ok(progress)
+}
+
+fn describe(step: &Step) -> String {
+    match step {
+        Step::Add(i) => format!("adding agent {i}"),
+        Step::Drain(i) => format!("draining agent {i}"),
+        Step::Remove(i) => format!("removing agent {i}"),
+        Step::Restart(i) => format!("handing off agent {i}'s leaderships"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Grows every agent claim smaller than `spec.storage.size` (the claim template itself is
+/// immutable and keeps its size; a claim created later from it is grown by the next pass).
+async fn expand_claims(
+    mq: &MessageQueue,
+    names: &Names,
+    ctx: &Context,
+    replicas: i32,
+) -> Result<()> {
+    let claims = kube_ops::claims(&ctx.client, names, replicas).await?;
+    for name in day2::claims::to_expand(&claims, &mq.spec.storage.size)? {
+        kube_ops::expand_claim(&ctx.client, names, &name, &mq.spec.storage.size).await?;
+        let note = format!(
+            "requested {} for claim {name} (the storage class must allow volume expansion)",
+            mq.spec.storage.size
+        );
+        ctx.publish(
+            mq,
+            EventType::Normal,
+            event_reasons::STORAGE_EXPANDED,
+            "ExpandStorage",
+            note,
+        )
+        .await;
+    }
+    Ok(())
 }
 
 fn jiff_now() -> k8s_openapi::jiff::Timestamp {

@@ -7,7 +7,9 @@
 //! - [`controller`]: `Context`, `reconcile`, `error_policy` and `run`.
 //! - [`builders`]: pure functions from a MessageQueue to each desired child object.
 //! - [`status`]: the observed status and conditions, computed without any API call.
-//! - [`agent_admin`]: the operator's calls into the agents (stats now; membership later).
+//! - [`agent_admin`]: the operator's calls into the agents (stats and membership).
+//! - [`cluster_view`]: the agents' membership as the operator sees it.
+//! - [`day2`]: rolling updates, scale-out, scale-in and PVC expansion.
 //! - [`rbac`]: every Kubernetes API call the operator makes, for the chart's RBAC.
 //! - [`args`]: the operator's flags.
 //! - [`metrics`], [`telemetry`], [`http`], [`leader`]: the operator process around the controller.
@@ -15,8 +17,10 @@
 pub mod agent_admin;
 pub mod args;
 pub mod builders;
+pub mod cluster_view;
 pub mod controller;
 pub mod crd;
+pub mod day2;
 pub mod http;
 pub mod leader;
 pub mod metrics;
@@ -72,6 +76,40 @@ pub enum Error {
         source: kube::Error,
     },
 
+    /// Deleting an object (an agent pod, for a restart) failed.
+    #[error("deleting {kind} {name} failed: {source}")]
+    DeleteFailed {
+        /// Kind of the object.
+        kind: &'static str,
+        /// Name of the object.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+
+    /// Patching an object the operator does not own (a claim, for expansion) failed.
+    #[error("patching {kind} {name} failed: {source}")]
+    PatchFailed {
+        /// Kind of the object.
+        kind: &'static str,
+        /// Name of the object.
+        name: String,
+        /// The API error.
+        #[source]
+        source: kube::Error,
+    },
+
+    /// A day-2 call into the agents failed.
+    #[error("{step} failed: {source}")]
+    AgentCallFailed {
+        /// The step, e.g. `drain agent 3`.
+        step: String,
+        /// The agents' error.
+        #[source]
+        source: agent_admin::AdminError,
+    },
+
     /// Writing the MessageQueue status failed.
     #[error("updating the status of {name} failed: {source}")]
     StatusPatchFailed {
@@ -102,6 +140,9 @@ impl Error {
             Error::ApplyFailed { .. } => "apply_failed",
             Error::ReadFailed { .. } => "read_failed",
             Error::StatusPatchFailed { .. } => "status_patch_failed",
+            Error::DeleteFailed { .. } => "delete_failed",
+            Error::PatchFailed { .. } => "patch_failed",
+            Error::AgentCallFailed { .. } => "agent_call_failed",
             Error::Serialization { .. } => "serialization",
         }
     }

@@ -70,6 +70,18 @@ pub const API_CALLS: &[ApiCall] = &[
         why: "agent ingress rules",
     },
     ApiCall {
+        group: "",
+        resource: "pods",
+        verbs: &["list", "delete"],
+        why: "rolling update: read each agent's revision and readiness, restart one at a time",
+    },
+    ApiCall {
+        group: "",
+        resource: "persistentvolumeclaims",
+        verbs: &["get", "patch"],
+        why: "PVC expansion when spec.storage.size grows",
+    },
+    ApiCall {
         group: "events.k8s.io",
         resource: "events",
         verbs: &["create", "patch"],
@@ -118,7 +130,12 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_deleted_by_the_operator() {
-        assert!(API_CALLS.iter().all(|c| !c.verbs.contains(&"delete")));
+    fn the_operator_deletes_nothing_but_pods_it_restarts() {
+        let deleting: Vec<_> = API_CALLS
+            .iter()
+            .filter(|c| c.verbs.contains(&"delete"))
+            .map(|c| (c.group, c.resource))
+            .collect();
+        assert_eq!(deleting, vec![("", "pods")]);
     }
 }

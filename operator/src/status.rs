@@ -22,6 +22,9 @@ pub struct Observed {
     pub statefulset: Option<StatefulSet>,
     /// Per-queue counters from the agents, in queue order; `None` when they could not be read.
     pub queue_stats: Option<Vec<(String, QueueStats)>>,
+    /// The day-2 operation under way (`true`) or refused (`false`), which then decides the
+    /// Progressing condition; `None` when none is.
+    pub day2: Option<(bool, crate::day2::Progress)>,
 }
 
 /// Replicas of a group of `factor` that must be up for it to confirm writes.
@@ -203,7 +206,16 @@ pub fn desired_status(
         )
     };
 
-    let progressing = if observed.statefulset.is_none() || !c.observed {
+    let progressing = if let Some((on, progress)) = &observed.day2 {
+        condition(
+            types::PROGRESSING,
+            *on,
+            progress.reason,
+            progress.message.clone(),
+            generation,
+            &now,
+        )
+    } else if observed.statefulset.is_none() || !c.observed {
         condition(
             types::PROGRESSING,
             true,

@@ -1,13 +1,26 @@
-//! `GrpcAgentAdmin` against a real tonic server on loopback that speaks `sluice.v1.Admin`.
+//! `GrpcAgentAdmin` against real tonic servers on loopback that speak `sluice.v1.Admin` and
+//! `sluice.v1.Membership`.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
 
-use sluice_operator::agent_admin::{AdminError, AgentAdmin, GrpcAgentAdmin, PartitionStats};
+use sluice_operator::{
+    agent_admin::{
+        AdminError, AgentAdmin, GrpcAgentAdmin, LEADER_METADATA, NewAgent, PartitionStats,
+    },
+    cluster_view::AgentState,
+};
 use sluice_proto::v1::{
+    AddAgentRequest, AddAgentResponse, Agent as ProtoAgent, AgentState as ProtoAgentState,
     DeclareQueueRequest, DeclareQueueResponse, DeleteQueueRequest, DeleteQueueResponse,
-    GetQueueStatsRequest, GetQueueStatsResponse, ListQueuesRequest, ListQueuesResponse,
-    PartitionStats as ProtoPartition, Stats,
+    DrainAgentRequest, DrainAgentResponse, GetClusterRequest, GetClusterResponse,
+    GetQueueStatsRequest, GetQueueStatsResponse, HandOffLeadershipRequest,
+    HandOffLeadershipResponse, ListQueuesRequest, ListQueuesResponse, PartitionPlacement,
+    PartitionStats as ProtoPartition, RemoveAgentRequest, RemoveAgentResponse, Stats,
     admin_server::{Admin, AdminServer},
+    membership_server::{Membership, MembershipServer},
 };
 use tonic::{Request, Response, Status};
 
@@ -140,20 +153,205 @@ async fn closed_port_is_unreachable_naming_the_endpoint() {
     assert!(err.to_string().contains(&addr.to_string()), "{err}");
 }
 
+/// A `sluice.v1.Membership` server: a fixed two-agent cluster that records what it was asked;
+/// when `redirect_to` is set it answers every call UNAVAILABLE naming that leader instead.
+#[derive(Clone, Default)]
+struct Members {
+    asked: Arc<Mutex<Vec<String>>>,
+    redirect_to: Option<String>,
+}
+
+impl Members {
+    fn redirect(&self) -> Result<(), Status> {
+        match &self.redirect_to {
+            Some(leader) => {
+                let mut status = Status::unavailable("not the leader");
+                status
+                    .metadata_mut()
+                    .insert(LEADER_METADATA, leader.parse().unwrap());
+                Err(status)
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn ask(&self, what: String) {
+        self.asked.lock().unwrap().push(what);
+    }
+}
+
+fn proto_agent(node_id: u64, state: ProtoAgentState) -> ProtoAgent {
+    ProtoAgent {
+        node_id,
+        client_address: format!("orders-{node_id}:7070"),
+        peer_address: format!("orders-{node_id}:7071"),
+        state: state as i32,
+        replicas: 2,
+        leaders: 1,
+    }
+}
+
+#[tonic::async_trait]
+impl Membership for Members {
+    async fn get_cluster(
+        &self,
+        _: Request<GetClusterRequest>,
+    ) -> Result<Response<GetClusterResponse>, Status> {
+        self.redirect()?;
+        self.ask("GetCluster".into());
+        Ok(Response::new(GetClusterResponse {
+            agents: vec![
+                proto_agent(0, ProtoAgentState::Active),
+                proto_agent(1, ProtoAgentState::Joining),
+            ],
+            partitions: vec![PartitionPlacement {
+                queue: "orders".into(),
+                partition: 0,
+                leader: Some(0),
+                voters: vec![0],
+                learners: vec![1],
+                in_sync: vec![0],
+            }],
+            replication_factor: 1,
+        }))
+    }
+
+    async fn add_agent(
+        &self,
+        request: Request<AddAgentRequest>,
+    ) -> Result<Response<AddAgentResponse>, Status> {
+        self.redirect()?;
+        let r = request.into_inner();
+        self.ask(format!(
+            "AddAgent {} {} {}",
+            r.node_id, r.peer_address, r.client_address
+        ));
+        Ok(Response::new(AddAgentResponse {
+            agent: Some(proto_agent(r.node_id, ProtoAgentState::Joining)),
+        }))
+    }
+
+    async fn drain_agent(
+        &self,
+        request: Request<DrainAgentRequest>,
+    ) -> Result<Response<DrainAgentResponse>, Status> {
+        self.redirect()?;
+        let id = request.into_inner().node_id;
+        self.ask(format!("DrainAgent {id}"));
+        if id == 0 {
+            return Err(Status::failed_precondition(
+                "1 ACTIVE agent would remain, replication factor 1 needs 1",
+            ));
+        }
+        Ok(Response::new(DrainAgentResponse {
+            agent: Some(proto_agent(id, ProtoAgentState::Draining)),
+        }))
+    }
+
+    async fn remove_agent(
+        &self,
+        request: Request<RemoveAgentRequest>,
+    ) -> Result<Response<RemoveAgentResponse>, Status> {
+        self.redirect()?;
+        self.ask(format!("RemoveAgent {}", request.into_inner().node_id));
+        Ok(Response::new(RemoveAgentResponse {}))
+    }
+
+    async fn hand_off_leadership(
+        &self,
+        request: Request<HandOffLeadershipRequest>,
+    ) -> Result<Response<HandOffLeadershipResponse>, Status> {
+        self.redirect()?;
+        self.ask(format!(
+            "HandOffLeadership {}",
+            request.into_inner().node_id
+        ));
+        Ok(Response::new(HandOffLeadershipResponse {
+            moved: 2,
+            remaining: vec!["orders/3".into()],
+        }))
+    }
+}
+
+async fn serve_members(members: Members) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(MembershipServer::new(members))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
 #[tokio::test]
-async fn membership_operations_say_they_need_the_replication_api() {
+async fn cluster_maps_agents_states_and_placements() {
+    let addr = serve_members(Members::default()).await;
+    let view = GrpcAgentAdmin.cluster(&addr.to_string()).await.unwrap();
+    assert_eq!(view.replication_factor, 1);
+    assert_eq!(
+        view.agents.iter().map(|a| a.state).collect::<Vec<_>>(),
+        vec![AgentState::Active, AgentState::Joining]
+    );
+    assert_eq!(view.agents[1].peer_address, "orders-1:7071");
+    assert_eq!(view.partitions[0].learners, vec![1]);
+    assert!(view.is_in_sync(), "the only voter is in sync");
+}
+
+#[tokio::test]
+async fn membership_calls_carry_the_node_id_and_addresses() {
+    let members = Members::default();
+    let addr = serve_members(members.clone()).await.to_string();
+    let new = NewAgent {
+        node_id: 3,
+        peer_address: "orders-3.orders-peers:7071".into(),
+        client_address: "orders-3.orders-peers:7070".into(),
+    };
+    let added = GrpcAgentAdmin.add_member(&addr, &new).await.unwrap();
+    assert_eq!(added.state, AgentState::Joining);
+    let draining = GrpcAgentAdmin.drain(&addr, 3).await.unwrap();
+    assert_eq!(draining.state, AgentState::Draining);
+    GrpcAgentAdmin.remove_member(&addr, 3).await.unwrap();
+    let handoff = GrpcAgentAdmin.transfer_leadership(&addr, 2).await.unwrap();
+    assert_eq!(handoff.moved, 2);
+    assert_eq!(handoff.remaining, vec!["orders/3".to_owned()]);
+    assert_eq!(
+        members.asked.lock().unwrap().clone(),
+        vec![
+            "AddAgent 3 orders-3.orders-peers:7071 orders-3.orders-peers:7070",
+            "DrainAgent 3",
+            "RemoveAgent 3",
+            "HandOffLeadership 2",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_refused_drain_is_a_precondition_error_with_the_agents_reason() {
+    let addr = serve_members(Members::default()).await;
     let err = GrpcAgentAdmin
-        .drain("127.0.0.1:1", "orders-2")
+        .drain(&addr.to_string(), 0)
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            AdminError::Unsupported {
-                operation: "drain",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(err.is_precondition(), "{err}");
+    assert!(err.to_string().contains("replication factor 1"), "{err}");
+}
+
+#[tokio::test]
+async fn a_follower_redirect_is_followed_to_the_named_leader() {
+    let leader = Members::default();
+    let leader_addr = serve_members(leader.clone()).await;
+    let follower = Members {
+        redirect_to: Some(leader_addr.to_string()),
+        ..Members::default()
+    };
+    let follower_addr = serve_members(follower.clone()).await;
+
+    GrpcAgentAdmin
+        .remove_member(&follower_addr.to_string(), 4)
+        .await
+        .unwrap();
+
+    assert_eq!(leader.asked.lock().unwrap().clone(), vec!["RemoveAgent 4"]);
+    assert!(follower.asked.lock().unwrap().is_empty());
 }

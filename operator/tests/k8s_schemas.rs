@@ -7,7 +7,7 @@
 use std::{path::Path, process::Command};
 
 use sluice_operator::{
-    builders::build_all,
+    builders::{build_all, statefulset},
     crd::{MessageQueue, crd_yaml},
     settings::Settings,
 };
@@ -63,7 +63,7 @@ fn built_objects_and_crd_pass_the_official_kubernetes_schemas() {
                     "maxBacklog": {"messages": 1000000, "bytes": "50Gi"}}, {"name": "orders-dlq"}]
     }));
     for (label, mq) in [("minimal", &minimal), ("production", &production)] {
-        let c = build_all(mq, &Settings::default(), &mq.spec.storage.size).unwrap();
+        let c = build_all(mq, &Settings::default(), &statefulset::Shape::initial(mq)).unwrap();
         files.push(write_yaml(
             dir.path(),
             &format!("{label}-serviceaccount"),

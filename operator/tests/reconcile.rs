@@ -45,6 +45,23 @@ const CHILDREN: &[(&str, &str)] = &[
     (STS_PATH, "StatefulSet"),
 ];
 
+fn pod_path(i: i32) -> String {
+    format!("/api/v1/namespaces/shop/pods/orders-{i}")
+}
+
+fn claim_path(i: i32) -> String {
+    format!("/api/v1/namespaces/shop/persistentvolumeclaims/data-orders-{i}")
+}
+
+/// Agent pod `i` as the StatefulSet controller creates it.
+fn pod(i: i32, revision: &str, ready: bool) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": format!("orders-{i}"), "namespace": "shop",
+                        "labels": {"app.kubernetes.io/name": "sluice-agent", "app.kubernetes.io/instance": "orders",
+                                   "controller-revision-hash": revision}},
+           "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}})
+}
+
 struct Harness {
     api: FakeApi,
     admin: Arc<FakeAdmin>,
@@ -109,6 +126,48 @@ impl Harness {
             json!({"observedGeneration": generation, "replicas": replicas, "readyReplicas": ready, "updatedReplicas": replicas,
                    "currentRevision": "r1", "updateRevision": "r1"}),
         );
+    }
+
+    /// Plays the StatefulSet controller and kubelet: pods `0..n` exist, ready, on `revision`,
+    /// and the StatefulSet's status says so.
+    fn run_pods(&self, n: i32, revision: &str) {
+        for i in 0..n {
+            self.api.insert(&pod_path(i), pod(i, revision, true));
+        }
+        let sts = self.api.object(STS_PATH).unwrap();
+        self.api.set_status(
+            STS_PATH,
+            json!({"observedGeneration": sts["metadata"]["generation"], "replicas": n, "readyReplicas": n,
+                   "updatedReplicas": n, "currentRevision": revision, "updateRevision": revision}),
+        );
+    }
+
+    /// Changes the stored MessageQueue's spec and bumps its generation.
+    fn update_spec(&self, change: impl FnOnce(&mut Value)) {
+        let mut mq = self.api.object(MQ_PATH).unwrap();
+        change(&mut mq["spec"]);
+        let generation = mq["metadata"]["generation"].as_i64().unwrap_or(1);
+        mq["metadata"]["generation"] = json!(generation + 1);
+        self.api.insert(MQ_PATH, mq);
+    }
+
+    fn sts_replicas(&self) -> i64 {
+        self.api.object(STS_PATH).unwrap()["spec"]["replicas"]
+            .as_i64()
+            .unwrap()
+    }
+
+    fn condition_message(&self, type_: &str) -> String {
+        let mq = self.api.object(MQ_PATH).unwrap();
+        mq["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == type_)
+            .unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     fn condition(&self, type_: &str) -> (String, String) {
@@ -243,8 +302,15 @@ async fn spec_change_patches_the_statefulset_and_reports_it() {
         .as_str()
         .unwrap()
         .to_owned();
-    assert_eq!(peers.split(',').count(), 5);
-    assert_eq!(h.event_reasons(), vec![event_reasons::UPDATED]);
+    assert_eq!(
+        peers.split(',').count(),
+        3,
+        "SLUICE_PEERS is the bootstrap set; new agents join through the membership API"
+    );
+    assert_eq!(
+        h.event_reasons(),
+        vec![event_reasons::UPDATED, event_reasons::SCALING_OUT]
+    );
     let status = &h.api.object(MQ_PATH).unwrap()["status"];
     assert_eq!(status["observedGeneration"], 2);
 }
@@ -303,7 +369,10 @@ async fn ready_agents_and_their_stats_show_in_status_and_conditions() {
     assert_eq!(status["queues"][0]["partitions"][1]["leader"], "orders-2");
     assert_eq!(
         h.admin.calls.lock().unwrap().clone(),
-        vec!["queue_stats orders.shop.svc.cluster.local:7070 orders".to_owned()]
+        vec![
+            "cluster orders.shop.svc.cluster.local:7070".to_owned(),
+            "queue_stats orders.shop.svc.cluster.local:7070 orders".to_owned()
+        ]
     );
     assert_eq!(h.event_reasons(), vec![event_reasons::READY]);
 }
@@ -454,13 +523,20 @@ async fn deleting_queue_is_left_to_garbage_collection_without_requests() {
 }
 
 #[tokio::test]
-async fn growing_storage_keeps_the_immutable_claim_template_and_says_so() {
+async fn growing_storage_patches_every_claim_and_keeps_the_immutable_template() {
     let h = harness();
     h.seed(new_mq(json!({"storage": {"size": "10Gi"}})));
     h.reconcile().await.unwrap();
-    let mut mq = h.api.object(MQ_PATH).unwrap();
-    mq["spec"]["storage"]["size"] = json!("20Gi");
-    h.api.insert(MQ_PATH, mq);
+    h.run_pods(3, "r1");
+    for i in 0..3 {
+        h.api.insert(
+            &claim_path(i),
+            json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                   "metadata": {"name": format!("data-orders-{i}"), "namespace": "shop"},
+                   "spec": {"resources": {"requests": {"storage": if i == 2 { "20Gi" } else { "10Gi" }}}}}),
+        );
+    }
+    h.update_spec(|spec| spec["storage"]["size"] = json!("20Gi"));
     h.api.clear_requests();
 
     h.reconcile().await.unwrap();
@@ -470,9 +546,56 @@ async fn growing_storage_keeps_the_immutable_claim_template_and_says_so() {
         sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
         "10Gi"
     );
+    let patched: Vec<String> = h
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.method == Method::PATCH && r.path.contains("/persistentvolumeclaims/"))
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        patched,
+        vec![claim_path(0), claim_path(1)],
+        "claim 2 is already 20Gi"
+    );
+    for i in 0..3 {
+        assert_eq!(
+            h.api.object(&claim_path(i)).unwrap()["spec"]["resources"]["requests"]["storage"],
+            "20Gi"
+        );
+    }
+    assert_eq!(
+        h.event_reasons()
+            .iter()
+            .filter(|r| *r == event_reasons::STORAGE_EXPANDED)
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_refused_claim_expansion_fails_the_reconcile_with_an_event_naming_the_claim() {
+    let h = harness();
+    h.seed(new_mq(json!({"replicas": 1, "storage": {"size": "10Gi"}})));
+    h.reconcile().await.unwrap();
+    h.run_pods(1, "r1");
+    h.api.insert(
+        &claim_path(0),
+        json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+               "metadata": {"name": "data-orders-0", "namespace": "shop"},
+               "spec": {"resources": {"requests": {"storage": "10Gi"}}}}),
+    );
+    h.update_spec(|spec| spec["storage"]["size"] = json!("20Gi"));
+    h.api
+        .fail(Method::PATCH, "/persistentvolumeclaims/", 500, 1);
+
+    let err = h.reconcile().await.unwrap_err();
+
+    assert_eq!(err.metric_label(), "patch_failed");
+    assert!(err.to_string().contains("data-orders-0"), "{err}");
     assert!(
         h.event_reasons()
-            .contains(&event_reasons::STORAGE_RESIZE_PENDING.to_owned())
+            .contains(&event_reasons::STORAGE_EXPANSION_FAILED.to_owned())
     );
 }
 
@@ -500,6 +623,7 @@ fn rbac_of(method: &Method, path: &str) -> (String, String, &'static str) {
         _ => rest[2].to_owned(),
     };
     let verb = match *method {
+        Method::GET if rest.len() == 3 => "list",
         Method::GET => "get",
         Method::POST => "create",
         Method::PATCH => "patch",
@@ -541,4 +665,292 @@ async fn every_request_reconcile_makes_is_granted_by_the_rbac_table() {
             );
         }
     }
+}
+
+/// Seeds `replicas` agents, reconciles, runs their pods on `r1` and forms the fake cluster.
+async fn running_cluster(spec: Value, replicas: i32, factor: u32) -> Harness {
+    let h = harness();
+    h.seed(new_mq(spec));
+    h.reconcile().await.unwrap();
+    h.run_pods(replicas, "r1");
+    h.admin
+        .form_cluster(u64::try_from(replicas).unwrap(), factor);
+    h.reconcile().await.unwrap();
+    h.api.clear_requests();
+    h.admin.calls.lock().unwrap().clear();
+    h
+}
+
+fn peers_env(h: &Harness) -> String {
+    let sts = h.api.object(STS_PATH).unwrap();
+    sts["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "SLUICE_PEERS")
+        .unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn assert_all_granted(h: &Harness) {
+    for r in h.api.requests() {
+        let (group, resource, verb) = rbac_of(&r.method, &r.path);
+        assert!(
+            rbac::is_granted(&group, &resource, verb),
+            "{verb} {group}/{resource} ({} {}) is not in rbac::API_CALLS",
+            r.method,
+            r.path
+        );
+    }
+}
+
+#[tokio::test]
+async fn scale_out_grows_the_statefulset_adds_each_new_agent_and_progresses_until_active() {
+    let h = running_cluster(json!({"replicas": 3}), 3, 3).await;
+    let template_before = h.api.object(STS_PATH).unwrap()["spec"]["template"].clone();
+
+    // Pass 1: the StatefulSet grows; the pod template (bootstrap peers) stays.
+    h.update_spec(|spec| spec["replicas"] = json!(4));
+    let action = h.reconcile().await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    assert_eq!(h.sts_replicas(), 4);
+    assert_eq!(
+        h.api.object(STS_PATH).unwrap()["spec"]["template"],
+        template_before,
+        "scaling must not roll the pods"
+    );
+    assert_eq!(peers_env(&h).split(',').count(), 3);
+    assert_eq!(
+        h.condition("Progressing"),
+        ("True".into(), "ScalingOut".into())
+    );
+
+    // Pass 2: the new pod exists; the operator adds it under its stable names.
+    h.run_pods(4, "r1");
+    h.reconcile().await.unwrap();
+    assert_eq!(
+        h.admin.membership_calls(),
+        vec![
+            "add_member orders.shop.svc.cluster.local:7070 3 orders-3.orders-peers.shop.svc.cluster.local:7071 orders-3.orders-peers.shop.svc.cluster.local:7070"
+        ]
+    );
+
+    // Pass 3: still joining, still progressing, nothing new asked.
+    h.reconcile().await.unwrap();
+    assert_eq!(h.admin.membership_calls().len(), 1);
+    assert_eq!(
+        h.condition("Progressing"),
+        ("True".into(), "ScalingOut".into())
+    );
+    assert!(h.condition_message("Progressing").contains("3"));
+
+    // Pass 4: active: done.
+    h.admin.settle();
+    let action = h.reconcile().await.unwrap();
+    assert_eq!(action, Action::requeue(controller::REQUEUE_READY));
+    assert_eq!(
+        h.condition("Progressing"),
+        ("False".into(), "Stable".into())
+    );
+    let reasons = h.event_reasons();
+    for reason in [event_reasons::SCALING_OUT, event_reasons::AGENT_ADDED] {
+        assert!(reasons.contains(&reason.to_owned()), "{reasons:?}");
+    }
+    assert_all_granted(&h);
+}
+
+#[tokio::test]
+async fn scale_in_drains_then_removes_the_agent_and_only_then_shrinks_the_statefulset() {
+    let h = running_cluster(json!({"replicas": 4}), 4, 3).await;
+
+    h.update_spec(|spec| spec["replicas"] = json!(3));
+    h.reconcile().await.unwrap();
+    assert_eq!(h.sts_replicas(), 4, "not shrunk before the drain");
+    assert_eq!(
+        h.admin.membership_calls(),
+        vec!["drain orders.shop.svc.cluster.local:7070 3"]
+    );
+    assert_eq!(
+        h.condition("Progressing"),
+        ("True".into(), "ScalingIn".into())
+    );
+
+    h.reconcile().await.unwrap();
+    assert_eq!(h.sts_replicas(), 4, "still draining");
+    assert_eq!(h.admin.membership_calls().len(), 1);
+
+    h.admin.settle();
+    h.reconcile().await.unwrap();
+    assert_eq!(h.sts_replicas(), 4, "removed before shrinking");
+    assert_eq!(
+        h.admin.membership_calls()[1],
+        "remove_member orders.shop.svc.cluster.local:7070 3"
+    );
+
+    h.reconcile().await.unwrap();
+    assert_eq!(h.sts_replicas(), 3);
+    let reasons = h.event_reasons();
+    for reason in [
+        event_reasons::AGENT_DRAINING,
+        event_reasons::AGENT_REMOVED,
+        event_reasons::SCALING_IN,
+    ] {
+        assert!(reasons.contains(&reason.to_owned()), "{reasons:?}");
+    }
+    assert_all_granted(&h);
+}
+
+#[tokio::test]
+async fn scale_in_below_the_replication_factor_is_refused_and_the_statefulset_kept() {
+    let spec = json!({"replicas": 3, "queues": [{"name": "orders", "replicationFactor": 3}]});
+    let h = running_cluster(spec, 3, 3).await;
+
+    h.update_spec(|spec| spec["replicas"] = json!(2));
+    h.reconcile().await.unwrap();
+
+    assert_eq!(h.sts_replicas(), 3);
+    assert!(h.admin.membership_calls().is_empty());
+    assert_eq!(
+        h.condition("Progressing"),
+        ("False".into(), "ScaleInRefused".into())
+    );
+    assert!(
+        h.condition_message("Progressing")
+            .contains("replication factor 3")
+    );
+    assert!(
+        h.event_reasons()
+            .contains(&event_reasons::SCALE_IN_REFUSED.to_owned())
+    );
+    let mq = h.api.object(MQ_PATH).unwrap();
+    assert_eq!(
+        mq["spec"]["replicas"], 2,
+        "the spec is left as the user wrote it"
+    );
+}
+
+#[tokio::test]
+async fn a_drain_the_agents_refuse_is_reported_as_a_refused_scale_in_not_retried_as_a_failure() {
+    let h = running_cluster(json!({"replicas": 4}), 4, 3).await;
+    h.update_spec(|spec| spec["replicas"] = json!(3));
+    // A survivor is still joining, so the agents count too few ACTIVE ones left and refuse.
+    h.admin
+        .set_state(2, sluice_operator::cluster_view::AgentState::Joining);
+
+    let action = h.reconcile().await.unwrap();
+
+    assert_eq!(
+        h.condition("Progressing"),
+        ("False".into(), "ScaleInRefused".into())
+    );
+    assert!(
+        h.condition_message("Progressing")
+            .contains("too few active agents"),
+        "{}",
+        h.condition_message("Progressing")
+    );
+    assert_eq!(h.sts_replicas(), 4);
+    assert_ne!(action, Action::requeue(Duration::from_secs(5)));
+}
+
+#[tokio::test]
+async fn rolling_update_hands_off_and_restarts_one_pod_at_a_time() {
+    let h = running_cluster(json!({"replicas": 3}), 3, 3).await;
+
+    // A template change: the StatefulSet controller computes revision r2 but (OnDelete)
+    // restarts nothing itself.
+    h.update_spec(|spec| spec["image"] = json!("ghcr.io/sluice/agent:2"));
+    h.reconcile().await.unwrap();
+    let sts = h.api.object(STS_PATH).unwrap();
+    assert_eq!(sts["spec"]["updateStrategy"]["type"], "OnDelete");
+    let mut status = sts["status"].clone();
+    status["updateRevision"] = json!("r2");
+    status["observedGeneration"] = sts["metadata"]["generation"].clone();
+    h.api.set_status(STS_PATH, status.clone());
+    h.api.clear_requests();
+    h.admin.calls.lock().unwrap().clear();
+
+    h.reconcile().await.unwrap();
+    assert_eq!(
+        h.admin.membership_calls(),
+        vec!["transfer_leadership orders-2.orders-peers.shop.svc.cluster.local:7070 2"]
+    );
+    assert!(h.api.object(&pod_path(2)).is_none(), "pod 2 deleted");
+    assert_eq!(
+        h.condition("Progressing"),
+        ("True".into(), "RollingUpdate".into())
+    );
+
+    // Pod 2 not back yet: nothing else is touched.
+    h.reconcile().await.unwrap();
+    h.api.insert(&pod_path(2), pod(2, "r2", false));
+    h.reconcile().await.unwrap();
+    assert_eq!(h.admin.membership_calls().len(), 1);
+    assert!(h.api.object(&pod_path(1)).is_some());
+
+    // Back and ready, but a partition is catching up: still nothing.
+    h.api.insert(&pod_path(2), pod(2, "r2", true));
+    h.admin.set_in_sync(&[0, 1]);
+    h.reconcile().await.unwrap();
+    assert!(h.api.object(&pod_path(1)).is_some());
+    assert!(h.condition_message("Progressing").contains("orders/0"));
+
+    // In sync: the next one.
+    h.admin.set_in_sync(&[0, 1, 2]);
+    h.reconcile().await.unwrap();
+    assert!(h.api.object(&pod_path(1)).is_none(), "pod 1 deleted next");
+    assert_eq!(
+        h.event_reasons()
+            .iter()
+            .filter(|r| *r == event_reasons::AGENT_RESTARTED)
+            .count(),
+        2
+    );
+    assert_all_granted(&h);
+}
+
+#[tokio::test]
+async fn an_incomplete_hand_off_leaves_the_pod_running() {
+    let h = running_cluster(json!({"replicas": 3}), 3, 3).await;
+    let mut status = h.api.object(STS_PATH).unwrap()["status"].clone();
+    status["updateRevision"] = json!("r2");
+    h.api.set_status(STS_PATH, status);
+    *h.admin.hand_off_remaining.lock().unwrap() = vec!["orders/0".into()];
+
+    h.reconcile().await.unwrap();
+
+    assert!(h.api.object(&pod_path(2)).is_some());
+    assert!(
+        h.event_reasons()
+            .contains(&event_reasons::HAND_OFF_INCOMPLETE.to_owned())
+    );
+}
+
+#[tokio::test]
+async fn a_failing_membership_call_is_retried_with_backoff_and_reported() {
+    let h = running_cluster(json!({"replicas": 3}), 3, 3).await;
+    h.update_spec(|spec| spec["replicas"] = json!(4));
+    h.reconcile().await.unwrap();
+    h.run_pods(4, "r1");
+    h.admin.fail_once.lock().unwrap().push("AddAgent");
+
+    let err = h.reconcile().await.unwrap_err();
+    assert_eq!(err.metric_label(), "agent_call_failed");
+    assert!(err.to_string().contains("adding agent 3"), "{err}");
+    assert_eq!(
+        controller::error_policy(h.current(), &err, h.ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    assert!(
+        h.event_reasons()
+            .contains(&event_reasons::DAY2_FAILED.to_owned())
+    );
+
+    h.reconcile().await.unwrap();
+    assert_eq!(
+        h.admin.state_of(3),
+        Some(sluice_operator::cluster_view::AgentState::Joining)
+    );
 }

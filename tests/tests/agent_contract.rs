@@ -200,8 +200,13 @@ fn agent_in_pod(container: &Value, mq: &MessageQueue, ordinal: i32) -> BrokerArg
 fn every_agent_pod_of_the_statefulset_starts_as_its_own_member_of_the_cluster() {
     for (example, mq) in example_message_queues() {
         let names = Names::of(&mq).expect("names");
-        let sts = statefulset::build(&mq, &names, &Settings::default(), &mq.spec.storage.size)
-            .expect("StatefulSet builds");
+        let sts = statefulset::build(
+            &mq,
+            &names,
+            &Settings::default(),
+            &statefulset::Shape::initial(&mq),
+        )
+        .expect("StatefulSet builds");
         let pod = sts.spec.expect("spec").template.spec.expect("pod spec");
         let container = pod
             .containers
@@ -255,5 +260,50 @@ fn every_agent_pod_of_the_statefulset_starts_as_its_own_member_of_the_cluster() 
                 "{example}"
             );
         }
+    }
+}
+
+#[test]
+fn a_pod_added_by_scale_out_starts_as_a_joining_agent_at_its_stable_peer_name() {
+    for (example, mut mq) in example_message_queues() {
+        let names = Names::of(&mq).expect("names");
+        let created = statefulset::build(
+            &mq,
+            &names,
+            &Settings::default(),
+            &statefulset::Shape::initial(&mq),
+        )
+        .expect("StatefulSet builds");
+        let bootstrap = mq.spec.replicas;
+        mq.spec.replicas += 1;
+        let shape = statefulset::Shape::of_existing(&mq, &created, mq.spec.replicas);
+        let sts = statefulset::build(&mq, &names, &Settings::default(), &shape)
+            .expect("StatefulSet builds");
+        let pod = sts.spec.expect("spec").template.spec.expect("pod spec");
+        let container = serde_json::to_value(&pod.containers[0]).expect("container serializes");
+
+        let broker = agent_in_pod(&container, &mq, bootstrap);
+        let cluster = broker
+            .cluster()
+            .unwrap_or_else(|e| panic!("{example} new pod {bootstrap}: {e}"))
+            .unwrap_or_else(|| panic!("{example}: not in cluster mode"));
+        assert!(
+            cluster.is_joining(),
+            "{example}: pod {bootstrap} must join, not bootstrap"
+        );
+        assert_eq!(
+            cluster.peers,
+            names.peers(bootstrap, "cluster.local"),
+            "{example}"
+        );
+        assert_eq!(
+            cluster.peer_advertise,
+            format!(
+                "{}:{}",
+                names.pod_host(bootstrap, "cluster.local"),
+                names::PEER_PORT
+            ),
+            "{example}"
+        );
     }
 }

@@ -4,6 +4,11 @@
 //! operator passes every pod's peer endpoint in ordinal order, so a node id is both the number
 //! after the pod name's last `-` and a position in `--peers`. Everything is checked here, once, so
 //! a mis-set pod fails at start with a message naming the flag instead of joining the wrong group.
+//!
+//! The agents listed in `--peers` are the *bootstrap* agents: they form the cluster. An agent
+//! whose ordinal is beyond `--peers` is a *joining* agent (scale-out): it forms nothing, serves
+//! its peer port at `--peer-advertise`, and waits until a `Membership.AddAgent` call makes the
+//! leaders replicate to it (decision 0011).
 
 use std::net::SocketAddr;
 
@@ -13,10 +18,13 @@ pub const REPLICATION_FACTOR_DEFAULT: u32 = 3;
 /// The cluster-mode settings of one agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
-    /// This agent's node id: its ordinal, and its position in `peers`.
+    /// This agent's node id: its ordinal (its position in `peers` for a bootstrap agent).
     pub node_id: u64,
-    /// Every agent's peer (replication) endpoint, `host:port`, in node-id order.
+    /// The bootstrap agents' peer (replication) endpoints, `host:port`, in node-id order.
     pub peers: Vec<String>,
+    /// Where peers reach this agent: its `peers` entry, or `--peer-advertise` for a joining
+    /// agent.
+    pub peer_advertise: String,
     /// Where this agent's peers-only gRPC service listens.
     pub peer_listen: SocketAddr,
     /// This agent's client address, handed to clients in redirects.
@@ -39,11 +47,12 @@ pub enum ClusterConfigError {
     /// `--peers` lists no endpoint.
     #[error("--peers: no peer endpoints given")]
     NoPeers,
-    /// The ordinal has no entry in `--peers`.
+    /// The ordinal has no entry in `--peers` (a joining agent) and no `--peer-advertise` says
+    /// where its peers reach it.
     #[error(
-        "--pod-name {pod_name:?}: ordinal {node_id} but --peers lists only {peers} endpoints (ordinals 0..{peers})"
+        "--pod-name {pod_name:?}: ordinal {node_id} is beyond --peers (ordinals 0..{peers}), so this agent joins an existing cluster and needs --peer-advertise <host:port> (where its peers reach it)"
     )]
-    OrdinalOutOfRange {
+    JoiningWithoutPeerAdvertise {
         /// The pod name.
         pod_name: String,
         /// Its ordinal.
@@ -77,6 +86,35 @@ pub enum ClusterConfigError {
         /// The endpoint.
         value: String,
     },
+    /// `--peer-advertise` is not `host:port`.
+    #[error("--peer-advertise {value:?}: {reason}")]
+    BadPeerAdvertise {
+        /// The value given.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A bootstrap agent's `--peer-advertise` differs from its `--peers` entry (the cluster
+    /// was formed with that entry, so peers would reach it at two addresses).
+    #[error(
+        "--peer-advertise {value:?}: differs from this agent's entry --peers[{node_id}] {entry:?}"
+    )]
+    PeerAdvertiseMismatch {
+        /// The value given.
+        value: String,
+        /// This agent's node id.
+        node_id: u64,
+        /// Its `--peers` entry.
+        entry: String,
+    },
+    /// A joining agent's `--peer-advertise` is a bootstrap agent's endpoint.
+    #[error("--peer-advertise {value:?}: same endpoint as --peers[{position}]")]
+    PeerAdvertiseTaken {
+        /// The value given.
+        value: String,
+        /// The bootstrap agent's position.
+        position: usize,
+    },
     /// `--advertise` is not `host:port`.
     #[error("--advertise {value:?}: {reason}")]
     BadAdvertise {
@@ -96,9 +134,7 @@ pub enum ClusterConfigError {
 }
 
 impl ClusterConfig {
-    /// Checks the cluster flags and derives the node id, the advertised client address (default:
-    /// this agent's peer host with the port of `client_listen`) and the replication factor
-    /// (default: `min(3, peers)`).
+    /// [`ClusterConfig::with_peer_advertise`] without `--peer-advertise`: a bootstrap agent.
     pub fn new(
         pod_name: &str,
         peers: Vec<String>,
@@ -107,16 +143,67 @@ impl ClusterConfig {
         client_listen: SocketAddr,
         replication_factor: Option<u32>,
     ) -> Result<Self, ClusterConfigError> {
+        Self::with_peer_advertise(
+            pod_name,
+            peers,
+            peer_listen,
+            None,
+            advertise,
+            client_listen,
+            replication_factor,
+        )
+    }
+
+    /// Checks the cluster flags and derives the node id, this agent's peer address (its
+    /// `--peers` entry, or `peer_advertise` for a joining agent, which must give it), the
+    /// advertised client address (default: this agent's peer host with the port of
+    /// `client_listen`) and the replication factor (default: `min(3, peers)`).
+    pub fn with_peer_advertise(
+        pod_name: &str,
+        peers: Vec<String>,
+        peer_listen: SocketAddr,
+        peer_advertise: Option<String>,
+        advertise: Option<String>,
+        client_listen: SocketAddr,
+        replication_factor: Option<u32>,
+    ) -> Result<Self, ClusterConfigError> {
         let node_id = ordinal(pod_name)?;
         let peers = check_peers(peers)?;
-        let own = usize::try_from(node_id)
-            .ok()
-            .and_then(|i| peers.get(i))
-            .ok_or_else(|| ClusterConfigError::OrdinalOutOfRange {
-                pod_name: pod_name.to_owned(),
-                node_id,
-                peers: peers.len(),
-            })?;
+        let entry = usize::try_from(node_id).ok().and_then(|i| peers.get(i));
+        let peer_advertise = match peer_advertise.map(|v| v.trim().to_owned()) {
+            Some(value) => {
+                split_host_port(&value).map_err(|reason| ClusterConfigError::BadPeerAdvertise {
+                    value: value.clone(),
+                    reason,
+                })?;
+                match entry {
+                    Some(entry) if *entry != value => {
+                        return Err(ClusterConfigError::PeerAdvertiseMismatch {
+                            value,
+                            node_id,
+                            entry: entry.clone(),
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        if let Some(position) = peers.iter().position(|p| *p == value) {
+                            return Err(ClusterConfigError::PeerAdvertiseTaken { value, position });
+                        }
+                    }
+                }
+                value
+            }
+            None => {
+                entry
+                    .cloned()
+                    .ok_or_else(|| ClusterConfigError::JoiningWithoutPeerAdvertise {
+                        pod_name: pod_name.to_owned(),
+                        node_id,
+                        peers: peers.len(),
+                    })?
+            }
+        };
+        let own = &peer_advertise;
         let advertise = match advertise {
             Some(value) => {
                 let value = value.trim().to_owned();
@@ -153,18 +240,25 @@ impl ClusterConfig {
         Ok(Self {
             node_id,
             peers,
+            peer_advertise,
             peer_listen,
             advertise,
             replication_factor,
         })
     }
 
-    /// Every node id of the cluster, `0..peers.len()`.
+    /// The bootstrap agents' node ids, `0..peers.len()`.
     pub fn node_ids(&self) -> Vec<u64> {
         (0..self.peers.len() as u64).collect()
     }
 
-    /// The peer endpoint of `node_id`, if it is a member.
+    /// Whether this agent joins an existing cluster (its ordinal is beyond `--peers`): it
+    /// initialises no Raft group and waits to be added.
+    pub fn is_joining(&self) -> bool {
+        usize::try_from(self.node_id).map_or(true, |i| i >= self.peers.len())
+    }
+
+    /// The peer endpoint of bootstrap agent `node_id`, if it is one.
     pub fn peer(&self, node_id: u64) -> Option<&str> {
         usize::try_from(node_id)
             .ok()
@@ -213,7 +307,7 @@ fn check_peers(peers: Vec<String>) -> Result<Vec<String>, ClusterConfigError> {
 }
 
 /// Splits `host:port` (`[v6]:port` for IPv6 literals); the reason names what is wrong.
-fn split_host_port(value: &str) -> Result<(&str, u16), String> {
+pub(crate) fn split_host_port(value: &str) -> Result<(&str, u16), String> {
     if value.contains("://") {
         return Err("expected host:port without a scheme".to_owned());
     }
@@ -331,18 +425,68 @@ mod tests {
         assert!(e.to_string().starts_with("--pod-name \"orders\""), "{e}");
     }
 
+    fn joining(pod: &str, peer_advertise: &str) -> Result<ClusterConfig, ClusterConfigError> {
+        ClusterConfig::with_peer_advertise(
+            pod,
+            peers(&THREE),
+            addr("0.0.0.0:7071"),
+            Some(peer_advertise.into()),
+            None,
+            addr("0.0.0.0:7070"),
+            None,
+        )
+    }
+
     #[test]
-    fn an_ordinal_beyond_the_peers_is_refused() {
+    fn an_ordinal_beyond_the_peers_without_a_peer_advertise_address_is_refused() {
         let e = config("orders-3", &THREE).expect_err("refused");
         assert_eq!(
             e,
-            ClusterConfigError::OrdinalOutOfRange {
+            ClusterConfigError::JoiningWithoutPeerAdvertise {
                 pod_name: "orders-3".into(),
                 node_id: 3,
                 peers: 3
             }
         );
-        assert!(e.to_string().contains("only 3 endpoints"), "{e}");
+        assert!(e.to_string().contains("needs --peer-advertise"), "{e}");
+    }
+
+    #[test]
+    fn an_ordinal_beyond_the_peers_with_a_peer_advertise_address_is_a_joining_agent() {
+        let c = joining("orders-3", "orders-3.orders-peers:7071").expect("valid");
+        assert!(c.is_joining());
+        assert_eq!(c.node_id, 3);
+        assert_eq!(c.peer_advertise, "orders-3.orders-peers:7071");
+        assert_eq!(c.advertise, "orders-3.orders-peers:7070");
+        assert_eq!(c.peer(3), None);
+        let bootstrap = config("orders-1", &THREE).expect("valid");
+        assert!(!bootstrap.is_joining());
+        assert_eq!(bootstrap.peer_advertise, THREE[1]);
+    }
+
+    #[test]
+    fn a_peer_advertise_address_must_be_host_port_and_fit_the_peers() {
+        let e = joining("orders-3", "nohost").expect_err("refused");
+        assert!(
+            e.to_string().starts_with("--peer-advertise \"nohost\""),
+            "{e}"
+        );
+        assert_eq!(
+            joining("orders-3", THREE[2]),
+            Err(ClusterConfigError::PeerAdvertiseTaken {
+                value: THREE[2].into(),
+                position: 2
+            })
+        );
+        assert_eq!(
+            joining("orders-1", "elsewhere:7071"),
+            Err(ClusterConfigError::PeerAdvertiseMismatch {
+                value: "elsewhere:7071".into(),
+                node_id: 1,
+                entry: THREE[1].into()
+            })
+        );
+        assert!(joining("orders-1", THREE[1]).is_ok());
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The meta group: one Raft group named `"meta"` across every agent, whose state is the
 //! cluster [`Catalog`] (queues and agents).
 //!
-//! Every agent is a voter, so the catalog survives any minority of agents. A proposal may be
+//! Every ACTIVE agent is a voter, so the catalog survives any minority of agents; the bootstrap
+//! agents form the group, a joining agent is added by the leader (learner, then voter) once the
+//! catalog records it (decision 0011). A proposal may be
 //! made on any agent: the meta leader commits it itself, any other agent forwards it to the
 //! leader over `sluice.peer.v1.Cluster/ProposeMeta` and retries (bounded) while an election is
 //! under way. Checks that need the current catalog (a declare that conflicts, a delete of an
@@ -88,6 +90,14 @@ pub enum MetaError {
         /// The queue.
         queue: String,
     },
+    /// The leader refused a membership change in the catalog's current state; nothing changed.
+    #[error("{reason}")]
+    Refused {
+        /// The class of refusal (which gRPC code the public API answers).
+        code: pb::refused::Code,
+        /// What is wrong, naming the agent and the state.
+        reason: String,
+    },
     /// This agent does not lead the meta group (retryable; `propose` retries it itself).
     #[error("this agent does not lead the meta group{}", leader.map(|l| format!("; node {l} does")).unwrap_or_default())]
     NotLeader {
@@ -145,8 +155,10 @@ fn fatal(e: Fatal<NodeId>) -> MetaError {
 struct Inner {
     /// This agent's node id.
     node_id: NodeId,
-    /// Every agent's peer address, by node id (the meta group's fixed membership).
+    /// The bootstrap agents' peer addresses, by node id.
     peers: Vec<String>,
+    /// Replicas per partition: a drain may not leave fewer ACTIVE agents.
+    replication_factor: u32,
     raft: Raft,
     state_machine: CatalogStateMachine,
     /// The registry the Raft is served from; the meta group leaves it on shutdown.
@@ -168,7 +180,8 @@ impl MetaGroup {
     /// `groups` as [`META_GROUP`], forms the group with every peer as a voter if this replica is
     /// new (every agent does so with the same membership; whoever is second finds it formed),
     /// and starts registering this agent's client address in the catalog in the background
-    /// (retrying until the group has a leader).
+    /// (retrying until the group has a leader). A joining agent does neither: the leader adds
+    /// its replica as a learner once `AddAgent` recorded it, with its addresses.
     pub async fn open(
         data_dir: &Path,
         cluster: &ClusterConfig,
@@ -203,7 +216,7 @@ impl MetaGroup {
         .await
         .map_err(fatal)?;
         groups.insert(META_GROUP, raft.clone());
-        if !raft.is_initialized().await.map_err(fatal)? {
+        if !cluster.is_joining() && !raft.is_initialized().await.map_err(fatal)? {
             let members: BTreeMap<NodeId, BasicNode> = cluster
                 .peers
                 .iter()
@@ -220,6 +233,7 @@ impl MetaGroup {
             inner: Arc::new(Inner {
                 node_id: cluster.node_id,
                 peers: cluster.peers.clone(),
+                replication_factor: cluster.replication_factor,
                 raft,
                 state_machine,
                 groups: groups.clone(),
@@ -227,12 +241,14 @@ impl MetaGroup {
                 register: Mutex::new(None),
             }),
         };
-        let task = tokio::spawn(register(
-            Arc::downgrade(&meta.inner),
-            cluster.node_id,
-            cluster.advertise.clone(),
-        ));
-        *lock(&meta.inner.register) = Some(task);
+        if !cluster.is_joining() {
+            let task = tokio::spawn(register(
+                Arc::downgrade(&meta.inner),
+                cluster.node_id,
+                cluster.advertise.clone(),
+            ));
+            *lock(&meta.inner.register) = Some(task);
+        }
         Ok(meta)
     }
 
@@ -249,6 +265,42 @@ impl MetaGroup {
     /// This agent's node id.
     pub fn node_id(&self) -> NodeId {
         self.inner.node_id
+    }
+
+    /// The catalog as of the last change this replica applied.
+    pub fn current(&self) -> Arc<Catalog> {
+        self.inner.state_machine.current()
+    }
+
+    /// The peer address of `node`: from the meta group's membership (which carries the
+    /// address of every member and learner), else the catalog, else `--peers`.
+    pub fn peer_address(&self, node: NodeId) -> Option<String> {
+        let from_membership = self
+            .inner
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node)
+            .map(|n| n.addr.clone());
+        from_membership
+            .or_else(|| {
+                self.current()
+                    .agents
+                    .get(&node)
+                    .map(|a| a.peer_address.clone())
+            })
+            .or_else(|| {
+                usize::try_from(node)
+                    .ok()
+                    .and_then(|i| self.inner.peers.get(i).cloned())
+            })
+    }
+
+    /// The replication factor this agent was configured with.
+    pub fn replication_factor(&self) -> u32 {
+        self.inner.replication_factor
     }
 
     /// Commits `command` to the catalog from any agent and returns once this agent's own
@@ -336,6 +388,29 @@ impl MetaGroup {
                 }
                 Command::RegisterNode(r)
             }
+            Some(Command::AddAgent(a)) => {
+                for (field, value) in [
+                    ("add_agent.peer_address", &a.peer_address),
+                    ("add_agent.client_address", &a.client_address),
+                ] {
+                    super::config::split_host_port(value)
+                        .map_err(|reason| invalid(field, format!("{value:?}: {reason}")))?;
+                }
+                Command::AddAgent(a)
+            }
+            Some(Command::SetAgentState(s)) => {
+                match sluice_proto::v1::AgentState::try_from(s.state) {
+                    Ok(sluice_proto::v1::AgentState::Unspecified) | Err(_) => {
+                        return Err(invalid(
+                            "set_agent_state.state",
+                            format!("{} is not an agent state", s.state),
+                        ));
+                    }
+                    Ok(_) => {}
+                }
+                Command::SetAgentState(s)
+            }
+            Some(Command::RemoveAgent(r)) => Command::RemoveAgent(r),
         };
         Ok(pb::MetaCommand {
             command: Some(command),
@@ -357,7 +432,11 @@ impl MetaGroup {
             }
             RaftError::Fatal(f) => fatal(f),
         })?;
-        check(&self.inner.state_machine.current(), command)?;
+        check(
+            &self.inner.state_machine.current(),
+            command,
+            self.inner.replication_factor,
+        )?;
         let data = Bytes::from(command.encode_to_vec());
         let response = raft.client_write(data).await.map_err(|e| match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => MetaError::NotLeader {
@@ -388,11 +467,12 @@ impl MetaGroup {
         leader: NodeId,
         command: &pb::MetaCommand,
     ) -> Result<Option<u64>, MetaError> {
-        let Some(peer) = self.inner.peers.get(leader as usize) else {
-            // A leader outside the configured peers cannot happen with a fixed membership;
-            // treat it as an election in progress rather than failing the proposal.
+        let Some(peer) = self.peer_address(leader) else {
+            // A leader this replica knows no address of has not reached it yet: treat it as
+            // an election in progress rather than failing the proposal.
             return Ok(None);
         };
+        let peer = &peer;
         use pb::propose_meta_response::Result as R;
         let response = self
             .inner
@@ -411,6 +491,10 @@ impl MetaGroup {
                 difference: c.difference,
             }),
             Some(R::UnknownQueue(u)) => Err(MetaError::UnknownQueue { queue: u.queue }),
+            Some(R::Refused(r)) => Err(MetaError::Refused {
+                code: r.code(),
+                reason: r.reason,
+            }),
             None => Err(MetaError::BadResponse { peer: peer.clone() }),
         }
     }
@@ -442,7 +526,14 @@ impl MetaGroup {
 }
 
 /// The leader-side checks that need the catalog.
-fn check(catalog: &Catalog, command: &pb::MetaCommand) -> Result<(), MetaError> {
+fn check(
+    catalog: &Catalog,
+    command: &pb::MetaCommand,
+    replication_factor: u32,
+) -> Result<(), MetaError> {
+    use pb::refused::Code;
+    use sluice_proto::v1::AgentState;
+    let refused = |code: Code, reason: String| Err(MetaError::Refused { code, reason });
     match &command.command {
         Some(Command::DeclareQueue(pb::DeclareQueue { spec: Some(wanted) })) => {
             if let Some(existing) = catalog.queues.get(&wanted.name)
@@ -458,6 +549,72 @@ fn check(catalog: &Catalog, command: &pb::MetaCommand) -> Result<(), MetaError> 
             return Err(MetaError::UnknownQueue {
                 queue: d.name.clone(),
             });
+        }
+        Some(Command::AddAgent(a)) => {
+            if let Some(known) = catalog.agents.get(&a.node_id)
+                && (known.peer_address != a.peer_address
+                    || known.client_address != a.client_address)
+            {
+                return refused(
+                    Code::AlreadyExists,
+                    format!(
+                        "agent {} is already a member with peer address {:?} and client address {:?}",
+                        a.node_id, known.peer_address, known.client_address
+                    ),
+                );
+            }
+            if let Some((other, _)) = catalog.agents.iter().find(|(id, other)| {
+                **id != a.node_id
+                    && (other.peer_address == a.peer_address
+                        || (!other.client_address.is_empty()
+                            && other.client_address == a.client_address))
+            }) {
+                return refused(
+                    Code::AlreadyExists,
+                    format!(
+                        "agent {other} already uses peer address {:?} or client address {:?}",
+                        a.peer_address, a.client_address
+                    ),
+                );
+            }
+        }
+        Some(Command::SetAgentState(s)) if s.state == AgentState::Draining as i32 => {
+            let Some(known) = catalog.agents.get(&s.node_id) else {
+                return refused(
+                    Code::NotFound,
+                    format!("agent {} is not a member of the cluster", s.node_id),
+                );
+            };
+            if !matches!(known.state, AgentState::Draining | AgentState::Drained) {
+                let remaining = catalog
+                    .agents
+                    .iter()
+                    .filter(|(id, a)| **id != s.node_id && a.state == AgentState::Active)
+                    .count();
+                if remaining < replication_factor as usize {
+                    return refused(
+                        Code::FailedPrecondition,
+                        format!(
+                            "draining agent {} would leave {remaining} ACTIVE agents, fewer than the replication factor {replication_factor}",
+                            s.node_id
+                        ),
+                    );
+                }
+            }
+        }
+        Some(Command::RemoveAgent(r)) => {
+            if let Some(known) = catalog.agents.get(&r.node_id)
+                && known.state != AgentState::Drained
+            {
+                return refused(
+                    Code::FailedPrecondition,
+                    format!(
+                        "agent {} is {} and still holds replicas; drain it first",
+                        r.node_id,
+                        known.state.as_str_name()
+                    ),
+                );
+            }
         }
         _ => {}
     }
@@ -484,7 +641,10 @@ async fn register(meta: Weak<Inner>, node_id: NodeId, advertise: String) {
     loop {
         let Some(inner) = meta.upgrade() else { return };
         let group = MetaGroup { inner };
-        if group.inner.state_machine.current().nodes.get(&node_id) == Some(&advertise) {
+        let current = group.inner.state_machine.current();
+        if current.client_address(node_id).as_ref() == Some(&advertise)
+            || current.removed.contains(&node_id)
+        {
             return;
         }
         match group.propose(command.clone()).await {

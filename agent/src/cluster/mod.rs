@@ -7,6 +7,7 @@
 //! - [`catalog`]: the [`Catalog`] of queues and agents, and how commands change it.
 //! - [`state_machine`]: the meta group's openraft state machine over the catalog.
 //! - [`meta`]: [`MetaGroup`], the `"meta"` Raft group across all agents; proposals from any agent.
+//! - [`reconcile`]: the membership changes a group's leader makes to match the catalog.
 //! - [`service`]: the peers-only `sluice.peer.v1.Cluster` service (forwarded proposals,
 //!   leadership transfer).
 //! - [`client`]: its client side, including [`transfer_leadership`].
@@ -16,6 +17,7 @@ pub mod client;
 pub mod config;
 pub mod meta;
 pub mod placement;
+pub mod reconcile;
 pub mod service;
 pub mod state_machine;
 

@@ -83,6 +83,10 @@ impl ClusterService {
                 R::QueueConflict(pb::QueueConflict { queue, difference })
             }
             Err(MetaError::UnknownQueue { queue }) => R::UnknownQueue(pb::UnknownQueue { queue }),
+            Err(MetaError::Refused { code, reason }) => R::Refused(pb::Refused {
+                code: code as i32,
+                reason,
+            }),
             Err(e) => return Err(e.into()),
         };
         Ok(pb::ProposeMetaResponse {

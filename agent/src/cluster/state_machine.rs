@@ -162,6 +162,7 @@ impl RaftStateMachine<TypeConfig> for CatalogStateMachine {
                 }
                 EntryPayload::Blank => {}
                 EntryPayload::Membership(m) => {
+                    inner.catalog.apply_membership(m);
                     inner.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                 }
             }

@@ -7,11 +7,13 @@
 
 pub mod admin;
 pub mod consumer;
+pub mod membership;
 pub mod publisher;
 pub mod status;
 
 pub use admin::AdminService;
 pub use consumer::ConsumerService;
+pub use membership::MembershipService;
 pub use publisher::PublisherService;
 
 /// Most messages in one `PublishRequest` or `PublishStreamRequest` frame (the proto's limit).

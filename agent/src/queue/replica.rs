@@ -279,7 +279,8 @@ pub struct Setup {
     pub node_id: u64,
     /// The group's name on every replica (`<queue>/<partition>`).
     pub group: String,
-    /// The initial voters with their peer addresses.
+    /// The initial voters with their peer addresses; empty on a joining agent, whose replica
+    /// initialises nothing and waits for the group's leader to add it (decision 0011).
     pub voters: std::collections::BTreeMap<u64, openraft::BasicNode>,
     /// Raft settings.
     pub raft_config: Arc<openraft::Config>,
@@ -353,7 +354,7 @@ pub async fn open(
         .is_initialized()
         .await
         .map_err(|e| OpenReplicaError::Raft(e.to_string()))?;
-    if !initialized {
+    if !initialized && !setup.voters.is_empty() {
         // Every replica initialises with the same voters; openraft accepts that, and whichever
         // initialisation a replica's log already holds wins.
         if let Err(e) = raft.initialize(setup.voters.clone()).await {

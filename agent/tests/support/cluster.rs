@@ -65,6 +65,8 @@ pub struct Node {
     metrics: SocketAddr,
     /// Address the agent binds its peer port to.
     peer_listen: SocketAddr,
+    /// Address the other agents reach its peer port at.
+    pub peer: SocketAddr,
     /// Network namespace it runs in, if any.
     namespace: Option<String>,
     /// Its data directory.
@@ -147,6 +149,7 @@ impl Cluster {
                 listen: a.listen,
                 metrics: a.metrics,
                 peer_listen: a.peer_listen,
+                peer: a.peer,
                 namespace: net.as_ref().map(|n| n.name(index)),
                 data_dir: root.join(format!("agent-{index}")),
                 child: None,
@@ -197,6 +200,13 @@ impl Cluster {
             .args(["--peers", &self.peers])
             .args(["--peer-listen", &node.peer_listen.to_string()])
             .args(["--advertise", &node.client.to_string()])
+            // An ordinal beyond --peers joins an existing cluster (scale-out) and must say
+            // where its peers reach it.
+            .args(if i >= NODES {
+                vec!["--peer-advertise".to_owned(), node.peer.to_string()]
+            } else {
+                Vec::new()
+            })
             .arg("--log-level")
             .arg(std::env::var_os(LOG_FILTER_ENV).unwrap_or_else(|| LOG_FILTER.into()))
             .stdout(Stdio::piped())
@@ -246,6 +256,33 @@ impl Cluster {
         node.child = Some(child);
         node.paused = false;
         Ok(())
+    }
+
+    /// Starts one more agent (ordinal `nodes.len()`, beyond `--peers`) on loopback: a joining
+    /// agent, which serves its ports and waits to be added (`Membership.AddAgent`). Returns
+    /// its ordinal.
+    pub fn start_joining(&mut self, root: &Path) -> Result<usize, String> {
+        assert!(self.net.is_none(), "joining agents run on loopback only");
+        let index = self.nodes.len();
+        let a = loopback_addresses_for(1)?
+            .pop()
+            .ok_or("no addresses for the joining agent")?;
+        self.nodes.push(Node {
+            index,
+            client: a.client,
+            listen: a.listen,
+            metrics: a.metrics,
+            peer_listen: a.peer_listen,
+            peer: a.peer,
+            namespace: None,
+            data_dir: root.join(format!("agent-{index}")),
+            child: None,
+            paused: false,
+            log: Arc::default(),
+        });
+        lock(&self.channels).push(None);
+        self.spawn(index)?;
+        Ok(index)
     }
 
     /// SIGKILL agent `i` and reap it.
@@ -384,7 +421,9 @@ impl Cluster {
 
     /// [`Cluster::leader_among`] over every running agent.
     pub async fn leader(&self, queue: &str, timeout: Duration) -> usize {
-        let up: Vec<usize> = (0..NODES).filter(|&i| self.nodes[i].is_up()).collect();
+        let up: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].is_up())
+            .collect();
         self.leader_among(queue, &up, timeout).await
     }
 
@@ -468,7 +507,12 @@ pub struct Addresses {
 /// releasing it: another process could take one in between, which a test would show as a
 /// bind error naming the address.
 fn loopback_addresses() -> Result<Vec<Addresses>, String> {
-    let listeners: Vec<TcpListener> = (0..NODES * 3)
+    loopback_addresses_for(NODES)
+}
+
+/// Free loopback ports for `nodes` agents (see [`loopback_addresses`]).
+fn loopback_addresses_for(nodes: usize) -> Result<Vec<Addresses>, String> {
+    let listeners: Vec<TcpListener> = (0..nodes * 3)
         .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}")))
         .collect::<Result<_, _>>()?;
     let ports: Vec<SocketAddr> = listeners

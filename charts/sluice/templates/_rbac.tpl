@@ -26,6 +26,14 @@ its rule away.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["create", "patch"]
+# Rolling update: the operator restarts agent pods itself, one at a time (updateStrategy OnDelete).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "delete"]
+# PVC expansion when spec.storage.size grows.
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "patch"]
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]

@@ -38,9 +38,14 @@ pub struct Children {
     pub statefulset: StatefulSet,
 }
 
-/// Builds every child of `mq`. `claim_size` is the volume size of the claim template: the
-/// spec's size on creation, the existing template's afterwards (templates are immutable).
-pub fn build_all(mq: &MessageQueue, settings: &Settings, claim_size: &str) -> Result<Children> {
+/// Builds every child of `mq`; `shape` fixes the StatefulSet's replicas, bootstrap peers and
+/// claim size ([`statefulset::Shape::initial`] on creation, [`statefulset::Shape::of_existing`]
+/// afterwards: claim templates are immutable and the peer env must not change).
+pub fn build_all(
+    mq: &MessageQueue,
+    settings: &Settings,
+    shape: &statefulset::Shape,
+) -> Result<Children> {
     let names = Names::of(mq)?;
     Ok(Children {
         service_account: serviceaccount::build(mq, &names)?,
@@ -49,7 +54,7 @@ pub fn build_all(mq: &MessageQueue, settings: &Settings, claim_size: &str) -> Re
         client_service: services::build_client(mq, &names)?,
         pdb: pdb::build(mq, &names)?,
         network_policy: networkpolicy::build(mq, &names)?,
-        statefulset: statefulset::build(mq, &names, settings, claim_size)?,
+        statefulset: statefulset::build(mq, &names, settings, shape)?,
     })
 }
 

@@ -2,9 +2,15 @@
 //!
 //! Each pod runs `sluice-agent broker` with its data directory on its own claim. Peers are
 //! passed as the StatefulSet's stable DNS names, so a restarted pod finds the same peers under
-//! the same names. There is no `preStop` hook: the agent hands every partition it leads to its
-//! most caught-up peer when it receives the kubelet's SIGTERM, before it stops (decision 0010),
-//! so a hook would only delay that.
+//! the same names. `SLUICE_PEERS` is the *bootstrap* set, fixed when the StatefulSet is created
+//! ([`Shape::bootstrap_replicas`]): agents added later join through the membership API, and a
+//! changing env would roll every pod at every scale (decision 0012).
+//!
+//! Updates are `OnDelete`: the operator's rolling update (`crate::day2`) hands leadership away
+//! and restarts one pod at a time, waiting for every partition to be back in sync in between.
+//! There is no `preStop` hook: the agent also hands every partition it leads to its most
+//! caught-up peer when it receives the kubelet's SIGTERM (decision 0010), so a hook would only
+//! delay that.
 
 use std::collections::BTreeMap;
 
@@ -68,6 +74,105 @@ pub mod env {
     pub const REPLICATION_FACTOR: &str = "SLUICE_REPLICATION_FACTOR";
     /// The agent's own client address, handed to clients in redirects.
     pub const ADVERTISE: &str = "SLUICE_ADVERTISE";
+    /// The agent's own peer address: where the other agents reach it (an agent that joins
+    /// after the bootstrap is not in `SLUICE_PEERS`, so it cannot look itself up there).
+    pub const PEER_ADVERTISE: &str = "SLUICE_PEER_ADVERTISE";
+}
+
+/// Annotation on the StatefulSet recording how many agents bootstrapped the cluster, i.e. the
+/// length of `SLUICE_PEERS`; read back at every reconcile so the env never changes.
+pub const BOOTSTRAP_ANNOTATION: &str = "sluice.dev/bootstrap-replicas";
+
+/// What of the StatefulSet is decided by the StatefulSet's history rather than by the spec
+/// alone: the replica count (moved by the day-2 logic one step at a time), the bootstrap peer
+/// set and the claim size (both fixed at creation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shape {
+    /// `spec.replicas` of the StatefulSet.
+    pub replicas: i32,
+    /// Agents listed in `SLUICE_PEERS`.
+    pub bootstrap_replicas: i32,
+    /// `SLUICE_REPLICATION_FACTOR`: fixed at bootstrap like the peers, since the agents
+    /// refuse a factor above their bootstrap peer count and apply it cluster-wide.
+    pub replication_factor: i32,
+    /// Size of the claim template.
+    pub claim_size: String,
+}
+
+impl Shape {
+    /// The shape of a StatefulSet created now from `mq`'s spec.
+    pub fn initial(mq: &MessageQueue) -> Self {
+        let factor = Names::of(mq)
+            .map(|names| replication_factor(mq, &names))
+            .unwrap_or(1);
+        Self {
+            replicas: mq.spec.replicas,
+            bootstrap_replicas: mq.spec.replicas,
+            replication_factor: factor,
+            claim_size: mq.spec.storage.size.clone(),
+        }
+    }
+
+    /// The shape of the existing StatefulSet `sts`, with `replicas` as given. Bootstrap size:
+    /// the annotation, or (for a StatefulSet written before it existed) the number of entries
+    /// of its `SLUICE_PEERS`; claim size: its claim template's. Missing pieces fall back to
+    /// [`Shape::initial`].
+    pub fn of_existing(mq: &MessageQueue, sts: &StatefulSet, replicas: i32) -> Self {
+        let initial = Self::initial(mq);
+        let annotated = sts
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(BOOTSTRAP_ANNOTATION))
+            .and_then(|v| v.parse::<i32>().ok())
+            .filter(|n| *n > 0);
+        let env_value = |name: &str| {
+            sts.spec
+                .as_ref()?
+                .template
+                .spec
+                .as_ref()?
+                .containers
+                .iter()
+                .find(|c| c.name == AGENT_CONTAINER)?
+                .env
+                .as_ref()?
+                .iter()
+                .find(|e| e.name == name)?
+                .value
+                .clone()
+        };
+        let peers_in_env =
+            || env_value(env::PEERS).and_then(|v| i32::try_from(v.split(',').count()).ok());
+        Self {
+            replicas,
+            bootstrap_replicas: annotated
+                .or_else(peers_in_env)
+                .unwrap_or(initial.bootstrap_replicas),
+            replication_factor: env_value(env::REPLICATION_FACTOR)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(initial.replication_factor),
+            claim_size: template_claim_size(sts).unwrap_or(initial.claim_size),
+        }
+    }
+}
+
+/// Size of the `data` claim template of an existing StatefulSet.
+pub fn template_claim_size(sts: &StatefulSet) -> Option<String> {
+    sts.spec
+        .as_ref()?
+        .volume_claim_templates
+        .as_ref()?
+        .iter()
+        .find(|t| t.metadata.name.as_deref() == Some(DATA_VOLUME))?
+        .spec
+        .as_ref()?
+        .resources
+        .as_ref()?
+        .requests
+        .as_ref()?
+        .get("storage")
+        .map(|q| q.0.clone())
 }
 
 /// The agents' replication factor: the largest effective factor of the MessageQueue's queues.
@@ -89,6 +194,16 @@ pub fn replication_factor(mq: &MessageQueue, names: &Names) -> i32 {
 pub fn advertise_address(names: &Names, cluster_domain: &str) -> String {
     format!(
         "$({}).{}.{}.svc.{cluster_domain}:{GRPC_PORT}",
+        env::POD_NAME,
+        names.headless_service(),
+        names.namespace
+    )
+}
+
+/// The agent's peer address: the same stable name on the peer port.
+pub fn peer_advertise_address(names: &Names, cluster_domain: &str) -> String {
+    format!(
+        "$({}).{}.{}.svc.{cluster_domain}:{PEER_PORT}",
         env::POD_NAME,
         names.headless_service(),
         names.namespace
@@ -158,7 +273,12 @@ pub fn agent_args() -> Vec<String> {
     .collect()
 }
 
-fn agent_container(mq: &MessageQueue, names: &Names, settings: &Settings) -> Container {
+fn agent_container(
+    mq: &MessageQueue,
+    names: &Names,
+    settings: &Settings,
+    shape: &Shape,
+) -> Container {
     let image = mq
         .spec
         .image
@@ -181,7 +301,7 @@ fn agent_container(mq: &MessageQueue, names: &Names, settings: &Settings) -> Con
             env_value(
                 env::PEERS,
                 names
-                    .peers(mq.spec.replicas, &settings.cluster_domain)
+                    .peers(shape.bootstrap_replicas, &settings.cluster_domain)
                     .join(","),
             ),
             env_value(env::PEER_LISTEN, format!("0.0.0.0:{PEER_PORT}")),
@@ -191,12 +311,16 @@ fn agent_container(mq: &MessageQueue, names: &Names, settings: &Settings) -> Con
             ),
             env_value(
                 env::REPLICATION_FACTOR,
-                replication_factor(mq, names).to_string(),
+                shape.replication_factor.to_string(),
             ),
             // Must stay after POD_NAME: `$(VAR)` only expands variables defined before it.
             env_value(
                 env::ADVERTISE,
                 advertise_address(names, &settings.cluster_domain),
+            ),
+            env_value(
+                env::PEER_ADVERTISE,
+                peer_advertise_address(names, &settings.cluster_domain),
             ),
         ]),
         resources: mq.spec.resources.clone(),
@@ -285,18 +409,22 @@ fn claim_template(mq: &MessageQueue, claim_size: &str) -> PersistentVolumeClaim 
     }
 }
 
-/// The StatefulSet of `mq`'s agents. `claim_size` is the claim template's size (see
-/// [`crate::builders::build_all`]).
+/// The StatefulSet of `mq`'s agents with the given [`Shape`].
 pub fn build(
     mq: &MessageQueue,
     names: &Names,
     settings: &Settings,
-    claim_size: &str,
+    shape: &Shape,
 ) -> Result<StatefulSet> {
+    let mut metadata = child_meta(mq, names, names.statefulset())?;
+    metadata.annotations = Some(BTreeMap::from([(
+        BOOTSTRAP_ANNOTATION.to_owned(),
+        shape.bootstrap_replicas.to_string(),
+    )]));
     Ok(StatefulSet {
-        metadata: child_meta(mq, names, names.statefulset())?,
+        metadata,
         spec: Some(StatefulSetSpec {
-            replicas: Some(mq.spec.replicas),
+            replicas: Some(shape.replicas),
             service_name: Some(names.headless_service()),
             selector: LabelSelector {
                 match_labels: Some(names.selector_labels()),
@@ -305,16 +433,21 @@ pub fn build(
             // All agents start together: a partition needs a quorum of them to elect a leader,
             // so starting one at a time would have the first wait for peers that are not started.
             pod_management_policy: Some("Parallel".to_owned()),
+            // The operator restarts pods itself, one at a time and only while every partition
+            // is in sync (`crate::day2`); the StatefulSet controller would not wait for that.
             update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("RollingUpdate".to_owned()),
+                type_: Some("OnDelete".to_owned()),
                 rolling_update: None,
             }),
-            // Retain on delete and on scale-in: the claims hold confirmed messages, and losing
-            // them must take a deliberate `kubectl delete pvc` (decision 0005).
+            // Retain on delete: the claims hold confirmed messages, and losing them must take a
+            // deliberate `kubectl delete pvc` (decision 0005). Delete on scale-in: the operator
+            // shrinks the StatefulSet only after the leaving agent was drained and removed, so
+            // its claim holds nothing the cluster needs, and a later scale-out must not bring
+            // back a removed member's stale log (decision 0012).
             persistent_volume_claim_retention_policy: Some(
                 StatefulSetPersistentVolumeClaimRetentionPolicy {
                     when_deleted: Some("Retain".to_owned()),
-                    when_scaled: Some("Retain".to_owned()),
+                    when_scaled: Some("Delete".to_owned()),
                 },
             ),
             template: PodTemplateSpec {
@@ -337,7 +470,7 @@ pub fn build(
                         ..PodSecurityContext::default()
                     }),
                     topology_spread_constraints: Some(topology_spread(names)),
-                    containers: vec![agent_container(mq, names, settings)],
+                    containers: vec![agent_container(mq, names, settings, shape)],
                     volumes: Some(vec![
                         Volume {
                             name: CONFIG_VOLUME.to_owned(),
@@ -356,7 +489,7 @@ pub fn build(
                     ..PodSpec::default()
                 }),
             },
-            volume_claim_templates: Some(vec![claim_template(mq, claim_size)]),
+            volume_claim_templates: Some(vec![claim_template(mq, &shape.claim_size)]),
             ..StatefulSetSpec::default()
         }),
         status: None,

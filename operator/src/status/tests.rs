@@ -52,6 +52,7 @@ fn all_agents_ready_means_ready_stable_and_fully_replicated() {
         Observed {
             statefulset: Some(sts(1, 3, 3)),
             queue_stats: None,
+            day2: None,
         },
     );
     assert_eq!(s.observed_generation, Some(4));
@@ -91,6 +92,7 @@ fn one_agent_down_of_three_is_under_replicated_but_keeps_quorum() {
         Observed {
             statefulset: Some(sts(1, 2, 3)),
             queue_stats: None,
+            day2: None,
         },
     );
     assert_eq!(
@@ -111,6 +113,7 @@ fn two_agents_down_of_three_loses_quorum_and_says_which_queue() {
         Observed {
             statefulset: Some(sts(1, 1, 3)),
             queue_stats: None,
+            day2: None,
         },
     );
     let degraded = cond(&s, types::DEGRADED);
@@ -147,6 +150,7 @@ fn a_leaderless_partition_reported_by_the_agents_is_quorum_lost() {
         Observed {
             statefulset: Some(sts(1, 3, 3)),
             queue_stats: Some(vec![("orders".into(), stats)]),
+            day2: None,
         },
     );
     let degraded = cond(&s, types::DEGRADED);
@@ -175,6 +179,7 @@ fn rolling_update_is_progressing() {
         Observed {
             statefulset: Some(rolling),
             queue_stats: None,
+            day2: None,
         },
     );
     assert_eq!(cond(&s, types::PROGRESSING).reason, reasons::ROLLING_UPDATE);
@@ -188,6 +193,7 @@ fn unchanged_condition_keeps_its_transition_time_so_reconciles_do_not_churn() {
     let observed = Observed {
         statefulset: Some(sts(1, 3, 3)),
         queue_stats: None,
+        day2: None,
     };
     let first = desired_status(&mq, &names, &observed, now());
     mq.status = Some(first.clone());
@@ -204,8 +210,58 @@ fn stats_unavailable_leaves_backlog_unknown_rather_than_zero() {
         Observed {
             statefulset: Some(sts(1, 3, 3)),
             queue_stats: None,
+            day2: None,
         },
     );
     assert_eq!(s.backlog, None);
     assert!(s.queues.is_empty());
+}
+
+#[test]
+fn a_day2_step_under_way_or_refused_decides_the_progressing_condition() {
+    let progress = |on: bool, reason: &'static str| {
+        Some((
+            on,
+            crate::day2::Progress {
+                reason,
+                message: format!("{reason} detail"),
+            },
+        ))
+    };
+    let s = status_for(
+        serde_json::json!({"replicas": 3}),
+        Observed {
+            statefulset: Some(sts(1, 3, 3)),
+            queue_stats: None,
+            day2: progress(true, "ScalingOut"),
+        },
+    );
+    let p = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Progressing")
+        .unwrap();
+    assert_eq!(
+        (p.status.as_str(), p.reason.as_str()),
+        ("True", "ScalingOut")
+    );
+    assert_eq!(p.message, "ScalingOut detail");
+
+    let s = status_for(
+        serde_json::json!({"replicas": 3}),
+        Observed {
+            statefulset: Some(sts(1, 3, 3)),
+            queue_stats: None,
+            day2: progress(false, "ScaleInRefused"),
+        },
+    );
+    let p = s
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Progressing")
+        .unwrap();
+    assert_eq!(
+        (p.status.as_str(), p.reason.as_str()),
+        ("False", "ScaleInRefused")
+    );
 }

@@ -191,6 +191,32 @@ impl FakeApi {
         match (recorded.method.clone(), body) {
             (Method::GET, _) => match s.objects.get(&path) {
                 Some(obj) => respond(200, obj.clone()),
+                // A collection: every object one path segment below (label selectors are not
+                // evaluated; the tests keep one MessageQueue's objects per namespace).
+                None if is_collection(&path) => {
+                    let prefix = format!("{path}/");
+                    let items: Vec<Value> = s
+                        .objects
+                        .iter()
+                        .filter(|(p, _)| {
+                            p.strip_prefix(&prefix)
+                                .is_some_and(|rest| !rest.contains('/'))
+                        })
+                        .map(|(_, o)| o.clone())
+                        .collect();
+                    let version = s.next_version.to_string();
+                    respond(
+                        200,
+                        json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": version}, "items": items}),
+                    )
+                }
+                None => respond(
+                    404,
+                    status_body(404, "NotFound", &format!("{path} not found")),
+                ),
+            },
+            (Method::DELETE, _) => match s.objects.remove(&path) {
+                Some(obj) => respond(200, obj),
                 None => respond(
                     404,
                     status_body(404, "NotFound", &format!("{path} not found")),
@@ -259,6 +285,16 @@ impl FakeApi {
             ),
         }
     }
+}
+
+/// Whether `path` names a collection (`.../namespaces/<ns>/<resource>`) rather than an object.
+fn is_collection(path: &str) -> bool {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let after_namespace = parts
+        .iter()
+        .position(|p| *p == "namespaces")
+        .map(|i| parts.len() - i);
+    after_namespace == Some(3)
 }
 
 fn respond(code: u16, body: Value) -> Response<Full<Bytes>> {

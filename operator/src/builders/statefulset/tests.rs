@@ -7,7 +7,7 @@ fn build_default(spec: serde_json::Value) -> StatefulSet {
         &mq,
         &Names::of(&mq).unwrap(),
         &Settings::default(),
-        &mq.spec.storage.size,
+        &Shape::initial(&mq),
     )
     .unwrap()
 }
@@ -138,14 +138,83 @@ fn claim_template_takes_size_and_class_from_the_spec() {
 }
 
 #[test]
-fn claims_are_retained_on_delete_and_scale_in() {
+fn claims_are_retained_on_delete_and_deleted_on_scale_in_after_the_drain() {
     let policy = build_default(serde_json::json!({}))
         .spec
         .unwrap()
         .persistent_volume_claim_retention_policy
         .unwrap();
     assert_eq!(policy.when_deleted.as_deref(), Some("Retain"));
-    assert_eq!(policy.when_scaled.as_deref(), Some("Retain"));
+    assert_eq!(policy.when_scaled.as_deref(), Some("Delete"));
+}
+
+#[test]
+fn pods_are_restarted_by_the_operator_not_by_the_statefulset_controller() {
+    let strategy = build_default(serde_json::json!({}))
+        .spec
+        .unwrap()
+        .update_strategy
+        .unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("OnDelete"));
+}
+
+#[test]
+fn peers_env_is_the_bootstrap_set_and_stays_when_replicas_change() {
+    let mq = test_mq(serde_json::json!({"replicas": 3}));
+    let names = Names::of(&mq).unwrap();
+    let created = build(&mq, &names, &Settings::default(), &Shape::initial(&mq)).unwrap();
+    let scaled_mq = test_mq(serde_json::json!({"replicas": 5}));
+    let shape = Shape::of_existing(&scaled_mq, &created, 5);
+    assert_eq!(shape.bootstrap_replicas, 3);
+    assert_eq!(shape.replication_factor, 3);
+    let scaled = build(&scaled_mq, &names, &Settings::default(), &shape).unwrap();
+
+    assert_eq!(scaled.spec.as_ref().unwrap().replicas, Some(5));
+    assert_eq!(
+        scaled.spec.as_ref().unwrap().template,
+        created.spec.as_ref().unwrap().template,
+        "the pod template (and so every pod) is untouched by a scale"
+    );
+    assert_eq!(
+        scaled.metadata.annotations.as_ref().unwrap()[BOOTSTRAP_ANNOTATION],
+        "3"
+    );
+}
+
+#[test]
+fn replication_factor_env_stays_the_bootstrap_one_when_replicas_grow() {
+    let mq = test_mq(serde_json::json!({"replicas": 1}));
+    let names = Names::of(&mq).unwrap();
+    let created = build(&mq, &names, &Settings::default(), &Shape::initial(&mq)).unwrap();
+    let grown = test_mq(serde_json::json!({"replicas": 3}));
+    let shape = Shape::of_existing(&grown, &created, 3);
+    let sts = build(&grown, &names, &Settings::default(), &shape).unwrap();
+    assert_eq!(
+        env_of(&agent(&sts), env::REPLICATION_FACTOR)
+            .value
+            .as_deref(),
+        Some("1"),
+        "the agents refuse a factor above their bootstrap peers"
+    );
+}
+
+#[test]
+fn bootstrap_size_of_a_statefulset_without_the_annotation_is_read_from_its_peers_env() {
+    let mq = test_mq(serde_json::json!({"replicas": 4}));
+    let names = Names::of(&mq).unwrap();
+    let mut old = build(&mq, &names, &Settings::default(), &Shape::initial(&mq)).unwrap();
+    old.metadata.annotations = None;
+    let grown = test_mq(serde_json::json!({"replicas": 6}));
+    assert_eq!(Shape::of_existing(&grown, &old, 4).bootstrap_replicas, 4);
+}
+
+#[test]
+fn peer_advertise_env_names_the_pod_on_the_peer_port() {
+    let c = agent(&build_default(serde_json::json!({"replicas": 3})));
+    assert_eq!(
+        env_of(&c, env::PEER_ADVERTISE).value.as_deref(),
+        Some("$(SLUICE_POD_NAME).orders-peers.shop.svc.cluster.local:7071")
+    );
 }
 
 #[test]

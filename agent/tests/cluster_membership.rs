@@ -1,0 +1,428 @@
+//! Membership changes of a running cluster (issue 3, "placement and membership"; decision
+//! 0011): real `sluice-agent` processes on loopback, under publish and consume load, scale out
+//! by one agent and scale in by another through `sluice.v1.Membership`, with nothing lost.
+//!
+//! Run: `cargo test -p sluice-agent --test cluster_membership -- --nocapture`
+//! (about a minute). `SLUICE_FAULT_TEST_LOGS=1` prints every agent's stderr at the end.
+
+#[path = "support/cluster.rs"]
+mod cluster;
+#[path = "support/ledger.rs"]
+mod ledger;
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "support/workload.rs"]
+mod workload;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use cluster::{Cluster, Net};
+use ledger::Ledger;
+use sluice_proto::v1::admin_client::AdminClient;
+use sluice_proto::v1::membership_client::MembershipClient;
+use sluice_proto::v1::{
+    AddAgentRequest, AgentState, DeclareQueueRequest, DrainAgentRequest, GetClusterRequest,
+    GetClusterResponse, HandOffLeadershipRequest, QueueSpec, RemoveAgentRequest,
+};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use workload::{ConsumerReport, PublisherReport, Until};
+
+/// Partitions of the test queue: more than one group whose membership must change.
+const PARTITIONS: u32 = 2;
+/// How long an election (or the first meta leader) may take before a test fails.
+const ELECTION: Duration = Duration::from_secs(15);
+/// How long a membership change (join to ACTIVE, drain to DRAINED) may take under load.
+const CHANGE: Duration = Duration::from_secs(90);
+/// Messages per publish batch.
+const BATCH: usize = 20;
+
+/// A queue name whose preferred leader is agent 0 both among the three bootstrap agents and
+/// among four: agent 0 then leads the queue's partitions when it is drained.
+fn queue_led_by_agent_0() -> String {
+    (0..1_000)
+        .map(|n| format!("orders-{n}"))
+        .find(|name| {
+            sluice_agent::cluster::placement(name, 0, 3, &[0, 1, 2])[0] == 0
+                && sluice_agent::cluster::placement(name, 0, 4, &[0, 1, 2, 3])[0] == 0
+        })
+        .expect("some name prefers agent 0")
+}
+
+/// Publishers and a consumer running against the cluster.
+struct Load {
+    stop: Arc<AtomicBool>,
+    publishers: Vec<JoinHandle<PublisherReport>>,
+    consumer: JoinHandle<ConsumerReport>,
+}
+
+impl Load {
+    fn start(endpoints: Vec<String>, queue: &str, ledger: &Arc<Ledger>) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let publishers = (0..2)
+            .map(|n| {
+                tokio::spawn(workload::publish(
+                    endpoints.clone(),
+                    queue.to_owned(),
+                    format!("k{n}"),
+                    BATCH,
+                    ledger.clone(),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        let consumer = tokio::spawn(workload::consume(
+            endpoints,
+            queue.to_owned(),
+            ledger.clone(),
+            Until::Stopped(stop.clone()),
+        ));
+        Load {
+            stop,
+            publishers,
+            consumer,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        for (n, p) in self.publishers.into_iter().enumerate() {
+            eprintln!("publisher {n}: {:?}", p.await.expect("publisher task"));
+        }
+        eprintln!(
+            "consumer under load: {:?}",
+            self.consumer.await.expect("consumer task")
+        );
+    }
+}
+
+fn membership(cluster: &Cluster, i: usize) -> MembershipClient<tonic::transport::Channel> {
+    MembershipClient::new(cluster.channel(i))
+}
+
+async fn get_cluster(cluster: &Cluster, i: usize) -> Result<GetClusterResponse, tonic::Status> {
+    let mut request = tonic::Request::new(GetClusterRequest {});
+    request.set_timeout(Duration::from_secs(5));
+    membership(cluster, i)
+        .get_cluster(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn state_of(view: &GetClusterResponse, node: u64) -> Option<AgentState> {
+    view.agents
+        .iter()
+        .find(|a| a.node_id == node)
+        .map(|a| a.state())
+}
+
+/// Polls agent `i`'s `GetCluster` until `done` holds; fails the test with the last view.
+async fn wait_view(
+    cluster: &Cluster,
+    i: usize,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&GetClusterResponse) -> bool,
+) -> GetClusterResponse {
+    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    loop {
+        let view = get_cluster(cluster, i).await;
+        if let Ok(view) = &view
+            && done(view)
+        {
+            eprintln!("{what} after {:?}", started.elapsed());
+            return view.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}; last view from agent {i}: {view:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Declares the queue through agent 0, retrying while the first meta leader is elected.
+async fn declare(cluster: &Cluster, queue: &str) {
+    let deadline = Instant::now() + ELECTION;
+    loop {
+        let request = DeclareQueueRequest {
+            queue: Some(QueueSpec {
+                name: queue.into(),
+                partitions: PARTITIONS,
+                ..Default::default()
+            }),
+        };
+        match AdminClient::new(cluster.channel(0))
+            .declare_queue(request)
+            .await
+        {
+            Ok(_) => return,
+            Err(status) => assert!(
+                Instant::now() < deadline,
+                "declare {queue} failed until the deadline: {status}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let mut cluster = Cluster::start(root.path(), Net::Loopback).expect("cluster starts");
+    let queue = queue_led_by_agent_0();
+    declare(&cluster, &queue).await;
+    let leader = cluster
+        .settled_leader(&queue, Duration::from_secs(3), ELECTION * 2)
+        .await;
+    eprintln!("queue {queue} led by agent {leader}");
+
+    // Phase 1: the bootstrap agents are ACTIVE members from the start.
+    let view = wait_view(&cluster, 1, "three ACTIVE agents", ELECTION, |v| {
+        v.agents.len() == 3
+            && v.agents.iter().all(|a| a.state() == AgentState::Active)
+            && v.agents.iter().all(|a| !a.client_address.is_empty())
+    })
+    .await;
+    assert_eq!(view.replication_factor, 3);
+    assert_eq!(view.partitions.len(), PARTITIONS as usize);
+    let ledger = Arc::new(Ledger::default());
+    let load = Load::start(cluster.endpoints(), &queue, &ledger);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Phase 2: a fourth agent starts beyond --peers and is added through agent 1.
+    let new = cluster
+        .start_joining(root.path())
+        .expect("joining agent starts");
+    let add = AddAgentRequest {
+        node_id: new as u64,
+        peer_address: cluster.nodes[new].peer.to_string(),
+        client_address: cluster.nodes[new].client.to_string(),
+    };
+    let added = membership(&cluster, 1)
+        .add_agent(add.clone())
+        .await
+        .expect("AddAgent")
+        .into_inner()
+        .agent
+        .expect("the agent as recorded");
+    assert!(
+        matches!(added.state(), AgentState::Joining | AgentState::Active),
+        "{added:?}"
+    );
+    // Idempotent: the same request again (at another agent) changes nothing.
+    let again = membership(&cluster, 2)
+        .add_agent(add.clone())
+        .await
+        .expect("AddAgent again")
+        .into_inner()
+        .agent
+        .expect("agent");
+    assert_eq!(again.peer_address, add.peer_address);
+    // Conflicting addresses are refused.
+    let conflict = membership(&cluster, 0)
+        .add_agent(AddAgentRequest {
+            client_address: "127.0.0.1:1".into(),
+            ..add.clone()
+        })
+        .await
+        .expect_err("other addresses for a known agent");
+    assert_eq!(conflict.code(), tonic::Code::AlreadyExists, "{conflict:?}");
+    let taken = membership(&cluster, 0)
+        .add_agent(AddAgentRequest {
+            node_id: 9,
+            ..add.clone()
+        })
+        .await
+        .expect_err("another agent's addresses");
+    assert_eq!(taken.code(), tonic::Code::AlreadyExists, "{taken:?}");
+
+    let new_id = new as u64;
+    let view = wait_view(
+        &cluster,
+        new,
+        "the new agent is ACTIVE and votes in every partition",
+        CHANGE,
+        |v| {
+            state_of(v, new_id) == Some(AgentState::Active)
+                && v.partitions.len() == PARTITIONS as usize
+                && v.partitions.iter().all(|p| p.voters.contains(&new_id))
+        },
+    )
+    .await;
+    eprintln!("after the join: {:?}", view.agents);
+
+    // Phase 3: agent 0, which leads the queue, is drained.
+    let drained = membership(&cluster, new)
+        .drain_agent(DrainAgentRequest { node_id: 0 })
+        .await
+        .expect("DrainAgent")
+        .into_inner()
+        .agent
+        .expect("agent");
+    assert!(
+        matches!(drained.state(), AgentState::Draining | AgentState::Drained),
+        "{drained:?}"
+    );
+    // Removing it before it is drained is refused.
+    let early = membership(&cluster, 1)
+        .remove_agent(RemoveAgentRequest { node_id: 1 })
+        .await
+        .expect_err("remove an ACTIVE agent");
+    assert_eq!(early.code(), tonic::Code::FailedPrecondition, "{early:?}");
+    let view = wait_view(
+        &cluster,
+        1,
+        "agent 0 is DRAINED and holds no replica",
+        CHANGE,
+        |v| {
+            state_of(v, 0) == Some(AgentState::Drained)
+                && v.partitions
+                    .iter()
+                    .all(|p| !p.voters.contains(&0) && !p.learners.contains(&0))
+                && v.partitions
+                    .iter()
+                    .all(|p| p.leader.is_some_and(|l| l != 0))
+        },
+    )
+    .await;
+    eprintln!("after the drain: {:?}", view.partitions);
+    // Draining again is idempotent.
+    let again = membership(&cluster, 2)
+        .drain_agent(DrainAgentRequest { node_id: 0 })
+        .await
+        .expect("DrainAgent again")
+        .into_inner()
+        .agent
+        .expect("agent");
+    assert_eq!(again.state(), AgentState::Drained);
+
+    // Phase 4: three ACTIVE agents remain, the replication factor: no further drain.
+    let refused = membership(&cluster, 2)
+        .drain_agent(DrainAgentRequest { node_id: 1 })
+        .await
+        .expect_err("drain below the replication factor");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("replication factor"),
+        "{refused:?}"
+    );
+    let view = get_cluster(&cluster, 2).await.expect("GetCluster");
+    assert_eq!(
+        state_of(&view, 1),
+        Some(AgentState::Active),
+        "nothing changed"
+    );
+
+    // Phase 5: agent 0 is forgotten and stopped; the load goes on.
+    membership(&cluster, 1)
+        .remove_agent(RemoveAgentRequest { node_id: 0 })
+        .await
+        .expect("RemoveAgent");
+    membership(&cluster, 2)
+        .remove_agent(RemoveAgentRequest { node_id: 0 })
+        .await
+        .expect("RemoveAgent of a removed agent");
+    let view = wait_view(&cluster, 2, "agent 0 is forgotten", ELECTION, |v| {
+        state_of(v, 0).is_none()
+    })
+    .await;
+    assert_eq!(view.agents.len(), 3);
+    cluster.kill9(0);
+    let before = ledger.confirmed();
+    cluster::wait_until("confirms after agent 0 stopped", ELECTION, || async {
+        (ledger.confirmed() > before + BATCH).then_some(())
+    })
+    .await
+    .expect("the cluster confirms publishes without agent 0");
+    load.stop().await;
+
+    // Phase 6: everything confirmed is consumed, nothing acked comes back.
+    let survivors: Vec<String> = [1, 2, new]
+        .iter()
+        .map(|&i| format!("http://{}", cluster.nodes[i].client))
+        .collect();
+    let drained = workload::consume(
+        survivors,
+        queue.clone(),
+        ledger.clone(),
+        Until::Quiet(Duration::from_secs(3), Duration::from_secs(30)),
+    )
+    .await;
+    eprintln!("drain: {drained:?}");
+    let summary = ledger.summary(None);
+    eprintln!(
+        "confirmed {} keys; consumed {} in {} deliveries ({} redeliveries); missing {}, \
+         acked-then-redelivered {}, corrupted {}",
+        summary.confirmed,
+        summary.consumed,
+        summary.deliveries,
+        summary.redeliveries,
+        summary.missing.len(),
+        summary.resurrected.len(),
+        summary.corrupted.len(),
+    );
+    assert!(summary.confirmed > 0, "the load confirmed nothing");
+    summary.assert_guarantees();
+
+    // Phase 7: a hand-off asked at another agent moves the queue leader's leaderships away
+    // (three voters remain, for which a transfer is exact).
+    let view = get_cluster(&cluster, 2).await.expect("GetCluster");
+    let leader = view.partitions[0].leader.expect("partition 0 has a leader");
+    let asked = [1, 2, new]
+        .into_iter()
+        .find(|&i| i as u64 != leader)
+        .expect("another agent");
+    let handed = membership(&cluster, asked)
+        .hand_off_leadership(HandOffLeadershipRequest { node_id: leader })
+        .await
+        .expect("HandOffLeadership")
+        .into_inner();
+    eprintln!("hand-off of agent {leader}, asked at agent {asked}: {handed:?}");
+    assert!(handed.moved >= 1, "{handed:?}");
+    assert!(handed.remaining.is_empty(), "{handed:?}");
+    let view = get_cluster(&cluster, asked).await.expect("GetCluster");
+    assert!(
+        view.partitions.iter().all(|p| p.leader != Some(leader)),
+        "{:?}",
+        view.partitions
+    );
+}
+
+#[tokio::test]
+async fn a_single_agent_answers_membership_calls_with_failed_precondition() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent = sluice_agent::server::Agent::start(
+        dir.path().to_owned(),
+        sluice_agent::config::LogConfig::default(),
+        "127.0.0.1:0".parse().expect("address"),
+        "127.0.0.1:0".parse().expect("address"),
+    )
+    .await
+    .expect("agent starts");
+    let addr = agent.grpc_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(agent.run(async {
+        let _ = stopped.await;
+    }));
+    let mut client = MembershipClient::new(cluster::channel_to(&format!("http://{addr}")));
+    let status = client
+        .get_cluster(GetClusterRequest {})
+        .await
+        .expect_err("no cluster");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    let status = client
+        .drain_agent(DrainAgentRequest { node_id: 0 })
+        .await
+        .expect_err("no cluster");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+    let _ = stop.send(());
+    server.await.expect("server task").expect("clean stop");
+}
