@@ -39,7 +39,7 @@ pub struct ReplicaStatus {
 /// Entries submitted to openraft and not yet committed, per partition (see [`run_proposer`]).
 /// Few on purpose: while they are written and replicated, the next entry fills up with
 /// everything that arrives meanwhile, so one fsync carries many commands.
-pub const ENTRIES_IN_FLIGHT: usize = 4;
+pub const ENTRIES_IN_FLIGHT: usize = 8;
 
 /// Maps a node id to the client address a redirected client should use.
 pub type Addresses = Arc<dyn Fn(u64) -> Option<String> + Send + Sync>;
