@@ -120,6 +120,10 @@ const TAKE_BATCH_MAX: usize = 256;
 const TIMER_IDLE_MS: u64 = 250;
 /// How often an agent checks that the partitions it leads are led by their preferred agent.
 const BALANCE_INTERVAL: Duration = Duration::from_secs(2);
+/// How long the balancer leaves a group alone after a hand-off to its preferred leader failed.
+/// With four or more voters the campaign-based transfer often fails (decision 0009), and each
+/// lost campaign costs the group an election; retrying every round would keep it electing.
+const BALANCE_BACKOFF: Duration = Duration::from_secs(30);
 /// How often an agent moves the groups it leads towards the catalog's membership (decision
 /// 0011). Each round makes at most one change per group and waits for it to commit.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
@@ -200,6 +204,8 @@ pub struct Broker {
     cluster_tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Groups whose replica this agent dropped after the group removed it (a drain).
     dropped: Mutex<std::collections::BTreeSet<String>>,
+    /// Groups the balancer leaves alone until the given time (a hand-off to them failed).
+    balance_backoff: Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
     /// Handed to subscriptions and timer tasks.
     me: Weak<Broker>,
 }
@@ -297,6 +303,7 @@ impl Broker {
             timers: Mutex::new(Vec::new()),
             cluster_tasks: Mutex::new(Vec::new()),
             dropped: Mutex::new(std::collections::BTreeSet::new()),
+            balance_backoff: Mutex::new(std::collections::HashMap::new()),
             me: me.clone(),
         });
         let all: Vec<Arc<Queue>> = broker.read_queues().values().cloned().collect();
@@ -480,14 +487,24 @@ impl Broker {
             if matched < last {
                 continue;
             }
-            match link.hand_off(preferred, &peer).await {
-                Ok(true) => {
-                    tracing::info!(group = %link.group, to = preferred, "leadership moved to the preferred leader")
-                }
-                Ok(false) => {}
+            let now = tokio::time::Instant::now();
+            if lock(&self.balance_backoff)
+                .get(&link.group)
+                .is_some_and(|until| now < *until)
+            {
+                continue;
+            }
+            let moved = match link.hand_off(preferred, &peer).await {
+                Ok(moved) => moved,
                 Err(e) => {
-                    tracing::debug!(group = %link.group, error = %e, "leadership hand-off failed")
+                    tracing::debug!(group = %link.group, error = %e, "leadership hand-off failed");
+                    false
                 }
+            };
+            if moved {
+                tracing::info!(group = %link.group, to = preferred, "leadership moved to the preferred leader");
+            } else {
+                lock(&self.balance_backoff).insert(link.group.clone(), now + BALANCE_BACKOFF);
             }
         }
     }
