@@ -120,6 +120,10 @@ const TAKE_BATCH_MAX: usize = 256;
 const TIMER_IDLE_MS: u64 = 250;
 /// How often an agent checks that the partitions it leads are led by their preferred agent.
 const BALANCE_INTERVAL: Duration = Duration::from_secs(2);
+/// How long the balancer leaves a group alone after a hand-off to its preferred leader failed.
+/// With four or more voters the campaign-based transfer often fails (decision 0009), and each
+/// lost campaign costs the group an election; retrying every round would keep it electing.
+const BALANCE_BACKOFF: Duration = Duration::from_secs(30);
 /// How often an agent moves the groups it leads towards the catalog's membership (decision
 /// 0011). Each round makes at most one change per group and waits for it to commit.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
@@ -200,6 +204,10 @@ pub struct Broker {
     cluster_tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Groups whose replica this agent dropped after the group removed it (a drain).
     dropped: Mutex<std::collections::BTreeSet<String>>,
+    /// Followers found to have lost acknowledged entries, per group this agent leads.
+    reversions: crate::cluster::reversions::Reversions,
+    /// Groups the balancer leaves alone until the given time (a hand-off to them failed).
+    balance_backoff: Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
     /// Handed to subscriptions and timer tasks.
     me: Weak<Broker>,
 }
@@ -297,6 +305,8 @@ impl Broker {
             timers: Mutex::new(Vec::new()),
             cluster_tasks: Mutex::new(Vec::new()),
             dropped: Mutex::new(std::collections::BTreeSet::new()),
+            balance_backoff: Mutex::new(std::collections::HashMap::new()),
+            reversions: crate::cluster::reversions::Reversions::default(),
             me: me.clone(),
         });
         let all: Vec<Arc<Queue>> = broker.read_queues().values().cloned().collect();
@@ -480,14 +490,24 @@ impl Broker {
             if matched < last {
                 continue;
             }
-            match link.hand_off(preferred, &peer).await {
-                Ok(true) => {
-                    tracing::info!(group = %link.group, to = preferred, "leadership moved to the preferred leader")
-                }
-                Ok(false) => {}
+            let now = tokio::time::Instant::now();
+            if lock(&self.balance_backoff)
+                .get(&link.group)
+                .is_some_and(|until| now < *until)
+            {
+                continue;
+            }
+            let moved = match link.hand_off(preferred, &peer).await {
+                Ok(moved) => moved,
                 Err(e) => {
-                    tracing::debug!(group = %link.group, error = %e, "leadership hand-off failed")
+                    tracing::debug!(group = %link.group, error = %e, "leadership hand-off failed");
+                    false
                 }
+            };
+            if moved {
+                tracing::info!(group = %link.group, to = preferred, "leadership moved to the preferred leader");
+            } else {
+                lock(&self.balance_backoff).insert(link.group.clone(), now + BALANCE_BACKOFF);
             }
         }
     }
@@ -610,7 +630,11 @@ impl Broker {
         let mut views = Vec::with_capacity(links.len() + 1);
         for link in &links {
             let view = GroupView::of(&link.raft.metrics().borrow());
-            if let Some(step) = reconcile::next_step(&view, &catalog, &nothing) {
+            if view.is_leader {
+                self.reversions.watch(&link.group, &link.raft);
+            }
+            let reverted = self.reversions.of(&link.group);
+            if let Some(step) = reconcile::next_step(&view, &catalog, &nothing, &reverted) {
                 self.carry_out(&link.group, &link.raft, step).await;
             }
             let leaving = matches!(
@@ -631,7 +655,12 @@ impl Broker {
         // The meta group keeps a draining agent while it leads a partition, so it learns the
         // catalog (that it is draining) until it has removed itself from its groups.
         let keep = views.iter().filter_map(|v| v.leader).collect();
-        if let Some(step) = reconcile::next_step(&meta_view, &catalog, &keep) {
+        if meta_view.is_leader {
+            self.reversions
+                .watch(crate::cluster::META_GROUP, cluster.meta.raft());
+        }
+        let reverted = self.reversions.of(crate::cluster::META_GROUP);
+        if let Some(step) = reconcile::next_step(&meta_view, &catalog, &keep, &reverted) {
             self.carry_out(crate::cluster::META_GROUP, cluster.meta.raft(), step)
                 .await;
         }
@@ -674,7 +703,12 @@ impl Broker {
         step: crate::cluster::reconcile::Step,
     ) {
         match crate::cluster::reconcile::execute(group, raft, &step).await {
-            Ok(()) => tracing::info!(%group, ?step, "membership step"),
+            Ok(()) => {
+                if let crate::cluster::reconcile::Step::Demote { node } = step {
+                    self.reversions.clear(group, node);
+                }
+                tracing::info!(%group, ?step, "membership step")
+            }
             Err(e) => tracing::debug!(error = %e, "membership step failed; retrying next round"),
         }
     }
@@ -1158,6 +1192,7 @@ impl Broker {
         for task in lock(&self.cluster_tasks).drain(..) {
             task.abort();
         }
+        self.reversions.stop();
         let queues: Vec<Arc<Queue>> = self.read_queues().values().cloned().collect();
         for queue in &queues {
             self.close_queue(queue).await;

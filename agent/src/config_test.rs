@@ -149,3 +149,22 @@ fn without_peers_the_agent_is_not_in_a_cluster() {
     assert!(b.cluster().expect("no cluster error").is_none());
     assert!(b.queues_file.is_none());
 }
+
+#[test]
+fn an_agent_beyond_the_peers_joins_with_its_peer_advertise_address() {
+    let b = broker(&[
+        "--pod-name",
+        "s-3",
+        "--peers",
+        "a:7071,b:7071,c:7071",
+        "--peer-advertise",
+        "d:7071",
+    ])
+    .expect("flags parse");
+    let cluster = b.cluster().expect("valid").expect("cluster mode");
+    assert!(cluster.is_joining());
+    assert_eq!(cluster.peer_advertise, "d:7071");
+    assert_eq!(cluster.advertise, "d:7070");
+    let err = cluster_error(&["--pod-name", "s-3", "--peers", "a:7071,b:7071,c:7071"]);
+    assert!(err.contains("--peer-advertise"), "{err}");
+}

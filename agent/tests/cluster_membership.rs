@@ -2,8 +2,10 @@
 //! 0011): real `sluice-agent` processes on loopback, under publish and consume load, scale out
 //! by one agent and scale in by another through `sluice.v1.Membership`, with nothing lost.
 //!
+//! Also: a replica that lost its disk rejoins as a learner and votes again once caught up.
+//!
 //! Run: `cargo test -p sluice-agent --test cluster_membership -- --nocapture`
-//! (about a minute). `SLUICE_FAULT_TEST_LOGS=1` prints every agent's stderr at the end.
+//! (about 30 s; the cluster tests take turns). `SLUICE_FAULT_TEST_LOGS=1` prints every agent's stderr at the end.
 
 #[path = "support/cluster.rs"]
 mod cluster;
@@ -38,6 +40,10 @@ const ELECTION: Duration = Duration::from_secs(15);
 const CHANGE: Duration = Duration::from_secs(90);
 /// Messages per publish batch.
 const BATCH: usize = 20;
+
+/// One cluster at a time: two clusters of three or four agents at once on a 2-core machine
+/// would turn election timeouts into test failures.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A queue name whose preferred leader is agent 0 both among the three bootstrap agents and
 /// among four: agent 0 then leads the queue's partitions when it is drained.
@@ -171,6 +177,7 @@ async fn declare(cluster: &Cluster, queue: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message() {
+    let _serial = SERIAL.lock().await;
     let root = tempfile::tempdir().expect("temp dir");
     let mut cluster = Cluster::start(root.path(), Net::Loopback).expect("cluster starts");
     let queue = queue_led_by_agent_0();
@@ -425,4 +432,81 @@ async fn a_single_agent_answers_membership_calls_with_failed_precondition() {
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
     let _ = stop.send(());
     server.await.expect("server task").expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_disk_rejoins_as_a_learner_and_votes_again_once_caught_up() {
+    let _serial = SERIAL.lock().await;
+    let root = tempfile::tempdir().expect("temp dir");
+    let mut cluster = Cluster::start(root.path(), Net::Loopback).expect("cluster starts");
+    let queue = queue_led_by_agent_0();
+    declare(&cluster, &queue).await;
+    let leader = cluster
+        .settled_leader(&queue, Duration::from_secs(3), ELECTION * 2)
+        .await;
+    let follower = (leader + 1) % 3;
+    let ledger = Arc::new(Ledger::default());
+    let load = Load::start(cluster.endpoints(), &queue, &ledger);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Phase 1: a follower loses its whole data directory and starts again, empty.
+    cluster.kill9(follower);
+    cluster.wipe(follower);
+    cluster.restart(follower);
+    eprintln!("agent {follower} restarted with an empty data directory; leader {leader}");
+
+    // Phase 2: the leader notices that it lost acknowledged entries and demotes it ...
+    let needle = format!("Demote {{ node: {follower} }}");
+    cluster::wait_until("the leader demotes the emptied replica", CHANGE, || async {
+        let lines = cluster.nodes[leader].log_lines(&needle);
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("{queue}/")))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|| panic!("agent {leader} never demoted agent {follower}"));
+
+    // ... and promotes it once it has caught up: it votes in every partition again.
+    let follower_id = follower as u64;
+    wait_view(
+        &cluster,
+        leader,
+        "the rebuilt replica is a voter of every partition again",
+        CHANGE,
+        |v| {
+            v.partitions.len() == PARTITIONS as usize
+                && v.partitions
+                    .iter()
+                    .all(|p| p.voters.contains(&follower_id) && p.learners.is_empty())
+        },
+    )
+    .await;
+    let before = ledger.confirmed();
+    cluster::wait_until("confirms after the rebuild", ELECTION, || async {
+        (ledger.confirmed() > before + BATCH).then_some(())
+    })
+    .await
+    .expect("the cluster confirms publishes");
+    load.stop().await;
+
+    // Phase 3: nothing confirmed is lost, nothing acked comes back.
+    let drained = workload::consume(
+        cluster.endpoints(),
+        queue.clone(),
+        ledger.clone(),
+        Until::Quiet(Duration::from_secs(3), Duration::from_secs(30)),
+    )
+    .await;
+    eprintln!("drain: {drained:?}");
+    let summary = ledger.summary(None);
+    eprintln!(
+        "confirmed {} keys; consumed {} in {} deliveries ({} redeliveries); missing {}",
+        summary.confirmed,
+        summary.consumed,
+        summary.deliveries,
+        summary.redeliveries,
+        summary.missing.len(),
+    );
+    summary.assert_guarantees();
 }

@@ -8,6 +8,7 @@
 //! - [`state_machine`]: the meta group's openraft state machine over the catalog.
 //! - [`meta`]: [`MetaGroup`], the `"meta"` Raft group across all agents; proposals from any agent.
 //! - [`reconcile`]: the membership changes a group's leader makes to match the catalog.
+//! - [`reversions`]: followers that lost acknowledged entries (to be demoted until caught up).
 //! - [`service`]: the peers-only `sluice.peer.v1.Cluster` service (forwarded proposals,
 //!   leadership transfer).
 //! - [`client`]: its client side, including [`transfer_leadership`].
@@ -18,6 +19,7 @@ pub mod config;
 pub mod meta;
 pub mod placement;
 pub mod reconcile;
+pub mod reversions;
 pub mod service;
 pub mod state_machine;
 

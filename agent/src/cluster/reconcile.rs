@@ -132,6 +132,12 @@ pub enum Step {
         /// Its peer address.
         address: String,
     },
+    /// Make a voter that lost acknowledged entries (an emptied disk) a learner until it has
+    /// caught up, so it cannot help elect a leader that misses committed entries.
+    Demote {
+        /// The agent.
+        node: NodeId,
+    },
     /// Make a caught-up learner a voter.
     Promote {
         /// The agent.
@@ -155,12 +161,28 @@ pub enum Step {
 /// always starts with more (the remaining ACTIVE agents must hold the replication factor).
 /// openraft keeps it leading until the change is committed, then it steps down; the others
 /// elect a successor within an election timeout.
-pub fn next_step(view: &GroupView, catalog: &Catalog, keep: &BTreeSet<NodeId>) -> Option<Step> {
+///
+/// `reverted` lists voters that lost entries they had acknowledged (see
+/// [`Reversions`](super::reversions::Reversions)); they are demoted first, while at least two
+/// other voters remain.
+pub fn next_step(
+    view: &GroupView,
+    catalog: &Catalog,
+    keep: &BTreeSet<NodeId>,
+    reverted: &BTreeSet<NodeId>,
+) -> Option<Step> {
     if !view.is_leader || !view.settled {
         return None;
     }
     let state = |n: NodeId| catalog.state_of(n);
     let leaving = |n: NodeId| matches!(state(n), Some(AgentState::Draining | AgentState::Drained));
+    if view.voters.len() >= 3
+        && let Some(&node) = reverted
+            .iter()
+            .find(|n| **n != view.me && view.voters.contains(n))
+    {
+        return Some(Step::Demote { node });
+    }
     // Removals first, so a drain finishes even while a join waits for a slow learner. A
     // removed agent (RemoveAgent after DRAINED) that still counts is taken out too. Others
     // go before the leader itself, which steps down with its own removal.
@@ -254,6 +276,13 @@ pub async fn execute(group: &str, raft: &Raft, step: &Step) -> Result<(), StepEr
                 .map_err(|e| failed(e.to_string()))?;
             Ok(())
         }
+        Step::Demote { node } => {
+            // retain = true: out of the voters, kept as a learner that goes on catching up.
+            raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([*node])), true)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            Ok(())
+        }
         Step::Promote { node } => {
             raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([*node])), true)
                 .await
@@ -326,7 +355,7 @@ mod tests {
         let c = catalog(&[(0, Active), (1, Active), (2, Active), (3, Joining)]);
         let view = leader_view(&[0, 1, 2], &[]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new()),
+            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::AddLearner {
                 node: 3,
                 address: "n3:1".into()
@@ -334,14 +363,22 @@ mod tests {
         );
         let mut view = leader_view(&[0, 1, 2], &[3]);
         view.matched.insert(3, 10);
-        assert_eq!(next_step(&view, &c, &BTreeSet::new()), None, "far behind");
+        assert_eq!(
+            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            None,
+            "far behind"
+        );
         view.matched.insert(3, 1_000 - PROMOTE_LAG_ENTRIES);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new()),
+            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::Promote { node: 3 })
         );
         let view = leader_view(&[0, 1, 2, 3], &[]);
-        assert_eq!(next_step(&view, &c, &BTreeSet::new()), None, "done");
+        assert_eq!(
+            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            None,
+            "done"
+        );
     }
 
     #[test]
@@ -349,10 +386,16 @@ mod tests {
         let c = catalog(&[(0, Active), (1, Active), (2, Active), (3, Joining)]);
         let mut view = leader_view(&[0, 1, 2], &[]);
         view.settled = false;
-        assert_eq!(next_step(&view, &c, &BTreeSet::new()), None);
+        assert_eq!(
+            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            None
+        );
         let mut view = leader_view(&[0, 1, 2], &[]);
         view.is_leader = false;
-        assert_eq!(next_step(&view, &c, &BTreeSet::new()), None);
+        assert_eq!(
+            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            None
+        );
     }
 
     #[test]
@@ -360,15 +403,18 @@ mod tests {
         let c = catalog(&[(0, Draining), (1, Draining), (2, Active), (3, Active)]);
         let view = leader_view(&[0, 1, 2, 3], &[]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new()),
+            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::Remove { node: 1 })
         );
         let view = leader_view(&[0, 2, 3], &[]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new()),
+            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::Remove { node: 0 })
         );
-        assert_eq!(next_step(&view, &c, &BTreeSet::from([0])), None);
+        assert_eq!(
+            next_step(&view, &c, &BTreeSet::from([0]), &BTreeSet::new()),
+            None
+        );
     }
 
     #[test]
@@ -385,14 +431,17 @@ mod tests {
         let c = catalog(&[(0, Active), (1, Active), (2, Active), (3, Draining)]);
         let view = leader_view(&[0, 1, 2, 3], &[]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new()),
+            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::Remove { node: 3 })
         );
-        assert_eq!(next_step(&view, &c, &BTreeSet::from([3])), None);
+        assert_eq!(
+            next_step(&view, &c, &BTreeSet::from([3]), &BTreeSet::new()),
+            None
+        );
         let c = catalog(&[(0, Active), (3, Drained)]);
         let view = leader_view(&[0], &[3]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new()),
+            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::Remove { node: 3 }),
             "a leaving learner"
         );
@@ -407,15 +456,42 @@ mod tests {
         assert_eq!(c.state_of(5), None);
         let view = leader_view(&[0, 1, 2, 5], &[]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new()),
+            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::Remove { node: 5 })
         );
         let view = leader_view(&[0, 1, 2], &[]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new()),
+            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
             None,
             "agent 2 is not registered yet, not leaving"
         );
+    }
+
+    #[test]
+    fn a_voter_that_lost_its_log_is_demoted_then_promoted_once_caught_up() {
+        let c = catalog(&[(0, Active), (1, Active), (2, Active)]);
+        let mut view = leader_view(&[0, 1, 2], &[]);
+        view.matched.insert(2, 0);
+        let reverted = BTreeSet::from([2]);
+        assert_eq!(
+            next_step(&view, &c, &BTreeSet::new(), &reverted),
+            Some(Step::Demote { node: 2 })
+        );
+        let mut view = leader_view(&[0, 1], &[2]);
+        view.matched.insert(2, 0);
+        assert_eq!(
+            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            None,
+            "still catching up"
+        );
+        view.matched.insert(2, 1_000);
+        assert_eq!(
+            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            Some(Step::Promote { node: 2 })
+        );
+        // Two voters: demoting one would leave a single copy deciding; it stays a voter.
+        let view = leader_view(&[0, 2], &[]);
+        assert_eq!(next_step(&view, &c, &BTreeSet::new(), &reverted), None);
     }
 
     #[test]
