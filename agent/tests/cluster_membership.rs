@@ -238,6 +238,23 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
         .await
         .expect_err("other addresses for a known agent");
     assert_eq!(conflict.code(), tonic::Code::AlreadyExists, "{conflict:?}");
+    let malformed = membership(&cluster, 0)
+        .add_agent(AddAgentRequest {
+            node_id: 9,
+            peer_address: "no-port".into(),
+            ..add.clone()
+        })
+        .await
+        .expect_err("a malformed address");
+    assert_eq!(
+        malformed.code(),
+        tonic::Code::InvalidArgument,
+        "{malformed:?}"
+    );
+    assert!(
+        malformed.message().starts_with("peer_address: "),
+        "{malformed:?}"
+    );
     let taken = membership(&cluster, 0)
         .add_agent(AddAgentRequest {
             node_id: 9,

@@ -143,10 +143,23 @@ impl MembershipService {
     }
 
     async fn add_agent(&self, request: AddAgentRequest) -> Result<Agent, MembershipError> {
+        let peer_address = request.peer_address.trim().to_owned();
+        let client_address = request.client_address.trim().to_owned();
+        for (field, value) in [
+            ("peer_address", &peer_address),
+            ("client_address", &client_address),
+        ] {
+            crate::cluster::config::split_host_port(value).map_err(|reason| {
+                MembershipError::InvalidArgument {
+                    field,
+                    reason: format!("{value:?}: {reason}"),
+                }
+            })?;
+        }
         self.propose(Command::AddAgent(peer::AddAgent {
             node_id: request.node_id,
-            peer_address: request.peer_address.trim().to_owned(),
-            client_address: request.client_address.trim().to_owned(),
+            peer_address,
+            client_address,
         }))
         .await?;
         self.agent(request.node_id)
@@ -265,6 +278,8 @@ enum MembershipError {
     NotClustered,
     #[error("node_id: agent {node_id} is not a member of the cluster")]
     UnknownAgent { node_id: u64 },
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
     #[error(transparent)]
     Meta(MetaError),
     #[error("agent at {address}: {status}")]
@@ -284,6 +299,7 @@ impl MembershipError {
         match self {
             Self::NotClustered => Status::failed_precondition(message),
             Self::UnknownAgent { .. } => Status::not_found(message),
+            Self::InvalidArgument { .. } => Status::invalid_argument(message),
             Self::Meta(MetaError::Invalid(e)) => Status::invalid_argument(e.to_string()),
             Self::Meta(MetaError::Refused { code, .. }) => match code {
                 Code::AlreadyExists => Status::already_exists(message),
