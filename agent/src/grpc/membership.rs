@@ -215,11 +215,18 @@ impl MembershipService {
 }
 
 /// Voters whose log matches this leader's as far as it knows (the leader itself included).
+/// Under load a healthy follower trails by the entries in flight, so "matches" allows the lag
+/// a learner may have when it is promoted; an exact match would flicker with every append.
 fn in_sync(view: &GroupView) -> Vec<u64> {
     view.voters
         .iter()
         .copied()
-        .filter(|v| *v == view.me || view.matched.get(v).copied() == Some(view.last_index))
+        .filter(|v| {
+            *v == view.me
+                || view.matched.get(v).is_some_and(|m| {
+                    m + crate::cluster::reconcile::PROMOTE_LAG_ENTRIES >= view.last_index
+                })
+        })
         .collect()
 }
 
@@ -367,5 +374,31 @@ impl Membership for MembershipService {
             .await
             .map(Response::new)
             .map_err(MembershipError::into_status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_sync_voters_are_the_leader_and_followers_within_the_promotion_lag() {
+        let lag = crate::cluster::reconcile::PROMOTE_LAG_ENTRIES;
+        let view = GroupView {
+            me: 0,
+            is_leader: true,
+            voters: [0, 1, 2, 3].into(),
+            learners: [4].into(),
+            matched: [
+                (1, 1_000),
+                (2, 1_000 - lag),
+                (3, 1_000 - lag - 1),
+                (4, 1_000),
+            ]
+            .into(),
+            last_index: 1_000,
+            ..GroupView::default()
+        };
+        assert_eq!(in_sync(&view), [0, 1, 2]);
     }
 }
