@@ -336,6 +336,7 @@ impl Broker {
             Some(state) => state == sluice_proto::v1::AgentState::Drained,
             None => catalog.removed.contains(&me),
         };
+        let rf = cluster.config.replication_factor;
         for (name, spec) in &catalog.queues {
             if self.read_queues().contains_key(name)
                 || self.shutting_down.load(Ordering::Acquire)
@@ -343,7 +344,13 @@ impl Broker {
             {
                 continue;
             }
-            let voters = catalog.voters.get(name).cloned().unwrap_or_default();
+            // Hosted here: placed here now, or still holding replica data from before (a
+            // member in transition, which stays until its groups remove it). Decision 0014.
+            let placed = catalog.replica_set(name, rf).contains(&me);
+            if !placed && !self.layout.queue_dir(name).exists() {
+                continue;
+            }
+            let voters = catalog.initial_voters(name, rf);
             let queue = match self
                 .open_replicated_queue(cluster, spec.clone(), voters)
                 .await
@@ -392,24 +399,37 @@ impl Broker {
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         write_spec(&self.layout, &spec).map_err(|e| e.to_string())?;
         let config = Queue::state_config(&spec);
-        let voters: BTreeMap<u64, openraft::BasicNode> = if cluster.config.is_joining() {
-            BTreeMap::new()
-        } else if voters.is_empty() {
-            cluster
-                .config
-                .node_ids()
-                .into_iter()
-                .filter_map(|n| {
-                    let addr = cluster.config.peer(n)?;
-                    Some((n, openraft::BasicNode::new(addr)))
-                })
-                .collect()
-        } else {
-            voters
-                .into_iter()
-                .map(|(n, addr)| (n, openraft::BasicNode::new(addr)))
-                .collect()
-        };
+        let me = cluster.config.node_id;
+        let voters: BTreeMap<u64, openraft::BasicNode> =
+            if cluster.config.is_joining() || (!voters.is_empty() && !voters.contains_key(&me)) {
+                // Not an initial voter: the group's leader adds this replica as a learner.
+                BTreeMap::new()
+            } else if voters.is_empty() {
+                let bootstrap = cluster.config.node_ids();
+                let placed = crate::cluster::placement::replica_set(
+                    &spec.name,
+                    cluster.config.replication_factor,
+                    &bootstrap,
+                );
+                if !placed.contains(&me) {
+                    return Err(format!(
+                        "agent {me} is not among the initial voters {placed:?} of queue {:?}",
+                        spec.name
+                    ));
+                }
+                placed
+                    .into_iter()
+                    .filter_map(|n| {
+                        let addr = cluster.config.peer(n)?;
+                        Some((n, openraft::BasicNode::new(addr)))
+                    })
+                    .collect()
+            } else {
+                voters
+                    .into_iter()
+                    .map(|(n, addr)| (n, openraft::BasicNode::new(addr)))
+                    .collect()
+            };
         let mut partitions = Vec::with_capacity(spec.partitions as usize);
         for id in 0..spec.partitions {
             let dir = self.layout.partition_dir(&spec.name, id);
@@ -468,9 +488,9 @@ impl Broker {
             nodes = cluster.config.node_ids();
         }
         let me = cluster.config.node_id;
-        for (queue, partition, link) in self.led_partitions() {
-            let placed =
-                crate::cluster::placement(&queue, partition.id(), nodes.len() as u32, &nodes);
+        let rf = cluster.config.replication_factor;
+        for (queue, _, link) in self.led_partitions() {
+            let placed = crate::cluster::placement::replica_set(&queue, rf, &nodes);
             let Some(&preferred) = placed.first() else {
                 continue;
             };
@@ -618,63 +638,104 @@ impl Broker {
     /// dropped.
     async fn reconcile_once(&self, cluster: &ClusterContext) {
         use crate::cluster::reconcile::{self, GroupView};
+        use sluice_proto::v1::AgentState;
+        use std::collections::BTreeSet;
         let catalog = cluster.meta.current();
         let me = cluster.config.node_id;
-        let nothing = std::collections::BTreeSet::new();
-        let links: Vec<Arc<ReplicaLink>> = self
+        let rf = cluster.config.replication_factor;
+        let nothing = BTreeSet::new();
+        let links: Vec<(String, Arc<ReplicaLink>)> = self
             .read_queues()
             .values()
-            .flat_map(|q| q.partitions().iter().filter_map(|p| p.replica().cloned()))
-            .filter(|link| !lock(&self.dropped).contains(&link.group))
+            .flat_map(|q| {
+                let name = q.spec().name.clone();
+                q.partitions()
+                    .iter()
+                    .filter_map(move |p| Some((name.clone(), p.replica()?.clone())))
+                    .collect::<Vec<_>>()
+            })
+            .filter(|(_, link)| !lock(&self.dropped).contains(&link.group))
             .collect();
         let mut views = Vec::with_capacity(links.len() + 1);
-        for link in &links {
+        for (queue, link) in &links {
             let view = GroupView::of(&link.raft.metrics().borrow());
             if view.is_leader {
                 self.reversions.watch(&link.group, &link.raft);
             }
+            let wanted: BTreeSet<u64> = catalog.replica_set(queue, rf).into_iter().collect();
             let reverted = self.reversions.of(&link.group);
-            if let Some(step) = reconcile::next_step(&view, &catalog, &nothing, &reverted) {
+            if let Some(step) = reconcile::next_step(&view, &catalog, &wanted, &nothing, &reverted)
+            {
                 self.carry_out(&link.group, &link.raft, step).await;
             }
-            let leaving = matches!(
-                catalog.state_of(me),
-                Some(
-                    sluice_proto::v1::AgentState::Draining | sluice_proto::v1::AgentState::Drained
-                )
-            );
             // `target`, not the settled membership: the final configuration without this
-            // agent may never reach it (its leader stops replicating to it).
-            if leaving && !view.target.is_empty() && !view.target.contains(&me) {
+            // agent may never reach it (its leader stops replicating to it). A replica still
+            // placed here is kept (it is about to be added again).
+            let placed_here = wanted.contains(&me)
+                && !matches!(
+                    catalog.state_of(me),
+                    Some(AgentState::Draining | AgentState::Drained)
+                );
+            if !placed_here && !view.target.is_empty() && !view.target.contains(&me) {
                 self.drop_replica(cluster, link).await;
                 continue;
             }
-            views.push(view);
+            views.push((queue.clone(), link.group.clone(), view, wanted));
         }
         let meta_view = GroupView::of(&cluster.meta.raft().metrics().borrow());
-        // The meta group keeps a draining agent while it leads a partition, so it learns the
-        // catalog (that it is draining) until it has removed itself from its groups.
-        let keep = views.iter().filter_map(|v| v.leader).collect();
         if meta_view.is_leader {
             self.reversions
                 .watch(crate::cluster::META_GROUP, cluster.meta.raft());
         }
+        // Groups this agent does not host are seen through their hosts, asked only while an
+        // agent joins or drains (the only time the meta leader needs them).
+        let moving = catalog
+            .agents
+            .values()
+            .any(|a| matches!(a.state, AgentState::Joining | AgentState::Draining));
+        let mut groups: Vec<(GroupView, BTreeSet<u64>)> = views
+            .iter()
+            .map(|(_, _, view, wanted)| (view.clone(), wanted.clone()))
+            .collect();
+        let mut seen: BTreeSet<String> = views.iter().map(|(_, g, _, _)| g.clone()).collect();
+        if meta_view.is_leader && moving {
+            for (queue, partition, view) in
+                crate::grpc::membership::remote_views(cluster, &catalog).await
+            {
+                if seen.insert(format!("{queue}/{partition}")) {
+                    let wanted = catalog.replica_set(&queue, rf).into_iter().collect();
+                    groups.push((view, wanted));
+                }
+            }
+        }
+        // The meta group keeps a draining agent while it leads a partition, so it learns the
+        // catalog (that it is draining) until it has removed itself from its groups.
+        let keep = groups.iter().filter_map(|(v, _)| v.leader).collect();
+        let everyone: BTreeSet<u64> = catalog
+            .agents
+            .iter()
+            .filter(|(_, a)| matches!(a.state, AgentState::Joining | AgentState::Active))
+            .map(|(id, _)| *id)
+            .collect();
         let reverted = self.reversions.of(crate::cluster::META_GROUP);
-        if let Some(step) = reconcile::next_step(&meta_view, &catalog, &keep, &reverted) {
+        if let Some(step) = reconcile::next_step(&meta_view, &catalog, &everyone, &keep, &reverted)
+        {
             self.carry_out(crate::cluster::META_GROUP, cluster.meta.raft(), step)
                 .await;
         }
-        if !meta_view.is_leader {
+        if !meta_view.is_leader || !moving {
             return;
         }
         // Only a complete view decides: every partition of every declared queue.
-        let expected: usize = catalog.queues.values().map(|q| q.partitions as usize).sum();
-        let hosted = self.read_queues().len() == catalog.queues.len() && views.len() == expected;
-        if !hosted {
+        let complete = catalog
+            .queues
+            .values()
+            .all(|q| (0..q.partitions).all(|p| seen.contains(&format!("{}/{p}", q.name))));
+        if !complete {
             return;
         }
-        views.push(meta_view);
-        for (node, from, to) in reconcile::agent_moves(&catalog, &views) {
+        groups.push((meta_view, everyone));
+        for (node, from, to) in reconcile::agent_moves(&catalog, &groups) {
             let command = MetaCommand {
                 command: Some(meta_command::Command::SetAgentState(
                     sluice_proto::peer::v1::SetAgentState {
@@ -742,6 +803,43 @@ impl Broker {
             }
         }
         tracing::info!(group = %link.group, "removed from the group: replica stopped and deleted");
+        self.forget_if_emptied(queue).await;
+    }
+
+    /// Forgets a queue whose every replica here was dropped (it moved to other agents): closes
+    /// it, deletes its directory, so requests for it are redirected and a later placement back
+    /// onto this agent opens it afresh (decision 0014).
+    async fn forget_if_emptied(&self, queue: &str) {
+        let _admin = self.admin.lock().await;
+        let Some(q) = self.read_queues().get(queue).cloned() else {
+            return;
+        };
+        let groups: Vec<String> = q
+            .partitions()
+            .iter()
+            .filter_map(|p| Some(p.replica()?.group.clone()))
+            .collect();
+        {
+            let dropped = lock(&self.dropped);
+            if !groups.iter().all(|g| dropped.contains(g)) {
+                return;
+            }
+        }
+        self.write_queues().remove(queue);
+        q.close();
+        let dir = self.layout.queue_dir(queue);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "deleting a moved queue's directory failed");
+        }
+        let mut dropped = lock(&self.dropped);
+        for g in &groups {
+            dropped.remove(g);
+        }
+        drop(dropped);
+        self.queues_changed.send_modify(|n| *n += 1);
+        tracing::info!(queue, "queue moved to other agents: no replica left here");
     }
 
     /// Closes a queue and stops its replicas' Raft groups.
@@ -950,13 +1048,29 @@ impl Broker {
         Ok(())
     }
 
+    /// The queue this agent hosts. In a cluster a declared queue placed on other agents is
+    /// answered UNAVAILABLE with its preferred leader's client address (decision 0014), which
+    /// redirects again if it does not lead.
     fn queue(&self, name: &str) -> Result<Arc<Queue>, BrokerError> {
-        self.read_queues()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| BrokerError::QueueNotFound {
-                queue: name.to_owned(),
-            })
+        if let Some(queue) = self.read_queues().get(name) {
+            return Ok(queue.clone());
+        }
+        if let Some(cluster) = &self.options.cluster {
+            let catalog = cluster.meta.current();
+            if catalog.queues.contains_key(name) {
+                let preferred = catalog
+                    .replica_set(name, cluster.config.replication_factor)
+                    .into_iter()
+                    .find(|n| *n != cluster.config.node_id);
+                return Err(BrokerError::NotLeader {
+                    what: format!("queue {name:?} (not hosted by this agent)"),
+                    leader: preferred.and_then(|n| catalog.client_address(n)),
+                });
+            }
+        }
+        Err(BrokerError::QueueNotFound {
+            queue: name.to_owned(),
+        })
     }
 
     /// Creates a queue or confirms an identical one; returns the spec with defaults filled in
@@ -1024,8 +1138,19 @@ impl Broker {
             names.push(dlq);
         }
         propose_declare(cluster, spec.clone()).await?;
-        self.wait_queues(|q| names.iter().all(|n| q.contains_key(n)))
-            .await;
+        // Wait until this agent applied the declares: opened the queues placed here, knows
+        // the others (requests for them are redirected to their hosts).
+        let me = cluster.config.node_id;
+        let rf = cluster.config.replication_factor;
+        let catalog = cluster.meta.catalog();
+        self.wait_queues(|q| {
+            let catalog = catalog.borrow();
+            names.iter().all(|n| {
+                q.contains_key(n)
+                    || (catalog.queues.contains_key(n) && !catalog.replica_set(n, rf).contains(&me))
+            })
+        })
+        .await;
         Ok((spec, true))
     }
 
@@ -1080,6 +1205,10 @@ impl Broker {
 
     /// Every queue's spec, sorted by name.
     pub fn list(&self) -> Vec<QueueSpec> {
+        if let Some(cluster) = &self.options.cluster {
+            // Every declared queue, hosted here or not.
+            return cluster.meta.current().queues.values().cloned().collect();
+        }
         self.read_queues()
             .values()
             .map(|q| q.spec().clone())

@@ -132,6 +132,34 @@ impl Catalog {
             .collect()
     }
 
+    /// Where `queue`'s replicas belong now (decision 0014): the top-`replication_factor`
+    /// agents by rendezvous hashing among those that take replicas (JOINING and ACTIVE; a
+    /// joining agent takes its share before it is announced ACTIVE), preferred leader first.
+    pub fn replica_set(&self, queue: &str, replication_factor: u32) -> Vec<NodeId> {
+        let nodes: Vec<NodeId> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| matches!(a.state, AgentState::Joining | AgentState::Active))
+            .map(|(id, _)| *id)
+            .collect();
+        super::placement::replica_set(queue, replication_factor, &nodes)
+    }
+
+    /// The voters `queue`'s groups are initialised with: the replica set chosen among the
+    /// agents ACTIVE when its declare was applied (recorded in `voters`), so every agent
+    /// computes the same set whenever it opens the queue, also after the cluster changed.
+    /// Empty when the catalog recorded none.
+    pub fn initial_voters(&self, queue: &str, replication_factor: u32) -> BTreeMap<NodeId, String> {
+        let Some(recorded) = self.voters.get(queue) else {
+            return BTreeMap::new();
+        };
+        let nodes: Vec<NodeId> = recorded.keys().copied().collect();
+        super::placement::replica_set(queue, replication_factor, &nodes)
+            .into_iter()
+            .filter_map(|n| Some((n, recorded.get(&n)?.clone())))
+            .collect()
+    }
+
     /// The state of `node`, `None` when the catalog does not know it.
     pub fn state_of(&self, node: NodeId) -> Option<AgentState> {
         self.agents.get(&node).map(|a| a.state)

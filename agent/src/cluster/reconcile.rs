@@ -152,9 +152,18 @@ pub enum Step {
     },
 }
 
-/// The next change the leader of a group makes, if any. `keep` lists agents that must stay
-/// members for now although they are leaving (the meta group keeps a draining agent while it
-/// still leads partitions, so it goes on learning the catalog until it has left them).
+/// The next change the leader of a group makes, if any. `wanted` lists the agents that should
+/// hold the group's replicas: a queue's [`replica_set`](super::Catalog::replica_set) for a
+/// partition group, every JOINING and ACTIVE agent for the meta group. `keep` lists agents
+/// that must stay members for now although they are leaving (the meta group keeps a draining
+/// agent while it still leads partitions, so it goes on learning the catalog until it has left
+/// them).
+///
+/// Order: leaving agents (DRAINING, DRAINED, removed) and unwanted learners go first, so a
+/// drain finishes even while a join waits for a slow learner; then a wanted agent the group
+/// lacks is added as a learner and a caught-up one promoted; an agent that is merely no longer
+/// placed here leaves only once every wanted agent votes, so the group never drops below its
+/// replication factor while replicas move. Others go before the leader itself.
 ///
 /// A leaving leader removes itself: openraft 0.9 has no leadership transfer, and the
 /// campaign-based hand-off (decision 0009) is exact only with three voters, while a drain
@@ -164,14 +173,15 @@ pub enum Step {
 ///
 /// `reverted` lists voters that lost entries they had acknowledged (see
 /// [`Reversions`](super::reversions::Reversions)); they are demoted first, while at least two
-/// other voters remain.
+/// other voters remain. An empty `wanted` (a catalog without agents) changes nothing.
 pub fn next_step(
     view: &GroupView,
     catalog: &Catalog,
+    wanted: &BTreeSet<NodeId>,
     keep: &BTreeSet<NodeId>,
     reverted: &BTreeSet<NodeId>,
 ) -> Option<Step> {
-    if !view.is_leader || !view.settled {
+    if !view.is_leader || !view.settled || wanted.is_empty() {
         return None;
     }
     let state = |n: NodeId| catalog.state_of(n);
@@ -183,64 +193,81 @@ pub fn next_step(
     {
         return Some(Step::Demote { node });
     }
-    // Removals first, so a drain finishes even while a join waits for a slow learner. A
-    // removed agent (RemoveAgent after DRAINED) that still counts is taken out too. Others
-    // go before the leader itself, which steps down with its own removal.
+    // A removed agent (RemoveAgent after DRAINED) that still counts is taken out too; an agent
+    // the catalog does not know yet (not registered) is left alone.
     let gone = |n: NodeId| leaving(n) || (state(n).is_none() && catalog.removed.contains(&n));
-    let mut candidates: Vec<NodeId> = view
+    let displaced = |n: NodeId| {
+        matches!(state(n), Some(AgentState::Joining | AgentState::Active)) && !wanted.contains(&n)
+    };
+    let removal = |candidates: Vec<NodeId>| -> Option<Step> {
+        let mut candidates = candidates;
+        candidates.sort_by_key(|n| *n == view.me);
+        let node = *candidates.first()?;
+        // The last voter never removes itself or leaves a group without voters.
+        (!view.voters.contains(&node) || view.voters.len() > 1).then_some(Step::Remove { node })
+    };
+    let early: Vec<NodeId> = view
         .learners
         .iter()
-        .chain(view.voters.iter())
         .copied()
-        .filter(|n| gone(*n) && !keep.contains(n))
+        .filter(|n| gone(*n) || displaced(*n))
+        .chain(view.voters.iter().copied().filter(|n| gone(*n)))
+        .filter(|n| !keep.contains(n))
         .collect();
-    candidates.sort_by_key(|n| *n == view.me);
-    if let Some(&node) = candidates.first() {
-        // The last voter never removes itself or leaves a group without voters.
-        if !view.voters.contains(&node) || view.voters.len() > 1 {
-            return Some(Step::Remove { node });
-        }
+    if let Some(step) = removal(early) {
+        return Some(step);
     }
-    let wanted = |n: NodeId| matches!(state(n), Some(AgentState::Joining | AgentState::Active));
-    if let Some((node, agent)) = catalog
-        .agents
-        .iter()
-        .find(|(n, _)| wanted(**n) && !view.counts(**n))
+    let eligible = |n: NodeId| matches!(state(n), Some(AgentState::Joining | AgentState::Active));
+    if let Some(&node) = wanted.iter().find(|n| eligible(**n) && !view.counts(**n))
+        && let Some(agent) = catalog.agents.get(&node)
     {
         return Some(Step::AddLearner {
-            node: *node,
+            node,
             address: agent.peer_address.clone(),
         });
     }
-    view.learners
-        .iter()
-        .copied()
-        .find(|n| {
-            wanted(*n)
-                && view.matched.get(n).copied().unwrap_or(0) + PROMOTE_LAG_ENTRIES
-                    >= view.last_index
-        })
-        .map(|node| Step::Promote { node })
+    if let Some(node) = view.learners.iter().copied().find(|n| {
+        wanted.contains(n)
+            && eligible(*n)
+            && view.matched.get(n).copied().unwrap_or(0) + PROMOTE_LAG_ENTRIES >= view.last_index
+    }) {
+        return Some(Step::Promote { node });
+    }
+    if wanted.iter().all(|n| view.voters.contains(n)) {
+        let late: Vec<NodeId> = view
+            .voters
+            .iter()
+            .copied()
+            .filter(|n| displaced(*n) && !keep.contains(n))
+            .collect();
+        return removal(late);
+    }
+    None
 }
 
-/// Life-cycle moves the meta leader records, from its own replicas' views of every group
-/// (`groups`: the meta group and every partition of every queue): a JOINING agent becomes
-/// ACTIVE once every group counts it as a voter, a DRAINING one DRAINED once none counts it.
-/// Views of unsettled memberships decide nothing (a change may still be rolled back).
+/// Life-cycle moves the meta leader records, from views of every group (`groups`: the meta
+/// group and every partition of every queue, each with the agents wanted in it): a JOINING
+/// agent becomes ACTIVE once it votes in every group that wants it (possibly none), a DRAINING
+/// one DRAINED once no group counts it. Views of unsettled memberships decide nothing (a
+/// change may still be rolled back).
 pub fn agent_moves(
     catalog: &Catalog,
-    groups: &[GroupView],
+    groups: &[(GroupView, BTreeSet<NodeId>)],
 ) -> Vec<(NodeId, AgentState, AgentState)> {
-    if groups.iter().any(|g| !g.settled) {
+    if groups.iter().any(|(g, _)| !g.settled) {
         return Vec::new();
     }
     let mut moves = Vec::new();
     for (node, agent) in &catalog.agents {
         match agent.state {
-            AgentState::Joining if groups.iter().all(|g| g.voters.contains(node)) => {
+            AgentState::Joining
+                if groups
+                    .iter()
+                    .all(|(g, wanted)| !wanted.contains(node) || g.voters.contains(node)) =>
+            {
                 moves.push((*node, AgentState::Joining, AgentState::Active));
             }
-            AgentState::Draining if groups.iter().all(|g| !g.counts(*node)) => {
+            AgentState::Draining if groups.iter().all(|(g, _)| !g.counts(*node)) => {
                 moves.push((*node, AgentState::Draining, AgentState::Drained));
             }
             _ => {}
@@ -333,6 +360,15 @@ mod tests {
         c
     }
 
+    /// Every JOINING and ACTIVE agent: the wanted set when the factor covers them all.
+    fn all(c: &Catalog) -> BTreeSet<NodeId> {
+        c.agents
+            .iter()
+            .filter(|(_, a)| matches!(a.state, Joining | Active))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     fn leader_view(voters: &[NodeId], learners: &[NodeId]) -> GroupView {
         GroupView {
             me: voters[0],
@@ -355,7 +391,7 @@ mod tests {
         let c = catalog(&[(0, Active), (1, Active), (2, Active), (3, Joining)]);
         let view = leader_view(&[0, 1, 2], &[]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::AddLearner {
                 node: 3,
                 address: "n3:1".into()
@@ -364,18 +400,18 @@ mod tests {
         let mut view = leader_view(&[0, 1, 2], &[3]);
         view.matched.insert(3, 10);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &BTreeSet::new()),
             None,
             "far behind"
         );
         view.matched.insert(3, 1_000 - PROMOTE_LAG_ENTRIES);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::Promote { node: 3 })
         );
         let view = leader_view(&[0, 1, 2, 3], &[]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &BTreeSet::new()),
             None,
             "done"
         );
@@ -387,13 +423,13 @@ mod tests {
         let mut view = leader_view(&[0, 1, 2], &[]);
         view.settled = false;
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &BTreeSet::new()),
             None
         );
         let mut view = leader_view(&[0, 1, 2], &[]);
         view.is_leader = false;
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &BTreeSet::new()),
             None
         );
     }
@@ -403,17 +439,62 @@ mod tests {
         let c = catalog(&[(0, Draining), (1, Draining), (2, Active), (3, Active)]);
         let view = leader_view(&[0, 1, 2, 3], &[]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::Remove { node: 1 })
         );
         let view = leader_view(&[0, 2, 3], &[]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::Remove { node: 0 })
         );
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::from([0]), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::from([0]), &BTreeSet::new()),
             None
+        );
+    }
+
+    #[test]
+    fn a_group_moves_to_its_placement_adding_first_and_removing_the_displaced_leader_last() {
+        let c = catalog(&[(0, Active), (1, Active), (2, Active), (3, Active)]);
+        let wanted = BTreeSet::from([1, 2, 3]);
+        let none = BTreeSet::new();
+        let view = leader_view(&[0, 1, 2], &[]);
+        assert_eq!(
+            next_step(&view, &c, &wanted, &none, &none),
+            Some(Step::AddLearner {
+                node: 3,
+                address: "n3:1".into()
+            }),
+            "the missing replica comes first"
+        );
+        let view = leader_view(&[0, 1, 2], &[3]);
+        assert_eq!(
+            next_step(&view, &c, &wanted, &none, &none),
+            Some(Step::Promote { node: 3 })
+        );
+        let view = leader_view(&[0, 1, 2, 3], &[]);
+        assert_eq!(
+            next_step(&view, &c, &wanted, &none, &none),
+            Some(Step::Remove { node: 0 }),
+            "the displaced leader leaves once every wanted agent votes"
+        );
+        let mut view = leader_view(&[1, 0, 2, 3], &[]);
+        view.me = 1;
+        assert_eq!(
+            next_step(&view, &c, &wanted, &none, &none),
+            Some(Step::Remove { node: 0 })
+        );
+        let view = leader_view(&[1, 2, 3], &[]);
+        assert_eq!(next_step(&view, &c, &wanted, &none, &none), None, "placed");
+        // A displaced voter stays while a wanted learner catches up.
+        let mut view = leader_view(&[0, 1, 2], &[3]);
+        view.matched.insert(3, 0);
+        assert_eq!(next_step(&view, &c, &wanted, &none, &none), None);
+        // A displaced learner leaves at once.
+        let view = leader_view(&[1, 2, 3], &[0]);
+        assert_eq!(
+            next_step(&view, &c, &wanted, &none, &none),
+            Some(Step::Remove { node: 0 })
         );
     }
 
@@ -431,17 +512,17 @@ mod tests {
         let c = catalog(&[(0, Active), (1, Active), (2, Active), (3, Draining)]);
         let view = leader_view(&[0, 1, 2, 3], &[]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::Remove { node: 3 })
         );
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::from([3]), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::from([3]), &BTreeSet::new()),
             None
         );
         let c = catalog(&[(0, Active), (3, Drained)]);
         let view = leader_view(&[0], &[3]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::Remove { node: 3 }),
             "a leaving learner"
         );
@@ -456,12 +537,12 @@ mod tests {
         assert_eq!(c.state_of(5), None);
         let view = leader_view(&[0, 1, 2, 5], &[]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::Remove { node: 5 })
         );
         let view = leader_view(&[0, 1, 2], &[]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &BTreeSet::new()),
             None,
             "agent 2 is not registered yet, not leaving"
         );
@@ -474,24 +555,33 @@ mod tests {
         view.matched.insert(2, 0);
         let reverted = BTreeSet::from([2]);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &reverted),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &reverted),
             Some(Step::Demote { node: 2 })
         );
         let mut view = leader_view(&[0, 1], &[2]);
         view.matched.insert(2, 0);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &BTreeSet::new()),
             None,
             "still catching up"
         );
         view.matched.insert(2, 1_000);
         assert_eq!(
-            next_step(&view, &c, &BTreeSet::new(), &BTreeSet::new()),
+            next_step(&view, &c, &all(&c), &BTreeSet::new(), &BTreeSet::new()),
             Some(Step::Promote { node: 2 })
         );
         // Two voters: demoting one would leave a single copy deciding; it stays a voter.
         let view = leader_view(&[0, 2], &[]);
-        assert_eq!(next_step(&view, &c, &BTreeSet::new(), &reverted), None);
+        assert_eq!(
+            next_step(
+                &view,
+                &c,
+                &BTreeSet::from([0, 2]),
+                &BTreeSet::new(),
+                &reverted
+            ),
+            None
+        );
     }
 
     #[test]
@@ -499,13 +589,29 @@ mod tests {
         let c = catalog(&[(0, Active), (1, Active), (2, Draining), (3, Joining)]);
         let done = leader_view(&[0, 1, 3], &[]);
         let partial = leader_view(&[0, 1, 2], &[3]);
+        let w = all(&c);
         assert_eq!(
-            agent_moves(&c, &[done.clone(), done.clone()]),
+            agent_moves(&c, &[(done.clone(), w.clone()), (done.clone(), w.clone())]),
             vec![(2, Draining, Drained), (3, Joining, Active)]
         );
-        assert_eq!(agent_moves(&c, &[done.clone(), partial]), vec![]);
+        assert_eq!(
+            agent_moves(
+                &c,
+                &[(done.clone(), w.clone()), (partial.clone(), w.clone())]
+            ),
+            vec![]
+        );
         let mut unsettled = done.clone();
         unsettled.settled = false;
-        assert_eq!(agent_moves(&c, &[done, unsettled]), vec![]);
+        assert_eq!(
+            agent_moves(&c, &[(done.clone(), w.clone()), (unsettled, w.clone())]),
+            vec![]
+        );
+        // A group that does not want agent 3 does not hold its join back.
+        let elsewhere = leader_view(&[0, 1], &[]);
+        assert_eq!(
+            agent_moves(&c, &[(done, w), (elsewhere, BTreeSet::from([0, 1]))]),
+            vec![(2, Draining, Drained), (3, Joining, Active)]
+        );
     }
 }

@@ -76,7 +76,19 @@ impl MembershipService {
     async fn get_cluster(&self, local_only: bool) -> Result<GetClusterResponse, MembershipError> {
         let cluster = self.cluster()?;
         let catalog = cluster.meta.current();
-        let views = self.broker.replica_views();
+        let mut views = self.broker.replica_views();
+        if !local_only {
+            // Groups hosted elsewhere (replication factor below the agent count), so every
+            // partition is listed and every agent's counts are right.
+            let hosted: std::collections::BTreeSet<(String, u32)> =
+                views.iter().map(|(q, p, _)| (q.clone(), *p)).collect();
+            views.extend(
+                remote_views(cluster, &catalog)
+                    .await
+                    .into_iter()
+                    .filter(|(q, p, _)| !hosted.contains(&(q.clone(), *p))),
+            );
+        }
         let agents = catalog
             .agents
             .iter()
@@ -90,7 +102,7 @@ impl MembershipService {
                 leader: view.leader,
                 voters: view.voters.iter().copied().collect(),
                 learners: view.learners.iter().copied().collect(),
-                in_sync: if view.is_leader {
+                in_sync: if view.is_leader && view.me == cluster.config.node_id {
                     in_sync(view)
                 } else {
                     Vec::new()
@@ -217,6 +229,49 @@ impl MembershipService {
 /// Voters whose log matches this leader's as far as it knows (the leader itself included).
 /// Under load a healthy follower trails by the entries in flight, so "matches" allows the lag
 /// a learner may have when it is promoted; an exact match would flicker with every append.
+/// Views of the groups other agents host (decision 0014: with a replication factor below the
+/// agent count no agent hosts every group): every other agent with a client address is asked
+/// for its own replicas' views (`GetCluster`, local only), and for each partition the view of
+/// the agent that leads it is kept, else any. Agents that do not answer in time are left out.
+/// Such a view carries no commit state and counts as settled; callers that decide on it (the
+/// life-cycle moves) only count voters, which a rolled-back change cannot have added for long.
+pub async fn remote_views(
+    cluster: &ClusterContext,
+    catalog: &crate::cluster::Catalog,
+) -> Vec<(String, u32, GroupView)> {
+    let me = cluster.config.node_id;
+    let asks = catalog
+        .client_addresses()
+        .into_iter()
+        .filter(|(node, _)| *node != me)
+        .map(|(node, address)| async move { (node, local_view(&address).await.ok()) });
+    let mut out: BTreeMap<(String, u32), GroupView> = BTreeMap::new();
+    for (node, answer) in futures::future::join_all(asks).await {
+        let Some(answer) = answer else { continue };
+        for p in answer.partitions {
+            let is_leader = p.leader == Some(node);
+            let key = (p.queue.clone(), p.partition);
+            if out.get(&key).is_some_and(|v| v.is_leader || !is_leader) {
+                continue;
+            }
+            let voters: std::collections::BTreeSet<u64> = p.voters.iter().copied().collect();
+            let learners: std::collections::BTreeSet<u64> = p.learners.iter().copied().collect();
+            let view = GroupView {
+                me: node,
+                is_leader,
+                leader: p.leader,
+                target: voters.union(&learners).copied().collect(),
+                voters,
+                learners,
+                settled: true,
+                ..GroupView::default()
+            };
+            out.insert(key, view);
+        }
+    }
+    out.into_iter().map(|((q, p), v)| (q, p, v)).collect()
+}
+
 fn in_sync(view: &GroupView) -> Vec<u64> {
     view.voters
         .iter()
