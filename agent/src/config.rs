@@ -112,8 +112,10 @@ pub struct BrokerArgs {
     /// Default: the host of this agent's `--peers` entry with the port of `--listen`.
     #[arg(long, env = "SLUICE_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Copies of every partition, at most the number of peers. Default: 3, or fewer when there
-    /// are fewer peers.
+    /// Agents each queue lives on (every partition of a queue on the same ones, chosen by
+    /// rendezvous hashing over the JOINING and ACTIVE agents; decision 0014), at most the
+    /// number of peers; also the fewest ACTIVE agents a drain leaves. Every agent of a cluster
+    /// must be given the same value. Default: 3, or fewer when there are fewer peers.
     #[arg(
         long,
         env = "SLUICE_REPLICATION_FACTOR",
