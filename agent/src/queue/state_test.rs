@@ -442,7 +442,9 @@ fn a_packed_entry_gives_each_command_its_own_offset_and_a_follower_the_same_stat
     assert_eq!(entry.index, 1);
     assert_eq!(
         offsets,
-        (0..3).map(|s| crate::queue::entry::offset(1, s)).collect::<Vec<_>>()
+        (0..3)
+            .map(|s| crate::queue::entry::offset(1, s))
+            .collect::<Vec<_>>()
     );
     let mut follower = PartitionState::new(config(), 1);
     follower.apply_entry(&entry).expect("valid batch");
