@@ -178,4 +178,27 @@ mod tests {
         assert!(decode(1, &deliver.encode_to_vec()).is_ok());
         assert!(decode(3, &[0xff, 0xff, 0xff]).is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_decode_or_fail_without_panicking_and_positions_agree(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)
+        ) {
+            if let Ok(commands) = decode(1, &data) {
+                for (slot, command) in (0..).zip(&commands) {
+                    let at = decode_at(1, &data, slot).expect("decode accepted it");
+                    proptest::prop_assert_eq!(at.as_ref(), Some(command));
+                }
+            }
+        }
+
+        #[test]
+        fn packed_commands_decode_to_what_was_packed(
+            times in proptest::collection::vec(proptest::prelude::any::<u64>(), 1..50)
+        ) {
+            let commands: Vec<LogCommand> = times.iter().map(|&t| publish(t)).collect();
+            let data = encode(commands.iter().map(|c| c.encode_to_vec().into()).collect());
+            proptest::prop_assert_eq!(decode(4, &data).expect("valid"), commands);
+        }
+    }
 }
