@@ -208,6 +208,8 @@ pub struct Broker {
     reversions: crate::cluster::reversions::Reversions,
     /// Groups the balancer leaves alone until the given time (a hand-off to them failed).
     balance_backoff: Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
+    /// Redirects answered for queues hosted elsewhere; picks the replica the next one names.
+    redirects: AtomicU64,
     /// Handed to subscriptions and timer tasks.
     me: Weak<Broker>,
 }
@@ -226,6 +228,24 @@ pub struct Subscription {
     clock: Arc<dyn Clock>,
     /// Partition to try first (round-robin across partitions).
     next_partition: usize,
+}
+
+/// Where a queue's dead-letter copies go.
+enum DeadLetterTarget {
+    /// The DLQ is hosted by this agent (which may or may not lead it).
+    Here(Arc<Queue>),
+    /// The DLQ is placed on other agents only (its spec from the catalog).
+    Elsewhere(QueueSpec),
+}
+
+impl DeadLetterTarget {
+    /// Whether the DLQ keeps priorities (otherwise a copy's priority is dropped).
+    fn priorities(&self) -> bool {
+        match self {
+            Self::Here(queue) => queue.spec().priorities,
+            Self::Elsewhere(spec) => spec.priorities,
+        }
+    }
 }
 
 fn io_error(op: &'static str, path: &Path, source: std::io::Error) -> BrokerError {
@@ -306,6 +326,7 @@ impl Broker {
             cluster_tasks: Mutex::new(Vec::new()),
             dropped: Mutex::new(std::collections::BTreeSet::new()),
             balance_backoff: Mutex::new(std::collections::HashMap::new()),
+            redirects: AtomicU64::new(0),
             reversions: crate::cluster::reversions::Reversions::default(),
             me: me.clone(),
         });
@@ -977,9 +998,9 @@ impl Broker {
         partition: &Arc<Partition>,
         items: &[DisposalItem],
     ) -> Result<Vec<DisposalItem>, BrokerError> {
-        let target = self
-            .dead_letter_target(&source.spec().dead_letter_queue)
-            .await?;
+        let dlq = source.spec().dead_letter_queue.clone();
+        let source_name = source.spec().name.clone();
+        let target = self.dead_letter_target(&dlq).await?;
         let mut refused = Vec::new();
         let mut reasons: Vec<&'static str> = items.iter().map(|i| i.disposal.reason()).collect();
         reasons.sort_unstable();
@@ -996,26 +1017,32 @@ impl Broker {
                     .read_publish(item.message.offset)?
                     .message
                     .unwrap_or_default();
-                // The copy is a fresh message of the DLQ: its delay, TTL and idempotency key
-                // belonged to the source (the DLQ's own TTL applies), and its priority only
-                // counts if the DLQ has priorities.
+                // The copy is a fresh message of the DLQ: its delay and TTL belonged to the
+                // source (the DLQ's own TTL applies), and its priority only counts if the DLQ
+                // has priorities. Its idempotency key names this move, so a resend after an
+                // ambiguous outcome (a crash, a lost answer) is not enqueued twice.
                 message.delay_ms = 0;
                 message.ttl_ms = 0;
-                message.idempotency_key.clear();
-                if !target.spec().priorities {
+                message.idempotency_key = crate::cluster::dead_letter::copy_key(
+                    &source_name,
+                    partition.id(),
+                    item.message.offset,
+                    reason,
+                );
+                if !target.priorities() {
                     message.priority = 0;
                 }
                 messages.push(message);
             }
-            let confirms = target
-                .publish(messages, Some((&source.spec().name, reason)))
+            let confirms = self
+                .publish_dead_letters(&target, &dlq, &source_name, reason, messages)
                 .await?;
             let mut done = Vec::with_capacity(group.len());
             for (item, confirm) in group.into_iter().zip(confirms) {
                 if confirm.code == 0 {
                     done.push(item);
                 } else {
-                    tracing::warn!(queue = %source.spec().name, dlq = %target.spec().name, offset = item.message.offset, error = %confirm.error, "dead-letter queue refused a message");
+                    tracing::warn!(queue = %source_name, dlq = %dlq, offset = item.message.offset, error = %confirm.error, "dead-letter queue refused a message");
                     refused.push(item);
                 }
             }
@@ -1026,17 +1053,81 @@ impl Broker {
         Ok(refused)
     }
 
-    /// The dead-letter queue, created with default settings if missing.
-    async fn dead_letter_target(&self, name: &str) -> Result<Arc<Queue>, BrokerError> {
-        if let Some(queue) = self.read_queues().get(name) {
-            return Ok(queue.clone());
+    /// Publishes dead-letter copies where the DLQ is led: here when this agent leads it,
+    /// otherwise over the public API to the agents hosting it (following redirects). A local
+    /// publish refused for leadership takes nothing, so it is safely sent on.
+    async fn publish_dead_letters(
+        &self,
+        target: &DeadLetterTarget,
+        dlq: &str,
+        source: &str,
+        reason: &str,
+        messages: Vec<Message>,
+    ) -> Result<Vec<Confirm>, BrokerError> {
+        let mut messages = messages;
+        if let DeadLetterTarget::Here(queue) = target {
+            let local = if self.options.cluster.is_some() {
+                queue
+                    .publish(messages.clone(), Some((source, reason)))
+                    .await
+            } else {
+                return queue.publish(messages, Some((source, reason))).await;
+            };
+            match local {
+                Err(BrokerError::NotLeader { .. }) => {}
+                other => return other,
+            }
+        }
+        let endpoints = self.dead_letter_endpoints(dlq);
+        if endpoints.is_empty() {
+            return Err(BrokerError::Unavailable(format!(
+                "dead-letter queue {dlq:?}: no other agent with a client address hosts it"
+            )));
+        }
+        for message in &mut messages {
+            crate::cluster::dead_letter::mark(message, source, reason);
+        }
+        crate::cluster::dead_letter::forward(&endpoints, dlq, messages).await
+    }
+
+    /// Client addresses of the other agents placed to host `dlq`, preferred leader first.
+    fn dead_letter_endpoints(&self, dlq: &str) -> Vec<String> {
+        let Some(cluster) = &self.options.cluster else {
+            return Vec::new();
+        };
+        let catalog = cluster.meta.current();
+        catalog
+            .replica_set(dlq, cluster.config.replication_factor)
+            .into_iter()
+            .filter(|n| *n != cluster.config.node_id)
+            .filter_map(|n| catalog.client_address(n))
+            .collect()
+    }
+
+    /// The dead-letter queue, created with default settings if missing: hosted here, or (in a
+    /// cluster) declared and placed on other agents.
+    async fn dead_letter_target(&self, name: &str) -> Result<DeadLetterTarget, BrokerError> {
+        if let Some(target) = self.find_dead_letter_target(name) {
+            return Ok(target);
         }
         self.declare(QueueSpec {
             name: name.to_owned(),
             ..QueueSpec::default()
         })
         .await?;
-        self.queue(name)
+        self.find_dead_letter_target(name)
+            .ok_or_else(|| BrokerError::QueueNotFound {
+                queue: name.to_owned(),
+            })
+    }
+
+    fn find_dead_letter_target(&self, name: &str) -> Option<DeadLetterTarget> {
+        if let Some(queue) = self.read_queues().get(name) {
+            return Some(DeadLetterTarget::Here(queue.clone()));
+        }
+        let cluster = self.options.cluster.as_ref()?;
+        let spec = cluster.meta.current().queues.get(name)?.clone();
+        Some(DeadLetterTarget::Elsewhere(spec))
     }
 
     fn check_running(&self) -> Result<(), BrokerError> {
@@ -1058,13 +1149,25 @@ impl Broker {
         if let Some(cluster) = &self.options.cluster {
             let catalog = cluster.meta.current();
             if catalog.queues.contains_key(name) {
-                let preferred = catalog
+                // This agent is in none of the queue's groups, so it cannot know which
+                // replica leads. Naming always the preferred leader would strand a client
+                // whose only entry point is this agent while that replica is down; every
+                // second redirect names another replica instead (in turn), which redirects
+                // to the actual leader. Balanced leaders make the preferred one right.
+                let others: Vec<u64> = catalog
                     .replica_set(name, cluster.config.replication_factor)
                     .into_iter()
-                    .find(|n| *n != cluster.config.node_id);
+                    .filter(|n| *n != cluster.config.node_id)
+                    .collect();
+                let turn = self.redirects.fetch_add(1, Ordering::Relaxed);
+                let pick = if turn.is_multiple_of(2) || others.len() < 2 {
+                    0
+                } else {
+                    1 + (turn / 2) as usize % (others.len() - 1)
+                };
                 return Err(BrokerError::NotLeader {
                     what: format!("queue {name:?} (not hosted by this agent)"),
-                    leader: preferred.and_then(|n| catalog.client_address(n)),
+                    leader: others.get(pick).and_then(|n| catalog.client_address(*n)),
                 });
             }
         }
@@ -1238,7 +1341,12 @@ impl Broker {
                 ),
             });
         }
-        self.queue(queue)?.publish(messages, None).await
+        let mut messages = messages;
+        // Copies another agent dead-lettered into a queue led here carry their mark as
+        // reserved headers (the public message has no field for it).
+        let marks = crate::cluster::dead_letter::take_marks(&mut messages)?;
+        let marks = marks.as_ref().map(|(s, r)| (s.as_str(), r.as_str()));
+        self.queue(queue)?.publish(messages, marks).await
     }
 
     /// Opens a subscription to all partitions of `queue` with at most `prefetch` unsettled

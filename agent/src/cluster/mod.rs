@@ -16,6 +16,7 @@
 pub mod catalog;
 pub mod client;
 pub mod config;
+pub mod dead_letter;
 pub mod meta;
 pub mod placement;
 pub mod reconcile;

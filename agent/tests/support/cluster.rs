@@ -1,4 +1,5 @@
-//! A three-agent cluster of real `sluice-agent` processes for fault tests: start, SIGKILL,
+//! A cluster of real `sluice-agent` processes for fault tests (three agents, or any number
+//! with extra flags such as `--replication-factor`): start, SIGKILL,
 //! SIGSTOP/SIGCONT, restart on the same ports and data directory, wipe a data directory, cut an
 //! agent off its peers (network namespaces, see [`super::netns`]), and find the leader of a
 //! partition group by asking the agents.
@@ -118,6 +119,11 @@ pub enum Role {
 pub struct Cluster {
     /// The agents, by ordinal.
     pub nodes: Vec<Node>,
+    /// How many agents `--peers` names (the bootstrap agents, ordinals `0..bootstrap`).
+    bootstrap: usize,
+    /// Flags every agent is started with beyond the harness's own (e.g.
+    /// `--replication-factor 3`).
+    extra_args: Vec<String>,
     peers: String,
     net: Option<Namespaces>,
     channels: Mutex<Vec<Option<Channel>>>,
@@ -127,11 +133,23 @@ impl Cluster {
     /// Starts three agents under `root` (one data directory each) and waits until all printed
     /// their listening line. `Err` says why the network could not be set up (namespaces only).
     pub fn start(root: &Path, net: Net) -> Result<Cluster, String> {
+        Self::start_with(root, net, NODES, &[])
+    }
+
+    /// Starts `count` bootstrap agents under `root`, each also given `extra_args` (on every
+    /// start, restarts and joining agents included), and waits until all printed their
+    /// listening line.
+    pub fn start_with(
+        root: &Path,
+        net: Net,
+        count: usize,
+        extra_args: &[&str],
+    ) -> Result<Cluster, String> {
         let (net, addresses) = match net {
-            Net::Loopback => (None, loopback_addresses()?),
+            Net::Loopback => (None, loopback_addresses_for(count)?),
             Net::Namespaces => {
-                let ns = Namespaces::create(NODES)?;
-                let addresses = (0..NODES).map(|i| ns.addresses(i)).collect();
+                let ns = Namespaces::create(count)?;
+                let addresses = (0..count).map(|i| ns.addresses(i)).collect();
                 (Some(ns), addresses)
             }
         };
@@ -159,12 +177,14 @@ impl Cluster {
             .collect();
         let mut cluster = Cluster {
             nodes,
+            bootstrap: count,
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
             peers,
             net,
-            channels: Mutex::new(vec![None; NODES]),
+            channels: Mutex::new(vec![None; count]),
         };
-        // Spawned together so the first elections see all three.
-        for i in 0..NODES {
+        // Spawned together so the first elections see all of them.
+        for i in 0..count {
             cluster.spawn(i)?;
         }
         Ok(cluster)
@@ -202,11 +222,12 @@ impl Cluster {
             .args(["--advertise", &node.client.to_string()])
             // An ordinal beyond --peers joins an existing cluster (scale-out) and must say
             // where its peers reach it.
-            .args(if i >= NODES {
+            .args(if i >= self.bootstrap {
                 vec!["--peer-advertise".to_owned(), node.peer.to_string()]
             } else {
                 Vec::new()
             })
+            .args(&self.extra_args)
             .arg("--log-level")
             .arg(std::env::var_os(LOG_FILTER_ENV).unwrap_or_else(|| LOG_FILTER.into()))
             .stdout(Stdio::piped())
@@ -503,14 +524,9 @@ pub struct Addresses {
     pub peer_listen: SocketAddr,
 }
 
-/// Free loopback ports for three agents, three ports each. Picked by binding port 0 and
+/// Free loopback ports for `nodes` agents, three ports each. Picked by binding port 0 and
 /// releasing it: another process could take one in between, which a test would show as a
 /// bind error naming the address.
-fn loopback_addresses() -> Result<Vec<Addresses>, String> {
-    loopback_addresses_for(NODES)
-}
-
-/// Free loopback ports for `nodes` agents (see [`loopback_addresses`]).
 fn loopback_addresses_for(nodes: usize) -> Result<Vec<Addresses>, String> {
     let listeners: Vec<TcpListener> = (0..nodes * 3)
         .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind 127.0.0.1:0: {e}")))
