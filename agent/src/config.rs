@@ -56,6 +56,39 @@ pub struct Args {
 pub enum Command {
     /// Serve queues from a local data directory (one pod of a MessageQueue's StatefulSet).
     Broker(BrokerArgs),
+    /// Ask the agent running next to this command (same `--pod-name`/`--listen`) to hand every
+    /// leadership it holds to caught-up peers; the StatefulSet's `preStop` hook. Exits 0 when
+    /// it leads nothing afterwards (or serves alone), 1 when something remains or the agent
+    /// could not be asked.
+    HandOff(HandOffArgs),
+}
+
+/// Flags of `sluice-agent hand-off`: the broker's identity flags (and their `SLUICE_*`
+/// variables, which the pod's env already sets), plus a deadline.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HandOffArgs {
+    /// The local agent's pod name (`<name>-<ordinal>`); its ordinal is the node id whose
+    /// leaderships move.
+    #[arg(
+        long = "pod-name",
+        value_name = "POD_NAME",
+        env = "SLUICE_POD_NAME",
+        value_parser = crate::hand_off::parse_node_id
+    )]
+    pub node_id: u64,
+    /// The local agent's `--listen` address; an unspecified host (`0.0.0.0`, `::`) is reached
+    /// on loopback.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:7070")]
+    pub listen: std::net::SocketAddr,
+    /// Seconds to wait for the hand-off (connecting included); keep it below the pod's
+    /// termination grace period, which also covers the agent's own shutdown.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 20,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub timeout: u64,
 }
 
 /// Flags of `sluice-agent broker`; each can also be set through its `SLUICE_*` variable.

@@ -17,6 +17,7 @@
 //! - [`replication`]: one Raft group per partition (openraft) over the partition log.
 //! - [`broker`]: the registry of queues on this agent and the API the gRPC layer calls.
 //! - [`grpc`]: one file per public gRPC service, plus the one place errors become statuses.
+//! - [`hand_off`]: the `hand-off` command (the pod's `preStop`): leadership leaves first.
 //! - [`server`]: binds, serves gRPC and HTTP (metrics), drains on shutdown.
 //! - [`metrics`]: Prometheus registry and the agent's metrics.
 //! - [`shutdown`]: the shared shutdown signal.
@@ -25,6 +26,7 @@ pub mod broker;
 pub mod cluster;
 pub mod config;
 pub mod grpc;
+pub mod hand_off;
 pub mod layout;
 pub mod log;
 pub mod metrics;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser};
 use sluice_agent::broker::{Broker, BrokerError};
-use sluice_agent::config::{Args, BrokerArgs, Command, LogFormat};
+use sluice_agent::config::{Args, BrokerArgs, Command, HandOffArgs, LogFormat};
 use sluice_agent::server::Agent;
 use sluice_agent::shutdown;
 use sluice_proto::v1::QueueSpec;
@@ -14,7 +14,10 @@ use sluice_proto::v1::QueueSpec;
 fn main() -> ExitCode {
     // Invalid flags exit 2 with clap's message naming the flag.
     let args = Args::parse();
-    let Command::Broker(broker) = args.command;
+    let broker = match args.command {
+        Command::Broker(broker) => broker,
+        Command::HandOff(hand_off) => return run_hand_off(&hand_off),
+    };
     // The cluster flags are checked together (clap sees each alone); a bad combination is a
     // usage error like any bad flag: exit 2 with the message naming the flag.
     if let Err(err) = broker.cluster() {
@@ -39,6 +42,45 @@ fn main() -> ExitCode {
             // One line naming the cause chain; no panic, no backtrace.
             tracing::error!(error = %format!("{err:#}"), "agent stopped");
             eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sluice-agent hand-off`: one line on stdout saying what moved and what remains; exit 0 when
+/// the agent leads nothing afterwards (or serves alone), 1 otherwise with the reason on stderr.
+fn run_hand_off(args: &HandOffArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: starting the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let address = sluice_agent::hand_off::local_address(args.listen);
+    let timeout = std::time::Duration::from_secs(args.timeout);
+    match runtime.block_on(sluice_agent::hand_off::hand_off(
+        address,
+        args.node_id,
+        timeout,
+    )) {
+        Ok(outcome) if outcome.is_success() => {
+            println!("agent {}: {outcome}", args.node_id);
+            ExitCode::SUCCESS
+        }
+        Ok(outcome) => {
+            println!("agent {}: {outcome}", args.node_id);
+            eprintln!(
+                "error: agent {} still leads groups with no caught-up replica to take them",
+                args.node_id
+            );
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("error: hand-off of agent {}: {err}", args.node_id);
             ExitCode::FAILURE
         }
     }
