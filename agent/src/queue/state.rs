@@ -273,7 +273,7 @@ impl PartitionState {
 
     /// Applies `command` (encoded as `data`) as the leader, at the next position of the open
     /// entry; the proposer takes that entry whole later ([`PartitionState::take_staged`]).
-    /// Returns the command's offset and the entry it is in.
+    /// Returns the command's offset.
     pub fn stage(&mut self, epoch: u64, command: &LogCommand, data: Bytes) -> u64 {
         if let Some(sealed) = self.outbox.seal_if_full(data.len()) {
             self.complete(sealed);
@@ -300,7 +300,6 @@ impl PartitionState {
 
     /// Applies the command stored at `offset`.
     fn apply(&mut self, offset: u64, command: &LogCommand) {
-        let index = offset;
         self.next_offset = self.next_offset.max(offset + 1);
         let slot = slot_of(offset);
         if slot > 0 {
@@ -308,20 +307,21 @@ impl PartitionState {
             *count = (*count).max(slot + 1);
         }
         match &command.command {
-            Some(Command::Publish(publish)) => self.apply_publish(index, publish),
+            Some(Command::Publish(publish)) => self.apply_publish(offset, publish),
             Some(Command::Deliver(deliver)) => {
-                self.mark_settled(index);
+                self.mark_settled(offset);
                 self.apply_deliver(deliver);
             }
             Some(Command::Settle(settle)) => {
-                self.mark_settled(index);
+                self.mark_settled(offset);
                 self.apply_settle(settle);
             }
-            Some(Command::Batch(_)) | None => self.mark_settled(index),
+            // A batch never reaches here (`entry::decode` refuses nested batches).
+            Some(Command::Batch(_)) | None => self.mark_settled(offset),
         }
     }
 
-    fn apply_publish(&mut self, index: u64, publish: &PublishCommand) {
+    fn apply_publish(&mut self, offset: u64, publish: &PublishCommand) {
         let (priority, size) = match &publish.message {
             Some(m) => (m.priority.min(9) as usize, m.payload.len() as u64),
             None => (0, 0),
@@ -334,7 +334,7 @@ impl PartitionState {
             && !m.idempotency_key.is_empty()
         {
             self.dedup
-                .insert(&m.idempotency_key, index, publish.publish_time_ms);
+                .insert(&m.idempotency_key, offset, publish.publish_time_ms);
         }
     }
 
