@@ -52,6 +52,8 @@ pub struct Args {
 }
 
 /// The agent's modes.
+// Parsed once per process: the size of the broker's flags costs nothing worth a `Box`.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Serve queues from a local data directory (one pod of a MessageQueue's StatefulSet).

@@ -28,7 +28,9 @@ fn segment_size_accepts_units_and_refuses_tiny_values() {
 fn broker_flags_have_documented_defaults() {
     let args = Args::try_parse_from(["sluice-agent", "broker", "--data-dir", "/tmp/x"])
         .expect("minimal flags parse");
-    let Command::Broker(b) = args.command;
+    let Command::Broker(b) = args.command else {
+        panic!("`broker` parses as the broker command");
+    };
     assert_eq!(b.listen.to_string(), "0.0.0.0:7070");
     assert_eq!(b.metrics_listen.to_string(), "0.0.0.0:9090");
     assert_eq!(b.log_config(), LogConfig::default());
@@ -40,9 +42,23 @@ fn broker(args: &[&str]) -> Result<BrokerArgs, clap::Error> {
         .into_iter()
         .chain(args.iter().copied());
     Args::try_parse_from(command_line).map(|args| {
-        let Command::Broker(b) = args.command;
+        let Command::Broker(b) = args.command else {
+            panic!("`broker` parses as the broker command");
+        };
         b
     })
+}
+
+#[test]
+fn hand_off_reads_the_pods_identity_and_defaults_to_a_20_second_deadline() {
+    let args = Args::try_parse_from(["sluice-agent", "hand-off", "--pod-name", "orders-2"])
+        .expect("hand-off flags parse");
+    let Command::HandOff(h) = args.command else {
+        panic!("`hand-off` parses as the hand-off command");
+    };
+    assert_eq!(h.node_id, 2);
+    assert_eq!(h.listen.to_string(), "0.0.0.0:7070");
+    assert_eq!(h.timeout, 20);
 }
 
 fn cluster_error(args: &[&str]) -> String {
