@@ -8,9 +8,14 @@
 //!
 //! Updates are `OnDelete`: the operator's rolling update (`crate::day2`) hands leadership away
 //! and restarts one pod at a time, waiting for every partition to be back in sync in between.
-//! There is no `preStop` hook: the agent also hands every partition it leads to its most
-//! caught-up peer when it receives the kubelet's SIGTERM (decision 0010), so a hook would only
-//! delay that.
+//!
+//! Every other way a pod stops (node drain, eviction, `kubectl delete pod`) goes through the
+//! agent container's `preStop` hook, `sluice-agent hand-off`: it asks the agent to hand every
+//! leadership to a caught-up peer and waits for that ([`HAND_OFF_TIMEOUT_SECS`]) before the
+//! kubelet sends SIGTERM. The agent still hands off on SIGTERM too (decision 0010): its
+//! balancer may have handed a partition back in between, and a hook that failed or timed out
+//! must not leave the groups to an election timeout (decision 0012). The grace period covers
+//! both ([`TERMINATION_GRACE_SECS`]).
 
 use std::collections::BTreeMap;
 
@@ -22,10 +27,10 @@ use k8s_openapi::{
         },
         core::v1::{
             Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-            EnvVar, EnvVarSource, GRPCAction, ObjectFieldSelector, PersistentVolumeClaim,
-            PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-            SeccompProfile, SecurityContext, TopologySpreadConstraint, Volume, VolumeMount,
-            VolumeResourceRequirements,
+            EnvVar, EnvVarSource, ExecAction, GRPCAction, Lifecycle, LifecycleHandler,
+            ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+            PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext,
+            TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
         },
     },
     apimachinery::pkg::{
@@ -51,8 +56,15 @@ pub const AGENT_CONTAINER: &str = "agent";
 pub const AGENT_COMMAND: &str = "sluice-agent";
 /// UID and GID the agent runs as (the distroless `nonroot` user).
 pub const AGENT_UID: i64 = 65532;
-/// Seconds a stopping agent gets to finish in-flight fsyncs and close streams.
+/// Longest the `preStop` hand-off may take; the kubelet counts it against the grace period.
+pub const HAND_OFF_TIMEOUT_SECS: i64 = 20;
+/// Longest the agent's own shutdown takes after SIGTERM: its second hand-off (5 s), draining
+/// streams (20 s) and stopping its Raft groups, rounded up.
+pub const AGENT_SHUTDOWN_SECS: i64 = 30;
+/// Seconds a stopping pod gets: the `preStop` hand-off, then the agent's SIGTERM shutdown
+/// (finishing in-flight fsyncs, closing streams), with room to spare before SIGKILL.
 pub const TERMINATION_GRACE_SECS: i64 = 60;
+const _: () = assert!(HAND_OFF_TIMEOUT_SECS + AGENT_SHUTDOWN_SECS < TERMINATION_GRACE_SECS);
 /// Startup probe budget: a restarting agent replays its logs before it serves, so it gets
 /// `STARTUP_FAILURES * STARTUP_PERIOD_SECS` (5 minutes) before liveness takes over.
 const STARTUP_PERIOD_SECS: i32 = 5;
@@ -273,6 +285,23 @@ pub fn agent_args() -> Vec<String> {
     .collect()
 }
 
+/// The agent container's `preStop` command: hand every leadership away before SIGTERM. The pod
+/// name comes from `SLUICE_POD_NAME` in the container's env (exec hooks run with it); the listen
+/// address is the one [`agent_args`] gives the broker.
+pub fn pre_stop_command() -> Vec<String> {
+    [
+        AGENT_COMMAND,
+        "hand-off",
+        "--listen",
+        &format!("0.0.0.0:{GRPC_PORT}"),
+        "--timeout",
+        &HAND_OFF_TIMEOUT_SECS.to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect()
+}
+
 fn agent_container(
     mq: &MessageQueue,
     names: &Names,
@@ -324,6 +353,15 @@ fn agent_container(
             ),
         ]),
         resources: mq.spec.resources.clone(),
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler {
+                exec: Some(ExecAction {
+                    command: Some(pre_stop_command()),
+                }),
+                ..LifecycleHandler::default()
+            }),
+            ..Lifecycle::default()
+        }),
         startup_probe: Some(grpc_probe(STARTUP_PERIOD_SECS, STARTUP_FAILURES)),
         readiness_probe: Some(grpc_probe(5, 3)),
         liveness_probe: Some(grpc_probe(10, 3)),

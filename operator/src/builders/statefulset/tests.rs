@@ -253,8 +253,27 @@ fn agents_spread_over_zones_and_nodes_without_blocking_small_clusters() {
 }
 
 #[test]
-fn there_is_no_placeholder_prestop_hook() {
-    assert_eq!(agent(&build_default(serde_json::json!({}))).lifecycle, None);
+fn the_agent_hands_its_leaderships_away_in_prestop_within_the_grace_period() {
+    let sts = build_default(serde_json::json!({}));
+    let command = agent(&sts)
+        .lifecycle
+        .and_then(|l| l.pre_stop)
+        .and_then(|h| h.exec)
+        .and_then(|e| e.command)
+        .unwrap();
+    assert_eq!(command[..2], ["sluice-agent", "hand-off"]);
+    assert_eq!(command, pre_stop_command());
+    let timeout = command.iter().position(|a| a == "--timeout").unwrap();
+    assert_eq!(command[timeout + 1], HAND_OFF_TIMEOUT_SECS.to_string());
+    let grace = sts
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .termination_grace_period_seconds
+        .unwrap();
+    assert!(grace > HAND_OFF_TIMEOUT_SECS + AGENT_SHUTDOWN_SECS);
 }
 
 #[test]
