@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use clap::{CommandFactory as _, Parser as _};
 use serde_json::Value;
-use sluice_agent::config::{Args as AgentArgs, BrokerArgs, Command};
+use sluice_agent::config::{Args as AgentArgs, BrokerArgs, Command, HandOffArgs};
 use sluice_operator::builders::{configmap, statefulset};
 use sluice_operator::crd::MessageQueue;
 use sluice_operator::names::{self, Names};
@@ -129,10 +129,15 @@ fn the_agent_reads_every_queue_definition_the_operator_writes() {
 
 /// The flag of `sluice-agent broker` that reads each environment variable.
 fn agent_env_flags() -> BTreeMap<String, String> {
+    env_flags_of("broker")
+}
+
+/// The flag of `sluice-agent <subcommand>` that reads each environment variable.
+fn env_flags_of(subcommand: &str) -> BTreeMap<String, String> {
     let command = AgentArgs::command();
     let broker = command
-        .find_subcommand("broker")
-        .expect("sluice-agent has `broker`");
+        .find_subcommand(subcommand)
+        .unwrap_or_else(|| panic!("sluice-agent has `{subcommand}`"));
     broker
         .get_arguments()
         .filter_map(|arg| {
@@ -192,8 +197,112 @@ fn agent_in_pod(container: &Value, mq: &MessageQueue, ordinal: i32) -> BrokerArg
     }
     let args = AgentArgs::try_parse_from(&command_line)
         .unwrap_or_else(|e| panic!("the agent refuses {command_line:?}:\n{e}"));
-    let Command::Broker(broker) = args.command;
+    let Command::Broker(broker) = args.command else {
+        panic!("{command_line:?} is not `sluice-agent broker`");
+    };
     broker
+}
+
+/// The container's env in pod `ordinal`, resolved as the kubelet does (`fieldRef`s and
+/// `$(VAR)` of earlier variables).
+fn pod_env(container: &Value, mq: &MessageQueue, ordinal: i32) -> BTreeMap<String, String> {
+    let pod_name = format!(
+        "{}-{ordinal}",
+        mq.metadata.name.as_deref().unwrap_or_default()
+    );
+    let namespace = mq.metadata.namespace.clone().unwrap_or_default();
+    let mut resolved = BTreeMap::new();
+    for var in container["env"].as_array().into_iter().flatten() {
+        let name = var["name"].as_str().expect("env name").to_owned();
+        let value = match (
+            var["value"].as_str(),
+            var["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        ) {
+            (Some(value), _) => expand(value, &resolved),
+            (None, Some("metadata.name")) => pod_name.clone(),
+            (None, Some("metadata.namespace")) => namespace.clone(),
+            (None, other) => panic!("{name}: unexpected env source {other:?}"),
+        };
+        resolved.insert(name, value);
+    }
+    resolved
+}
+
+/// The `preStop` exec command of the container, parsed by the agent with the pod's env (each
+/// variable `hand-off` reads turned into its flag unless the command gives the flag itself,
+/// which is clap's precedence).
+fn pre_stop_in_pod(container: &Value, mq: &MessageQueue, ordinal: i32) -> HandOffArgs {
+    let mut command_line: Vec<String> = container["lifecycle"]["preStop"]["exec"]["command"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no preStop exec command in {container}"))
+        .iter()
+        .map(|a| a.as_str().expect("command words are strings").to_owned())
+        .collect();
+    let flags = env_flags_of("hand-off");
+    for (name, value) in pod_env(container, mq, ordinal) {
+        if let Some(flag) = flags.get(&name)
+            && !command_line.iter().any(|a| a == flag)
+        {
+            command_line.push(format!("{flag}={value}"));
+        }
+    }
+    let args = AgentArgs::try_parse_from(&command_line)
+        .unwrap_or_else(|e| panic!("the agent refuses its preStop {command_line:?}:\n{e}"));
+    let Command::HandOff(hand_off) = args.command else {
+        panic!("preStop {command_line:?} is not `sluice-agent hand-off`");
+    };
+    hand_off
+}
+
+#[test]
+fn the_prestop_command_of_every_pod_hands_off_that_pods_agent_on_its_own_port() {
+    for (example, mq) in example_message_queues() {
+        let names = Names::of(&mq).expect("names");
+        let sts = statefulset::build(
+            &mq,
+            &names,
+            &Settings::default(),
+            &statefulset::Shape::initial(&mq),
+        )
+        .expect("StatefulSet builds");
+        let pod = sts.spec.expect("spec").template.spec.expect("pod spec");
+        let container = pod
+            .containers
+            .iter()
+            .find(|c| c.name == statefulset::AGENT_CONTAINER)
+            .expect("agent container");
+        let command = container
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.exec.as_ref())
+            .and_then(|e| e.command.as_ref())
+            .unwrap_or_else(|| panic!("{example}: no preStop exec command"));
+        // The image's binary, like the container's own command.
+        assert_eq!(
+            command.first().map(String::as_str),
+            Some(statefulset::AGENT_COMMAND),
+            "{example}"
+        );
+        let container = serde_json::to_value(container).expect("container serializes");
+        for ordinal in 0..mq.spec.replicas {
+            let hand_off = pre_stop_in_pod(&container, &mq, ordinal);
+            let broker = agent_in_pod(&container, &mq, ordinal);
+            assert_eq!(
+                hand_off.node_id,
+                u64::try_from(ordinal).unwrap(),
+                "{example} pod {ordinal}"
+            );
+            let target = sluice_agent::hand_off::local_address(hand_off.listen);
+            assert!(target.ip().is_loopback(), "{example}: {target}");
+            assert_eq!(target.port(), broker.listen.port(), "{example}");
+            assert!(
+                i64::try_from(hand_off.timeout).unwrap()
+                    < pod.termination_grace_period_seconds.expect("grace period"),
+                "{example}: the hand-off must end within the grace period"
+            );
+        }
+    }
 }
 
 #[test]
