@@ -221,6 +221,14 @@ async fn the_statefulset_runs_as_a_cluster_and_survives_rolling_restart_scale_ou
     );
     kubelet.sync();
     assert_eq!(kubelet.endpoints().len(), 3);
+    // Every stopped pod (3 restarts, 1 scale-in) ran the container's preStop hand-off first,
+    // and each found its agent and left it leading nothing.
+    assert_eq!(kubelet.pre_stops().len(), 4, "{:?}", kubelet.pre_stops());
+    assert!(
+        kubelet.pre_stops().iter().all(|(_, code)| *code == Some(0)),
+        "a preStop hand-off failed: {:?}",
+        kubelet.pre_stops()
+    );
     wait_for_confirms(&ledger, 200).await;
 
     // Phase 6: stop publishing, let the consumer drain, judge.

@@ -122,6 +122,8 @@ pub struct Kubelet {
     pods: BTreeMap<i32, Pod>,
     /// Stderr of pods that ended, kept for the failure dump.
     ended_logs: Vec<(i32, Vec<String>)>,
+    /// Every `preStop` hook run: the pod and its exit code (`None`: did not run or killed).
+    pre_stops: Vec<(i32, Option<i32>)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -154,6 +156,7 @@ impl Kubelet {
             statefulset,
             pods: BTreeMap::new(),
             ended_logs: Vec::new(),
+            pre_stops: Vec::new(),
         }
     }
 
@@ -211,8 +214,9 @@ impl Kubelet {
         }
     }
 
-    /// Deletes pod `i` as the API would: SIGTERM, wait for it to exit (within the pod's grace
-    /// period), gone. The next [`Kubelet::sync`] recreates it from the current template.
+    /// Deletes pod `i` as the API would: the container's `preStop` hook, SIGTERM, wait for it
+    /// to exit (the hook and the exit within the pod's grace period), gone. The next
+    /// [`Kubelet::sync`] recreates it from the current template.
     pub fn delete_pod(&mut self, i: i32) {
         self.stop(i);
     }
@@ -221,10 +225,19 @@ impl Kubelet {
         let Some(mut pod) = self.pods.remove(&i) else {
             return;
         };
+        let grace = self
+            .statefulset
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|p| p.termination_grace_period_seconds)
+            .and_then(|s| u64::try_from(s).ok())
+            .unwrap_or(30);
+        let deadline = std::time::Instant::now() + Duration::from_secs(grace);
+        self.run_pre_stop(i, &pod);
         if let Ok(pid) = i32::try_from(pod.child.id()) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             match pod.child.try_wait() {
                 Ok(Some(_)) => break,
@@ -239,6 +252,57 @@ impl Kubelet {
             }
         }
         self.ended_logs.push((i, lock(&pod.log).clone()));
+    }
+
+    /// Runs the container's `preStop` exec command with the pod's env, as the kubelet does
+    /// before SIGTERM; like the kubelet, a failing hook is logged and the pod stops anyway.
+    fn run_pre_stop(&mut self, i: i32, pod: &Pod) {
+        let spec = self.statefulset.spec.as_ref().expect("spec");
+        let container = &spec.template.spec.as_ref().expect("pod spec").containers[0];
+        let Some(command) = container
+            .lifecycle
+            .as_ref()
+            .and_then(|l| l.pre_stop.as_ref())
+            .and_then(|h| h.exec.as_ref())
+            .and_then(|e| e.command.clone())
+        else {
+            return;
+        };
+        assert_eq!(
+            command.first().map(String::as_str),
+            Some(sluice_operator::builders::statefulset::AGENT_COMMAND),
+            "the hook runs the image's agent binary"
+        );
+        // The running pod's volumes, without recreating them (an emptyDir is wiped on start).
+        let mounts = self.mounts(|name| self.pod_dir(i).join(name));
+        let env = self.env_of(i, &mounts);
+        let argv: Vec<String> = command
+            .iter()
+            .map(|a| self.rewrite(i, a, &mounts))
+            .collect();
+        let output = Command::new(agent_binary())
+            .args(&argv[1..])
+            .env_clear()
+            .envs(env)
+            .output();
+        self.pre_stops
+            .push((i, output.as_ref().ok().and_then(|o| o.status.code())));
+        let line = match output {
+            Ok(out) => format!(
+                "[preStop] exit {:?}: {}{}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => format!("[preStop] did not run: {e}"),
+        };
+        eprintln!("kubelet: pod {i}: {line}");
+        lock(&pod.log).push(line);
+    }
+
+    /// Every `preStop` hook the harness ran, in order: the pod and the hook's exit code.
+    pub fn pre_stops(&self) -> &[(i32, Option<i32>)] {
+        &self.pre_stops
     }
 
     fn pod_dir(&self, i: i32) -> PathBuf {
@@ -303,23 +367,22 @@ impl Kubelet {
         out.replace("0.0.0.0", &pod_ip(i).to_string())
     }
 
-    /// The command line and env of pod `i`, as the kubelet resolves them, rewritten.
-    pub fn command_of(&self, i: i32) -> (Vec<String>, Vec<(String, String)>) {
+    /// Each mount path of the agent container with its host directory (`host(volume name)`).
+    fn mounts(&self, host: impl Fn(&str) -> PathBuf) -> Vec<(String, PathBuf)> {
         let spec = self.statefulset.spec.as_ref().expect("spec");
-        let pod = spec.template.spec.as_ref().expect("pod spec");
-        let container = &pod.containers[0];
-        let volumes = self.volumes(i);
-        let mounts: Vec<(String, PathBuf)> = container
+        let container = &spec.template.spec.as_ref().expect("pod spec").containers[0];
+        container
             .volume_mounts
             .iter()
             .flatten()
-            .map(|m| {
-                let host = volumes
-                    .get(&m.name)
-                    .unwrap_or_else(|| panic!("mount {} has no volume", m.name));
-                (m.mount_path.clone(), host.clone())
-            })
-            .collect();
+            .map(|m| (m.mount_path.clone(), host(&m.name)))
+            .collect()
+    }
+
+    /// The container env of pod `i`, as the kubelet resolves it, rewritten.
+    fn env_of(&self, i: i32, mounts: &[(String, PathBuf)]) -> Vec<(String, String)> {
+        let spec = self.statefulset.spec.as_ref().expect("spec");
+        let container = &spec.template.spec.as_ref().expect("pod spec").containers[0];
         let pod_name = format!("{}-{i}", self.names.statefulset());
         let mut resolved: Vec<(String, String)> = Vec::new();
         for var in container.env.iter().flatten() {
@@ -342,13 +405,27 @@ impl Kubelet {
             };
             resolved.push((var.name.clone(), value));
         }
-        let env = resolved
+        resolved
             .into_iter()
             .map(|(k, v)| {
-                let v = self.rewrite(i, &v, &mounts);
+                let v = self.rewrite(i, &v, mounts);
                 (k, v)
             })
-            .collect();
+            .collect()
+    }
+
+    /// The command line and env of pod `i`, as the kubelet resolves them, rewritten.
+    pub fn command_of(&self, i: i32) -> (Vec<String>, Vec<(String, String)>) {
+        let spec = self.statefulset.spec.as_ref().expect("spec");
+        let container = &spec.template.spec.as_ref().expect("pod spec").containers[0];
+        let volumes = self.volumes(i);
+        let mounts = self.mounts(|name| {
+            volumes
+                .get(name)
+                .unwrap_or_else(|| panic!("mount {name} has no volume"))
+                .clone()
+        });
+        let env = self.env_of(i, &mounts);
         let mut argv: Vec<String> = container.command.clone().unwrap_or_default();
         argv.extend(container.args.clone().unwrap_or_default());
         let argv = argv.iter().map(|a| self.rewrite(i, a, &mounts)).collect();
