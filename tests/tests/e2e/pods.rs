@@ -280,6 +280,7 @@ impl Kubelet {
             .iter()
             .map(|a| self.rewrite(i, a, &mounts))
             .collect();
+        let started = std::time::Instant::now();
         let output = Command::new(agent_binary())
             .args(&argv[1..])
             .env_clear()
@@ -289,8 +290,9 @@ impl Kubelet {
             .push((i, output.as_ref().ok().and_then(|o| o.status.code())));
         let line = match output {
             Ok(out) => format!(
-                "[preStop] exit {:?}: {}{}",
+                "[preStop] exit {:?} after {:?}: {}{}",
                 out.status.code(),
+                started.elapsed(),
                 String::from_utf8_lossy(&out.stdout).trim(),
                 String::from_utf8_lossy(&out.stderr).trim()
             ),
