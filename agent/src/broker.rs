@@ -801,6 +801,7 @@ impl Broker {
             return;
         }
         cluster.groups.remove(&link.group);
+        link.stop_serving();
         match tokio::time::timeout(RAFT_STOP_TIMEOUT, link.raft.shutdown()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -871,6 +872,7 @@ impl Broker {
                 if let Some(cluster) = &self.options.cluster {
                     cluster.groups.remove(&link.group);
                 }
+                link.stop_serving();
                 // Everything acknowledged is on disk already; a Raft that does not stop in time
                 // is left behind like a crash would leave it.
                 match tokio::time::timeout(RAFT_STOP_TIMEOUT, link.raft.shutdown()).await {
@@ -1507,6 +1509,14 @@ impl Subscription {
     /// Why [`Subscription::next`] ended, when this agent stopped leading the queue (the
     /// consumer should re-subscribe where the error points).
     pub fn ended_by(&self) -> Option<BrokerError> {
+        if self.queue.is_closed() {
+            // Closed because the queue moved to other agents (placement changed), not deleted:
+            // point the consumer at its hosts, as a new request would be.
+            return match self.broker.queue(&self.queue.spec().name) {
+                Err(moved @ BrokerError::NotLeader { .. }) => Some(moved),
+                _ => None,
+            };
+        }
         self.queue.check_serving().err()
     }
 

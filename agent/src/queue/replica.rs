@@ -89,6 +89,12 @@ impl ReplicaLink {
 }
 
 impl ReplicaLink {
+    /// Stops serving for good (Raft stopped, or the replica was removed): confirms still
+    /// waiting fail at once (ABORTED, resend) instead of waiting for a commit that cannot come.
+    pub fn stop_serving(&self) {
+        self.status.send_modify(|s| s.ready = false);
+    }
+
     /// Tells the proposer that the outbox has commands.
     pub fn wake_proposer(&self) {
         // Full means a wake-up is already pending; closed means the proposer is gone.
@@ -188,6 +194,15 @@ pub async fn run_proposer(
 /// leading (or an epoch failed), the partition stops serving and its state is rebuilt from
 /// the committed log.
 pub async fn run_role(
+    partition: std::sync::Weak<super::partition::Partition>,
+    link: Arc<ReplicaLink>,
+) {
+    follow_role(partition, link.clone()).await;
+    link.stop_serving();
+}
+
+/// The body of [`run_role`]; returns when Raft stopped or the partition is gone.
+async fn follow_role(
     partition: std::sync::Weak<super::partition::Partition>,
     link: Arc<ReplicaLink>,
 ) {
