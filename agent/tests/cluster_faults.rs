@@ -558,14 +558,20 @@ async fn a_corrupted_segment_on_a_follower_is_never_served_and_the_others_keep_s
     // Phase 3: it restarts; its replica of the partition is refused, naming the file and the
     // offset, and serves nothing from it.
     cluster.restart(corrupted);
-    // Until it has followed the catalog the agent does not know the queue (NotFound); then it
-    // either refuses the queue or serves it (repaired).
+    // Until it has followed the catalog the agent does not know the queue (NotFound), and until
+    // it has opened its replica it redirects as for a queue placed elsewhere; then it either
+    // refuses the queue or serves it (repaired).
     let opened = cluster::wait_until(
         "the corrupted replica to open the queue",
         ELECTION,
         || async {
             match cluster.stats(corrupted, QUEUE).await {
-                Err(reason) if reason.contains("not found") => None,
+                Err(reason)
+                    if reason.contains("not found")
+                        || reason.contains("not hosted by this agent") =>
+                {
+                    None
+                }
                 other => Some(other),
             }
         },
