@@ -120,10 +120,6 @@ const TAKE_BATCH_MAX: usize = 256;
 const TIMER_IDLE_MS: u64 = 250;
 /// How often an agent checks that the partitions it leads are led by their preferred agent.
 const BALANCE_INTERVAL: Duration = Duration::from_secs(2);
-/// How long the balancer leaves a group alone after a hand-off to its preferred leader failed.
-/// With four or more voters the campaign-based transfer often fails (decision 0009), and each
-/// lost campaign costs the group an election; retrying every round would keep it electing.
-const BALANCE_BACKOFF: Duration = Duration::from_secs(30);
 /// How often an agent moves the groups it leads towards the catalog's membership (decision
 /// 0011). Each round makes at most one change per group and waits for it to commit.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
@@ -153,6 +149,8 @@ pub struct ClusterContext {
     pub raft_config: Arc<openraft::Config>,
     /// The meta group: queue declarations and agents' client addresses.
     pub meta: Arc<crate::cluster::MetaGroup>,
+    /// Groups the balancer leaves alone for now, shared with the peer `Cluster` service.
+    pub holds: crate::cluster::BalanceHolds,
 }
 
 /// What a broker is built from besides its config; [`Broker::open`] uses the defaults.
@@ -206,8 +204,6 @@ pub struct Broker {
     dropped: Mutex<std::collections::BTreeSet<String>>,
     /// Followers found to have lost acknowledged entries, per group this agent leads.
     reversions: crate::cluster::reversions::Reversions,
-    /// Groups the balancer leaves alone until the given time (a hand-off to them failed).
-    balance_backoff: Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
     /// Redirects answered for queues hosted elsewhere; picks the replica the next one names.
     redirects: AtomicU64,
     /// Handed to subscriptions and timer tasks.
@@ -325,7 +321,6 @@ impl Broker {
             timers: Mutex::new(Vec::new()),
             cluster_tasks: Mutex::new(Vec::new()),
             dropped: Mutex::new(std::collections::BTreeSet::new()),
-            balance_backoff: Mutex::new(std::collections::HashMap::new()),
             redirects: AtomicU64::new(0),
             reversions: crate::cluster::reversions::Reversions::default(),
             me: me.clone(),
@@ -531,11 +526,7 @@ impl Broker {
             if matched < last {
                 continue;
             }
-            let now = tokio::time::Instant::now();
-            if lock(&self.balance_backoff)
-                .get(&link.group)
-                .is_some_and(|until| now < *until)
-            {
+            if cluster.holds.is_held(&link.group) {
                 continue;
             }
             let moved = match link.hand_off(preferred, &peer).await {
@@ -548,7 +539,7 @@ impl Broker {
             if moved {
                 tracing::info!(group = %link.group, to = preferred, "leadership moved to the preferred leader");
             } else {
-                lock(&self.balance_backoff).insert(link.group.clone(), now + BALANCE_BACKOFF);
+                cluster.holds.hold(&link.group);
             }
         }
     }

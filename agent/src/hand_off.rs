@@ -92,16 +92,11 @@ pub enum HandOffError {
 /// node id; the same rule as the broker's `--pod-name`. A clap value parser, so a bad name is a
 /// usage error naming the flag.
 pub fn parse_node_id(pod_name: &str) -> Result<u64, String> {
-    let bad = || {
+    crate::cluster::config::ordinal(pod_name).ok_or_else(|| {
         format!(
             "{pod_name:?} has no ordinal after the last '-' (expected a StatefulSet pod name such as \"sluice-0\")"
         )
-    };
-    let (_, digits) = pod_name.rsplit_once('-').ok_or_else(bad)?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
-    }
-    digits.parse().map_err(|_| bad())
+    })
 }
 
 /// Where to reach an agent listening on `listen`: an unspecified address (`0.0.0.0`, `::`)

@@ -222,7 +222,9 @@ async fn join_cluster(
     let groups = crate::replication::RaftGroups::new();
     let meta = Arc::new(crate::cluster::MetaGroup::open(data_dir, &cluster, &groups, log).await?);
     let raft_service = crate::replication::PeerService::new(groups.clone()).into_server();
-    let cluster_service = crate::cluster::peer_service(groups.clone(), (*meta).clone());
+    let holds = crate::cluster::BalanceHolds::new();
+    let cluster_service =
+        crate::cluster::peer_service(groups.clone(), (*meta).clone(), holds.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(
         crate::replication::service::peer_server()
@@ -243,6 +245,7 @@ async fn join_cluster(
         groups,
         raft_config: Arc::new(raft_config),
         meta,
+        holds,
     };
     Ok((context, PeerServer { addr, stop, task }))
 }

@@ -414,10 +414,21 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
     eprintln!("hand-off of agent {leader}, asked at agent {asked}: {handed:?}");
     assert!(handed.moved >= 1, "{handed:?}");
     assert!(handed.remaining.is_empty(), "{handed:?}");
+    // The asked agent learns each new leader from its first heartbeat; the new leaders hold
+    // the partitions rather than handing them back to their preferred leader.
+    wait_view(
+        &cluster,
+        asked,
+        "no partition led by the relieved agent",
+        ELECTION,
+        |v| v.partitions.iter().all(|p| p.leader != Some(leader)),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let view = get_cluster(&cluster, asked).await.expect("GetCluster");
     assert!(
         view.partitions.iter().all(|p| p.leader != Some(leader)),
-        "{:?}",
+        "leadership came back to agent {leader}: {:?}",
         view.partitions
     );
 }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_agent::cluster::{
-    Catalog, ClusterConfig, META_GROUP, MetaError, MetaGroup, peer_service, transfer_leadership,
+    BalanceHolds, Catalog, ClusterConfig, META_GROUP, MetaError, MetaGroup, peer_service,
+    transfer_leadership,
 };
 use sluice_agent::config::LogConfig;
 use sluice_agent::replication::{NodeId, PeerService, RaftGroups};
@@ -55,7 +56,7 @@ impl Agent {
             .await
             .expect("open the meta group");
         let raft_service = PeerService::new(groups.clone()).into_server();
-        let cluster_service = peer_service(groups, meta.clone());
+        let cluster_service = peer_service(groups, meta.clone(), BalanceHolds::new());
         let server = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .add_service(raft_service)

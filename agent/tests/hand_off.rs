@@ -114,9 +114,7 @@ async fn hand_off_with_the_leaders_pod_env_moves_every_leadership_away_and_exits
         "stdout: {stdout} stderr: {stderr}"
     );
     assert!(stdout.contains("leads nothing"), "{stdout}");
-    // Looked at within a heartbeat or so, not longer: the agents' balancer hands a partition
-    // back to its preferred leader every couple of seconds (which is why the agent's own
-    // SIGTERM hand-off stays), and a follower's view takes a heartbeat to learn the new leader.
+    // A follower's view takes a heartbeat or so to learn the new leader.
     let deadline = Instant::now() + Duration::from_millis(1500);
     loop {
         let view = get_cluster(&cluster, x).await;
@@ -135,6 +133,13 @@ async fn hand_off_with_the_leaders_pod_env_moves_every_leadership_away_and_exits
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The agents that took the leaderships hold them: their balancers run every 2 s and would
+    // otherwise hand each partition straight back to its preferred leader, agent x, before
+    // the pod that asked to be relieved has stopped.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let view = get_cluster(&cluster, x).await;
+    let led = led_by(&view, "orders", node);
+    assert!(led.is_empty(), "agent {x} leads {led:?} again: {view:?}");
 
     // An ordinal that is not a member: the agent's NOT_FOUND, passed on, naming the field.
     let output = hand_off(

@@ -167,7 +167,10 @@ impl ClusterConfig {
         client_listen: SocketAddr,
         replication_factor: Option<u32>,
     ) -> Result<Self, ClusterConfigError> {
-        let node_id = ordinal(pod_name)?;
+        let node_id =
+            ordinal(pod_name).ok_or_else(|| ClusterConfigError::PodNameWithoutOrdinal {
+                pod_name: pod_name.to_owned(),
+            })?;
         let peers = check_peers(peers)?;
         let entry = usize::try_from(node_id).ok().and_then(|i| peers.get(i));
         let peer_advertise = match peer_advertise.map(|v| v.trim().to_owned()) {
@@ -267,16 +270,14 @@ impl ClusterConfig {
     }
 }
 
-/// The ordinal of a StatefulSet pod name: the digits after its last `-`.
-fn ordinal(pod_name: &str) -> Result<u64, ClusterConfigError> {
-    let bad = || ClusterConfigError::PodNameWithoutOrdinal {
-        pod_name: pod_name.to_owned(),
-    };
-    let (_, digits) = pod_name.rsplit_once('-').ok_or_else(bad)?;
+/// The ordinal of a StatefulSet pod name: the digits after its last `-`; `None` when there are
+/// none (or too many to be a node id).
+pub fn ordinal(pod_name: &str) -> Option<u64> {
+    let (_, digits) = pod_name.rsplit_once('-')?;
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad());
+        return None;
     }
-    digits.parse().map_err(|_| bad())
+    digits.parse().ok()
 }
 
 fn check_peers(peers: Vec<String>) -> Result<Vec<String>, ClusterConfigError> {

@@ -7,6 +7,7 @@
 //! - [`catalog`]: the [`Catalog`] of queues and agents, and how commands change it.
 //! - [`state_machine`]: the meta group's openraft state machine over the catalog.
 //! - [`meta`]: [`MetaGroup`], the `"meta"` Raft group across all agents; proposals from any agent.
+//! - [`holds`]: [`BalanceHolds`], groups whose leadership the balancer leaves alone for a while.
 //! - [`reconcile`]: the membership changes a group's leader makes to match the catalog.
 //! - [`reversions`]: followers that lost acknowledged entries (to be demoted until caught up).
 //! - [`service`]: the peers-only `sluice.peer.v1.Cluster` service (forwarded proposals,
@@ -17,6 +18,7 @@ pub mod catalog;
 pub mod client;
 pub mod config;
 pub mod dead_letter;
+pub mod holds;
 pub mod meta;
 pub mod placement;
 pub mod reconcile;
@@ -27,6 +29,7 @@ pub mod state_machine;
 pub use catalog::Catalog;
 pub use client::{TransferError, TransferOutcome, transfer_leadership};
 pub use config::{ClusterConfig, ClusterConfigError};
+pub use holds::BalanceHolds;
 pub use meta::{META_GROUP, MetaError, MetaGroup};
 pub use placement::placement;
 pub use service::{ClusterService, peer_service};

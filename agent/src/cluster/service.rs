@@ -9,6 +9,7 @@ use sluice_proto::peer::v1::cluster_server::{Cluster, ClusterServer};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use super::holds::BalanceHolds;
 use super::meta::{MetaError, MetaGroup};
 use crate::replication::RaftGroups;
 use crate::replication::service::ServiceError;
@@ -34,12 +35,22 @@ pub struct ClusterService {
     groups: RaftGroups,
     /// This agent's meta replica, for proposals forwarded by other agents.
     meta: MetaGroup,
+    /// Groups this agent took on request, which its balancer must not hand straight back.
+    holds: BalanceHolds,
 }
 
 /// The tonic server of the `Cluster` service over this agent's groups and meta replica, to add
 /// to the peer port's server next to the `Raft` service.
-pub fn peer_service(groups: RaftGroups, meta: MetaGroup) -> ClusterServer<ClusterService> {
-    ClusterServer::new(ClusterService { groups, meta })
+pub fn peer_service(
+    groups: RaftGroups,
+    meta: MetaGroup,
+    holds: BalanceHolds,
+) -> ClusterServer<ClusterService> {
+    ClusterServer::new(ClusterService {
+        groups,
+        meta,
+        holds,
+    })
 }
 
 /// Why a `Cluster` call failed; becomes a status in [`ClusterError::into_status`] only.
@@ -101,11 +112,15 @@ impl ClusterService {
     /// unseats the old leader (it saw a higher term), so campaigning again at once would unseat
     /// every next leader too, forever; after a lost round this waits until some leader has
     /// held office for a full lease before trying again (decision 0009).
+    ///
+    /// The group goes on hold first, so this agent's balancer does not hand it straight back
+    /// to a preferred leader that asked to be relieved.
     async fn transfer_leadership(
         &self,
         request: pb::TransferLeadershipRequest,
     ) -> Result<pb::TransferLeadershipResponse, ClusterError> {
         let raft = self.groups.get(&request.group)?;
+        self.holds.hold(&request.group);
         let failed = |reason: String| ClusterError::Raft {
             group: request.group.clone(),
             reason,

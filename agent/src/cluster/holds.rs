@@ -1,0 +1,77 @@
+//! Groups whose leadership the balancer leaves alone for a while.
+//!
+//! Two things put a group on hold. A hand-off to the preferred leader that failed: with four or
+//! more voters the campaign-based transfer often fails (decision 0009) and each lost campaign
+//! costs an election, so retrying every round would keep the group electing. And leadership
+//! taken on request (`Cluster.TransferLeadership`): the old leader asked to be relieved — a
+//! rolling update's `preStop` hook, `sluice cluster handoff` — and handing the group straight back
+//! to it, because placement still prefers it, would undo the request before the pod stops.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How long a group stays on hold, both after a failed hand-off and after leadership was taken
+/// on request. Long enough for a pod to stop and restart; short enough that leadership returns
+/// to its preferred agent soon after.
+pub const HOLD: Duration = Duration::from_secs(30);
+
+/// The groups on hold and until when; cloned handles share one map.
+#[derive(Clone, Debug, Default)]
+pub struct BalanceHolds {
+    until: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+impl BalanceHolds {
+    /// No group on hold.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Leaves `group` alone until [`HOLD`] from now.
+    pub fn hold(&self, group: &str) {
+        self.hold_for(group, HOLD);
+    }
+
+    fn hold_for(&self, group: &str, hold: Duration) {
+        let until = Instant::now() + hold;
+        self.lock().insert(group.to_owned(), until);
+    }
+
+    /// Whether `group` is on hold now; forgets holds that have lapsed.
+    pub fn is_held(&self, group: &str) -> bool {
+        let now = Instant::now();
+        let mut holds = self.lock();
+        holds.retain(|_, until| *until > now);
+        holds.contains_key(group)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        // A panic while holding this lock cannot leave the map inconsistent.
+        self.until
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hold_covers_only_its_group_and_lapses() {
+        let holds = BalanceHolds::new();
+        let shared = holds.clone();
+        holds.hold("orders/0");
+        assert!(shared.is_held("orders/0"));
+        assert!(!shared.is_held("orders/1"));
+        holds.hold_for("orders/1", Duration::ZERO);
+        assert!(!holds.is_held("orders/1"));
+        assert!(
+            holds.is_held("orders/0"),
+            "a lapsed hold forgets only itself"
+        );
+    }
+}
