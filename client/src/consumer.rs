@@ -102,7 +102,7 @@ impl Consumer {
         let (results_tx, results) = mpsc::unbounded_channel();
         let (ops, ops_rx) = mpsc::unbounded_channel();
         let reader = tokio::spawn(read_responses(responses, deliveries_tx, results_tx));
-        let batcher = tokio::spawn(Batcher::new(requests).run(ops_rx, results));
+        let batcher = tokio::spawn(Batcher::new(requests, results).run(ops_rx));
         Ok(Self {
             deliveries,
             ops,
@@ -202,6 +202,8 @@ async fn read_responses(
 /// Groups queued settles into frames and tracks which frames are durable.
 struct Batcher {
     requests: mpsc::Sender<ConsumeRequest>,
+    /// Settle results in order, then why the stream ended (`None` once it has).
+    results: mpsc::UnboundedReceiver<Result<SettleResult, tonic::Status>>,
     /// The run of same-action tags being collected, and when it must go out.
     batch: Option<(SettleAction, u64, Vec<DeliveryTag>, Instant)>,
     /// Sequence of the last settle frame sent (0 = none; 0 is the subscribe frame).
@@ -217,9 +219,13 @@ struct Batcher {
 }
 
 impl Batcher {
-    fn new(requests: mpsc::Sender<ConsumeRequest>) -> Self {
+    fn new(
+        requests: mpsc::Sender<ConsumeRequest>,
+        results: mpsc::UnboundedReceiver<Result<SettleResult, tonic::Status>>,
+    ) -> Self {
         Self {
             requests,
+            results,
             batch: None,
             sent: 0,
             answered: 0,
@@ -229,12 +235,7 @@ impl Batcher {
         }
     }
 
-    async fn run(
-        mut self,
-        mut ops: mpsc::UnboundedReceiver<Op>,
-        mut results: mpsc::UnboundedReceiver<Result<SettleResult, tonic::Status>>,
-    ) {
-        let mut results_open = true;
+    async fn run(mut self, mut ops: mpsc::UnboundedReceiver<Op>) {
         loop {
             let linger_until = self.batch.as_ref().map(|b| b.3);
             tokio::select! {
@@ -251,25 +252,25 @@ impl Batcher {
                 _ = tokio::time::sleep_until(linger_until.unwrap_or_else(Instant::now)), if linger_until.is_some() => {
                     self.send_batch().await;
                 }
-                result = results.recv(), if results_open => match result {
-                    Some(Ok(result)) => {
-                        self.answered = result.sequence;
-                        self.failures.extend(result.failures);
-                        self.answer_flushes();
-                    }
-                    Some(Err(status)) => {
-                        results_open = false;
-                        self.ended = Some(status);
-                        self.answer_flushes();
-                    }
-                    None => {
-                        results_open = false;
-                        self.ended.get_or_insert(tonic::Status::unavailable("consume stream closed"));
-                        self.answer_flushes();
-                    }
-                },
+                result = self.results.recv(), if self.ended.is_none() => self.take_result(result),
             }
         }
+    }
+
+    /// Records one settle result, or the end of the stream (`Err`, or `None`: closed), and
+    /// answers the flushes it completes.
+    fn take_result(&mut self, result: Option<Result<SettleResult, tonic::Status>>) {
+        match result {
+            Some(Ok(result)) => {
+                self.answered = result.sequence;
+                self.failures.extend(result.failures);
+            }
+            Some(Err(status)) => self.ended = Some(status),
+            None => {
+                self.ended = Some(tonic::Status::unavailable("consume stream closed"));
+            }
+        }
+        self.answer_flushes();
     }
 
     async fn queue(&mut self, action: SettleAction, tag: DeliveryTag, delay_ms: u64) {
@@ -303,9 +304,28 @@ impl Batcher {
             sequence: self.sent,
             request: Some(Frame::Settle(settle)),
         };
-        if self.requests.send(frame).await.is_err() {
-            self.ended
-                .get_or_insert(tonic::Status::unavailable("consume stream closed"));
+        // The request buffer is full while the agent does not read (flow control). Results
+        // are taken meanwhile: a stream that ended must fail the waiting flushes, not leave
+        // them behind a send that may never complete.
+        let requests = self.requests.clone();
+        let send = requests.send(frame);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                sent = &mut send => {
+                    if sent.is_err() {
+                        self.ended
+                            .get_or_insert(tonic::Status::unavailable("consume stream closed"));
+                    }
+                    return;
+                }
+                result = self.results.recv(), if self.ended.is_none() => {
+                    self.take_result(result);
+                    if self.ended.is_some() {
+                        return; // This frame was never sent; its flush reports the end.
+                    }
+                }
+            }
         }
     }
 

@@ -185,14 +185,20 @@ impl SettleLoop {
                             }
                         }
                         Err(status) => {
-                            // A settle the broker refused as a whole (e.g. queue deleted) ends
-                            // this stream; other streams are unaffected.
+                            // A settle the broker refused as a whole (queue deleted or moved,
+                            // leadership lost, outcome ambiguous after a resync) ends this
+                            // stream once the frames before it are answered; other streams are
+                            // unaffected. Frames sent after it are answered by that end.
                             reading = false;
                             stream_error.get_or_insert(status);
                         }
                     }
                 }
-                _ = &mut forwarder, if forwarding => {
+                // Once a settle failed as a whole the stream is over: waiting for the
+                // forwarder would keep it open (its deliveries flowing while the agent still
+                // serves, e.g. after a resync in a membership change) with later settle
+                // frames never read nor answered, and a consumer's flush waiting forever.
+                _ = &mut forwarder, if forwarding && stream_error.is_none() => {
                     // Broker shut down, queue deleted or client gone: take no more settles.
                     forwarding = false;
                     reading = false;

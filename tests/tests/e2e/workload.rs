@@ -21,8 +21,6 @@ const FLUSH_EVERY: usize = 20;
 /// A subscription that brings nothing for this long is flushed (and, if the stream ended,
 /// reopened).
 const IDLE: Duration = Duration::from_millis(500);
-/// How long acks may wait for their durable answer before the subscription is reopened.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The payload of `key`.
 pub fn payload(key: &str) -> Vec<u8> {
@@ -221,14 +219,9 @@ pub async fn consume(endpoints: Vec<String>, queue: String, ledger: Ledger, stop
                 }
             }
             if pending.len() >= FLUSH_EVERY || (idle && !pending.is_empty()) {
-                // A settle frame the agents never answer (seen after a queue moved between
-                // agents; issue 3's open note) must not stall the consumer: reopen instead.
-                let Ok(flushed) = tokio::time::timeout(FLUSH_TIMEOUT, consumer.flush()).await
-                else {
-                    eprintln!("consumer: a flush went unanswered for {FLUSH_TIMEOUT:?}; reopening");
-                    break;
-                };
-                match flushed {
+                // The agent answers every settle or ends the stream with a status (e.g. the
+                // queue moved away): then the flush fails and the subscription is reopened.
+                match consumer.flush().await {
                     Ok(failed) => {
                         let failed: BTreeSet<(u32, u64)> = failed
                             .iter()
