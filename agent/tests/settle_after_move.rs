@@ -72,6 +72,9 @@ struct Watched {
     open_at_end: usize,
 }
 
+/// One tag of a settle frame: the tag, its message's key and the attempt acked.
+type Acked = (DeliveryTag, String, u32);
+
 /// Subscribes at `channel` (no redirects followed: the consumer stays on its agent) and
 /// acks every delivery in small frames until the stream ends or `stop` is set; fails the
 /// test when a settle frame goes unanswered for [`ANSWER_BOUND`] while the stream is open.
@@ -100,9 +103,9 @@ async fn watched_consumer(
         .into_inner();
     let sub = ledger.next_subscription();
     let mut watched = Watched::default();
-    // Sequence -> (when sent, the (tag, key, attempt) it acks).
-    let mut open: BTreeMap<u64, (Instant, Vec<(DeliveryTag, String, u32)>)> = BTreeMap::new();
-    let mut batch: Vec<(DeliveryTag, String, u32)> = Vec::new();
+    // Sequence -> (when sent, what it acks).
+    let mut open: BTreeMap<u64, (Instant, Vec<Acked>)> = BTreeMap::new();
+    let mut batch: Vec<Acked> = Vec::new();
     loop {
         if let Some((sequence, (sent, _))) = open.first_key_value() {
             assert!(
