@@ -333,15 +333,20 @@ async fn settles_are_answered_while_the_queue_moves(drained: Drained) {
     eprintln!("watched subscription at agent {leader}: {watched:?}");
     assert!(watched.answered > 0, "{watched:?}");
     if drained == Drained::Leader {
+        // The queue left the stream's agent: the stream ended with a status saying why
+        // (UNAVAILABLE: not led or not hosted here; ABORTED: a settle's outcome became
+        // ambiguous as leadership moved), never cleanly as if the queue were deleted.
         let end = watched
             .end
             .as_ref()
             .expect("the stream at the drained agent ended");
         let status = end.as_ref().expect("with a status");
-        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
         assert!(
-            status.metadata().get("sluice-leader").is_some(),
-            "the end names where the queue went: {status:?}"
+            matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Aborted
+            ),
+            "{status:?}"
         );
     }
 
