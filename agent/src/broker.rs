@@ -123,6 +123,9 @@ const BALANCE_INTERVAL: Duration = Duration::from_secs(2);
 /// How often an agent moves the groups it leads towards the catalog's membership (decision
 /// 0011). Each round makes at most one change per group and waits for it to commit.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
+/// Longest a reconcile round waits for one membership step of a partition group (it goes on
+/// in the background past that).
+const MEMBERSHIP_STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a stopping agent waits for one Raft group to stop.
 const RAFT_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest a stopping agent spends handing its leaderships away.
@@ -678,7 +681,8 @@ impl Broker {
             let reverted = self.reversions.of(&link.group);
             if let Some(step) = reconcile::next_step(&view, &catalog, &wanted, &nothing, &reverted)
             {
-                self.carry_out(&link.group, &link.raft, step).await;
+                self.carry_out(&link.group, &link.raft, Some(link), step)
+                    .await;
             }
             // `target`, not the settled membership: the final configuration without this
             // agent may never reach it (its leader stops replicating to it). A replica still
@@ -732,7 +736,7 @@ impl Broker {
         let reverted = self.reversions.of(crate::cluster::META_GROUP);
         if let Some(step) = reconcile::next_step(&meta_view, &catalog, &everyone, &keep, &reverted)
         {
-            self.carry_out(crate::cluster::META_GROUP, cluster.meta.raft(), step)
+            self.carry_out(crate::cluster::META_GROUP, cluster.meta.raft(), None, step)
                 .await;
         }
         if !meta_view.is_leader || !moving {
@@ -769,13 +773,33 @@ impl Broker {
         }
     }
 
+    /// Carries out one membership step of `group`; a partition's (with its `link`) runs
+    /// between two of its proposer's entries, so waiting confirms survive it.
     async fn carry_out(
         &self,
         group: &str,
         raft: &openraft::Raft<crate::replication::TypeConfig>,
+        link: Option<&Arc<ReplicaLink>>,
         step: crate::cluster::reconcile::Step,
     ) {
-        match crate::cluster::reconcile::execute(group, raft, &step).await {
+        let outcome = match link {
+            Some(link) => {
+                let change = {
+                    let (group, raft, step) = (group.to_owned(), raft.clone(), step.clone());
+                    Box::pin(async move {
+                        crate::cluster::reconcile::execute(&group, &raft, &step)
+                            .await
+                            .map_err(|e| e.to_string())
+                    })
+                };
+                link.change_membership(step.max_entries(), change, MEMBERSHIP_STEP_TIMEOUT)
+                    .await
+            }
+            None => crate::cluster::reconcile::execute(group, raft, &step)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        match outcome {
             Ok(()) => {
                 if let crate::cluster::reconcile::Step::Demote { node } = step {
                     self.reversions.clear(group, node);
@@ -1401,7 +1425,12 @@ impl Broker {
         self.check_running()?;
         let settled = q.settle(&settle)?;
         for (partition, items) in settled.disposals {
-            self.dead_letter(q, &partition, items).await?;
+            // The settle stands whether or not its messages reached the dead-letter queue yet:
+            // a failed move put them back for the queue's timer to retry, and failing the
+            // settle would only make the consumer resend what is already recorded.
+            if let Err(e) = self.dead_letter(q, &partition, items).await {
+                tracing::warn!(queue = %q.spec().name, partition = partition.id(), error = %e, "dead-lettering failed; will retry");
+            }
         }
         for (partition, index) in settled.waits {
             partition.wait_durable(index).await?;

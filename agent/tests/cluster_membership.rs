@@ -316,6 +316,19 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
     )
     .await;
     eprintln!("after the drain: {:?}", view.partitions);
+    // Each membership change ran between two of its leader's entries, at indices the leader
+    // had reserved: no leader found an entry it did not expect (which would have aborted the
+    // confirms it was waiting for and rebuilt its state).
+    for node in &cluster.nodes {
+        let resyncs = node.log_lines("landed at an unexpected index");
+        assert!(
+            resyncs.is_empty(),
+            "agent {} resynchronised {} times: {:?}",
+            node.index,
+            resyncs.len(),
+            resyncs.first()
+        );
+    }
     // Draining again is idempotent.
     let again = membership(&cluster, 2)
         .drain_agent(DrainAgentRequest { node_id: 0 })

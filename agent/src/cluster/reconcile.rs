@@ -152,6 +152,17 @@ pub enum Step {
     },
 }
 
+impl Step {
+    /// Most log entries the step appends: openraft adds a learner in one entry and changes
+    /// voters in two (the joint configuration, then the new one).
+    pub fn max_entries(&self) -> u64 {
+        match self {
+            Step::AddLearner { .. } => 1,
+            Step::Demote { .. } | Step::Promote { .. } | Step::Remove { .. } => 2,
+        }
+    }
+}
+
 /// The next change the leader of a group makes, if any. `wanted` lists the agents that should
 /// hold the group's replicas: a queue's [`replica_set`](super::Catalog::replica_set) for a
 /// partition group, every JOINING and ACTIVE agent for the meta group. `keep` lists agents

@@ -25,7 +25,23 @@ pub struct Staged {
     pub epoch: u64,
     /// Its encoded commands, in position order.
     pub commands: Vec<Bytes>,
+    /// When its first command was staged (how long commands wait for the proposer).
+    pub opened: std::time::Instant,
     bytes: usize,
+}
+
+impl Staged {
+    /// An entry of no command at `index`: fills an index reserved for a membership change the
+    /// change did not use.
+    pub fn empty(index: u64, epoch: u64) -> Self {
+        Self {
+            index,
+            epoch,
+            commands: Vec::new(),
+            opened: std::time::Instant::now(),
+            bytes: 0,
+        }
+    }
 }
 
 /// Entries built by the leader, oldest first; the last one is open unless `sealed_last`.
@@ -55,6 +71,7 @@ impl Outbox {
                 index: next_entry,
                 epoch,
                 commands: Vec::new(),
+                opened: std::time::Instant::now(),
                 bytes: 0,
             });
             self.sealed_last = false;
@@ -72,6 +89,8 @@ impl Outbox {
     /// Takes the oldest entry; when it is the open one, it is sealed by this.
     pub fn take(&mut self) -> Option<Staged> {
         let staged = self.entries.pop_front()?;
+        crate::replication::timing::record("outbox_wait", staged.opened.elapsed());
+        crate::replication::timing::record_value("entry_commands", staged.commands.len() as u64);
         if self.entries.is_empty() {
             self.sealed_last = false;
         }

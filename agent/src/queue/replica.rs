@@ -11,7 +11,10 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 
 use super::partition::SharedState;
 
@@ -58,6 +61,8 @@ pub struct ReplicaLink {
     pub status: watch::Sender<ReplicaStatus>,
     /// Wakes the proposer task: the outbox has commands (a pending wake-up is kept once).
     pub wake: mpsc::Sender<()>,
+    /// Membership changes for the proposer to run between two entries.
+    barriers: mpsc::Sender<Barrier>,
     /// Client addresses of the agents, for redirects.
     pub addresses: Addresses,
 }
@@ -100,93 +105,264 @@ impl ReplicaLink {
         // Full means a wake-up is already pending; closed means the proposer is gone.
         let _ = self.wake.try_send(());
     }
+
+    /// Runs `change`, a membership change of this group appending at most `entries` log
+    /// entries, as its leader, between two of the proposer's entries: the leader's state has
+    /// the change's indices reserved, so confirms waiting meanwhile are not aborted by a resync
+    /// (publishes wait for the change instead). Gives up waiting after `timeout` (the change
+    /// itself still runs to its end).
+    pub async fn change_membership(
+        &self,
+        entries: u64,
+        change: MembershipChange,
+        timeout: std::time::Duration,
+    ) -> Result<(), String> {
+        let (done, outcome) = oneshot::channel();
+        let barrier = Barrier {
+            entries,
+            change,
+            done,
+        };
+        let stopped = || "the partition's proposer stopped".to_owned();
+        let wait = async {
+            self.barriers.send(barrier).await.map_err(|_| stopped())?;
+            outcome.await.map_err(|_| stopped())?
+        };
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| format!("no outcome within {timeout:?}"))?
+    }
 }
 
 /// Takes the leader's staged entries whole and submits them to openraft in order, at most
 /// [`ENTRIES_IN_FLIGHT`] at a time, and checks, in order, that each entry was committed at the
 /// index the leader applied it at. A failure (leadership lost, an unexpected entry in between)
-/// stops the epoch: the partition stops serving until the role task resyncs it.
-pub async fn run_proposer(
+/// stops the epoch: the partition stops serving until the role task resyncs it. Membership
+/// changes run between two entries ([`ReplicaLink::change_membership`]).
+async fn run_proposer(
     raft: Raft,
     state: SharedState,
     mut wake: mpsc::Receiver<()>,
+    mut barriers: mpsc::Receiver<Barrier>,
     status: watch::Sender<ReplicaStatus>,
 ) {
-    let (checks, mut pending) = mpsc::unbounded_channel();
+    let (checks, pending) = mpsc::unbounded_channel();
     // openraft 0.9 writes (and fsyncs) each entry before taking the next, and sends heartbeats
     // from the same loop: a deep queue in front of it delays heartbeats past the followers'
     // election timeout and costs the leadership. Commands wait in the outbox instead, where
     // they pack into the next entry.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(ENTRIES_IN_FLIGHT));
-    let checker = {
-        let status = status.clone();
-        tokio::spawn(async move {
-            while let Some((epoch, index, rx, _permit)) = pending.recv().await {
-                let result: Result<Result<crate::replication::types::WriteResponse, _>, _> =
-                    rx.await;
-                let landed = match result {
-                    Ok(Ok(response)) => {
-                        Some(crate::replication::codec::log_index(response.log_id.index))
-                    }
-                    Ok(Err(_)) | Err(_) => None,
-                };
-                status.send_if_modified(|s| {
-                    if s.epoch != epoch || !s.ready {
-                        return false;
-                    }
-                    if landed == Some(index) {
-                        s.confirmed = s.confirmed.max(index);
-                    } else {
-                        if let Some(at) = landed {
-                            tracing::error!(
-                                expected = index,
-                                landed = at,
-                                "a proposal landed at an unexpected index; resynchronising"
-                            );
-                        }
-                        s.ready = false;
-                    }
-                    true
-                });
-            }
-        })
+    let checker = tokio::spawn(check_landings(pending, status.clone()));
+    let proposer = Proposer {
+        raft,
+        state,
+        status,
+        in_flight,
+        checks,
     };
     'entries: loop {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        let Ok(permit) = proposer.in_flight.clone().acquire_owned().await else {
             break;
         };
-        let staged = loop {
-            let taken = super::partition::lock_state(&state).take_staged();
-            if let Some(staged) = taken {
-                break staged;
+        let next = loop {
+            if let Ok(barrier) = barriers.try_recv() {
+                break Next::Barrier(barrier);
             }
-            if wake.recv().await.is_none() {
-                break 'entries;
+            if let Some(staged) = super::partition::lock_state(&proposer.state).take_staged() {
+                break Next::Entry(staged);
+            }
+            tokio::select! {
+                barrier = barriers.recv() => match barrier {
+                    Some(barrier) => break Next::Barrier(barrier),
+                    // The link is gone, and with it the partition.
+                    None => break 'entries,
+                },
+                woken = wake.recv() => if woken.is_none() {
+                    break 'entries;
+                },
             }
         };
-        let current = *status.borrow();
+        let submitted = match next {
+            Next::Entry(staged) => proposer.submit(staged, permit).await,
+            Next::Barrier(barrier) => {
+                drop(permit);
+                proposer.run_barrier(barrier).await
+            }
+        };
+        if !submitted {
+            break;
+        }
+    }
+    drop(proposer);
+    let _ = checker.await;
+}
+
+/// What the proposer does next.
+enum Next {
+    Entry(super::outbox::Staged),
+    Barrier(Barrier),
+}
+
+/// A membership change waiting for its turn between two entries (see
+/// [`ReplicaLink::change_membership`]).
+struct Barrier {
+    /// Most entries the change appends; the leader reserves that many indices for it.
+    entries: u64,
+    /// The change, run on this group's Raft once every entry before it has landed.
+    change: MembershipChange,
+    /// Its outcome, for the caller.
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// A membership change of a partition's group, as [`ReplicaLink::change_membership`] runs it.
+pub type MembershipChange = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// Submits entries and runs membership changes between them; one per partition, owned by
+/// [`run_proposer`].
+struct Proposer {
+    raft: Raft,
+    state: SharedState,
+    status: watch::Sender<ReplicaStatus>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+    /// Submitted entries for [`check_landings`]: epoch, expected index, the landing, and the
+    /// in-flight permit it holds until checked.
+    checks: mpsc::UnboundedSender<Landing>,
+}
+
+/// One submitted entry the checker waits for.
+type Landing = (
+    u64,
+    u64,
+    <<crate::replication::TypeConfig as openraft::RaftTypeConfig>::Responder as openraft::raft::responder::Responder<crate::replication::TypeConfig>>::Receiver,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
+impl Proposer {
+    /// Hands `staged` to openraft (unless its epoch ended); false once Raft or the checker
+    /// is gone.
+    async fn submit(&self, staged: super::outbox::Staged, permit: OwnedSemaphorePermit) -> bool {
+        let current = *self.status.borrow();
         if staged.epoch != current.epoch || !current.ready {
             // Applied in an epoch that ended: the role task rebuilds that state.
-            continue;
+            return true;
         }
-        let index = staged.index;
-        match raft
+        match self
+            .raft
             .client_write_ff(super::entry::encode(staged.commands))
             .await
         {
-            Ok(rx) => {
-                if checks.send((staged.epoch, index, rx, permit)).is_err() {
-                    break;
-                }
-            }
+            Ok(rx) => self
+                .checks
+                .send((staged.epoch, staged.index, rx, permit))
+                .is_ok(),
             Err(_) => {
                 // Raft stopped: nothing more can be confirmed.
-                status.send_modify(|s| s.ready = false);
+                self.status.send_modify(|s| s.ready = false);
+                true
             }
         }
     }
-    drop(checks);
-    let _ = checker.await;
+
+    /// Runs a membership change so that the leader's state stays in step with the log: every
+    /// staged entry is submitted, the next `entries` indices are applied as empty (what a
+    /// membership entry is to the delivery state), the change runs once everything before it
+    /// has landed, and indices it did not use are filled with empty entries. Only a change
+    /// that appended more than it reserved costs a resync.
+    async fn run_barrier(&self, barrier: Barrier) -> bool {
+        let Barrier {
+            entries,
+            change,
+            done,
+        } = barrier;
+        let current = *self.status.borrow();
+        if !current.ready {
+            // Not serving: the role task rebuilds the state from the log before serving again.
+            let _ = done.send(change.await);
+            return true;
+        }
+        let (drained, reserved) = {
+            let mut st = super::partition::lock_state(&self.state);
+            let drained: Vec<_> = std::iter::from_fn(|| st.take_staged()).collect();
+            (drained, st.reserve_entries(entries))
+        };
+        for staged in drained {
+            let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                return false;
+            };
+            if !self.submit(staged, permit).await {
+                return false;
+            }
+        }
+        // Every permit back: every entry before the reserved ones has landed and was checked.
+        let Ok(all) = self.in_flight.acquire_many(ENTRIES_IN_FLIGHT as u32).await else {
+            return false;
+        };
+        let result = change.await;
+        let last_membership = self
+            .raft
+            .with_raft_state(|st| st.membership_state.effective().log_id().map(|l| l.index))
+            .await
+            .ok()
+            .flatten()
+            .map(crate::replication::codec::log_index);
+        drop(all);
+        let used_until = last_membership
+            .filter(|i| i >= reserved.start())
+            .unwrap_or(reserved.start() - 1);
+        if used_until > *reserved.end() {
+            tracing::error!(
+                reserved = ?reserved,
+                landed = used_until,
+                "a membership change used more entries than reserved; resynchronising"
+            );
+            self.status.send_modify(|s| s.ready = false);
+        } else {
+            for index in used_until + 1..=*reserved.end() {
+                let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                    return false;
+                };
+                let empty = super::outbox::Staged::empty(index, current.epoch);
+                if !self.submit(empty, permit).await {
+                    return false;
+                }
+            }
+        }
+        let _ = done.send(result);
+        true
+    }
+}
+
+/// Checks, in submission order, that each entry landed where the leader applied it; anything
+/// else ends the epoch.
+async fn check_landings(
+    mut pending: mpsc::UnboundedReceiver<Landing>,
+    status: watch::Sender<ReplicaStatus>,
+) {
+    while let Some((epoch, index, rx, _permit)) = pending.recv().await {
+        let result: Result<Result<crate::replication::types::WriteResponse, _>, _> = rx.await;
+        let landed = match result {
+            Ok(Ok(response)) => Some(crate::replication::codec::log_index(response.log_id.index)),
+            Ok(Err(_)) | Err(_) => None,
+        };
+        status.send_if_modified(|s| {
+            if s.epoch != epoch || !s.ready {
+                return false;
+            }
+            if landed == Some(index) {
+                s.confirmed = s.confirmed.max(index);
+            } else {
+                if let Some(at) = landed {
+                    tracing::error!(
+                        expected = index,
+                        landed = at,
+                        "a proposal landed at an unexpected index; resynchronising"
+                    );
+                }
+                s.ready = false;
+            }
+            true
+        });
+    }
 }
 
 /// Follows the group's leadership: when this replica becomes leader it waits until its whole
@@ -377,6 +553,7 @@ pub async fn open(
         }
     }
     let (wake, woken) = mpsc::channel(1);
+    let (barriers, barriers_rx) = mpsc::channel(1);
     let link = Arc::new(ReplicaLink {
         node_id: setup.node_id,
         group: setup.group,
@@ -384,6 +561,7 @@ pub async fn open(
         machine,
         status: status.clone(),
         wake,
+        barriers,
         addresses: setup.addresses,
     });
     let partition = Arc::new(super::partition::Partition::replicated(
@@ -395,7 +573,7 @@ pub async fn open(
         clock,
         link.clone(),
     ));
-    tokio::spawn(run_proposer(raft, state, woken, status));
+    tokio::spawn(run_proposer(raft, state, woken, barriers_rx, status));
     tokio::spawn(run_role(Arc::downgrade(&partition), link));
     Ok(partition)
 }

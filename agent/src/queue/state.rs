@@ -290,6 +290,22 @@ impl PartitionState {
         Some(staged)
     }
 
+    /// Applies the next `n` entries as empty, as the leader, for a membership change that
+    /// will append at most `n` entries (a membership entry is empty to the delivery state, and
+    /// the proposer fills indices the change leaves unused with empty entries). Everything
+    /// staged must have been taken first. Returns the reserved indices.
+    pub fn reserve_entries(&mut self, n: u64) -> std::ops::RangeInclusive<u64> {
+        debug_assert!(
+            self.outbox.is_empty(),
+            "staged entries precede a reservation"
+        );
+        let first = self.next_entry;
+        for index in first..first + n {
+            self.apply_commands(index, &[]);
+        }
+        first..=first + n - 1
+    }
+
     /// Entry `index` holds all its commands.
     fn complete(&mut self, index: u64) {
         if index >= self.next_entry {

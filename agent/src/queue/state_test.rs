@@ -540,3 +540,40 @@ fn a_replayed_log_of_packed_and_single_entries_rebuilds_the_low_water_mark() {
     assert_eq!(replayed.purge_point(), 3);
     assert_eq!(replayed.counters(T0).unsettled, 2);
 }
+
+#[test]
+fn indices_reserved_for_a_membership_change_are_empty_entries_to_leader_and_follower_alike() {
+    let mut leader = PartitionState::new(config(), 1);
+    let (first, e1) = stage_entry(&mut leader, &[publish_of("a")]);
+    // The reservation comes after every staged entry; the next command opens the entry after it.
+    let reserved = leader.reserve_entries(2);
+    assert_eq!(reserved, 2..=3);
+    let after = leader.stage(1, &publish_of("b"), encoded(&publish_of("b")));
+    assert_eq!(after, crate::queue::entry::offset(4, 0));
+    let e4 = Entry {
+        index: 4,
+        term: 1,
+        data: crate::queue::entry::encode(leader.take_staged().expect("entry 4").commands),
+    };
+    // A follower applies entry 2 as the change's membership entry and entry 3 as the empty
+    // entry the proposer filled an unused index with: the same state as the leader's.
+    let mut follower = PartitionState::new(config(), 1);
+    follower.apply_entry(&e1).expect("valid");
+    follower.apply_commands(2, &[]);
+    let filler = Entry {
+        index: 3,
+        term: 1,
+        data: crate::queue::entry::encode(Vec::new()),
+    };
+    follower
+        .apply_entry(&filler)
+        .expect("an empty entry decodes");
+    follower.apply_entry(&e4).expect("valid");
+    assert_eq!(follower.counters(T0), leader.counters(T0));
+    assert_eq!(
+        (follower.next_entry(), follower.low_water()),
+        (leader.next_entry(), leader.low_water())
+    );
+    assert_eq!(leader.low_water(), first[0]);
+    assert_eq!(leader.next_entry(), 5);
+}
