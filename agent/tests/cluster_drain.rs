@@ -1,0 +1,245 @@
+//! Draining the agent that leads the meta group (issue 3, membership; decisions 0011, 0014):
+//! real `sluice-agent` processes on loopback, four agents, `--replication-factor 3`. The
+//! agent drained is the meta leader (found first; a campaign-based transfer is not exact with
+//! four voters), so the life-cycle moves it makes itself (its own removal from the meta group)
+//! and the ones its successor must make (DRAINING → DRAINED) are both exercised. One queue is
+//! placed on it (it is the queue's preferred leader, so it leads those partitions too), one
+//! is placed on the three other agents only (the drained agent hosts none of its partitions).
+//!
+//! Run: `cargo test -p sluice-agent --test cluster_drain -- --nocapture`.
+//! `SLUICE_FAULT_TEST_LOGS=1` prints every agent's stderr at the end.
+
+#[path = "support/cluster.rs"]
+mod cluster;
+#[path = "support/netns.rs"]
+mod netns;
+
+use std::time::Duration;
+
+use cluster::{Cluster, Net};
+use sluice_agent::cluster::placement;
+use sluice_proto::peer::v1::cluster_client::ClusterClient;
+use sluice_proto::peer::v1::meta_command::Command;
+use sluice_proto::peer::v1::propose_meta_response::Result as Outcome;
+use sluice_proto::peer::v1::{DeleteQueue, MetaCommand, NotLeader, ProposeMetaRequest};
+use sluice_proto::v1::admin_client::AdminClient;
+use sluice_proto::v1::membership_client::MembershipClient;
+use sluice_proto::v1::{
+    AgentState, DeclareQueueRequest, DrainAgentRequest, GetClusterRequest, GetClusterResponse,
+    QueueSpec, RemoveAgentRequest,
+};
+use tokio::time::Instant;
+
+/// Agents in the test cluster: one more than the replication factor, so a drain is allowed.
+const AGENTS: usize = 4;
+/// Replicas of each queue.
+const RF: u32 = 3;
+/// Partitions of each queue.
+const PARTITIONS: u32 = 2;
+/// How long an election or the groups' forming may take.
+const FORM: Duration = Duration::from_secs(60);
+/// How long the drain may take: it measured ~3 s on two cores (decision 0011); the reported
+/// failure never got there in 90 s.
+const DRAIN: Duration = Duration::from_secs(30);
+
+/// A queue placed on `agent` among all four agents, as its preferred leader.
+fn queue_led_by(agent: u64) -> String {
+    let all: Vec<u64> = (0..AGENTS as u64).collect();
+    (0..10_000)
+        .map(|n| format!("hosted-{n}"))
+        .find(|name| placement(name, 0, RF, &all)[0] == agent)
+        .expect("some name prefers the agent")
+}
+
+/// A queue not placed on `agent` among all four agents.
+fn queue_not_on(agent: u64) -> String {
+    let all: Vec<u64> = (0..AGENTS as u64).collect();
+    (0..10_000)
+        .map(|n| format!("elsewhere-{n}"))
+        .find(|name| !placement(name, 0, RF, &all).contains(&agent))
+        .expect("some name avoids the agent")
+}
+
+fn membership(cluster: &Cluster, i: usize) -> MembershipClient<tonic::transport::Channel> {
+    MembershipClient::new(cluster.channel(i))
+}
+
+async fn get_cluster(cluster: &Cluster, i: usize) -> Result<GetClusterResponse, tonic::Status> {
+    let mut request = tonic::Request::new(GetClusterRequest {});
+    request.set_timeout(Duration::from_secs(5));
+    membership(cluster, i)
+        .get_cluster(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn state_of(view: &GetClusterResponse, node: u64) -> Option<AgentState> {
+    view.agents
+        .iter()
+        .find(|a| a.node_id == node)
+        .map(|a| a.state())
+}
+
+/// Polls agent `i`'s `GetCluster` until `done` holds; fails the test with the last view.
+async fn wait_view(
+    cluster: &Cluster,
+    i: usize,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&GetClusterResponse) -> bool,
+) -> GetClusterResponse {
+    let started = Instant::now();
+    loop {
+        let view = get_cluster(cluster, i).await;
+        if let Ok(view) = &view
+            && done(view)
+        {
+            eprintln!("{what} after {:?}", started.elapsed());
+            return view.clone();
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "{what}: not within {timeout:?}; last view from agent {i}: {view:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Declares `queue` through agent 0, retrying while the first meta leader is elected.
+async fn declare(cluster: &Cluster, queue: &str) {
+    let deadline = Instant::now() + FORM;
+    loop {
+        let request = DeclareQueueRequest {
+            queue: Some(QueueSpec {
+                name: queue.into(),
+                partitions: PARTITIONS,
+                ..Default::default()
+            }),
+        };
+        match AdminClient::new(cluster.channel(0))
+            .declare_queue(request)
+            .await
+        {
+            Ok(_) => return,
+            Err(status) => assert!(
+                Instant::now() < deadline,
+                "declare {queue} failed until the deadline: {status}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The agent leading the meta group, asked without disturbing it: a `ProposeMeta` that
+/// changes nothing (deleting a queue that does not exist) is answered `not_leader` naming the
+/// leader by every other agent, and `unknown_queue` by the leader.
+async fn meta_leader(cluster: &Cluster) -> usize {
+    let deadline = Instant::now() + FORM;
+    loop {
+        let mut peer = ClusterClient::new(cluster::channel_to(&cluster.nodes[0].peer_endpoint()));
+        let probe = ProposeMetaRequest {
+            command: Some(MetaCommand {
+                command: Some(Command::DeleteQueue(DeleteQueue {
+                    name: "no-such-queue".into(),
+                })),
+            }),
+        };
+        match peer
+            .propose_meta(probe)
+            .await
+            .map(|r| r.into_inner().result)
+        {
+            Ok(Some(Outcome::UnknownQueue(_))) => return 0,
+            Ok(Some(Outcome::NotLeader(NotLeader {
+                leader_id: Some(leader),
+            }))) => return usize::try_from(leader).expect("a node id is an ordinal"),
+            answer => eprintln!("meta leader not known yet: {answer:?}"),
+        }
+        assert!(Instant::now() < deadline, "no meta leader within {FORM:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_meta_leader_reaches_drained_and_is_removed_within_the_bound() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let rf = RF.to_string();
+    let cluster = Cluster::start_with(
+        root.path(),
+        Net::Loopback,
+        AGENTS,
+        &["--replication-factor", &rf],
+    )
+    .expect("cluster starts");
+    let leader = meta_leader(&cluster).await;
+    let drained = leader as u64;
+    let observer = (leader + 1) % AGENTS;
+    let hosted = queue_led_by(drained);
+    let elsewhere = queue_not_on(drained);
+    declare(&cluster, &hosted).await;
+    declare(&cluster, &elsewhere).await;
+    // Every partition of both queues has its three voters and a leader, and the hosted queue
+    // is led by the agent to drain (its preferred leader).
+    wait_view(
+        &cluster,
+        observer,
+        "both queues formed, the hosted one led by the agent to drain",
+        FORM,
+        |v| {
+            v.partitions.len() == 2 * PARTITIONS as usize
+                && v.agents.iter().all(|a| a.state() == AgentState::Active)
+                && v.partitions.iter().all(|p| {
+                    p.voters.len() == RF as usize
+                        && p.leader.is_some()
+                        && (p.queue != hosted || p.leader == Some(drained))
+                })
+        },
+    )
+    .await;
+    assert_eq!(
+        meta_leader(&cluster).await,
+        leader,
+        "the meta leadership moved while the queues formed"
+    );
+    eprintln!("agent {leader} leads the meta group and {hosted}; {elsewhere} is not on it");
+
+    membership(&cluster, observer)
+        .drain_agent(DrainAgentRequest { node_id: drained })
+        .await
+        .expect("DrainAgent");
+    let view = wait_view(
+        &cluster,
+        observer,
+        "the meta leader is DRAINED and holds no replica",
+        DRAIN,
+        |v| {
+            state_of(v, drained) == Some(AgentState::Drained)
+                && v.partitions.len() == 2 * PARTITIONS as usize
+                && v.partitions.iter().all(|p| {
+                    !p.voters.contains(&drained)
+                        && !p.learners.contains(&drained)
+                        && p.leader.is_some_and(|l| l != drained)
+                })
+        },
+    )
+    .await;
+    eprintln!("after the drain: {:?}", view.partitions);
+
+    membership(&cluster, observer)
+        .remove_agent(RemoveAgentRequest { node_id: drained })
+        .await
+        .expect("RemoveAgent of the DRAINED agent");
+    let view = wait_view(
+        &cluster,
+        observer,
+        "the drained agent is forgotten",
+        FORM,
+        |v| state_of(v, drained).is_none(),
+    )
+    .await;
+    assert_eq!(view.agents.len(), AGENTS - 1);
+    // The queues kept their replication factor on the remaining agents.
+    for p in &view.partitions {
+        assert_eq!(p.voters.len(), RF as usize, "{p:?}");
+    }
+}
