@@ -709,24 +709,36 @@ impl Broker {
             .agents
             .values()
             .any(|a| matches!(a.state, AgentState::Joining | AgentState::Draining));
-        let mut groups: Vec<(GroupView, BTreeSet<u64>)> = views
+        let own = views
             .iter()
-            .map(|(_, _, view, wanted)| (view.clone(), wanted.clone()))
+            .map(|(_, group, view, _)| (group.clone(), view.clone()));
+        let remote = if meta_view.is_leader && moving {
+            crate::grpc::membership::remote_views(cluster, &catalog)
+                .await
+                .into_iter()
+                .map(|(queue, partition, view)| (format!("{queue}/{partition}"), view))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // Each group as its leader sees it (a follower's or a not-yet-added replica's view lags).
+        let leaders = reconcile::leaders_views(own, remote);
+        let mut groups: Vec<(GroupView, BTreeSet<u64>)> = leaders
+            .iter()
+            .map(|(group, view)| {
+                let queue = group.rsplit_once('/').map_or(group.as_str(), |(q, _)| q);
+                let wanted = catalog.replica_set(queue, rf).into_iter().collect();
+                (view.clone(), wanted)
+            })
             .collect();
-        let mut seen: BTreeSet<String> = views.iter().map(|(_, g, _, _)| g.clone()).collect();
-        if meta_view.is_leader && moving {
-            for (queue, partition, view) in
-                crate::grpc::membership::remote_views(cluster, &catalog).await
-            {
-                if seen.insert(format!("{queue}/{partition}")) {
-                    let wanted = catalog.replica_set(&queue, rf).into_iter().collect();
-                    groups.push((view, wanted));
-                }
-            }
-        }
         // The meta group keeps a draining agent while it leads a partition, so it learns the
         // catalog (that it is draining) until it has removed itself from its groups.
-        let keep = groups.iter().filter_map(|(v, _)| v.leader).collect();
+        let keep = groups
+            .iter()
+            .map(|(v, _)| v.leader)
+            .chain(views.iter().map(|(_, _, v, _)| v.leader))
+            .flatten()
+            .collect();
         let everyone: BTreeSet<u64> = catalog
             .agents
             .iter()
@@ -742,11 +754,12 @@ impl Broker {
         if !meta_view.is_leader || !moving {
             return;
         }
-        // Only a complete view decides: every partition of every declared queue.
+        // Only a complete view decides: every partition of every declared queue, each as its
+        // leader sees it.
         let complete = catalog
             .queues
             .values()
-            .all(|q| (0..q.partitions).all(|p| seen.contains(&format!("{}/{p}", q.name))));
+            .all(|q| (0..q.partitions).all(|p| leaders.contains_key(&format!("{}/{p}", q.name))));
         if !complete {
             return;
         }

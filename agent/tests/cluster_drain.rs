@@ -11,10 +11,18 @@
 
 #[path = "support/cluster.rs"]
 mod cluster;
+#[path = "support/ledger.rs"]
+mod ledger;
 #[path = "support/netns.rs"]
 mod netns;
+#[path = "support/workload.rs"]
+mod workload;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use ledger::Ledger;
 
 use cluster::{Cluster, Net};
 use sluice_agent::cluster::placement;
@@ -36,19 +44,36 @@ const AGENTS: usize = 4;
 const RF: u32 = 3;
 /// Partitions of each queue.
 const PARTITIONS: u32 = 2;
+/// Messages per publish batch.
+const BATCH: usize = 10;
 /// How long an election or the groups' forming may take.
 const FORM: Duration = Duration::from_secs(60);
 /// How long the drain may take: it measured ~3 s on two cores (decision 0011); the reported
 /// failure never got there in 90 s.
 const DRAIN: Duration = Duration::from_secs(30);
 
-/// A queue placed on `agent` among all four agents, as its preferred leader.
-fn queue_led_by(agent: u64) -> String {
+/// What the drained meta leader is to the queue placed on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    /// Its preferred leader: it leads the queue's partitions when drained.
+    Leads,
+    /// A follower: another agent leads the partitions and removes it.
+    Follows,
+}
+
+/// A queue placed on `agent` among all four agents, as its preferred leader or not.
+fn queue_on(agent: u64, part: Part) -> String {
     let all: Vec<u64> = (0..AGENTS as u64).collect();
     (0..10_000)
         .map(|n| format!("hosted-{n}"))
-        .find(|name| placement(name, 0, RF, &all)[0] == agent)
-        .expect("some name prefers the agent")
+        .find(|name| {
+            let set = placement(name, 0, RF, &all);
+            match part {
+                Part::Leads => set[0] == agent,
+                Part::Follows => set[0] != agent && set.contains(&agent),
+            }
+        })
+        .expect("some name is placed so")
 }
 
 /// A queue not placed on `agent` among all four agents.
@@ -161,7 +186,23 @@ async fn meta_leader(cluster: &Cluster) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drained_meta_leader_reaches_drained_and_is_removed_within_the_bound() {
+async fn a_drained_meta_leader_that_leads_a_queue_reaches_drained_and_is_removed_in_bound() {
+    drain_the_meta_leader(Part::Leads).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_meta_leader_that_follows_a_queue_reaches_drained_and_is_removed_in_bound() {
+    drain_the_meta_leader(Part::Follows).await;
+}
+
+/// One cluster at a time: two clusters of four agents at once on a 2-core machine would turn
+/// election timeouts into test failures.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Drains the meta leader of four agents under publish load on both queues and requires it
+/// DRAINED within [`DRAIN`], then removes it.
+async fn drain_the_meta_leader(part: Part) {
+    let _serial = SERIAL.lock().await;
     let root = tempfile::tempdir().expect("temp dir");
     let rf = RF.to_string();
     let cluster = Cluster::start_with(
@@ -174,7 +215,7 @@ async fn a_drained_meta_leader_reaches_drained_and_is_removed_within_the_bound()
     let leader = meta_leader(&cluster).await;
     let drained = leader as u64;
     let observer = (leader + 1) % AGENTS;
-    let hosted = queue_led_by(drained);
+    let hosted = queue_on(drained, part);
     let elsewhere = queue_not_on(drained);
     declare(&cluster, &hosted).await;
     declare(&cluster, &elsewhere).await;
@@ -183,7 +224,7 @@ async fn a_drained_meta_leader_reaches_drained_and_is_removed_within_the_bound()
     wait_view(
         &cluster,
         observer,
-        "both queues formed, the hosted one led by the agent to drain",
+        "both queues formed, the hosted one led as wanted",
         FORM,
         |v| {
             v.partitions.len() == 2 * PARTITIONS as usize
@@ -191,7 +232,8 @@ async fn a_drained_meta_leader_reaches_drained_and_is_removed_within_the_bound()
                 && v.partitions.iter().all(|p| {
                     p.voters.len() == RF as usize
                         && p.leader.is_some()
-                        && (p.queue != hosted || p.leader == Some(drained))
+                        && (p.queue != hosted
+                            || (p.leader == Some(drained)) == (part == Part::Leads))
                 })
         },
     )
@@ -201,7 +243,33 @@ async fn a_drained_meta_leader_reaches_drained_and_is_removed_within_the_bound()
         leader,
         "the meta leadership moved while the queues formed"
     );
-    eprintln!("agent {leader} leads the meta group and {hosted}; {elsewhere} is not on it");
+    eprintln!("agent {leader} leads the meta group, {part:?} {hosted}; {elsewhere} is not on it");
+    // Publishers on both queues through the agents that stay, so the groups' logs move
+    // while their memberships change.
+    let ledger = Arc::new(Ledger::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let entry: Vec<String> = (0..AGENTS)
+        .filter(|i| *i != leader)
+        .map(|i| format!("http://{}", cluster.nodes[i].client))
+        .collect();
+    let publishers: Vec<_> = [&hosted, &elsewhere]
+        .into_iter()
+        .map(|queue| {
+            tokio::spawn(workload::publish(
+                entry.clone(),
+                queue.clone(),
+                format!("{queue}-k"),
+                BATCH,
+                ledger.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    cluster::wait_until("confirms before the drain", FORM, || async {
+        (ledger.confirmed() >= 100).then_some(())
+    })
+    .await
+    .expect("the cluster confirms publishes");
 
     membership(&cluster, observer)
         .drain_agent(DrainAgentRequest { node_id: drained })
@@ -238,8 +306,31 @@ async fn a_drained_meta_leader_reaches_drained_and_is_removed_within_the_bound()
     )
     .await;
     assert_eq!(view.agents.len(), AGENTS - 1);
-    // The queues kept their replication factor on the remaining agents.
-    for p in &view.partitions {
-        assert_eq!(p.voters.len(), RF as usize, "{p:?}");
+    // The queues get back to their replication factor on the remaining agents (a queue the
+    // drained agent followed adds its new replica only after the drained one left) and go on
+    // confirming.
+    wait_view(
+        &cluster,
+        observer,
+        "every partition has its three voters again",
+        FORM,
+        |v| {
+            v.partitions.iter().all(|p| {
+                p.voters.len() == RF as usize
+                    && p.learners.is_empty()
+                    && !p.voters.contains(&drained)
+            })
+        },
+    )
+    .await;
+    let before = ledger.confirmed();
+    cluster::wait_until("confirms after the removal", FORM, || async {
+        (ledger.confirmed() > before + 2 * BATCH).then_some(())
+    })
+    .await
+    .expect("the cluster confirms publishes without the drained agent");
+    stop.store(true, Ordering::Release);
+    for p in publishers {
+        eprintln!("publisher: {:?}", p.await.expect("publisher task"));
     }
 }

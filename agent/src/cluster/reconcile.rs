@@ -287,6 +287,28 @@ pub fn agent_moves(
     moves
 }
 
+/// The view of each group (`<queue>/<partition>`) the meta leader decides life-cycle moves on:
+/// the group leader's. `own` are this agent's replicas' views, `remote` those other agents
+/// reported (decision 0014). Only a leader's view is current: a follower's membership lags,
+/// and a replica that is not a member yet (an agent newly placed on the queue, waiting to be
+/// added as a learner) sees an empty group, which would count a draining agent out of it
+/// before its leader has removed it. So a remote leader's view replaces this agent's own
+/// follower view, and a group no leader's view was had for is left out: the caller then holds
+/// an incomplete picture and decides nothing this round.
+pub fn leaders_views(
+    own: impl IntoIterator<Item = (String, GroupView)>,
+    remote: impl IntoIterator<Item = (String, GroupView)>,
+) -> BTreeMap<String, GroupView> {
+    let mut out: BTreeMap<String, GroupView> = own.into_iter().collect();
+    for (group, view) in remote {
+        if !out.get(&group).is_some_and(|v| v.is_leader) && view.is_leader {
+            out.insert(group, view);
+        }
+    }
+    out.retain(|_, v| v.is_leader);
+    out
+}
+
 /// Why a step could not be carried out (logged; the next round tries again).
 #[derive(Debug, thiserror::Error)]
 #[error("{step:?} in group {group:?}: {reason}")]
@@ -624,5 +646,36 @@ mod tests {
             agent_moves(&c, &[(done, w), (elsewhere, BTreeSet::from([0, 1]))]),
             vec![(2, Draining, Drained), (3, Joining, Active)]
         );
+    }
+
+    #[test]
+    fn life_cycle_moves_are_decided_on_each_groups_leaders_view_only() {
+        let g = |name: &str| name.to_owned();
+        // This agent (3) was just placed on q/0 and waits to be added: its own replica sees an
+        // empty group. The leader (1) still counts the draining agent 0.
+        let unadded = GroupView {
+            me: 3,
+            ..GroupView::default()
+        };
+        let mut leader = leader_view(&[1, 0, 2], &[]);
+        leader.me = 1;
+        leader.leader = Some(1);
+        let merged = leaders_views([(g("q/0"), unadded.clone())], [(g("q/0"), leader.clone())]);
+        assert_eq!(merged.get("q/0"), Some(&leader), "the leader's view wins");
+        let c = catalog(&[(0, Draining), (1, Active), (2, Active), (3, Active)]);
+        let groups: Vec<_> = merged.into_values().map(|v| (v, all(&c))).collect();
+        assert_eq!(agent_moves(&c, &groups), vec![], "agent 0 still counts");
+
+        // No leader's view of a group: it is left out (the picture is incomplete).
+        let merged = leaders_views([(g("q/0"), unadded)], []);
+        assert!(merged.is_empty(), "{merged:?}");
+
+        // This agent's own leader view (with its real commit state) beats a remote claim.
+        let mut own = leader_view(&[3, 1, 2], &[]);
+        own.me = 3;
+        own.leader = Some(3);
+        own.settled = false;
+        let merged = leaders_views([(g("q/0"), own.clone())], [(g("q/0"), leader)]);
+        assert_eq!(merged.get("q/0"), Some(&own));
     }
 }
