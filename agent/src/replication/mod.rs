@@ -16,6 +16,7 @@
 //! - [`state_machine`]: applies committed entries to a partition's delivery state; snapshots.
 //! - [`network`]: the client side of the peer transport (tonic).
 //! - [`service`]: the server side, `sluice.peer.v1.Raft`, routing requests to groups.
+//! - [`timing`]: stage durations of the replicated write path, at debug level.
 
 pub mod codec;
 pub mod config;
@@ -24,6 +25,7 @@ pub mod meta;
 pub mod network;
 pub mod service;
 pub mod state_machine;
+pub mod timing;
 pub mod types;
 
 pub use config::raft_config;

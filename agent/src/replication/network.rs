@@ -124,6 +124,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             leader_commit: codec::opt_log_id_to_pb(&rpc.leader_commit),
         };
         let request = self.request(message, &option);
+        let sent = std::time::Instant::now();
+        super::timing::record_value("ae_entries", rpc.entries.len() as u64);
         let response = self
             .client()
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?
@@ -131,6 +133,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             .await
             .map_err(|s| self.status(s))?
             .into_inner();
+        super::timing::record("ae_round_trip", sent.elapsed());
         use pb::append_entries_response::Result as R;
         match response.result {
             Some(R::Success(_)) => Ok(AppendEntriesResponse::Success),

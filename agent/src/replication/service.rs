@@ -162,6 +162,7 @@ impl PeerService {
         req: pb::AppendEntriesRequest,
     ) -> Result<pb::AppendEntriesResponse, ServiceError> {
         let raft = self.groups.get(&req.group)?;
+        let received = std::time::Instant::now();
         let vote = codec::required_vote(&req.vote, "AppendEntriesRequest")?;
         let entries = req
             .entries
@@ -178,6 +179,7 @@ impl PeerService {
             .append_entries(rpc)
             .await
             .map_err(|e| ServiceError::Raft(e.to_string()))?;
+        super::timing::record("ae_follower", received.elapsed());
         use pb::append_entries_response::Result as R;
         let result = match response {
             AppendEntriesResponse::Success => R::Success(pb::Empty {}),
