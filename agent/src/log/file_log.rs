@@ -23,7 +23,10 @@ use super::file_cache::FileCache;
 use super::flusher::{self, Writer};
 use super::recovery::{self, io};
 use super::segment::{self, Budget, Segment, Span};
-use super::{Durability, Entry, LogError, LogStore, Recovery, check_entry_sizes, record};
+use super::{
+    Durability, DurableCallback, Entry, LOG_CLOSED, LogError, LogStore, Recovery,
+    check_entry_sizes, durable_outcome, record,
+};
 
 /// A partition log in a directory of segment files. See the module docs of `log`.
 ///
@@ -52,6 +55,18 @@ pub struct Shared {
     reshape: RwLock<()>,
     /// Published durable position.
     pub durability: watch::Sender<Durability>,
+    /// Callbacks waiting for durability ([`LogStore::on_durable`]): entries below the index.
+    waiters: Mutex<Waiters>,
+}
+
+/// Durable callbacks with the index each waits below (callbacks have no `Debug`).
+#[derive(Default)]
+struct Waiters(Vec<(u64, DurableCallback)>);
+
+impl std::fmt::Debug for Waiters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} durable callbacks", self.0.len())
+    }
 }
 
 /// The log's positions. Invariant: `pending` holds exactly the entries
@@ -135,6 +150,44 @@ impl Shared {
         self.durability.send_modify(|d| {
             d.failure.get_or_insert(reason);
         });
+        self.wake_waiters();
+    }
+
+    /// Publishes a durable position (`change` returns whether it changed anything) and runs
+    /// the callbacks it satisfies.
+    pub fn publish_durable(&self, change: impl FnOnce(&mut Durability) -> bool) {
+        if self.durability.send_if_modified(change) {
+            self.wake_waiters();
+        }
+    }
+
+    /// Runs, outside every lock, the waiting callbacks the published durability decides.
+    /// Registration checks the published value under the same lock, so a callback is either
+    /// decided at registration or found here.
+    fn wake_waiters(&self) {
+        let durability = self.durability.borrow().clone();
+        let decided: Vec<_> = {
+            let mut guard = self.lock_waiters();
+            let waiters = &mut guard.0;
+            let mut decided = Vec::new();
+            let mut i = 0;
+            while i < waiters.len() {
+                match durable_outcome(&durability, waiters[i].0) {
+                    Some(outcome) => decided.push((waiters.swap_remove(i).1, outcome)),
+                    None => i += 1,
+                }
+            }
+            decided
+        };
+        for (done, outcome) in decided {
+            done(outcome);
+        }
+    }
+
+    fn lock_waiters(&self) -> MutexGuard<'_, Waiters> {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn lower_durable(&self, next: u64) {
@@ -176,6 +229,7 @@ impl FileLog {
             writer: Mutex::new(Writer::new(recovered.active)),
             reshape: RwLock::new(()),
             durability,
+            waiters: Mutex::new(Waiters::default()),
         });
         let flusher = {
             let shared = Arc::clone(&shared);
@@ -287,6 +341,11 @@ impl Drop for FileLog {
         {
             tracing::error!(dir = %self.dir().display(), "log flusher thread panicked");
         }
+        // The flusher wrote everything it could: whoever still waits never gets durability.
+        let left = std::mem::take(&mut self.shared.lock_waiters().0);
+        for (_, done) in left {
+            done(Err(Arc::from(LOG_CLOSED)));
+        }
     }
 }
 
@@ -319,6 +378,17 @@ impl LogStore for FileLog {
 
     fn durability(&self) -> watch::Receiver<Durability> {
         self.shared.durability.subscribe()
+    }
+
+    fn on_durable(&self, next: u64, done: DurableCallback) {
+        let mut waiters = self.shared.lock_waiters();
+        match durable_outcome(&self.shared.durability.borrow(), next) {
+            Some(outcome) => {
+                drop(waiters);
+                done(outcome);
+            }
+            None => waiters.0.push((next, done)),
+        }
     }
 
     fn read(&self, index: u64) -> Result<Option<Entry>, LogError> {
@@ -471,7 +541,7 @@ impl LogStore for FileLog {
             state.unsynced_since = None;
             doomed
         };
-        self.shared.durability.send_if_modified(|d| {
+        self.shared.publish_durable(|d| {
             let changed = d.durable_next != first_index;
             d.durable_next = first_index;
             changed

@@ -374,6 +374,40 @@ fn a_failed_write_fails_the_log_and_refuses_further_appends() {
 }
 
 #[test]
+fn a_failed_write_calls_waiting_durable_callbacks_with_the_failure() {
+    // As above: the active segment is /dev/full, so the flusher's write fails.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink("/dev/full", dir.path().join(segment_file_name(1))).expect("link");
+    let (log, _) = FileLog::open(dir.path(), LogConfig::default()).expect("open");
+    let (tx, rx) = std::sync::mpsc::channel();
+
+    log.append(1, &[data(1)]).expect("append is only buffered");
+    log.on_durable(2, Box::new(move |outcome| drop(tx.send(outcome))));
+
+    let outcome = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("called back within 10 s");
+    let reason = outcome.expect_err("never durable");
+    assert!(reason.contains("write"), "{reason}");
+    assert_eq!(log.durability().borrow().durable_next, 1);
+}
+
+#[test]
+fn dropping_the_log_calls_callbacks_it_can_no_longer_satisfy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (log, _) = FileLog::open(dir.path(), LogConfig::default()).expect("open");
+    let (tx, rx) = std::sync::mpsc::channel();
+
+    // Waits for an entry nobody appends: only the drop can answer it.
+    log.on_durable(5, Box::new(move |outcome| drop(tx.send(outcome))));
+    assert!(rx.try_recv().is_err(), "not decided while the log is open");
+    drop(log);
+
+    let outcome = rx.try_recv().expect("called back by the drop");
+    assert_eq!(outcome, Err(Arc::from(crate::log::LOG_CLOSED)));
+}
+
+#[test]
 fn an_oversized_entry_is_refused_and_nothing_is_appended() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (log, _) = FileLog::open(dir.path(), LogConfig::default()).expect("open");

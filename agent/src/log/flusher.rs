@@ -183,7 +183,7 @@ fn write_group(shared: &Shared, writer: &mut Writer, force_sync: bool) -> Result
         state.written_next
     };
     if written > 0 || force_sync {
-        shared.durability.send_if_modified(|d| {
+        shared.publish_durable(|d| {
             let changed = d.durable_next != durable_next;
             d.durable_next = durable_next;
             changed

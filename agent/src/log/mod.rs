@@ -49,6 +49,21 @@ pub struct Durability {
     pub failure: Option<Arc<str>>,
 }
 
+/// What [`LogStore::on_durable`] calls: `Ok` once durable, `Err` with the log's failure.
+pub type DurableCallback = Box<dyn FnOnce(Result<(), Arc<str>>) + Send>;
+
+/// The failure a durable callback sees when the log is dropped before its entries are durable.
+pub const LOG_CLOSED: &str = "the log was closed before the entries were durable";
+
+/// The outcome for a waiter on entries below `next` at durability `d`; `None` while it waits.
+pub fn durable_outcome(d: &Durability, next: u64) -> Option<Result<(), Arc<str>>> {
+    if d.durable_next >= next {
+        Some(Ok(()))
+    } else {
+        d.failure.clone().map(Err)
+    }
+}
+
 /// Errors of the storage engine. Corruption always names the file and byte offset.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -120,6 +135,35 @@ pub trait LogStore: Send + Sync + 'static {
     fn append(&self, term: u64, data: &[Bytes]) -> Result<u64, LogError>;
     /// Watch of the durable position; wait with `rx.wait_for(|d| d.durable_next > idx)`.
     fn durability(&self) -> watch::Receiver<Durability>;
+    /// Calls `done` once every entry below `next` is durable (`Ok`), or with the reason the
+    /// log failed or closed before that (`Err`). `done` runs on whichever thread makes the
+    /// entries durable (the flusher thread for [`FileLog`]), so it must not block: it exists
+    /// so that a waiter (openraft's flush callback) costs no task of its own to wake up.
+    /// The default waits on [`durability`](Self::durability) in a task (or a thread outside
+    /// a runtime).
+    fn on_durable(&self, next: u64, done: DurableCallback) {
+        let mut durability = self.durability();
+        if let Some(outcome) = durable_outcome(&durability.borrow(), next) {
+            done(outcome);
+            return;
+        }
+        let wait = async move {
+            let outcome = match durability
+                .wait_for(|d| durable_outcome(d, next).is_some())
+                .await
+            {
+                Ok(d) => durable_outcome(&d, next).unwrap_or(Ok(())),
+                Err(_) => Err(Arc::from(LOG_CLOSED)),
+            };
+            done(outcome);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(wait)),
+            Err(_) => drop(std::thread::spawn(move || {
+                futures::executor::block_on(wait)
+            })),
+        }
+    }
     /// Reads one entry, verifying its checksum. `Ok(None)` when the index was purged or is not
     /// yet written.
     fn read(&self, index: u64) -> Result<Option<Entry>, LogError>;

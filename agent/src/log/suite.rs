@@ -26,6 +26,7 @@ pub(crate) fn test_all<F: Factory>(mut factory: F) {
     appended_entries_read_back_with_their_index_and_term(&mut factory);
     read_range_honours_entry_and_byte_limits(&mut factory);
     durability_watch_passes_every_appended_entry(&mut factory);
+    durable_callbacks_run_once_their_entries_are_durable(&mut factory);
     purge_drops_a_prefix_and_keeps_everything_asked_for(&mut factory);
     truncate_removes_a_suffix_and_appends_continue_there(&mut factory);
     reopen_recovers_every_entry_and_the_bounds(&mut factory);
@@ -192,6 +193,41 @@ fn durability_watch_passes_every_appended_entry<F: Factory>(factory: &mut F) {
         202,
         "sync makes everything durable"
     );
+}
+
+fn durable_callbacks_run_once_their_entries_are_durable<F: Factory>(factory: &mut F) {
+    let log = factory.create();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Phase 1: a callback per batch, registered before the flusher got to it.
+    for batch in 0..20u64 {
+        let last = append_n(&log, 1, batch * 10 + 1, 10) + 9;
+        let tx = tx.clone();
+        log.on_durable(
+            last + 1,
+            Box::new(move |outcome| drop(tx.send((last, outcome)))),
+        );
+    }
+    for _ in 0..20 {
+        let (last, outcome) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("every callback runs within 10 s");
+        assert_eq!(outcome, Ok(()), "batch ending at {last}");
+        assert!(
+            log.durability().borrow().durable_next > last,
+            "called back only once entry {last} is durable"
+        );
+    }
+    // Phase 2: entries already durable call back at once, on the caller's thread.
+    let called = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = called.clone();
+    log.on_durable(
+        200,
+        Box::new(move |outcome| {
+            assert_eq!(outcome, Ok(()));
+            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+        }),
+    );
+    assert!(called.load(std::sync::atomic::Ordering::SeqCst));
 }
 
 fn purge_drops_a_prefix_and_keeps_everything_asked_for<F: Factory>(factory: &mut F) {

@@ -21,6 +21,7 @@ use openraft::{
 };
 use prost::Message;
 use sluice_proto::peer::v1 as pb;
+use sluice_proto::storage::v1::LogCommand;
 use tokio::sync::Mutex;
 
 use super::codec::{self, RaftEntry};
@@ -287,17 +288,48 @@ fn apply_one(
     state: &mut PartitionState,
     entry: &RaftEntry,
 ) -> Result<Applied, BadEntry> {
+    let fresh = codec::log_index(entry.log_id.index) >= state.next_entry();
+    let commands = decode_fresh(entry, fresh)?;
+    apply_decoded(inner, state, entry, commands)
+}
+
+/// The commands of a normal entry that still has to be applied (`fresh`), decoded; `None`
+/// for any other entry. [`QueueStateMachine::apply`] calls this before it takes the state
+/// lock, so decoding a follower's entries never holds up the queue layer, and a leader,
+/// which applied its own commands when it staged them, decodes nothing.
+fn decode_fresh(entry: &RaftEntry, fresh: bool) -> Result<Option<Vec<LogCommand>>, BadEntry> {
+    match &entry.payload {
+        // The leader validates commands before proposing them, so a committed entry that does
+        // not decode is damage, not input: stop rather than diverge.
+        EntryPayload::Normal(data) if fresh => {
+            crate::queue::entry::decode(codec::log_index(entry.log_id.index), data.as_ref())
+                .map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Applies `entry` to the state (under its lock) with the commands [`decode_fresh`] gave.
+fn apply_decoded(
+    inner: &mut Inner,
+    state: &mut PartitionState,
+    entry: &RaftEntry,
+    commands: Option<Vec<LogCommand>>,
+) -> Result<Applied, BadEntry> {
     // The delivery state is keyed by partition-log index (offsets name entries).
     let index = codec::log_index(entry.log_id.index);
     // A leader applied its own commands when it staged them: below the state's next entry an
     // entry is already in the state.
     let fresh = index >= state.next_entry();
     match &entry.payload {
-        EntryPayload::Normal(data) => {
-            // The leader validates commands before proposing them, so a committed entry that
-            // does not decode is damage, not input: stop rather than diverge.
-            let commands = crate::queue::entry::decode(index, data.as_ref())?;
+        EntryPayload::Normal(_) => {
             if fresh {
+                // Decoded before the lock unless the entry looked applied then; the state's
+                // next entry only grows while the apply lock is held, but decode anyway.
+                let commands = match commands {
+                    Some(commands) => commands,
+                    None => decode_fresh(entry, true)?.unwrap_or_default(),
+                };
                 state.apply_commands(index, &commands);
             }
         }
@@ -385,10 +417,20 @@ impl RaftStateMachine<TypeConfig> for QueueStateMachine {
         let mut inner = self.inner.lock().await;
         let membership_before = *inner.membership.log_id();
         let mut out = Vec::new();
+        // Decoded outside the state lock (see `decode_fresh`). The state's next entry only
+        // grows while `inner` is held, so an entry below it now is still applied below.
+        let applied_until = self.lock_state().next_entry();
+        let mut decoded = Vec::new();
+        for entry in entries {
+            let fresh = codec::log_index(entry.log_id.index) >= applied_until;
+            let commands =
+                decode_fresh(&entry, fresh).map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
+            decoded.push((entry, commands));
+        }
         let low_water = {
             let mut state = self.lock_state();
-            for entry in entries {
-                let applied = apply_one(&mut inner, &mut state, &entry)
+            for (entry, commands) in decoded {
+                let applied = apply_decoded(&mut inner, &mut state, &entry, commands)
                     .map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
                 out.push(applied);
             }
