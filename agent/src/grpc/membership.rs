@@ -79,15 +79,22 @@ impl MembershipService {
         let mut views = self.broker.replica_views();
         if !local_only {
             // Groups hosted elsewhere (replication factor below the agent count), so every
-            // partition is listed and every agent's counts are right.
-            let hosted: std::collections::BTreeSet<(String, u32)> =
-                views.iter().map(|(q, p, _)| (q.clone(), *p)).collect();
-            views.extend(
-                remote_views(cluster, &catalog)
-                    .await
-                    .into_iter()
-                    .filter(|(q, p, _)| !hosted.contains(&(q.clone(), *p))),
-            );
+            // partition is listed and every agent's counts are right. A leader's view also
+            // replaces this agent's own follower view: a follower lags, and a replica not yet
+            // added (newly placed here) sees an empty group.
+            for (queue, partition, view) in remote_views(cluster, &catalog).await {
+                match views
+                    .iter_mut()
+                    .find(|(q, p, _)| *q == queue && *p == partition)
+                {
+                    Some((_, _, own)) => {
+                        if view.is_leader && !own.is_leader {
+                            *own = view;
+                        }
+                    }
+                    None => views.push((queue, partition, view)),
+                }
+            }
         }
         let agents = catalog
             .agents
