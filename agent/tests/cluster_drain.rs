@@ -24,18 +24,13 @@ use std::time::Duration;
 
 use ledger::Ledger;
 
-use cluster::{Cluster, Net};
+use cluster::{Cluster, Net, queue_spec, state_of};
 use sluice_agent::cluster::placement;
 use sluice_proto::peer::v1::cluster_client::ClusterClient;
 use sluice_proto::peer::v1::meta_command::Command;
 use sluice_proto::peer::v1::propose_meta_response::Result as Outcome;
 use sluice_proto::peer::v1::{DeleteQueue, MetaCommand, NotLeader, ProposeMetaRequest};
-use sluice_proto::v1::admin_client::AdminClient;
-use sluice_proto::v1::membership_client::MembershipClient;
-use sluice_proto::v1::{
-    AgentState, DeclareQueueRequest, DrainAgentRequest, GetClusterRequest, GetClusterResponse,
-    QueueSpec, RemoveAgentRequest,
-};
+use sluice_proto::v1::{AgentState, DrainAgentRequest, RemoveAgentRequest};
 use tokio::time::Instant;
 
 /// Agents in the test cluster: one more than the replication factor, so a drain is allowed.
@@ -83,76 +78,6 @@ fn queue_not_on(agent: u64) -> String {
         .map(|n| format!("elsewhere-{n}"))
         .find(|name| !placement(name, 0, RF, &all).contains(&agent))
         .expect("some name avoids the agent")
-}
-
-fn membership(cluster: &Cluster, i: usize) -> MembershipClient<tonic::transport::Channel> {
-    MembershipClient::new(cluster.channel(i))
-}
-
-async fn get_cluster(cluster: &Cluster, i: usize) -> Result<GetClusterResponse, tonic::Status> {
-    let mut request = tonic::Request::new(GetClusterRequest {});
-    request.set_timeout(Duration::from_secs(5));
-    membership(cluster, i)
-        .get_cluster(request)
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-fn state_of(view: &GetClusterResponse, node: u64) -> Option<AgentState> {
-    view.agents
-        .iter()
-        .find(|a| a.node_id == node)
-        .map(|a| a.state())
-}
-
-/// Polls agent `i`'s `GetCluster` until `done` holds; fails the test with the last view.
-async fn wait_view(
-    cluster: &Cluster,
-    i: usize,
-    what: &str,
-    timeout: Duration,
-    done: impl Fn(&GetClusterResponse) -> bool,
-) -> GetClusterResponse {
-    let started = Instant::now();
-    loop {
-        let view = get_cluster(cluster, i).await;
-        if let Ok(view) = &view
-            && done(view)
-        {
-            eprintln!("{what} after {:?}", started.elapsed());
-            return view.clone();
-        }
-        assert!(
-            started.elapsed() < timeout,
-            "{what}: not within {timeout:?}; last view from agent {i}: {view:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// Declares `queue` through agent 0, retrying while the first meta leader is elected.
-async fn declare(cluster: &Cluster, queue: &str) {
-    let deadline = Instant::now() + FORM;
-    loop {
-        let request = DeclareQueueRequest {
-            queue: Some(QueueSpec {
-                name: queue.into(),
-                partitions: PARTITIONS,
-                ..Default::default()
-            }),
-        };
-        match AdminClient::new(cluster.channel(0))
-            .declare_queue(request)
-            .await
-        {
-            Ok(_) => return,
-            Err(status) => assert!(
-                Instant::now() < deadline,
-                "declare {queue} failed until the deadline: {status}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The agent leading the meta group, asked without disturbing it: a `ProposeMeta` that
@@ -217,27 +142,29 @@ async fn drain_the_meta_leader(part: Part) {
     let observer = (leader + 1) % AGENTS;
     let hosted = queue_on(drained, part);
     let elsewhere = queue_not_on(drained);
-    declare(&cluster, &hosted).await;
-    declare(&cluster, &elsewhere).await;
+    cluster.declare(queue_spec(&hosted, PARTITIONS), FORM).await;
+    cluster
+        .declare(queue_spec(&elsewhere, PARTITIONS), FORM)
+        .await;
     // Every partition of both queues has its three voters and a leader, and the hosted queue
     // is led by the agent to drain (its preferred leader).
-    wait_view(
-        &cluster,
-        observer,
-        "both queues formed, the hosted one led as wanted",
-        FORM,
-        |v| {
-            v.partitions.len() == 2 * PARTITIONS as usize
-                && v.agents.iter().all(|a| a.state() == AgentState::Active)
-                && v.partitions.iter().all(|p| {
-                    p.voters.len() == RF as usize
-                        && p.leader.is_some()
-                        && (p.queue != hosted
-                            || (p.leader == Some(drained)) == (part == Part::Leads))
-                })
-        },
-    )
-    .await;
+    cluster
+        .wait_view(
+            observer,
+            "both queues formed, the hosted one led as wanted",
+            FORM,
+            |v| {
+                v.partitions.len() == 2 * PARTITIONS as usize
+                    && v.agents.iter().all(|a| a.state() == AgentState::Active)
+                    && v.partitions.iter().all(|p| {
+                        p.voters.len() == RF as usize
+                            && p.leader.is_some()
+                            && (p.queue != hosted
+                                || (p.leader == Some(drained)) == (part == Part::Leads))
+                    })
+            },
+        )
+        .await;
     assert_eq!(
         meta_leader(&cluster).await,
         leader,
@@ -271,58 +198,57 @@ async fn drain_the_meta_leader(part: Part) {
     .await
     .expect("the cluster confirms publishes");
 
-    membership(&cluster, observer)
+    cluster
+        .membership(observer)
         .drain_agent(DrainAgentRequest { node_id: drained })
         .await
         .expect("DrainAgent");
-    let view = wait_view(
-        &cluster,
-        observer,
-        "the meta leader is DRAINED and holds no replica",
-        DRAIN,
-        |v| {
-            state_of(v, drained) == Some(AgentState::Drained)
-                && v.partitions.len() == 2 * PARTITIONS as usize
-                && v.partitions.iter().all(|p| {
-                    !p.voters.contains(&drained)
-                        && !p.learners.contains(&drained)
-                        && p.leader.is_some_and(|l| l != drained)
-                })
-        },
-    )
-    .await;
+    let view = cluster
+        .wait_view(
+            observer,
+            "the meta leader is DRAINED and holds no replica",
+            DRAIN,
+            |v| {
+                state_of(v, drained) == Some(AgentState::Drained)
+                    && v.partitions.len() == 2 * PARTITIONS as usize
+                    && v.partitions.iter().all(|p| {
+                        !p.voters.contains(&drained)
+                            && !p.learners.contains(&drained)
+                            && p.leader.is_some_and(|l| l != drained)
+                    })
+            },
+        )
+        .await;
     eprintln!("after the drain: {:?}", view.partitions);
 
-    membership(&cluster, observer)
+    cluster
+        .membership(observer)
         .remove_agent(RemoveAgentRequest { node_id: drained })
         .await
         .expect("RemoveAgent of the DRAINED agent");
-    let view = wait_view(
-        &cluster,
-        observer,
-        "the drained agent is forgotten",
-        FORM,
-        |v| state_of(v, drained).is_none(),
-    )
-    .await;
+    let view = cluster
+        .wait_view(observer, "the drained agent is forgotten", FORM, |v| {
+            state_of(v, drained).is_none()
+        })
+        .await;
     assert_eq!(view.agents.len(), AGENTS - 1);
     // The queues get back to their replication factor on the remaining agents (a queue the
     // drained agent followed adds its new replica only after the drained one left) and go on
     // confirming.
-    wait_view(
-        &cluster,
-        observer,
-        "every partition has its three voters again",
-        FORM,
-        |v| {
-            v.partitions.iter().all(|p| {
-                p.voters.len() == RF as usize
-                    && p.learners.is_empty()
-                    && !p.voters.contains(&drained)
-            })
-        },
-    )
-    .await;
+    cluster
+        .wait_view(
+            observer,
+            "every partition has its three voters again",
+            FORM,
+            |v| {
+                v.partitions.iter().all(|p| {
+                    p.voters.len() == RF as usize
+                        && p.learners.is_empty()
+                        && !p.voters.contains(&drained)
+                })
+            },
+        )
+        .await;
     let before = ledger.confirmed();
     cluster::wait_until("confirms after the removal", FORM, || async {
         (ledger.confirmed() > before + 2 * BATCH).then_some(())

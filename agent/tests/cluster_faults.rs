@@ -26,13 +26,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use cluster::{Cluster, Net};
+use cluster::{Cluster, Net, queue_spec};
 use ledger::{Ledger, Summary};
-use sluice_proto::v1::admin_client::AdminClient;
-use sluice_proto::v1::{DeclareQueueRequest, QueueSpec};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use workload::{ConsumerReport, PublisherReport, Until};
+use workload::{Load, Until};
 
 /// The queue every test uses: one partition, so one Raft group with one leader.
 const QUEUE: &str = "orders";
@@ -51,99 +49,16 @@ const BATCH: usize = 20;
 /// `--test-threads=1`.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Publishers and a consumer running against the cluster.
-struct Load {
-    stop: Arc<AtomicBool>,
-    stop_consumer: Arc<AtomicBool>,
-    publishers: Vec<JoinHandle<PublisherReport>>,
-    consumer: JoinHandle<ConsumerReport>,
-}
-
-impl Load {
-    /// Starts `publishers` publishers (keys `<prefix><n>-<seq>`) and one consumer.
-    fn start(cluster: &Cluster, ledger: &Arc<Ledger>, publishers: usize, prefix: &str) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop_consumer = Arc::new(AtomicBool::new(false));
-        let publishers = (0..publishers)
-            .map(|n| {
-                tokio::spawn(workload::publish(
-                    cluster.endpoints(),
-                    QUEUE.into(),
-                    format!("{prefix}{n}"),
-                    BATCH,
-                    ledger.clone(),
-                    stop.clone(),
-                ))
-            })
-            .collect();
-        let consumer = tokio::spawn(workload::consume(
-            cluster.endpoints(),
-            QUEUE.into(),
-            ledger.clone(),
-            Until::Stopped(stop_consumer.clone()),
-        ));
-        Load {
-            stop,
-            stop_consumer,
-            publishers,
-            consumer,
-        }
-    }
-
-    /// Stops consuming while publishing goes on (a backlog builds up).
-    fn stop_consumer(&self) {
-        self.stop_consumer.store(true, Ordering::Release);
-    }
-
-    /// Stops the load and prints what each part did.
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Release);
-        self.stop_consumer.store(true, Ordering::Release);
-        for (n, p) in self.publishers.into_iter().enumerate() {
-            let report = p.await.expect("publisher task");
-            eprintln!("publisher {n}: {report:?}");
-        }
-        let report = self.consumer.await.expect("consumer task");
-        eprintln!("consumer under load: {report:?}");
-    }
-}
-
 /// Starts a loopback cluster and declares [`QUEUE`]; returns it with the partition's leader.
 async fn cluster_with_queue(root: &std::path::Path, net: Net) -> Result<(Cluster, usize), String> {
     let cluster = Cluster::start(root, net)?;
-    declare(&cluster).await;
+    cluster.declare(queue_spec(QUEUE, 1), ELECTION).await;
     // Agents hand a partition's leadership to its preferred agent after the first election;
     // faults are injected once that has happened, so the leader a test hits stays the leader.
     let leader = cluster
         .settled_leader(QUEUE, SETTLED, ELECTION + SETTLED)
         .await;
     Ok((cluster, leader))
-}
-
-/// Declares [`QUEUE`] through agent 0 (forwarded to the meta leader), retrying while the
-/// cluster elects its first meta leader.
-async fn declare(cluster: &Cluster) {
-    let deadline = Instant::now() + ELECTION;
-    loop {
-        let request = DeclareQueueRequest {
-            queue: Some(QueueSpec {
-                name: QUEUE.into(),
-                partitions: 1,
-                ..Default::default()
-            }),
-        };
-        match AdminClient::new(cluster.channel(0))
-            .declare_queue(request)
-            .await
-        {
-            Ok(_) => return,
-            Err(status) => assert!(
-                Instant::now() < deadline,
-                "declare {QUEUE} failed until the deadline: {status}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Ends a test: a fresh batch must be confirmed (the cluster serves again), then everything is
@@ -237,7 +152,7 @@ async fn a_killed_leader_loses_no_confirmed_message_and_catches_up_after_restart
     let ledger = Arc::new(Ledger::default());
 
     // Phase 1: load, then SIGKILL the leader while publishes and acks are in flight.
-    let load = Load::start(&cluster, &ledger, 2, "k");
+    let load = Load::start(cluster.endpoints(), QUEUE, &ledger, 2, "k", BATCH);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before = ledger.confirmed();
     cluster.kill9(leader);
@@ -339,7 +254,7 @@ async fn a_paused_leader_is_replaced_and_steps_down_without_confirming_stale_wri
     let ledger = Arc::new(Ledger::default());
 
     // Phase 1: load, then SIGSTOP the leader for longer than an election takes.
-    let load = Load::start(&cluster, &ledger, 2, "k");
+    let load = Load::start(cluster.endpoints(), QUEUE, &ledger, 2, "k", BATCH);
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.pause(leader);
     let paused = Instant::now();
@@ -411,7 +326,7 @@ async fn an_isolated_leader_confirms_nothing_while_the_majority_serves_and_heals
     let ledger = Arc::new(Ledger::default());
 
     // Phase 1: load, then cut the leader off its peers (the test still reaches it).
-    let load = Load::start(&cluster, &ledger, 2, "k");
+    let load = Load::start(cluster.endpoints(), QUEUE, &ledger, 2, "k", BATCH);
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.isolate(leader);
     let isolated = Instant::now();
@@ -458,7 +373,7 @@ async fn a_replica_that_lost_its_disk_is_rebuilt_and_can_lead_with_every_confirm
     let wiped = (leader + 1) % 3;
 
     // Phase 1: load; a follower is killed and its data directory removed.
-    let load = Load::start(&cluster, &ledger, 2, "k");
+    let load = Load::start(cluster.endpoints(), QUEUE, &ledger, 2, "k", BATCH);
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.kill9(wiped);
     cluster.wipe(wiped);
@@ -533,7 +448,7 @@ async fn a_corrupted_segment_on_a_follower_is_never_served_and_the_others_keep_s
     let corrupted = (leader + 1) % 3;
 
     // Phase 1: load, so the follower's segment holds messages.
-    let load = Load::start(&cluster, &ledger, 2, "k");
+    let load = Load::start(cluster.endpoints(), QUEUE, &ledger, 2, "k", BATCH);
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // Phase 2: kill the follower and flip bytes in the middle of its first segment.

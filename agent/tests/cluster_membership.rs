@@ -17,20 +17,16 @@ mod netns;
 mod workload;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use cluster::{Cluster, Net};
+use cluster::{Cluster, Net, queue_spec, state_of};
 use ledger::Ledger;
-use sluice_proto::v1::admin_client::AdminClient;
 use sluice_proto::v1::membership_client::MembershipClient;
 use sluice_proto::v1::{
-    AddAgentRequest, AgentState, DeclareQueueRequest, DrainAgentRequest, GetClusterRequest,
-    GetClusterResponse, HandOffLeadershipRequest, QueueSpec, RemoveAgentRequest,
+    AddAgentRequest, AgentState, DrainAgentRequest, GetClusterRequest, HandOffLeadershipRequest,
+    RemoveAgentRequest,
 };
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
-use workload::{ConsumerReport, PublisherReport, Until};
+use workload::{Load, Until};
 
 /// Partitions of the test queue: more than one group whose membership must change.
 const PARTITIONS: u32 = 2;
@@ -59,147 +55,32 @@ fn queue_led_by_agent_0() -> String {
         .expect("some name prefers agent 0")
 }
 
-/// Publishers and a consumer running against the cluster.
-struct Load {
-    stop: Arc<AtomicBool>,
-    publishers: Vec<JoinHandle<PublisherReport>>,
-    consumer: JoinHandle<ConsumerReport>,
-}
-
-impl Load {
-    fn start(endpoints: Vec<String>, queue: &str, ledger: &Arc<Ledger>) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let publishers = (0..2)
-            .map(|n| {
-                tokio::spawn(workload::publish(
-                    endpoints.clone(),
-                    queue.to_owned(),
-                    format!("k{n}"),
-                    BATCH,
-                    ledger.clone(),
-                    stop.clone(),
-                ))
-            })
-            .collect();
-        let consumer = tokio::spawn(workload::consume(
-            endpoints,
-            queue.to_owned(),
-            ledger.clone(),
-            Until::Stopped(stop.clone()),
-        ));
-        Load {
-            stop,
-            publishers,
-            consumer,
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Release);
-        for (n, p) in self.publishers.into_iter().enumerate() {
-            eprintln!("publisher {n}: {:?}", p.await.expect("publisher task"));
-        }
-        eprintln!(
-            "consumer under load: {:?}",
-            self.consumer.await.expect("consumer task")
-        );
-    }
-}
-
-fn membership(cluster: &Cluster, i: usize) -> MembershipClient<tonic::transport::Channel> {
-    MembershipClient::new(cluster.channel(i))
-}
-
-async fn get_cluster(cluster: &Cluster, i: usize) -> Result<GetClusterResponse, tonic::Status> {
-    let mut request = tonic::Request::new(GetClusterRequest {});
-    request.set_timeout(Duration::from_secs(5));
-    membership(cluster, i)
-        .get_cluster(request)
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-fn state_of(view: &GetClusterResponse, node: u64) -> Option<AgentState> {
-    view.agents
-        .iter()
-        .find(|a| a.node_id == node)
-        .map(|a| a.state())
-}
-
-/// Polls agent `i`'s `GetCluster` until `done` holds; fails the test with the last view.
-async fn wait_view(
-    cluster: &Cluster,
-    i: usize,
-    what: &str,
-    timeout: Duration,
-    done: impl Fn(&GetClusterResponse) -> bool,
-) -> GetClusterResponse {
-    let deadline = Instant::now() + timeout;
-    let started = Instant::now();
-    loop {
-        let view = get_cluster(cluster, i).await;
-        if let Ok(view) = &view
-            && done(view)
-        {
-            eprintln!("{what} after {:?}", started.elapsed());
-            return view.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {timeout:?}; last view from agent {i}: {view:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// Declares the queue through agent 0, retrying while the first meta leader is elected.
-async fn declare(cluster: &Cluster, queue: &str) {
-    let deadline = Instant::now() + ELECTION;
-    loop {
-        let request = DeclareQueueRequest {
-            queue: Some(QueueSpec {
-                name: queue.into(),
-                partitions: PARTITIONS,
-                ..Default::default()
-            }),
-        };
-        match AdminClient::new(cluster.channel(0))
-            .declare_queue(request)
-            .await
-        {
-            Ok(_) => return,
-            Err(status) => assert!(
-                Instant::now() < deadline,
-                "declare {queue} failed until the deadline: {status}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message() {
     let _serial = SERIAL.lock().await;
     let root = tempfile::tempdir().expect("temp dir");
     let mut cluster = Cluster::start(root.path(), Net::Loopback).expect("cluster starts");
     let queue = queue_led_by_agent_0();
-    declare(&cluster, &queue).await;
+    cluster
+        .declare(queue_spec(&queue, PARTITIONS), ELECTION)
+        .await;
     let leader = cluster
         .settled_leader(&queue, Duration::from_secs(3), ELECTION * 2)
         .await;
     eprintln!("queue {queue} led by agent {leader}");
 
     // Phase 1: the bootstrap agents are ACTIVE members from the start.
-    let view = wait_view(&cluster, 1, "three ACTIVE agents", ELECTION, |v| {
-        v.agents.len() == 3
-            && v.agents.iter().all(|a| a.state() == AgentState::Active)
-            && v.agents.iter().all(|a| !a.client_address.is_empty())
-    })
-    .await;
+    let view = cluster
+        .wait_view(1, "three ACTIVE agents", ELECTION, |v| {
+            v.agents.len() == 3
+                && v.agents.iter().all(|a| a.state() == AgentState::Active)
+                && v.agents.iter().all(|a| !a.client_address.is_empty())
+        })
+        .await;
     assert_eq!(view.replication_factor, 3);
     assert_eq!(view.partitions.len(), PARTITIONS as usize);
     let ledger = Arc::new(Ledger::default());
-    let load = Load::start(cluster.endpoints(), &queue, &ledger);
+    let load = Load::start(cluster.endpoints(), &queue, &ledger, 2, "k", BATCH);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Phase 2: a fourth agent starts beyond --peers and is added through agent 1.
@@ -211,7 +92,8 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
         peer_address: cluster.nodes[new].peer.to_string(),
         client_address: cluster.nodes[new].client.to_string(),
     };
-    let added = membership(&cluster, 1)
+    let added = cluster
+        .membership(1)
         .add_agent(add.clone())
         .await
         .expect("AddAgent")
@@ -223,7 +105,8 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
         "{added:?}"
     );
     // Idempotent: the same request again (at another agent) changes nothing.
-    let again = membership(&cluster, 2)
+    let again = cluster
+        .membership(2)
         .add_agent(add.clone())
         .await
         .expect("AddAgent again")
@@ -232,7 +115,8 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
         .expect("agent");
     assert_eq!(again.peer_address, add.peer_address);
     // Conflicting addresses are refused.
-    let conflict = membership(&cluster, 0)
+    let conflict = cluster
+        .membership(0)
         .add_agent(AddAgentRequest {
             client_address: "127.0.0.1:1".into(),
             ..add.clone()
@@ -240,7 +124,8 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
         .await
         .expect_err("other addresses for a known agent");
     assert_eq!(conflict.code(), tonic::Code::AlreadyExists, "{conflict:?}");
-    let malformed = membership(&cluster, 0)
+    let malformed = cluster
+        .membership(0)
         .add_agent(AddAgentRequest {
             node_id: 9,
             peer_address: "no-port".into(),
@@ -257,7 +142,8 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
         malformed.message().starts_with("peer_address: "),
         "{malformed:?}"
     );
-    let taken = membership(&cluster, 0)
+    let taken = cluster
+        .membership(0)
         .add_agent(AddAgentRequest {
             node_id: 9,
             ..add.clone()
@@ -267,22 +153,23 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
     assert_eq!(taken.code(), tonic::Code::AlreadyExists, "{taken:?}");
 
     let new_id = new as u64;
-    let view = wait_view(
-        &cluster,
-        new,
-        "the new agent is ACTIVE and votes in every partition",
-        CHANGE,
-        |v| {
-            state_of(v, new_id) == Some(AgentState::Active)
-                && v.partitions.len() == PARTITIONS as usize
-                && v.partitions.iter().all(|p| p.voters.contains(&new_id))
-        },
-    )
-    .await;
+    let view = cluster
+        .wait_view(
+            new,
+            "the new agent is ACTIVE and votes in every partition",
+            CHANGE,
+            |v| {
+                state_of(v, new_id) == Some(AgentState::Active)
+                    && v.partitions.len() == PARTITIONS as usize
+                    && v.partitions.iter().all(|p| p.voters.contains(&new_id))
+            },
+        )
+        .await;
     eprintln!("after the join: {:?}", view.agents);
 
     // Phase 3: agent 0, which leads the queue, is drained.
-    let drained = membership(&cluster, new)
+    let drained = cluster
+        .membership(new)
         .drain_agent(DrainAgentRequest { node_id: 0 })
         .await
         .expect("DrainAgent")
@@ -294,17 +181,14 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
         "{drained:?}"
     );
     // Removing it before it is drained is refused.
-    let early = membership(&cluster, 1)
+    let early = cluster
+        .membership(1)
         .remove_agent(RemoveAgentRequest { node_id: 1 })
         .await
         .expect_err("remove an ACTIVE agent");
     assert_eq!(early.code(), tonic::Code::FailedPrecondition, "{early:?}");
-    let view = wait_view(
-        &cluster,
-        1,
-        "agent 0 is DRAINED and holds no replica",
-        CHANGE,
-        |v| {
+    let view = cluster
+        .wait_view(1, "agent 0 is DRAINED and holds no replica", CHANGE, |v| {
             state_of(v, 0) == Some(AgentState::Drained)
                 && v.partitions
                     .iter()
@@ -312,9 +196,8 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
                 && v.partitions
                     .iter()
                     .all(|p| p.leader.is_some_and(|l| l != 0))
-        },
-    )
-    .await;
+        })
+        .await;
     eprintln!("after the drain: {:?}", view.partitions);
     // Each membership change ran between two of its leader's entries, at indices the leader
     // had reserved: no leader found an entry it did not expect (which would have aborted the
@@ -330,7 +213,8 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
         );
     }
     // Draining again is idempotent.
-    let again = membership(&cluster, 2)
+    let again = cluster
+        .membership(2)
         .drain_agent(DrainAgentRequest { node_id: 0 })
         .await
         .expect("DrainAgent again")
@@ -340,7 +224,8 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
     assert_eq!(again.state(), AgentState::Drained);
 
     // Phase 4: three ACTIVE agents remain, the replication factor: no further drain.
-    let refused = membership(&cluster, 2)
+    let refused = cluster
+        .membership(2)
         .drain_agent(DrainAgentRequest { node_id: 1 })
         .await
         .expect_err("drain below the replication factor");
@@ -353,7 +238,7 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
         refused.message().contains("replication factor"),
         "{refused:?}"
     );
-    let view = get_cluster(&cluster, 2).await.expect("GetCluster");
+    let view = cluster.get_cluster(2).await.expect("GetCluster");
     assert_eq!(
         state_of(&view, 1),
         Some(AgentState::Active),
@@ -361,18 +246,21 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
     );
 
     // Phase 5: agent 0 is forgotten and stopped; the load goes on.
-    membership(&cluster, 1)
+    cluster
+        .membership(1)
         .remove_agent(RemoveAgentRequest { node_id: 0 })
         .await
         .expect("RemoveAgent");
-    membership(&cluster, 2)
+    cluster
+        .membership(2)
         .remove_agent(RemoveAgentRequest { node_id: 0 })
         .await
         .expect("RemoveAgent of a removed agent");
-    let view = wait_view(&cluster, 2, "agent 0 is forgotten", ELECTION, |v| {
-        state_of(v, 0).is_none()
-    })
-    .await;
+    let view = cluster
+        .wait_view(2, "agent 0 is forgotten", ELECTION, |v| {
+            state_of(v, 0).is_none()
+        })
+        .await;
     assert_eq!(view.agents.len(), 3);
     cluster.kill9(0);
     let before = ledger.confirmed();
@@ -413,13 +301,14 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
 
     // Phase 7: a hand-off asked at another agent moves the queue leader's leaderships away
     // (three voters remain, for which a transfer is exact).
-    let view = get_cluster(&cluster, 2).await.expect("GetCluster");
+    let view = cluster.get_cluster(2).await.expect("GetCluster");
     let leader = view.partitions[0].leader.expect("partition 0 has a leader");
     let asked = [1, 2, new]
         .into_iter()
         .find(|&i| i as u64 != leader)
         .expect("another agent");
-    let handed = membership(&cluster, asked)
+    let handed = cluster
+        .membership(asked)
         .hand_off_leadership(HandOffLeadershipRequest { node_id: leader })
         .await
         .expect("HandOffLeadership")
@@ -429,16 +318,16 @@ async fn an_agent_joins_and_another_drains_under_load_without_losing_a_message()
     assert!(handed.remaining.is_empty(), "{handed:?}");
     // The asked agent learns each new leader from its first heartbeat; the new leaders hold
     // the partitions rather than handing them back to their preferred leader.
-    wait_view(
-        &cluster,
-        asked,
-        "no partition led by the relieved agent",
-        ELECTION,
-        |v| v.partitions.iter().all(|p| p.leader != Some(leader)),
-    )
-    .await;
+    cluster
+        .wait_view(
+            asked,
+            "no partition led by the relieved agent",
+            ELECTION,
+            |v| v.partitions.iter().all(|p| p.leader != Some(leader)),
+        )
+        .await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let view = get_cluster(&cluster, asked).await.expect("GetCluster");
+    let view = cluster.get_cluster(asked).await.expect("GetCluster");
     assert!(
         view.partitions.iter().all(|p| p.leader != Some(leader)),
         "leadership came back to agent {leader}: {:?}",
@@ -483,13 +372,15 @@ async fn a_replica_that_lost_its_disk_rejoins_as_a_learner_and_votes_again_once_
     let root = tempfile::tempdir().expect("temp dir");
     let mut cluster = Cluster::start(root.path(), Net::Loopback).expect("cluster starts");
     let queue = queue_led_by_agent_0();
-    declare(&cluster, &queue).await;
+    cluster
+        .declare(queue_spec(&queue, PARTITIONS), ELECTION)
+        .await;
     let leader = cluster
         .settled_leader(&queue, Duration::from_secs(3), ELECTION * 2)
         .await;
     let follower = (leader + 1) % 3;
     let ledger = Arc::new(Ledger::default());
-    let load = Load::start(cluster.endpoints(), &queue, &ledger);
+    let load = Load::start(cluster.endpoints(), &queue, &ledger, 2, "k", BATCH);
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // Phase 1: a follower loses its whole data directory and starts again, empty.
@@ -512,19 +403,19 @@ async fn a_replica_that_lost_its_disk_rejoins_as_a_learner_and_votes_again_once_
 
     // ... and promotes it once it has caught up: it votes in every partition again.
     let follower_id = follower as u64;
-    wait_view(
-        &cluster,
-        leader,
-        "the rebuilt replica is a voter of every partition again",
-        CHANGE,
-        |v| {
-            v.partitions.len() == PARTITIONS as usize
-                && v.partitions
-                    .iter()
-                    .all(|p| p.voters.contains(&follower_id) && p.learners.is_empty())
-        },
-    )
-    .await;
+    cluster
+        .wait_view(
+            leader,
+            "the rebuilt replica is a voter of every partition again",
+            CHANGE,
+            |v| {
+                v.partitions.len() == PARTITIONS as usize
+                    && v.partitions
+                        .iter()
+                        .all(|p| p.voters.contains(&follower_id) && p.learners.is_empty())
+            },
+        )
+        .await;
     let before = ledger.confirmed();
     cluster::wait_until("confirms after the rebuild", ELECTION, || async {
         (ledger.confirmed() > before + BATCH).then_some(())

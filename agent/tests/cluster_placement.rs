@@ -22,18 +22,14 @@ mod workload;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use cluster::{Cluster, Net};
+use cluster::{Cluster, Net, queue_spec};
 use ledger::Ledger;
 use sluice_agent::cluster::placement::replica_set;
-use sluice_proto::v1::admin_client::AdminClient;
-use sluice_proto::v1::membership_client::MembershipClient;
-use sluice_proto::v1::{DeclareQueueRequest, GetClusterRequest, GetClusterResponse, QueueSpec};
-use tokio::task::JoinHandle;
+use sluice_proto::v1::{GetClusterResponse, QueueSpec};
 use tokio::time::Instant;
-use workload::{ConsumerReport, PublisherReport, Until};
+use workload::{Load, Until};
 
 /// Agents in the test cluster.
 const AGENTS: usize = 5;
@@ -66,71 +62,6 @@ fn start(root: &std::path::Path) -> Cluster {
     .expect("cluster starts")
 }
 
-async fn get_cluster(cluster: &Cluster, i: usize) -> Result<GetClusterResponse, tonic::Status> {
-    let mut request = tonic::Request::new(GetClusterRequest {});
-    request.set_timeout(Duration::from_secs(5));
-    MembershipClient::new(cluster.channel(i))
-        .get_cluster(request)
-        .await
-        .map(tonic::Response::into_inner)
-}
-
-/// Polls agent `i`'s `GetCluster` until `done` holds; fails the test with the last view.
-async fn wait_view(
-    cluster: &Cluster,
-    i: usize,
-    what: &str,
-    timeout: Duration,
-    done: impl Fn(&GetClusterResponse) -> bool,
-) -> GetClusterResponse {
-    let deadline = Instant::now() + timeout;
-    let started = Instant::now();
-    loop {
-        let view = get_cluster(cluster, i).await;
-        if let Ok(view) = &view
-            && done(view)
-        {
-            eprintln!("{what} after {:?}", started.elapsed());
-            return view.clone();
-        }
-        if Instant::now() >= deadline {
-            cluster.dump_logs(40);
-            panic!("{what}: not within {timeout:?}; last view from agent {i}: {view:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-/// Declares `spec` through agent 0, retrying while the first meta leader is elected.
-async fn declare(cluster: &Cluster, spec: QueueSpec) {
-    let deadline = Instant::now() + ELECTION;
-    loop {
-        let request = DeclareQueueRequest {
-            queue: Some(spec.clone()),
-        };
-        match AdminClient::new(cluster.channel(0))
-            .declare_queue(request)
-            .await
-        {
-            Ok(_) => return,
-            Err(status) => assert!(
-                Instant::now() < deadline,
-                "declare {} failed until the deadline: {status}",
-                spec.name
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn plain(name: &str) -> QueueSpec {
-    QueueSpec {
-        name: name.into(),
-        partitions: PARTITIONS,
-        ..Default::default()
-    }
-}
-
 /// Whether every partition group of every queue in `expected` has exactly its placed voters,
 /// no learner, and a leader among them.
 fn placed_as_expected(view: &GetClusterResponse, expected: &BTreeMap<String, Vec<u64>>) -> bool {
@@ -146,53 +77,6 @@ fn placed_as_expected(view: &GetClusterResponse, expected: &BTreeMap<String, Vec
             let voters: BTreeSet<u64> = p.voters.iter().copied().collect();
             voters == want && p.learners.is_empty() && p.leader.is_some_and(|l| want.contains(&l))
         })
-}
-
-/// Publishers and a consumer running against the cluster.
-struct Load {
-    stop: Arc<AtomicBool>,
-    publishers: Vec<JoinHandle<PublisherReport>>,
-    consumer: JoinHandle<ConsumerReport>,
-}
-
-impl Load {
-    fn start(endpoints: Vec<String>, queue: &str, ledger: &Arc<Ledger>) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let publishers = (0..2)
-            .map(|n| {
-                tokio::spawn(workload::publish(
-                    endpoints.clone(),
-                    queue.to_owned(),
-                    format!("k{n}"),
-                    BATCH,
-                    ledger.clone(),
-                    stop.clone(),
-                ))
-            })
-            .collect();
-        let consumer = tokio::spawn(workload::consume(
-            endpoints,
-            queue.to_owned(),
-            ledger.clone(),
-            Until::Stopped(stop.clone()),
-        ));
-        Load {
-            stop,
-            publishers,
-            consumer,
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Release);
-        for (n, p) in self.publishers.into_iter().enumerate() {
-            eprintln!("publisher {n}: {:?}", p.await.expect("publisher task"));
-        }
-        eprintln!(
-            "consumer under load: {:?}",
-            self.consumer.await.expect("consumer task")
-        );
-    }
 }
 
 async fn confirms_advance(ledger: &Ledger, what: &str) {
@@ -218,7 +102,7 @@ async fn five_agents_place_each_queue_on_its_three_replicas_and_a_redirected_loa
         .collect();
     eprintln!("placement: {expected:?}");
     for q in queues {
-        declare(&cluster, plain(q)).await;
+        cluster.declare(queue_spec(q, PARTITIONS), ELECTION).await;
     }
 
     // Every group has exactly the voters the placement names (asked at every agent: each
@@ -226,14 +110,11 @@ async fn five_agents_place_each_queue_on_its_three_replicas_and_a_redirected_loa
     let mut view = None;
     for i in 0..AGENTS {
         view = Some(
-            wait_view(
-                &cluster,
-                i,
-                "every group has its placed voters",
-                FORM,
-                |v| placed_as_expected(v, &expected),
-            )
-            .await,
+            cluster
+                .wait_view(i, "every group has its placed voters", FORM, |v| {
+                    placed_as_expected(v, &expected)
+                })
+                .await,
         );
     }
     let view = view.expect("a view");
@@ -285,7 +166,7 @@ async fn five_agents_place_each_queue_on_its_three_replicas_and_a_redirected_loa
     let entry = vec![format!("http://{}", cluster.nodes[outsider].client)];
     eprintln!("load on {load_queue} (replicas {replicas:?}) through agent {outsider}");
     let ledger = Arc::new(Ledger::default());
-    let load = Load::start(entry.clone(), load_queue, &ledger);
+    let load = Load::start(entry.clone(), load_queue, &ledger, 2, "k", BATCH);
     confirms_advance(&ledger, "confirms through the outsider").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
@@ -299,20 +180,20 @@ async fn five_agents_place_each_queue_on_its_three_replicas_and_a_redirected_loa
     eprintln!("agent {leader} restarted");
     let survivor = *replicas.iter().find(|i| **i != leader).expect("a survivor");
     let restarted = leader as u64;
-    wait_view(
-        &cluster,
-        survivor,
-        "the restarted replica is in sync in every group of the load queue again",
-        FORM,
-        |v| {
-            placed_as_expected(v, &expected)
-                && v.partitions
-                    .iter()
-                    .filter(|p| p.queue == load_queue)
-                    .all(|p| p.in_sync.contains(&restarted))
-        },
-    )
-    .await;
+    cluster
+        .wait_view(
+            survivor,
+            "the restarted replica is in sync in every group of the load queue again",
+            FORM,
+            |v| {
+                placed_as_expected(v, &expected)
+                    && v.partitions
+                        .iter()
+                        .filter(|p| p.queue == load_queue)
+                        .all(|p| p.in_sync.contains(&restarted))
+            },
+        )
+        .await;
     confirms_advance(&ledger, "confirms after the restart").await;
     load.stop().await;
 
@@ -368,30 +249,30 @@ async fn a_message_nacked_past_max_deliveries_lands_exactly_once_in_a_dead_lette
     let src_set = replica_set(&src, RF, &nodes);
     let dlq_set = replica_set(&dlq, RF, &nodes);
     eprintln!("{src} on {src_set:?}, {dlq} on {dlq_set:?}");
-    declare(&cluster, plain(&dlq)).await;
-    declare(
-        &cluster,
-        QueueSpec {
-            max_deliveries: 1,
-            dead_letter_queue: dlq.clone(),
-            ..plain(&src)
-        },
-    )
-    .await;
+    cluster
+        .declare(queue_spec(&dlq, PARTITIONS), ELECTION)
+        .await;
+    cluster
+        .declare(
+            QueueSpec {
+                max_deliveries: 1,
+                dead_letter_queue: dlq.clone(),
+                ..queue_spec(&src, PARTITIONS)
+            },
+            ELECTION,
+        )
+        .await;
     let expected: BTreeMap<String, Vec<u64>> = [
         (src.clone(), src_set.clone()),
         (dlq.clone(), dlq_set.clone()),
     ]
     .into_iter()
     .collect();
-    wait_view(
-        &cluster,
-        0,
-        "both queues have their placed voters",
-        FORM,
-        |v| placed_as_expected(v, &expected),
-    )
-    .await;
+    cluster
+        .wait_view(0, "both queues have their placed voters", FORM, |v| {
+            placed_as_expected(v, &expected)
+        })
+        .await;
 
     // The source is led by its preferred leader (the balancer moves it there), which does
     // not host the DLQ: dead-lettering must cross agents.

@@ -13,10 +13,9 @@ mod netns;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cluster::{Cluster, Net};
+use cluster::{Cluster, Net, queue_spec};
 use sluice_client::Client;
-use sluice_proto::v1::admin_client::AdminClient;
-use sluice_proto::v1::{DeclareQueueRequest, Message, QueueSpec};
+use sluice_proto::v1::Message;
 use tokio::time::Instant;
 
 const QUEUE: &str = "routed";
@@ -30,34 +29,11 @@ fn text(payload: &str) -> Message {
     }
 }
 
-async fn declare(cluster: &Cluster) {
-    let deadline = Instant::now() + ELECTION;
-    loop {
-        let request = DeclareQueueRequest {
-            queue: Some(QueueSpec {
-                name: QUEUE.into(),
-                partitions: 2,
-                ..Default::default()
-            }),
-        };
-        match AdminClient::new(cluster.channel(0))
-            .declare_queue(request)
-            .await
-        {
-            Ok(_) => return,
-            Err(status) => {
-                assert!(Instant::now() < deadline, "declare failed: {status}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_of_a_follower_publishes_and_consumes_at_the_leader_without_loss_or_duplicates() {
     let root = tempfile::tempdir().expect("temp dir");
     let cluster = Cluster::start(root.path(), Net::Loopback).expect("cluster starts");
-    declare(&cluster).await;
+    cluster.declare(queue_spec(QUEUE, 2), ELECTION).await;
     let leader = cluster
         .settled_leader(QUEUE, Duration::from_secs(3), ELECTION)
         .await;

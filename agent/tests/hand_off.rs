@@ -13,11 +13,9 @@ mod netns;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use cluster::{Cluster, Net};
+use cluster::{Cluster, Net, queue_spec};
 use common::AgentProcess;
-use sluice_proto::v1::admin_client::AdminClient;
-use sluice_proto::v1::membership_client::MembershipClient;
-use sluice_proto::v1::{DeclareQueueRequest, GetClusterRequest, GetClusterResponse, QueueSpec};
+use sluice_proto::v1::GetClusterResponse;
 use tokio::time::Instant;
 
 /// How long the first elections and the queue's groups may take on a shared 2-core machine.
@@ -41,37 +39,11 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-async fn declare(cluster: &Cluster, queue: &str) {
-    let deadline = Instant::now() + FORM;
-    loop {
-        let request = DeclareQueueRequest {
-            queue: Some(QueueSpec {
-                name: queue.into(),
-                partitions: PARTITIONS,
-                ..Default::default()
-            }),
-        };
-        match AdminClient::new(cluster.channel(0))
-            .declare_queue(request)
-            .await
-        {
-            Ok(_) => return,
-            Err(status) => assert!(
-                Instant::now() < deadline,
-                "declare {queue} failed until the deadline: {status}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn get_cluster(cluster: &Cluster, i: usize) -> GetClusterResponse {
-    let mut request = tonic::Request::new(GetClusterRequest {});
-    request.set_timeout(Duration::from_secs(5));
-    MembershipClient::new(cluster.channel(i))
-        .get_cluster(request)
+/// Agent `i`'s `GetCluster` answer; fails the test naming the agent when it has none.
+async fn view_of(cluster: &Cluster, i: usize) -> GetClusterResponse {
+    cluster
+        .get_cluster(i)
         .await
-        .map(tonic::Response::into_inner)
         .unwrap_or_else(|status| panic!("GetCluster on agent {i}: {status}"))
 }
 
@@ -88,12 +60,14 @@ fn led_by(view: &GetClusterResponse, queue: &str, node: u64) -> Vec<u32> {
 async fn hand_off_with_the_leaders_pod_env_moves_every_leadership_away_and_exits_zero() {
     let dir = tempfile::tempdir().expect("temp dir");
     let cluster = Cluster::start(dir.path(), Net::Loopback).expect("cluster starts");
-    declare(&cluster, "orders").await;
+    cluster
+        .declare(queue_spec("orders", PARTITIONS), FORM)
+        .await;
     let x = cluster
         .settled_leader("orders", Duration::from_secs(3), FORM)
         .await;
     let node = x as u64;
-    let before = get_cluster(&cluster, x).await;
+    let before = view_of(&cluster, x).await;
     assert!(
         !led_by(&before, "orders", node).is_empty(),
         "agent {x} leads partition 0 of orders: {before:?}"
@@ -117,7 +91,7 @@ async fn hand_off_with_the_leaders_pod_env_moves_every_leadership_away_and_exits
     // A follower's view takes a heartbeat or so to learn the new leader.
     let deadline = Instant::now() + Duration::from_millis(1500);
     loop {
-        let view = get_cluster(&cluster, x).await;
+        let view = view_of(&cluster, x).await;
         let led = led_by(&view, "orders", node);
         let counted = view
             .agents
@@ -137,7 +111,7 @@ async fn hand_off_with_the_leaders_pod_env_moves_every_leadership_away_and_exits
     // otherwise hand each partition straight back to its preferred leader, agent x, before
     // the pod that asked to be relieved has stopped.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let view = get_cluster(&cluster, x).await;
+    let view = view_of(&cluster, x).await;
     let led = led_by(&view, "orders", node);
     assert!(led.is_empty(), "agent {x} leads {led:?} again: {view:?}");
 

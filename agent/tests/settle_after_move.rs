@@ -19,21 +19,18 @@ mod netns;
 #[path = "support/workload.rs"]
 mod workload;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use cluster::{Cluster, Net};
+use cluster::{Cluster, Net, queue_spec};
 use ledger::Ledger;
-use sluice_proto::v1::admin_client::AdminClient;
 use sluice_proto::v1::consume_request::Request as Frame;
 use sluice_proto::v1::consume_response::Response as In;
 use sluice_proto::v1::consumer_client::ConsumerClient;
-use sluice_proto::v1::membership_client::MembershipClient;
 use sluice_proto::v1::{
-    ConsumeRequest, DeclareQueueRequest, DeliveryTag, DrainAgentRequest, QueueSpec, Settle,
-    SettleAction, Subscribe,
+    ConsumeRequest, DeliveryTag, DrainAgentRequest, Settle, SettleAction, Subscribe,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -131,18 +128,13 @@ async fn watched_consumer(
                 }
                 Some(In::Settled(result)) => {
                     watched.answered += 1;
-                    let failed: BTreeSet<(u32, u64, u32)> = result
-                        .failures
-                        .iter()
-                        .filter_map(|f| f.tag)
-                        .map(|t| (t.partition, t.offset, t.attempt))
-                        .collect();
+                    let failed = workload::failed_tags(&result);
                     let acked = open
                         .remove(&result.sequence)
                         .map(|(_, acked)| acked)
                         .unwrap_or_default();
                     for (tag, key, attempt) in acked {
-                        if !failed.contains(&(tag.partition, tag.offset, tag.attempt)) {
+                        if !failed.contains(&workload::tag_key(&tag)) {
                             ledger.ack(&key, attempt, &at, sub);
                             watched.acks += 1;
                         }
@@ -183,30 +175,6 @@ async fn watched_consumer(
     }
 }
 
-async fn declare(cluster: &Cluster) {
-    let deadline = Instant::now() + FORM;
-    loop {
-        let request = DeclareQueueRequest {
-            queue: Some(QueueSpec {
-                name: QUEUE.into(),
-                partitions: 1,
-                ..Default::default()
-            }),
-        };
-        match AdminClient::new(cluster.channel(0))
-            .declare_queue(request)
-            .await
-        {
-            Ok(_) => return,
-            Err(status) => assert!(
-                Instant::now() < deadline,
-                "declare failed until the deadline: {status}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Which agent of the queue's group the test drains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Drained {
@@ -242,7 +210,7 @@ async fn settles_are_answered_while_the_queue_moves(drained: Drained) {
         &["--replication-factor", RF],
     )
     .expect("cluster starts");
-    declare(&cluster).await;
+    cluster.declare(queue_spec(QUEUE, 1), FORM).await;
     let leader = cluster
         .settled_leader(QUEUE, Duration::from_secs(3), FORM)
         .await;
@@ -296,7 +264,8 @@ async fn settles_are_answered_while_the_queue_moves(drained: Drained) {
     // Phase 2: the target is drained; the queue's group moves to the other agents while the
     // consumer keeps acking at the leader. Every settle frame must be answered meanwhile (the
     // watched consumer fails the test otherwise).
-    let response = MembershipClient::new(cluster.channel(entry_index(&cluster, &entry)))
+    let response = cluster
+        .membership(entry_index(&cluster, &entry))
         .drain_agent(DrainAgentRequest {
             node_id: target as u64,
         })

@@ -20,8 +20,10 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use sluice_proto::v1::admin_client::AdminClient;
 use sluice_proto::v1::consumer_client::ConsumerClient;
+use sluice_proto::v1::membership_client::MembershipClient;
 use sluice_proto::v1::{
-    DeliveryTag, GetQueueStatsRequest, GetQueueStatsResponse, Settle, SettleAction, SettleRequest,
+    AgentState, DeclareQueueRequest, DeliveryTag, GetClusterRequest, GetClusterResponse,
+    GetQueueStatsRequest, GetQueueStatsResponse, QueueSpec, Settle, SettleAction, SettleRequest,
 };
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -480,6 +482,73 @@ impl Cluster {
             .map_err(|s| format!("agent {i}: {:?}: {}", s.code(), s.message()))
     }
 
+    /// A `sluice.v1.Membership` client of agent `i` (on its reused channel).
+    pub fn membership(&self, i: usize) -> MembershipClient<Channel> {
+        MembershipClient::new(self.channel(i))
+    }
+
+    /// Agent `i`'s `GetCluster` answer (5 s deadline, so a stuck agent fails the call rather
+    /// than the test's wait).
+    pub async fn get_cluster(&self, i: usize) -> Result<GetClusterResponse, tonic::Status> {
+        let mut request = tonic::Request::new(GetClusterRequest {});
+        request.set_timeout(Duration::from_secs(5));
+        self.membership(i)
+            .get_cluster(request)
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Polls agent `i`'s `GetCluster` every 250 ms until `done` holds and returns that view;
+    /// fails the test with the last view (or error) after `timeout`. Prints how long `what`
+    /// took.
+    pub async fn wait_view(
+        &self,
+        i: usize,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&GetClusterResponse) -> bool,
+    ) -> GetClusterResponse {
+        let started = Instant::now();
+        loop {
+            let view = self.get_cluster(i).await;
+            if let Ok(view) = &view
+                && done(view)
+            {
+                eprintln!("{what} after {:?}", started.elapsed());
+                return view.clone();
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "{what}: not within {timeout:?}; last view from agent {i}: {view:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Declares `spec` through agent 0 (which forwards it to the meta leader), retrying every
+    /// 100 ms while the cluster elects its first meta leader; fails the test when it is still
+    /// refused after `timeout`.
+    pub async fn declare(&self, spec: QueueSpec, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let request = DeclareQueueRequest {
+                queue: Some(spec.clone()),
+            };
+            match AdminClient::new(self.channel(0))
+                .declare_queue(request)
+                .await
+            {
+                Ok(_) => return,
+                Err(status) => assert!(
+                    Instant::now() < deadline,
+                    "declare {} failed until the deadline: {status}",
+                    spec.name
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Prints the last `n` stderr lines of every agent (for a failing test).
     pub fn dump_logs(&self, n: usize) {
         for node in &self.nodes {
@@ -554,6 +623,24 @@ pub fn channel_to(endpoint: &str) -> Channel {
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .connect_lazy()
+}
+
+/// A queue named `name` with `partitions` partitions and every other field at its default
+/// (what [`Cluster::declare`] is usually given).
+pub fn queue_spec(name: &str, partitions: u32) -> QueueSpec {
+    QueueSpec {
+        name: name.into(),
+        partitions,
+        ..Default::default()
+    }
+}
+
+/// The state `view` gives agent `node`, or `None` when it is not a member.
+pub fn state_of(view: &GetClusterResponse, node: u64) -> Option<AgentState> {
+    view.agents
+        .iter()
+        .find(|a| a.node_id == node)
+        .map(|a| a.state())
 }
 
 /// Polls `probe` every 50 ms until it returns a value; `None` after `timeout`.

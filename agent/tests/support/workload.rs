@@ -18,9 +18,11 @@ use sluice_proto::v1::consume_response::Response as In;
 use sluice_proto::v1::consumer_client::ConsumerClient;
 use sluice_proto::v1::publisher_client::PublisherClient;
 use sluice_proto::v1::{
-    ConsumeRequest, DeliveryTag, Message, PublishRequest, Settle, SettleAction, Subscribe,
+    ConsumeRequest, DeliveryTag, Message, PublishRequest, Settle, SettleAction, SettleResult,
+    Subscribe,
 };
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -35,6 +37,73 @@ pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 const CONSUME_IDLE: Duration = Duration::from_secs(2);
 /// Pause between attempts after a failure.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// Publishers and a consumer running against the cluster, started together and stopped
+/// together (the consumer may be stopped first, so a backlog builds up).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    stop_consumer: Arc<AtomicBool>,
+    publishers: Vec<JoinHandle<PublisherReport>>,
+    consumer: JoinHandle<ConsumerReport>,
+}
+
+impl Load {
+    /// Starts `publishers` publishers of `queue` (publisher `n` keys its messages
+    /// `<prefix><n>-<seq>`, in batches of `batch`) and one consumer, all entering the cluster
+    /// at `endpoints` and recording into `ledger`. Must run inside a Tokio runtime.
+    pub fn start(
+        endpoints: Vec<String>,
+        queue: &str,
+        ledger: &Arc<Ledger>,
+        publishers: usize,
+        prefix: &str,
+        batch: usize,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_consumer = Arc::new(AtomicBool::new(false));
+        let publishers = (0..publishers)
+            .map(|n| {
+                tokio::spawn(publish(
+                    endpoints.clone(),
+                    queue.to_owned(),
+                    format!("{prefix}{n}"),
+                    batch,
+                    ledger.clone(),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        let consumer = tokio::spawn(consume(
+            endpoints,
+            queue.to_owned(),
+            ledger.clone(),
+            Until::Stopped(stop_consumer.clone()),
+        ));
+        Load {
+            stop,
+            stop_consumer,
+            publishers,
+            consumer,
+        }
+    }
+
+    /// Stops consuming while publishing goes on (a backlog builds up).
+    pub fn stop_consumer(&self) {
+        self.stop_consumer.store(true, Ordering::Release);
+    }
+
+    /// Stops the load and prints what each part did.
+    pub async fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        self.stop_consumer.store(true, Ordering::Release);
+        for (n, p) in self.publishers.into_iter().enumerate() {
+            let report = p.await.expect("publisher task");
+            eprintln!("publisher {n}: {report:?}");
+        }
+        let report = self.consumer.await.expect("consumer task");
+        eprintln!("consumer under load: {report:?}");
+    }
+}
 
 /// Which agent a client talks to: the last known leader, learned from redirects.
 struct Target {
@@ -330,16 +399,11 @@ async fn subscribe_once(
                         }
                     }
                     Some(In::Settled(result)) => {
-                        let failed: BTreeSet<(u32, u64, u32)> = result
-                            .failures
-                            .iter()
-                            .filter_map(|f| f.tag)
-                            .map(|t| (t.partition, t.offset, t.attempt))
-                            .collect();
+                        let failed = failed_tags(&result);
                         for (tag, key, attempt) in
                             unsettled.remove(&result.sequence).unwrap_or_default()
                         {
-                            if !failed.contains(&(tag.partition, tag.offset, tag.attempt)) {
+                            if !failed.contains(&tag_key(&tag)) {
                                 ledger.ack(&key, attempt, &target.current, sub);
                                 report.acks += 1;
                             }
@@ -382,4 +446,20 @@ async fn subscribe_once(
             }
         }
     }
+}
+
+/// A delivery tag as a comparable `(partition, offset, attempt)` (prost's `DeliveryTag` is not
+/// `Ord`).
+pub fn tag_key(tag: &DeliveryTag) -> (u32, u64, u32) {
+    (tag.partition, tag.offset, tag.attempt)
+}
+
+/// The tags a settle frame's result reports as failed (their acks did not take effect).
+pub fn failed_tags(result: &SettleResult) -> BTreeSet<(u32, u64, u32)> {
+    result
+        .failures
+        .iter()
+        .filter_map(|f| f.tag.as_ref())
+        .map(tag_key)
+        .collect()
 }
