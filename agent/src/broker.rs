@@ -497,7 +497,11 @@ impl Broker {
 
     /// Leader placement: hands each partition this agent leads to its preferred leader (the
     /// same agent for all partitions of a queue, so one agent serves a queue's consumers)
-    /// once that agent has caught up.
+    /// once that agent has caught up. When the preferred leader cannot take it (down, behind,
+    /// a hand-off to it just failed), the next agent of the queue's replica set in placement
+    /// order that can is the target, so a queue whose preferred agent died does not stay
+    /// split between leaders: a publish whose messages hash to several partitions needs one
+    /// agent that leads them all.
     async fn balance_once(&self, cluster: &ClusterContext) {
         // Only ACTIVE agents are preferred: a joining one is not a voter everywhere yet, a
         // draining one is giving its leaderships away.
@@ -509,40 +513,40 @@ impl Broker {
         let me = cluster.config.node_id;
         let rf = cluster.config.replication_factor;
         for (queue, _, link) in self.led_partitions() {
-            let placed = crate::cluster::placement::replica_set(&queue, rf, &nodes);
-            let Some(&preferred) = placed.first() else {
-                continue;
-            };
-            if preferred == me {
-                continue;
-            }
-            let view = crate::cluster::reconcile::GroupView::of(&link.raft.metrics().borrow());
-            if !view.voters.contains(&preferred) {
-                continue;
-            }
-            let Some((matched, last)) = link.progress_of(preferred) else {
-                continue;
-            };
-            let Some(peer) = self.peer_address(cluster, &view, preferred) else {
-                continue;
-            };
-            if matched < last {
-                continue;
-            }
             if cluster.holds.is_held(&link.group) {
                 continue;
             }
-            let moved = match link.hand_off(preferred, &peer).await {
-                Ok(moved) => moved,
-                Err(e) => {
-                    tracing::debug!(group = %link.group, error = %e, "leadership hand-off failed");
-                    false
+            let view = crate::cluster::reconcile::GroupView::of(&link.raft.metrics().borrow());
+            for candidate in crate::cluster::placement::replica_set(&queue, rf, &nodes) {
+                if candidate == me {
+                    break;
                 }
-            };
-            if moved {
-                tracing::info!(group = %link.group, to = preferred, "leadership moved to the preferred leader");
-            } else {
-                cluster.holds.hold(&link.group);
+                if !view.voters.contains(&candidate)
+                    || cluster.holds.is_held_for(&link.group, candidate)
+                {
+                    continue;
+                }
+                let caught_up = link
+                    .progress_of(candidate)
+                    .is_some_and(|(matched, last)| matched >= last);
+                let Some(peer) = self.peer_address(cluster, &view, candidate) else {
+                    continue;
+                };
+                if !caught_up {
+                    continue;
+                }
+                let moved = match link.hand_off(candidate, &peer).await {
+                    Ok(moved) => moved,
+                    Err(e) => {
+                        tracing::debug!(group = %link.group, to = candidate, error = %e, "leadership hand-off failed");
+                        false
+                    }
+                };
+                if moved {
+                    tracing::info!(group = %link.group, to = candidate, "leadership moved to the preferred leader");
+                    break;
+                }
+                cluster.holds.hold_for(&link.group, candidate);
             }
         }
     }
@@ -585,17 +589,19 @@ impl Broker {
             }
             let moved = match view.successor(&catalog) {
                 Some(node) => match self.peer_address(cluster, &view, node) {
-                    Some(peer) => match crate::cluster::transfer_leadership(&peer, &group).await {
-                        Ok(outcome) => {
-                            let moved = outcome.is_leader || outcome.leader == Some(node);
-                            tracing::info!(%group, to = node, moved, "handed leadership away");
-                            moved
+                    Some(peer) => {
+                        match crate::cluster::transfer_leadership(&peer, &group, true).await {
+                            Ok(outcome) => {
+                                let moved = outcome.is_leader || outcome.leader == Some(node);
+                                tracing::info!(%group, to = node, moved, "handed leadership away");
+                                moved
+                            }
+                            Err(e) => {
+                                tracing::warn!(%group, error = %e, "leadership hand-off failed");
+                                false
+                            }
                         }
-                        Err(e) => {
-                            tracing::warn!(%group, error = %e, "leadership hand-off failed");
-                            false
-                        }
-                    },
+                    }
                     None => false,
                 },
                 None => false,

@@ -413,6 +413,8 @@ async fn lead_with(cluster: &Cluster, i: usize, dead: usize) {
         let answer = peer
             .transfer_leadership(sluice_proto::peer::v1::TransferLeadershipRequest {
                 group: format!("{QUEUE}/0"),
+                // Keep it: the balancer would otherwise hand it to the preferred agent.
+                relieve: true,
             })
             .await
             .unwrap_or_else(|e| panic!("transfer leadership to agent {i}: {e}"));

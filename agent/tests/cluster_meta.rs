@@ -317,7 +317,7 @@ async fn transferring_meta_leadership_to_a_named_agent_makes_it_the_leader() {
 
     // Phase 1: the named follower takes over; everyone follows it.
     let target = (leader + 1) % 3;
-    let outcome = transfer_leadership(&peers[target as usize], META_GROUP)
+    let outcome = transfer_leadership(&peers[target as usize], META_GROUP, true)
         .await
         .expect("transfer call");
     assert!(outcome.is_leader, "{outcome:?}");
@@ -338,7 +338,7 @@ async fn transferring_meta_leadership_to_a_named_agent_makes_it_the_leader() {
     );
 
     // Phase 3: asking to lead a group the agent does not host names the group.
-    let e = transfer_leadership(&peers[0], "orders/7")
+    let e = transfer_leadership(&peers[0], "orders/7", true)
         .await
         .expect_err("unknown group");
     let sluice_agent::cluster::TransferError::Rpc { status, .. } = &e;

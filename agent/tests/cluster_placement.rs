@@ -335,7 +335,24 @@ async fn a_message_nacked_past_max_deliveries_lands_exactly_once_in_a_dead_lette
     consumer.flush().await.expect("nacks settled");
     drop(consumer);
 
-    // Every message is in the DLQ exactly once, marked with its source and reason.
+    // Every message is in the DLQ exactly once, marked with its source and reason. The DLQ is
+    // read once it is led by its preferred agent: a leadership move (the balancer's, while
+    // the DLQ's first leaders settle) ends a subscription, which would then have to be opened
+    // again.
+    let dlq_preferred = dlq_set[0];
+    cluster
+        .wait_view(
+            dlq_preferred as usize,
+            "the DLQ is led by its preferred agent",
+            FORM,
+            |v| {
+                v.partitions
+                    .iter()
+                    .filter(|p| p.queue == dlq)
+                    .all(|p| p.leader == Some(dlq_preferred))
+            },
+        )
+        .await;
     let dlq_client = sluice_client::Client::connect_any(&cluster.endpoints())
         .await
         .expect("client");

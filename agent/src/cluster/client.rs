@@ -91,6 +91,7 @@ pub enum TransferError {
 pub async fn transfer_leadership(
     peer_addr: &str,
     group: &str,
+    relieve: bool,
 ) -> Result<TransferOutcome, TransferError> {
     let failed = |status| TransferError::Rpc {
         peer: peer_addr.to_owned(),
@@ -100,6 +101,7 @@ pub async fn transfer_leadership(
     let channel = endpoint(peer_addr).map_err(failed)?.connect_lazy();
     let mut request = tonic::Request::new(pb::TransferLeadershipRequest {
         group: group.to_owned(),
+        relieve,
     });
     request.set_timeout(TRANSFER_RPC_TIMEOUT);
     let response = ClusterClient::new(channel)

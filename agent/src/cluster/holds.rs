@@ -1,8 +1,9 @@
 //! Groups whose leadership the balancer leaves alone for a while.
 //!
-//! Two things put a group on hold. A hand-off to the preferred leader that failed: with four or
-//! more voters the campaign-based transfer often fails (decision 0009) and each lost campaign
-//! costs an election, so retrying every round would keep the group electing. And leadership
+//! Two things put a group on hold. A hand-off to an agent that failed puts the group on hold
+//! *for that agent*: with four or more voters the campaign-based transfer often fails (decision
+//! 0009) and each lost campaign costs an election, so retrying every round would keep the group
+//! electing (the balancer tries the next agent in placement order instead). And leadership
 //! taken on request (`Cluster.TransferLeadership`): the old leader asked to be relieved — a
 //! rolling update's `preStop` hook, `sluice cluster handoff` — and handing the group straight back
 //! to it, because placement still prefers it, would undo the request before the pod stops.
@@ -18,10 +19,14 @@ use tokio::time::Instant;
 /// to its preferred agent soon after.
 pub const HOLD: Duration = Duration::from_secs(30);
 
-/// The groups on hold and until when; cloned handles share one map.
+/// A group, and the one agent it may not be handed to (`None`: any agent).
+type HoldKey = (String, Option<u64>);
+
+/// The groups on hold (for every target, or for one) and until when; cloned handles share
+/// one map.
 #[derive(Clone, Debug, Default)]
 pub struct BalanceHolds {
-    until: Arc<Mutex<HashMap<String, Instant>>>,
+    until: Arc<Mutex<HashMap<HoldKey, Instant>>>,
 }
 
 impl BalanceHolds {
@@ -32,23 +37,37 @@ impl BalanceHolds {
 
     /// Leaves `group` alone until [`HOLD`] from now.
     pub fn hold(&self, group: &str) {
-        self.hold_for(group, HOLD);
+        self.hold_key((group.to_owned(), None), HOLD);
     }
 
-    fn hold_for(&self, group: &str, hold: Duration) {
+    /// Hands `group` to `node` no more until [`HOLD`] from now.
+    pub fn hold_for(&self, group: &str, node: u64) {
+        self.hold_key((group.to_owned(), Some(node)), HOLD);
+    }
+
+    fn hold_key(&self, key: HoldKey, hold: Duration) {
         let until = Instant::now() + hold;
-        self.lock().insert(group.to_owned(), until);
+        self.lock().insert(key, until);
     }
 
-    /// Whether `group` is on hold now; forgets holds that have lapsed.
+    /// Whether `group` is on hold now (for every target); forgets holds that have lapsed.
     pub fn is_held(&self, group: &str) -> bool {
+        self.active(&(group.to_owned(), None))
+    }
+
+    /// Whether handing `group` to `node` is on hold now (for every target or for it).
+    pub fn is_held_for(&self, group: &str, node: u64) -> bool {
+        self.is_held(group) || self.active(&(group.to_owned(), Some(node)))
+    }
+
+    fn active(&self, key: &HoldKey) -> bool {
         let now = Instant::now();
         let mut holds = self.lock();
         holds.retain(|_, until| *until > now);
-        holds.contains_key(group)
+        holds.contains_key(key)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<HoldKey, Instant>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.until
             .lock()
@@ -66,12 +85,25 @@ mod tests {
         let shared = holds.clone();
         holds.hold("orders/0");
         assert!(shared.is_held("orders/0"));
+        assert!(
+            shared.is_held_for("orders/0", 3),
+            "a group hold covers every target"
+        );
         assert!(!shared.is_held("orders/1"));
-        holds.hold_for("orders/1", Duration::ZERO);
+        holds.hold_key(("orders/1".into(), None), Duration::ZERO);
         assert!(!holds.is_held("orders/1"));
         assert!(
             holds.is_held("orders/0"),
             "a lapsed hold forgets only itself"
         );
+    }
+
+    #[test]
+    fn a_hold_for_one_target_leaves_the_others_and_the_group_free() {
+        let holds = BalanceHolds::new();
+        holds.hold_for("orders/0", 4);
+        assert!(holds.is_held_for("orders/0", 4));
+        assert!(!holds.is_held_for("orders/0", 2));
+        assert!(!holds.is_held("orders/0"));
     }
 }

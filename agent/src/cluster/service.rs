@@ -113,14 +113,16 @@ impl ClusterService {
     /// every next leader too, forever; after a lost round this waits until some leader has
     /// held office for a full lease before trying again (decision 0009).
     ///
-    /// The group goes on hold first, so this agent's balancer does not hand it straight back
-    /// to a preferred leader that asked to be relieved.
+    /// When the sender is relieving itself, the group goes on hold first, so this agent's
+    /// balancer does not hand it straight back to a preferred leader that is about to stop.
     async fn transfer_leadership(
         &self,
         request: pb::TransferLeadershipRequest,
     ) -> Result<pb::TransferLeadershipResponse, ClusterError> {
         let raft = self.groups.get(&request.group)?;
-        self.holds.hold(&request.group);
+        if request.relieve {
+            self.holds.hold(&request.group);
+        }
         let failed = |reason: String| ClusterError::Raft {
             group: request.group.clone(),
             reason,

@@ -233,9 +233,6 @@ impl MembershipService {
     }
 }
 
-/// Voters whose log matches this leader's as far as it knows (the leader itself included).
-/// Under load a healthy follower trails by the entries in flight, so "matches" allows the lag
-/// a learner may have when it is promoted; an exact match would flicker with every append.
 /// Views of the groups other agents host (decision 0014: with a replication factor below the
 /// agent count no agent hosts every group): every other agent with a client address is asked
 /// for its own replicas' views (`GetCluster`, local only), and for each partition the view of
@@ -279,6 +276,9 @@ pub async fn remote_views(
     out.into_iter().map(|((q, p), v)| (q, p, v)).collect()
 }
 
+/// Voters whose log matches this leader's as far as it knows (the leader itself included).
+/// Under load a healthy follower trails by the entries in flight, so "matches" allows the lag
+/// a learner may have when it is promoted; an exact match would flicker with every append.
 fn in_sync(view: &GroupView) -> Vec<u64> {
     view.voters
         .iter()

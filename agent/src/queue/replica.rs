@@ -616,7 +616,7 @@ impl ReplicaLink {
     /// starts an election, which a caught-up replica wins (decision 0009). Returns whether it
     /// leads now.
     pub async fn hand_off(&self, node: u64, peer: &str) -> Result<bool, String> {
-        crate::cluster::client::transfer_leadership(peer, &self.group)
+        crate::cluster::client::transfer_leadership(peer, &self.group, false)
             .await
             .map(|outcome| outcome.is_leader || outcome.leader == Some(node))
             .map_err(|e| e.to_string())
