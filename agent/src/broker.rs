@@ -529,12 +529,12 @@ impl Broker {
                 let caught_up = link
                     .progress_of(candidate)
                     .is_some_and(|(matched, last)| matched >= last);
-                let Some(peer) = self.peer_address(cluster, &view, candidate) else {
-                    continue;
-                };
                 if !caught_up {
                     continue;
                 }
+                let Some(peer) = self.peer_address(cluster, &view, candidate) else {
+                    continue;
+                };
                 let moved = match link.hand_off(candidate, &peer).await {
                     Ok(moved) => moved,
                     Err(e) => {
