@@ -278,6 +278,21 @@ async fn a_message_nacked_past_max_deliveries_lands_exactly_once_in_a_dead_lette
     // not host the DLQ: dead-lettering must cross agents.
     let preferred = src_set[0] as usize;
     let src_replicas: Vec<usize> = src_set.iter().map(|n| *n as usize).collect();
+    // The balancer moves one partition at a time: wait until it moved every one (a publish
+    // of many keys needs every partition led where it is sent), then until the leader serves.
+    cluster
+        .wait_view(
+            preferred,
+            "every partition of the source led by its preferred agent",
+            FORM,
+            |v| {
+                v.partitions
+                    .iter()
+                    .filter(|p| p.queue == src)
+                    .all(|p| p.leader == Some(preferred as u64))
+            },
+        )
+        .await;
     let deadline = Instant::now() + FORM;
     loop {
         if cluster.leader_among(&src, &src_replicas, ELECTION).await == preferred {

@@ -209,6 +209,7 @@ async fn publish_frame(
         },
     };
     metrics.observe_rpc("PublishStream", started.elapsed());
+    crate::replication::timing::record("publish_frame", started.elapsed());
     count_confirms(&metrics, &confirms);
     let response = PublishStreamResponse {
         sequence: frame.sequence,

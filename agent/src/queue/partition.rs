@@ -453,11 +453,13 @@ impl Partition {
             return Ok(());
         }
         if let Some(link) = &self.replica {
+            let waiting = std::time::Instant::now();
             let mut rx = link.status.subscribe();
             let status = *rx
                 .wait_for(|s| s.epoch != wait.epoch || !s.ready || s.confirmed >= index)
                 .await
                 .map_err(|_| self.not_leader())?;
+            crate::replication::timing::record("confirm_wait", waiting.elapsed());
             return if status.epoch == wait.epoch && status.confirmed >= index {
                 Ok(())
             } else {

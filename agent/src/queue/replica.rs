@@ -237,6 +237,7 @@ struct Proposer {
 type Landing = (
     u64,
     u64,
+    std::time::Instant,
     <<crate::replication::TypeConfig as openraft::RaftTypeConfig>::Responder as openraft::raft::responder::Responder<crate::replication::TypeConfig>>::Receiver,
     tokio::sync::OwnedSemaphorePermit,
 );
@@ -250,6 +251,7 @@ impl Proposer {
             // Applied in an epoch that ended: the role task rebuilds that state.
             return true;
         }
+        let submitted = std::time::Instant::now();
         match self
             .raft
             .client_write_ff(super::entry::encode(staged.commands))
@@ -257,7 +259,7 @@ impl Proposer {
         {
             Ok(rx) => self
                 .checks
-                .send((staged.epoch, staged.index, rx, permit))
+                .send((staged.epoch, staged.index, submitted, rx, permit))
                 .is_ok(),
             Err(_) => {
                 // Raft stopped: nothing more can be confirmed.
@@ -342,8 +344,9 @@ async fn check_landings(
     mut pending: mpsc::UnboundedReceiver<Landing>,
     status: watch::Sender<ReplicaStatus>,
 ) {
-    while let Some((epoch, index, rx, _permit)) = pending.recv().await {
+    while let Some((epoch, index, submitted, rx, _permit)) = pending.recv().await {
         let result: Result<Result<crate::replication::types::WriteResponse, _>, _> = rx.await;
+        crate::replication::timing::record("submit_to_applied", submitted.elapsed());
         let landed = match result {
             Ok(Ok(response)) => Some(crate::replication::codec::log_index(response.log_id.index)),
             Ok(Err(_)) | Err(_) => None,

@@ -93,14 +93,18 @@ impl PeerClient {
         request
     }
 
-    /// Maps a failed call: transport trouble is `Unreachable` (openraft backs off before
-    /// retrying); any other status (the peer has no such group, or its Raft stopped) is a
-    /// network error, which openraft retries at its normal pace.
+    /// Maps a failed call: a peer that cannot be reached is `Unreachable` (openraft backs
+    /// off 500 ms before retrying); any other status is a network error, which openraft
+    /// retries at its normal pace.
+    ///
+    /// A call that ran out of time is not `Unreachable`: openraft 0.9 gives an AppendEntries
+    /// only a heartbeat interval, so one slow round trip under load (a large batch, a
+    /// follower's fsync stall) would otherwise silence replication to that follower for
+    /// 500 ms — a confirm-latency spike, and when it hits both followers at once, no
+    /// heartbeats and an election.
     fn status<E: std::error::Error>(&self, status: tonic::Status) -> RpcError<E> {
         match status.code() {
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                RPCError::Unreachable(Unreachable::new(&status))
-            }
+            tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&status)),
             _ => RPCError::Network(NetworkError::new(&status)),
         }
     }
