@@ -171,7 +171,7 @@ impl Client {
 
     /// Subscribes to `queue` holding at most `prefetch` unsettled deliveries (0 = 100).
     pub async fn subscribe(&self, queue: &str, prefetch: u32) -> Result<Consumer> {
-        Consumer::subscribe(&self.router, queue, prefetch, "").await
+        Consumer::subscribe(self.router.clone(), queue, prefetch, "").await
     }
 
     /// Settles deliveries outside a subscription; returns the tags that failed.

@@ -6,6 +6,7 @@
 //! per batch, not per message. [`Consumer::flush`] sends what is queued and waits until every
 //! settle sent so far is durable, returning the tags that failed.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice_proto::v1::consume_request::Request as Frame;
@@ -46,23 +47,44 @@ enum Op {
 /// An open subscription. Dropping it ends the stream; the agent then redelivers whatever this
 /// consumer had not settled.
 ///
-/// A subscription lives on one agent. If that agent stops leading the queue or goes away, the
-/// stream ends and [`Consumer::next`] returns the error; subscribe again (through the same
-/// [`crate::Client`], which then finds the new leader) and the unsettled deliveries of the old
-/// stream come back as redeliveries.
+/// A subscription lives on one agent at a time. When that agent stops leading the queue, goes
+/// away, or ends the stream with a retryable status, [`Consumer::next`] subscribes again at
+/// the queue's leader by itself (within the client's retry bound) and goes on; the unsettled
+/// deliveries of the old stream come back as redeliveries. Settles sent on the old stream
+/// whose outcome is unknown make the next [`Consumer::flush`] fail, so nothing counts as
+/// acked that was not.
 #[derive(Debug)]
 pub struct Consumer {
+    router: Arc<Router>,
+    subscribe: Subscribe,
+    stream: Stream,
+    /// What earlier streams left for the next flush.
+    carried: Mutex<Carried>,
+}
+
+/// The tasks and channels of one `Consume` stream.
+#[derive(Debug)]
+struct Stream {
     deliveries: mpsc::UnboundedReceiver<Result<Delivery>>,
     ops: mpsc::UnboundedSender<Op>,
     reader: JoinHandle<()>,
     batcher: JoinHandle<()>,
 }
 
+/// Settle outcomes of streams that ended, not yet handed to a flush.
+#[derive(Debug, Default)]
+struct Carried {
+    /// Tags that failed there.
+    failures: Vec<SettleOutcome>,
+    /// Why settles sent there have no known outcome.
+    unknown: Option<Error>,
+}
+
 impl Consumer {
     /// Opens a `Consume` stream and subscribes to `queue` at the agent that leads it,
     /// following redirects and retrying refusals within the router's bound.
     pub(crate) async fn subscribe(
-        router: &Router,
+        router: Arc<Router>,
         queue: &str,
         prefetch: u32,
         consumer_name: &str,
@@ -72,7 +94,71 @@ impl Consumer {
             prefetch,
             consumer_name: consumer_name.to_owned(),
         };
+        let stream = Stream::open(&router, &subscribe, None).await?;
+        Ok(Self {
+            router,
+            subscribe,
+            stream,
+            carried: Mutex::default(),
+        })
+    }
+
+    /// The next delivery; `Ok(None)` when the agent ended the subscription cleanly (shutdown or
+    /// queue deleted). Waits while this consumer holds `prefetch` unsettled deliveries.
+    pub async fn next(&mut self) -> Result<Option<Delivery>> {
+        loop {
+            match self.stream.deliveries.recv().await {
+                None => return Ok(None),
+                Some(Ok(delivery)) => return Ok(Some(delivery)),
+                Some(Err(Error::Status(status)))
+                    if Failure::classify(status.clone()).is_retryable(Resend::Harmless) =>
+                {
+                    // Opening a subscription takes nothing from the queue: always safe. The
+                    // way the stream ended (a redirect, an election, a lost agent) is where
+                    // the new one starts looking.
+                    let ended = Failure::classify(status);
+                    let stream = Stream::open(&self.router, &self.subscribe, Some(ended)).await?;
+                    let old = std::mem::replace(&mut self.stream, stream);
+                    self.carry(old).await;
+                }
+                Some(Err(err)) => return Err(err),
+            }
+        }
+    }
+
+    /// Keeps what an ended stream's settles came to for the next flush.
+    async fn carry(&self, old: Stream) {
+        let (tx, rx) = oneshot::channel();
+        if old.ops.send(Op::Flush(tx)).is_err() {
+            return;
+        }
+        let outcome = rx.await.unwrap_or(Err(Error::Closed("consume")));
+        let mut carried = lock(&self.carried);
+        match outcome {
+            Ok(failures) => carried.failures.extend(failures),
+            Err(err) => {
+                carried.unknown.get_or_insert(err);
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data, consistent across a panic.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Stream {
+    /// Opens a `Consume` stream with `subscribe` at the queue's leader; `after` is how the
+    /// previous stream of the subscription ended, if there was one.
+    async fn open(router: &Router, subscribe: &Subscribe, after: Option<Failure>) -> Result<Self> {
+        let queue = subscribe.queue.as_str();
         let mut route = Route::new(router, Some(queue));
+        if let Some(failure) = after {
+            route.next(failure, Resend::Harmless).await?;
+        }
         let (requests, responses) = loop {
             let failure = match router.channel(&route.target).await {
                 Ok(channel) => {
@@ -110,13 +196,9 @@ impl Consumer {
             batcher,
         })
     }
+}
 
-    /// The next delivery; `Ok(None)` when the agent ended the subscription cleanly (shutdown or
-    /// queue deleted). Waits while this consumer holds `prefetch` unsettled deliveries.
-    pub async fn next(&mut self) -> Result<Option<Delivery>> {
-        self.deliveries.recv().await.transpose()
-    }
-
+impl Consumer {
     /// Queues an ack: the message is done.
     pub fn ack(&self, tag: DeliveryTag) -> Result<()> {
         self.settle(SettleAction::Ack, tag, Duration::ZERO)
@@ -140,7 +222,8 @@ impl Consumer {
     /// Queues any settle action for one tag.
     pub fn settle(&self, action: SettleAction, tag: DeliveryTag, delay: Duration) -> Result<()> {
         let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-        self.ops
+        self.stream
+            .ops
             .send(Op::Settle {
                 action,
                 tag,
@@ -150,17 +233,28 @@ impl Consumer {
     }
 
     /// Sends every queued settle and waits until all settles sent so far are durable; returns
-    /// the tags that failed since the previous flush.
+    /// the tags that failed since the previous flush. Fails when the outcome of some settle is
+    /// unknown (its stream ended before it was answered): those messages may come back.
     pub async fn flush(&self) -> Result<Vec<SettleOutcome>> {
+        if let Some(err) = lock(&self.carried).unknown.take() {
+            return Err(err);
+        }
         let (tx, rx) = oneshot::channel();
-        self.ops
+        self.stream
+            .ops
             .send(Op::Flush(tx))
             .map_err(|_| Error::Closed("consume"))?;
-        rx.await.map_err(|_| Error::Closed("consume"))?
+        let mut failures = rx.await.map_err(|_| Error::Closed("consume"))??;
+        let mut carried = lock(&self.carried);
+        if let Some(err) = carried.unknown.take() {
+            return Err(err);
+        }
+        failures.splice(0..0, carried.failures.drain(..));
+        Ok(failures)
     }
 }
 
-impl Drop for Consumer {
+impl Drop for Stream {
     fn drop(&mut self) {
         // Aborting both tasks drops the request sender and the response stream, which resets
         // the RPC: the agent sees the consumer gone.
@@ -291,10 +385,12 @@ impl Batcher {
         let Some((action, delay_ms, tags, _)) = self.batch.take() else {
             return;
         };
-        if self.ended.is_some() {
-            return; // Flushes report the end; these tags can no longer be settled here.
-        }
         self.sent += 1;
+        if self.ended.is_some() {
+            // These tags can no longer be settled here; counting the frame as sent and never
+            // answered makes the flushes after it report the end instead of success.
+            return;
+        }
         let settle = Settle {
             action: action as i32,
             tags,

@@ -252,3 +252,58 @@ async fn a_publish_stream_ended_by_a_redirect_resends_its_unconfirmed_frames_at_
     assert_eq!(all.len(), 8, "each frame accepted exactly once: {all:?}");
     assert_eq!(moving.published(), ["m0", "m1", "m2"]);
 }
+
+#[tokio::test]
+async fn a_subscription_whose_stream_is_redirected_goes_on_at_the_leader_and_reports_unanswered_acks()
+ {
+    let leader = start("leader", Behaviour::Lead).await;
+    let moved = start(
+        "moved",
+        Behaviour::RedirectConsumeAfterDelivery(leader.addr.to_string()),
+    )
+    .await;
+    let client = Client::connect(moved.endpoint()).await.expect("connect");
+    let mut consumer = client.subscribe("orders", 10).await.expect("subscribe");
+
+    let first = consumer
+        .next()
+        .await
+        .expect("first delivery")
+        .expect("open");
+    assert_eq!(
+        first.message.as_ref().map(|m| &m.payload[..]),
+        Some(&b"moved"[..])
+    );
+    consumer.ack(tag(&first)).expect("ack queued");
+
+    // The stream ends with a redirect: `next` subscribes again at the leader by itself.
+    let second = consumer
+        .next()
+        .await
+        .expect("no error surfaces")
+        .expect("open");
+    assert_eq!(
+        second.message.as_ref().map(|m| &m.payload[..]),
+        Some(&b"leader"[..])
+    );
+    assert_eq!(leader.calls(), 1, "one subscription at the leader");
+
+    // The first ack was never answered: the next flush says its outcome is unknown...
+    let unknown = consumer
+        .flush()
+        .await
+        .expect_err("the unanswered ack is reported");
+    assert!(
+        matches!(&unknown, Error::Status(s) if s.code() == tonic::Code::Unavailable),
+        "{unknown:?}"
+    );
+    // ...and settles on the new stream are answered as usual.
+    consumer.ack(tag(&second)).expect("ack queued");
+    assert!(
+        consumer
+            .flush()
+            .await
+            .expect("flush at the leader")
+            .is_empty()
+    );
+}

@@ -35,6 +35,9 @@ pub enum Behaviour {
     /// On a publish stream: confirms this many frames, then ends the stream with a redirect
     /// to the `host:port`. Serves every other request.
     RedirectStreamAfter(u32, String),
+    /// On a consume stream: sends one delivery, then ends the stream with a redirect to the
+    /// `host:port` without answering any settle. Serves every other request.
+    RedirectConsumeAfterDelivery(String),
 }
 
 /// What a fake agent saw.
@@ -156,7 +159,9 @@ impl Fake {
     fn gate(&self) -> Result<(), Status> {
         self.seen.calls.fetch_add(1, Ordering::SeqCst);
         match &*self.behaviour {
-            Behaviour::Lead | Behaviour::RedirectStreamAfter(..) => Ok(()),
+            Behaviour::Lead
+            | Behaviour::RedirectStreamAfter(..)
+            | Behaviour::RedirectConsumeAfterDelivery(_) => Ok(()),
             Behaviour::Redirect(leader) => Err(redirect(leader)),
             Behaviour::Elect(left) => {
                 let refuse = left
@@ -309,6 +314,10 @@ impl Consumer for Fake {
                 response: Some(Out::Delivery(delivery)),
             }))
             .await;
+        if let Behaviour::RedirectConsumeAfterDelivery(leader) = &*self.behaviour {
+            let _ = tx.send(Err(redirect(leader))).await;
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
         // Every settle frame is answered as fully successful.
         tokio::spawn(async move {
             while let Ok(Some(request)) = requests.message().await {
