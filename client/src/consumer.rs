@@ -141,13 +141,56 @@ impl Consumer {
             }
         }
     }
-}
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Plain data, consistent across a panic.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Queues an ack: the message is done.
+    pub fn ack(&self, tag: DeliveryTag) -> Result<()> {
+        self.settle(SettleAction::Ack, tag, Duration::ZERO)
+    }
+
+    /// Queues a nack: make the message ready again after `delay` (zero: now).
+    pub fn nack(&self, tag: DeliveryTag, delay: Duration) -> Result<()> {
+        self.settle(SettleAction::Nack, tag, delay)
+    }
+
+    /// Queues an extend: still working; restart the ack timeout (or set it to `timeout`).
+    pub fn extend(&self, tag: DeliveryTag, timeout: Duration) -> Result<()> {
+        self.settle(SettleAction::Extend, tag, timeout)
+    }
+
+    /// Queues a reject: move the message to the dead-letter queue (or discard it).
+    pub fn reject(&self, tag: DeliveryTag) -> Result<()> {
+        self.settle(SettleAction::Reject, tag, Duration::ZERO)
+    }
+
+    /// Queues any settle action for one tag.
+    pub fn settle(&self, action: SettleAction, tag: DeliveryTag, delay: Duration) -> Result<()> {
+        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.stream
+            .ops
+            .send(Op::Settle {
+                action,
+                tag,
+                delay_ms,
+            })
+            .map_err(|_| Error::Closed("consume"))
+    }
+
+    /// Sends every queued settle and waits until all settles sent so far are durable; returns
+    /// the tags that failed since the previous flush. Fails when the outcome of some settle is
+    /// unknown (its stream ended before it was answered): those messages may come back.
+    pub async fn flush(&self) -> Result<Vec<SettleOutcome>> {
+        if let Some(err) = lock(&self.carried).unknown.take() {
+            return Err(err);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.stream
+            .ops
+            .send(Op::Flush(tx))
+            .map_err(|_| Error::Closed("consume"))?;
+        let mut failures = rx.await.map_err(|_| Error::Closed("consume"))??;
+        failures.splice(0..0, lock(&self.carried).failures.drain(..));
+        Ok(failures)
+    }
 }
 
 impl Stream {
@@ -198,62 +241,6 @@ impl Stream {
     }
 }
 
-impl Consumer {
-    /// Queues an ack: the message is done.
-    pub fn ack(&self, tag: DeliveryTag) -> Result<()> {
-        self.settle(SettleAction::Ack, tag, Duration::ZERO)
-    }
-
-    /// Queues a nack: make the message ready again after `delay` (zero: now).
-    pub fn nack(&self, tag: DeliveryTag, delay: Duration) -> Result<()> {
-        self.settle(SettleAction::Nack, tag, delay)
-    }
-
-    /// Queues an extend: still working; restart the ack timeout (or set it to `timeout`).
-    pub fn extend(&self, tag: DeliveryTag, timeout: Duration) -> Result<()> {
-        self.settle(SettleAction::Extend, tag, timeout)
-    }
-
-    /// Queues a reject: move the message to the dead-letter queue (or discard it).
-    pub fn reject(&self, tag: DeliveryTag) -> Result<()> {
-        self.settle(SettleAction::Reject, tag, Duration::ZERO)
-    }
-
-    /// Queues any settle action for one tag.
-    pub fn settle(&self, action: SettleAction, tag: DeliveryTag, delay: Duration) -> Result<()> {
-        let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-        self.stream
-            .ops
-            .send(Op::Settle {
-                action,
-                tag,
-                delay_ms,
-            })
-            .map_err(|_| Error::Closed("consume"))
-    }
-
-    /// Sends every queued settle and waits until all settles sent so far are durable; returns
-    /// the tags that failed since the previous flush. Fails when the outcome of some settle is
-    /// unknown (its stream ended before it was answered): those messages may come back.
-    pub async fn flush(&self) -> Result<Vec<SettleOutcome>> {
-        if let Some(err) = lock(&self.carried).unknown.take() {
-            return Err(err);
-        }
-        let (tx, rx) = oneshot::channel();
-        self.stream
-            .ops
-            .send(Op::Flush(tx))
-            .map_err(|_| Error::Closed("consume"))?;
-        let mut failures = rx.await.map_err(|_| Error::Closed("consume"))??;
-        let mut carried = lock(&self.carried);
-        if let Some(err) = carried.unknown.take() {
-            return Err(err);
-        }
-        failures.splice(0..0, carried.failures.drain(..));
-        Ok(failures)
-    }
-}
-
 impl Drop for Stream {
     fn drop(&mut self) {
         // Aborting both tasks drops the request sender and the response stream, which resets
@@ -261,6 +248,13 @@ impl Drop for Stream {
         self.reader.abort();
         self.batcher.abort();
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data, consistent across a panic.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Splits the response stream into deliveries and settle results.

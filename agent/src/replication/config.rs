@@ -8,8 +8,8 @@
 //! its leader lease (the node's `election_timeout_max`) to the timeout of a follower that knew
 //! a leader, and a voter refuses candidates while its own lease runs, so the first candidate
 //! stands about `max + timeout` after the last heartbeat: with the values here 0.33–0.58 s
-//! (plus up to a heartbeat interval), leaving room for a lost vote round inside the budget. Measured figures and why each knob
-//! has its value: decision 0008, "Tuning".
+//! (plus up to a heartbeat interval), leaving room for a lost vote round inside the budget.
+//! Measured figures and why each knob has its value: decisions 0008 ("Tuning") and 0016.
 
 use openraft::{Config, SnapshotPolicy};
 
