@@ -19,7 +19,8 @@ use tokio::time::Instant;
 /// to its preferred agent soon after.
 pub const HOLD: Duration = Duration::from_secs(30);
 
-/// A group, and the one agent it may not be handed to (`None`: any agent).
+/// A group, and the one agent it may not be handed to (`None`: any agent); an empty group
+/// with an agent: no group may be handed to that agent.
 type HoldKey = (String, Option<u64>);
 
 /// The groups on hold (for every target, or for one) and until when; cloned handles share
@@ -45,6 +46,12 @@ impl BalanceHolds {
         self.hold_key((group.to_owned(), Some(node)), HOLD);
     }
 
+    /// Hands no group to `node` until [`HOLD`] from now: it asked to be relieved of its
+    /// leaderships (it is about to stop), so it should not get any other one either.
+    pub fn relieve(&self, node: u64) {
+        self.hold_key((String::new(), Some(node)), HOLD);
+    }
+
     fn hold_key(&self, key: HoldKey, hold: Duration) {
         let until = Instant::now() + hold;
         self.lock().insert(key, until);
@@ -55,9 +62,12 @@ impl BalanceHolds {
         self.active(&(group.to_owned(), None))
     }
 
-    /// Whether handing `group` to `node` is on hold now (for every target or for it).
+    /// Whether handing `group` to `node` is on hold now (for every target or for it, or
+    /// `node` is being relieved).
     pub fn is_held_for(&self, group: &str, node: u64) -> bool {
-        self.is_held(group) || self.active(&(group.to_owned(), Some(node)))
+        self.is_held(group)
+            || self.active(&(group.to_owned(), Some(node)))
+            || self.active(&(String::new(), Some(node)))
     }
 
     fn active(&self, key: &HoldKey) -> bool {
@@ -96,6 +106,16 @@ mod tests {
             holds.is_held("orders/0"),
             "a lapsed hold forgets only itself"
         );
+    }
+
+    #[test]
+    fn a_relieved_agent_gets_no_group_while_the_others_do() {
+        let holds = BalanceHolds::new();
+        holds.relieve(2);
+        assert!(holds.is_held_for("orders/0", 2));
+        assert!(holds.is_held_for("jobs/3", 2));
+        assert!(!holds.is_held_for("orders/0", 1));
+        assert!(!holds.is_held("orders/0"));
     }
 
     #[test]

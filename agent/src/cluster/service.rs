@@ -113,8 +113,9 @@ impl ClusterService {
     /// every next leader too, forever; after a lost round this waits until some leader has
     /// held office for a full lease before trying again (decision 0009).
     ///
-    /// When the sender is relieving itself, the group goes on hold first, so this agent's
-    /// balancer does not hand it straight back to a preferred leader that is about to stop.
+    /// When the sender is relieving itself, the group goes on hold first, and the sender gets
+    /// no group from this agent's balancer for a while, so a preferred leader that is about to
+    /// stop is not handed this or another leadership back.
     async fn transfer_leadership(
         &self,
         request: pb::TransferLeadershipRequest,
@@ -122,6 +123,11 @@ impl ClusterService {
         let raft = self.groups.get(&request.group)?;
         if request.relieve {
             self.holds.hold(&request.group);
+            // The sender leads the group now; it is about to stop, so it gets no other
+            // leadership from this agent's balancer either.
+            if let Some(sender) = raft.metrics().borrow().current_leader {
+                self.holds.relieve(sender);
+            }
         }
         let failed = |reason: String| ClusterError::Raft {
             group: request.group.clone(),
