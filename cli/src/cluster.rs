@@ -2,6 +2,7 @@
 //! serves (it passes changes on to the cluster catalog).
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -83,7 +84,7 @@ pub async fn run(endpoints: &str, command: ClusterCommand) -> anyhow::Result<()>
             out
         }
     };
-    print!("{out}");
+    std::io::stdout().write_all(out.as_bytes())?;
     Ok(())
 }
 

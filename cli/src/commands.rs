@@ -44,8 +44,9 @@ pub async fn declare(client: &Client, args: Declare) -> anyhow::Result<()> {
     } else {
         "already exists with these settings"
     };
-    println!("queue {:?} {verb}", queue.name);
-    println!("{}", describe(&queue));
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "queue {:?} {verb}", queue.name)?;
+    writeln!(out, "{}", describe(&queue))?;
     Ok(())
 }
 
@@ -122,6 +123,7 @@ async fn publish_batch(client: &Client, queue: &str, batch: Vec<Message>) -> any
 pub async fn consume(client: &Client, args: Consume) -> anyhow::Result<()> {
     let mut consumer = client.subscribe(&args.queue, args.prefetch).await?;
     let mut received = 0u64;
+    let mut unprinted = None;
     while args.count.is_none_or(|count| received < count) {
         let next = consumer.next();
         let delivery = match args.idle_timeout {
@@ -140,10 +142,11 @@ pub async fn consume(client: &Client, args: Consume) -> anyhow::Result<()> {
             .as_ref()
             .map(|m| m.payload.as_ref())
             .unwrap_or_default();
-        {
-            let mut out = std::io::stdout().lock();
-            out.write_all(payload)?;
-            out.write_all(b"\n")?;
+        if let Err(err) = print_payload(payload) {
+            // The reader went away (`| head`): this delivery was never shown, so it is not
+            // acked; the acks before it are flushed below rather than dropped.
+            unprinted = Some(err);
+            break;
         }
         if !args.no_ack {
             consumer.ack(tag(&delivery))?;
@@ -158,14 +161,26 @@ pub async fn consume(client: &Client, args: Consume) -> anyhow::Result<()> {
             failure.error
         );
     }
+    if let Some(err) = unprinted {
+        return Err(err.into());
+    }
     Ok(())
+}
+
+fn print_payload(payload: &[u8]) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(payload)?;
+    out.write_all(b"\n")?;
+    out.flush()
 }
 
 /// `sluice stats`: a table with one row per partition and a total.
 pub async fn stats(client: &Client, queue: &str) -> anyhow::Result<()> {
     let stats = client.stats(queue).await?;
-    println!("queue {:?}  consumers {}", stats.name, stats.consumers);
-    println!(
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "queue {:?}  consumers {}", stats.name, stats.consumers)?;
+    writeln!(
+        out,
         "{:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10} {:>10}",
         "partition",
         "ready",
@@ -177,17 +192,22 @@ pub async fn stats(client: &Client, queue: &str) -> anyhow::Result<()> {
         "publish/s",
         "ack/s",
         "oldest"
-    );
+    )?;
     for p in &stats.partitions {
-        row(&p.partition.to_string(), &p.stats.unwrap_or_default());
+        row(
+            &mut out,
+            &p.partition.to_string(),
+            &p.stats.unwrap_or_default(),
+        )?;
     }
-    row("total", &stats.total.unwrap_or_default());
+    row(&mut out, "total", &stats.total.unwrap_or_default())?;
     Ok(())
 }
 
-fn row(label: &str, s: &Stats) {
+fn row(out: &mut impl Write, label: &str, s: &Stats) -> std::io::Result<()> {
     let oldest = humantime::format_duration(Duration::from_secs(s.oldest_message_age_ms / 1000));
-    println!(
+    writeln!(
+        out,
         "{label:<10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10.1} {:>10.1} {:>10}",
         s.ready,
         s.in_flight,
@@ -198,13 +218,15 @@ fn row(label: &str, s: &Stats) {
         s.publish_rate,
         s.ack_rate,
         oldest.to_string(),
-    );
+    )
 }
 
 /// `sluice queues`.
 pub async fn queues(client: &Client) -> anyhow::Result<()> {
-    for queue in client.list_queues().await? {
-        println!("{:<32} {}", queue.name, describe(&queue));
+    let queues = client.list_queues().await?;
+    let mut out = std::io::stdout().lock();
+    for queue in queues {
+        writeln!(out, "{:<32} {}", queue.name, describe(&queue))?;
     }
     Ok(())
 }
@@ -212,6 +234,9 @@ pub async fn queues(client: &Client) -> anyhow::Result<()> {
 /// `sluice delete`.
 pub async fn delete(client: &Client, queue: &str, if_empty: bool) -> anyhow::Result<()> {
     let discarded = client.delete_queue(queue, if_empty).await?;
-    println!("deleted queue {queue:?} ({discarded} messages discarded)");
+    writeln!(
+        std::io::stdout(),
+        "deleted queue {queue:?} ({discarded} messages discarded)"
+    )?;
     Ok(())
 }

@@ -251,6 +251,53 @@ fn runtime_errors_exit_1_naming_the_cause() {
     );
 }
 
+/// `sluice consume q | head -3`: the reader goes away; the consumer stops quietly, what was
+/// printed is acked, and what was not (the delivery whose write failed, and the rest) stays.
+#[test]
+fn a_consumer_whose_reader_goes_away_acks_what_it_printed_and_exits_quietly() {
+    let local = Local::start();
+    local.ok(&["declare", "jobs"], "");
+    local.ok(&["publish", "jobs", "a", "b", "c"], "");
+    let mut consume = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["--endpoint", &local.endpoint, "consume", "jobs"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sluice consume");
+    let mut lines = BufReader::new(consume.stdout.take().expect("stdout")).lines();
+    let printed: Vec<String> = (0..3)
+        .map(|_| lines.next().expect("a line").expect("utf-8"))
+        .collect();
+    assert_eq!(printed.len(), 3);
+    // Close the read end, then give the consumer something more to print.
+    drop(lines);
+    local.ok(&["publish", "jobs", "d", "e"], "");
+    let mut status = None;
+    for _ in 0..300 {
+        status = consume.try_wait().expect("try_wait");
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let Some(status) = status else {
+        let _ = consume.kill();
+        panic!("sluice consume kept running after its reader went away");
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut consume.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert!(status.success(), "{status}: {stderr}");
+    assert_eq!(stderr, "", "a closed pipe is not an error to report");
+
+    // a, b and c were printed and acked; d was delivered but never printed, so it is ready
+    // again, with e.
+    let rest = local.ok(&["consume", "jobs", "--idle-timeout", "1s"], "");
+    let mut rest: Vec<_> = rest.lines().collect();
+    rest.sort();
+    assert_eq!(rest, ["d", "e"]);
+}
+
 #[test]
 fn usage_errors_exit_2_naming_the_flag() {
     for args in [

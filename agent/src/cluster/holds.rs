@@ -19,9 +19,16 @@ use tokio::time::Instant;
 /// to its preferred agent soon after.
 pub const HOLD: Duration = Duration::from_secs(30);
 
-/// A group, and the one agent it may not be handed to (`None`: any agent); an empty group
-/// with an agent: no group may be handed to that agent.
-type HoldKey = (String, Option<u64>);
+/// What one hold covers.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum HoldKey {
+    /// The group goes to no agent.
+    Group(String),
+    /// The group goes to every agent but this one.
+    GroupFor(String, u64),
+    /// No group goes to this agent.
+    Agent(u64),
+}
 
 /// The groups on hold (for every target, or for one) and until when; cloned handles share
 /// one map.
@@ -38,18 +45,18 @@ impl BalanceHolds {
 
     /// Leaves `group` alone until [`HOLD`] from now.
     pub fn hold(&self, group: &str) {
-        self.hold_key((group.to_owned(), None), HOLD);
+        self.hold_key(HoldKey::Group(group.to_owned()), HOLD);
     }
 
     /// Hands `group` to `node` no more until [`HOLD`] from now.
     pub fn hold_for(&self, group: &str, node: u64) {
-        self.hold_key((group.to_owned(), Some(node)), HOLD);
+        self.hold_key(HoldKey::GroupFor(group.to_owned(), node), HOLD);
     }
 
     /// Hands no group to `node` until [`HOLD`] from now: it asked to be relieved of its
     /// leaderships (it is about to stop), so it should not get any other one either.
     pub fn relieve(&self, node: u64) {
-        self.hold_key((String::new(), Some(node)), HOLD);
+        self.hold_key(HoldKey::Agent(node), HOLD);
     }
 
     fn hold_key(&self, key: HoldKey, hold: Duration) {
@@ -59,15 +66,15 @@ impl BalanceHolds {
 
     /// Whether `group` is on hold now (for every target); forgets holds that have lapsed.
     pub fn is_held(&self, group: &str) -> bool {
-        self.active(&(group.to_owned(), None))
+        self.active(&HoldKey::Group(group.to_owned()))
     }
 
     /// Whether handing `group` to `node` is on hold now (for every target or for it, or
     /// `node` is being relieved).
     pub fn is_held_for(&self, group: &str, node: u64) -> bool {
         self.is_held(group)
-            || self.active(&(group.to_owned(), Some(node)))
-            || self.active(&(String::new(), Some(node)))
+            || self.active(&HoldKey::GroupFor(group.to_owned(), node))
+            || self.active(&HoldKey::Agent(node))
     }
 
     fn active(&self, key: &HoldKey) -> bool {
@@ -100,7 +107,7 @@ mod tests {
             "a group hold covers every target"
         );
         assert!(!shared.is_held("orders/1"));
-        holds.hold_key(("orders/1".into(), None), Duration::ZERO);
+        holds.hold_key(HoldKey::Group("orders/1".into()), Duration::ZERO);
         assert!(!holds.is_held("orders/1"));
         assert!(
             holds.is_held("orders/0"),

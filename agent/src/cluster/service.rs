@@ -124,8 +124,16 @@ impl ClusterService {
         if request.relieve {
             self.holds.hold(&request.group);
             // The sender leads the group now; it is about to stop, so it gets no other
-            // leadership from this agent's balancer either.
-            if let Some(sender) = raft.metrics().borrow().current_leader {
+            // leadership from this agent's balancer either. (If this agent already leads it,
+            // there is no sender to relieve; this agent must stay eligible.)
+            let sender = {
+                let metrics = raft.metrics();
+                let metrics = metrics.borrow();
+                metrics
+                    .current_leader
+                    .filter(|&leader| leader != metrics.id)
+            };
+            if let Some(sender) = sender {
                 self.holds.relieve(sender);
             }
         }
