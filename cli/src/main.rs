@@ -42,12 +42,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether `err` is a write to stdout that failed with EPIPE. Only a bare `io::Error` counts:
+/// the commands pass stdout's errors up unwrapped, while a broken connection to an agent
+/// arrives wrapped in the client's error and must still be reported.
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
-    err.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+    err.downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
