@@ -1457,8 +1457,11 @@ impl Broker {
         Ok(settled.failures)
     }
 
-    /// Stops accepting work and makes everything durable.
-    pub async fn shutdown(&self) {
+    /// Hands this agent's leaderships away before it stops, within [`HAND_OFF_TIMEOUT`]; does
+    /// nothing on a single agent. The server calls it while its streams are still open, so a
+    /// subscription on a moved partition ends with a redirect that its client follows, rather
+    /// than with the server's drain.
+    pub async fn hand_off_before_stop(&self) {
         if let Some(cluster) = &self.options.cluster
             && tokio::time::timeout(HAND_OFF_TIMEOUT, self.hand_off_all(cluster))
                 .await
@@ -1466,6 +1469,12 @@ impl Broker {
         {
             tracing::warn!(timeout = ?HAND_OFF_TIMEOUT, "leadership hand-off before stopping timed out");
         }
+    }
+
+    /// Stops accepting work and makes everything durable. Hands leaderships away first (again,
+    /// if the server already did: whatever came back or could not move then).
+    pub async fn shutdown(&self) {
+        self.hand_off_before_stop().await;
         self.shutting_down.store(true, Ordering::Release);
         for task in lock(&self.cluster_tasks).drain(..) {
             task.abort();

@@ -137,17 +137,37 @@ async fn serve(args: BrokerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long a clustered agent waits at startup for the cluster catalog to take the queues
+/// file: its peers may start minutes apart (pods scheduled on nodes still pulling the image).
+/// Below the StatefulSet's startup probe budget (5 minutes), so the kubelet restarts an agent
+/// that waited in vain, not one still waiting.
+const CATALOG_STARTUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(240);
+
 /// Declares the queues of the definitions file at `path`. A queue that already exists with
 /// other settings is kept as it is, with a warning: the broker cannot change a queue's
 /// settings, and refusing to start would take every queue of the agent down over one edit.
+/// While the cluster has no catalog leader (its agents are still starting) the declaration
+/// is retried, up to [`CATALOG_STARTUP_TIMEOUT`].
 async fn declare_queues(
     broker: &Broker,
     path: &std::path::Path,
     queues: Vec<QueueSpec>,
 ) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + CATALOG_STARTUP_TIMEOUT;
     for spec in queues {
         let name = spec.name.clone();
-        match broker.declare(spec).await {
+        let mut declared = broker.declare(spec.clone()).await;
+        while let Err(err @ (BrokerError::Unavailable(_) | BrokerError::NotLeader { .. })) =
+            &declared
+            && tokio::time::Instant::now() < deadline
+        {
+            tracing::warn!(queue = %name, error = %err, "waiting for the cluster catalog to declare a queue of the queues file");
+            // `declare` itself waited out one proposal timeout; a short pause keeps the log
+            // readable when it failed at once (the agent is shutting down, for one).
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            declared = broker.declare(spec.clone()).await;
+        }
+        match declared {
             Ok((_, created)) => {
                 tracing::info!(queue = %name, created, "queue from the queues file")
             }

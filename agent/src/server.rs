@@ -326,6 +326,7 @@ pub async fn run(
     let begun = Arc::new(tokio::sync::Notify::new());
     let on_shutdown = {
         let begun = begun.clone();
+        let handing_off = broker.clone();
         let health = health.clone();
         let serving = serving.clone();
         async move {
@@ -345,6 +346,10 @@ pub async fn run(
             health
                 .set_not_serving::<MembershipServer<MembershipService>>()
                 .await;
+            // Leadership moves before the streams are told to end: a consumer on a partition
+            // that moved sees a redirect and follows it; after the drain it would see only
+            // the end of its stream.
+            handing_off.hand_off_before_stop().await;
             trigger.fire();
             begun.notify_one();
         }

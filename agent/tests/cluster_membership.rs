@@ -444,3 +444,37 @@ async fn a_replica_that_lost_its_disk_rejoins_as_a_learner_and_votes_again_once_
     );
     summary.assert_guarantees();
 }
+
+/// Pods of a StatefulSet may start minutes apart (one lands on a node still pulling the
+/// image). The first agent, given the operator's queues file, waits for its peers to form the
+/// catalog instead of exiting when one proposal timeout (10 s) passes with no leader; once
+/// they come, every agent starts and serves the file's queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_peers_start_late_waits_for_them_to_declare_the_queues_file() {
+    let _serial = SERIAL.lock().await;
+    let root = tempfile::tempdir().expect("temp dir");
+    let file = root.path().join("queues.json");
+    std::fs::write(
+        &file,
+        r#"[{"name": "late", "partitions": 1, "replicationFactor": 3}]"#,
+    )
+    .expect("write queues file");
+    let file = file.to_str().expect("utf-8 path").to_owned();
+    let alone = Duration::from_secs(12);
+    let cluster = tokio::task::block_in_place(|| {
+        Cluster::start_apart(root.path(), 3, &["--queues-file", &file], alone)
+    })
+    .unwrap_or_else(|e| panic!("the cluster did not start: {e}"));
+    let waited = cluster.nodes[0].log_lines("waiting for the cluster catalog");
+    assert!(
+        !waited.is_empty(),
+        "agent 0 was alone for {alone:?}, longer than a proposal timeout, yet never waited"
+    );
+    for i in 0..3 {
+        let stats = cluster
+            .stats(i, "late")
+            .await
+            .unwrap_or_else(|e| panic!("the queues file's queue on agent {i}: {e}"));
+        assert_eq!(stats.partitions.len(), 1, "agent {i}: {stats:?}");
+    }
+}

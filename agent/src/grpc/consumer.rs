@@ -131,7 +131,9 @@ async fn forward(
         let delivery = tokio::select! {
             delivery = subscription.next() => delivery,
             _ = tx.closed() => return,
-            _ = shutdown.recv() => return,
+            // The server handed this agent's leaderships away just before (`server::run`);
+            // the subscription may not have looked since, so the check below tells.
+            _ = shutdown.recv() => None,
         };
         let Some(delivery) = delivery else {
             // Leadership moved to another agent: tell the client where to re-subscribe.

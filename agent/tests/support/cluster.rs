@@ -106,6 +106,13 @@ impl Node {
     }
 }
 
+/// An agent process started by [`Cluster::launch`], not yet known to listen.
+struct Launched {
+    child: Child,
+    /// Its first stdout line (the listening line, if it starts).
+    first_line: mpsc::Receiver<Option<std::io::Result<String>>>,
+}
+
 /// What an agent said when asked whether it serves a queue's partition 0.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {
@@ -147,6 +154,16 @@ impl Cluster {
         count: usize,
         extra_args: &[&str],
     ) -> Result<Cluster, String> {
+        let mut cluster = Self::build(root, net, count, extra_args)?;
+        // Spawned together so the first elections see all of them.
+        for i in 0..count {
+            cluster.spawn(i)?;
+        }
+        Ok(cluster)
+    }
+
+    /// `count` bootstrap agents' addresses and directories, none started.
+    fn build(root: &Path, net: Net, count: usize, extra_args: &[&str]) -> Result<Cluster, String> {
         let (net, addresses) = match net {
             Net::Loopback => (None, loopback_addresses_for(count)?),
             Net::Namespaces => {
@@ -177,19 +194,14 @@ impl Cluster {
                 log: Arc::default(),
             })
             .collect();
-        let mut cluster = Cluster {
+        Ok(Cluster {
             nodes,
             bootstrap: count,
             extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
             peers,
             net,
             channels: Mutex::new(vec![None; count]),
-        };
-        // Spawned together so the first elections see all of them.
-        for i in 0..count {
-            cluster.spawn(i)?;
-        }
-        Ok(cluster)
+        })
     }
 
     /// `http://<client address>` of every agent (what the workload clients are given).
@@ -202,6 +214,35 @@ impl Cluster {
 
     /// Starts agent `i` with its fixed ports and data directory; waits for its listening line.
     pub fn spawn(&mut self, i: usize) -> Result<(), String> {
+        let launched = self.launch(i)?;
+        self.await_listening(i, launched)
+    }
+
+    /// Starts `count` bootstrap agents as [`Cluster::start_with`] does, but agent 0 first and
+    /// alone for `alone` before the others: as pods of a StatefulSet that start minutes apart.
+    /// Waits until every agent printed its listening line.
+    pub fn start_apart(
+        root: &Path,
+        count: usize,
+        extra_args: &[&str],
+        alone: Duration,
+    ) -> Result<Cluster, String> {
+        let mut cluster = Self::build(root, Net::Loopback, count, extra_args)?;
+        let first = cluster.launch(0)?;
+        std::thread::sleep(alone);
+        let rest = (1..count)
+            .map(|i| cluster.launch(i).map(|l| (i, l)))
+            .collect::<Result<Vec<_>, _>>()?;
+        cluster.await_listening(0, first)?;
+        for (i, launched) in rest {
+            cluster.await_listening(i, launched)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Starts agent `i`'s process without waiting for it; [`Cluster::await_listening`] takes
+    /// what this returns.
+    fn launch(&self, i: usize) -> Result<Launched, String> {
         let node = &self.nodes[i];
         let mut command = match &node.namespace {
             Some(ns) => {
@@ -250,14 +291,24 @@ impl Cluster {
             });
         }
         let stdout = child.stdout.take().ok_or("no stdout")?;
-        let (tx, rx) = mpsc::channel();
+        let (tx, first_line) = mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             let _ = tx.send(lines.next());
             // Keep draining so the agent never blocks on a full pipe.
             for _ in lines {}
         });
-        match rx.recv_timeout(START_TIMEOUT) {
+        Ok(Launched { child, first_line })
+    }
+
+    /// Waits for the listening line of agent `i`, started by [`Cluster::launch`].
+    fn await_listening(&mut self, i: usize, launched: Launched) -> Result<(), String> {
+        let Launched {
+            mut child,
+            first_line,
+        } = launched;
+        let node = &self.nodes[i];
+        match first_line.recv_timeout(START_TIMEOUT) {
             Ok(Some(Ok(line))) if line.starts_with("sluice-agent listening ") => {}
             other => {
                 let _ = child.kill();
@@ -318,7 +369,22 @@ impl Cluster {
         node.paused = false;
     }
 
-    /// Restarts agent `i` (after [`Cluster::kill9`]) on the same ports and data directory.
+    /// SIGTERM agent `i` (a graceful stop: it hands its leaderships away, drains and exits)
+    /// and reaps it; SIGKILL if it has not exited within 60 s.
+    pub fn stop(&mut self, i: usize) {
+        self.signal(i, Signal::SIGTERM);
+        let node = &mut self.nodes[i];
+        if let Some(mut child) = node.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Restarts agent `i` (after [`Cluster::kill9`] or [`Cluster::stop`]) on the same ports and data directory.
     pub fn restart(&mut self, i: usize) {
         if let Err(e) = self.spawn(i) {
             panic!("restart of agent {i}: {e}");

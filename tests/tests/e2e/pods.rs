@@ -201,16 +201,20 @@ impl Kubelet {
             .collect();
         let spawned: Vec<(i32, Result<Pod, String>)> =
             starting.iter().map(|&i| (i, self.spawn(i))).collect();
+        // Every pod is awaited before a failure is reported, so the dump shows the peers of a
+        // pod that could not start too (a pod alone cannot form the cluster).
+        let mut failures = Vec::new();
         for (i, pod) in spawned {
             match pod.and_then(|p| self.await_listening(i, p)) {
                 Ok(pod) => {
                     self.pods.insert(i, pod);
                 }
-                Err(e) => {
-                    self.dump_logs(60);
-                    panic!("pod {i}: {e}");
-                }
+                Err(e) => failures.push(format!("pod {i}: {e}")),
             }
+        }
+        if !failures.is_empty() {
+            self.dump_logs(60);
+            panic!("{}", failures.join("\n"));
         }
     }
 
