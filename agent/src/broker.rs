@@ -197,6 +197,9 @@ pub struct Broker {
     /// Bumped whenever the catalog was applied to `queues` (cluster mode).
     queues_changed: tokio::sync::watch::Sender<u64>,
     shutting_down: AtomicBool,
+    /// Set by the first [`Broker::hand_off_before_stop`]: the stop hands off once, so a
+    /// hand-off that timed out does not add its timeout twice to the pod's grace period.
+    handed_off: AtomicBool,
     next_consumer: AtomicU64,
     /// Timer task per queue.
     timers: Mutex<Vec<JoinHandle<()>>>,
@@ -320,6 +323,7 @@ impl Broker {
             admin: tokio::sync::Mutex::new(()),
             queues_changed: tokio::sync::watch::Sender::new(0),
             shutting_down: AtomicBool::new(false),
+            handed_off: AtomicBool::new(false),
             next_consumer: AtomicU64::new(1),
             timers: Mutex::new(Vec::new()),
             cluster_tasks: Mutex::new(Vec::new()),
@@ -1458,10 +1462,13 @@ impl Broker {
     }
 
     /// Hands this agent's leaderships away before it stops, within [`HAND_OFF_TIMEOUT`]; does
-    /// nothing on a single agent. The server calls it while its streams are still open, so a
-    /// subscription on a moved partition ends with a redirect that its client follows, rather
-    /// than with the server's drain.
+    /// nothing on a single agent or when it already ran. The server calls it while its streams
+    /// are still open, so a subscription on a moved partition ends with a redirect that its
+    /// client follows, rather than with the server's drain.
     pub async fn hand_off_before_stop(&self) {
+        if self.handed_off.swap(true, Ordering::AcqRel) {
+            return;
+        }
         if let Some(cluster) = &self.options.cluster
             && tokio::time::timeout(HAND_OFF_TIMEOUT, self.hand_off_all(cluster))
                 .await
@@ -1471,8 +1478,8 @@ impl Broker {
         }
     }
 
-    /// Stops accepting work and makes everything durable. Hands leaderships away first (again,
-    /// if the server already did: whatever came back or could not move then).
+    /// Stops accepting work and makes everything durable. Hands leaderships away first, unless
+    /// the server did already.
     pub async fn shutdown(&self) {
         self.hand_off_before_stop().await;
         self.shutting_down.store(true, Ordering::Release);

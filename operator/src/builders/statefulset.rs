@@ -58,7 +58,7 @@ pub const AGENT_COMMAND: &str = "sluice-agent";
 pub const AGENT_UID: i64 = 65532;
 /// Longest the `preStop` hand-off may take; the kubelet counts it against the grace period.
 pub const HAND_OFF_TIMEOUT_SECS: i64 = 20;
-/// Longest the agent's own shutdown takes after SIGTERM: its second hand-off (5 s), draining
+/// Longest the agent's own shutdown takes after SIGTERM: its own hand-off (5 s), draining
 /// streams (20 s) and stopping its Raft groups, rounded up.
 pub const AGENT_SHUTDOWN_SECS: i64 = 30;
 /// Seconds a stopping pod gets: the `preStop` hand-off, then the agent's SIGTERM shutdown
