@@ -156,17 +156,20 @@ async fn declare_queues(
     let deadline = tokio::time::Instant::now() + CATALOG_STARTUP_TIMEOUT;
     for spec in queues {
         let name = spec.name.clone();
-        let mut declared = broker.declare(spec.clone()).await;
-        while let Err(err @ (BrokerError::Unavailable(_) | BrokerError::NotLeader { .. })) =
-            &declared
-            && tokio::time::Instant::now() < deadline
-        {
-            tracing::warn!(queue = %name, error = %err, "waiting for the cluster catalog to declare a queue of the queues file");
-            // `declare` itself waited out one proposal timeout; a short pause keeps the log
-            // readable when it failed at once (the agent is shutting down, for one).
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            declared = broker.declare(spec.clone()).await;
-        }
+        let declared = loop {
+            let declared = broker.declare(spec.clone()).await;
+            match &declared {
+                Err(err @ (BrokerError::Unavailable(_) | BrokerError::NotLeader { .. }))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::warn!(queue = %name, error = %err, "waiting for the cluster catalog to declare a queue of the queues file");
+                    // `declare` itself waited out one proposal timeout; a short pause keeps
+                    // the log readable when it failed at once.
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                _ => break declared,
+            }
+        };
         match declared {
             Ok((_, created)) => {
                 tracing::info!(queue = %name, created, "queue from the queues file")

@@ -155,7 +155,8 @@ impl Cluster {
         extra_args: &[&str],
     ) -> Result<Cluster, String> {
         let mut cluster = Self::build(root, net, count, extra_args)?;
-        // Spawned together so the first elections see all of them.
+        // One after another: each waits for its listening line, which an agent without a
+        // queues file prints before its peers are up (`start_apart` overlaps them).
         for i in 0..count {
             cluster.spawn(i)?;
         }
