@@ -4,8 +4,11 @@
 //! <data>/LOCK                                   exclusive lock of the running agent
 //! <data>/meta/log/, <data>/meta/raft-meta.pb     the cluster catalog's Raft group (cluster mode)
 //! <data>/queues/<queue>/spec.pb                 the queue's QueueSpec (protobuf), atomically replaced
+//! <data>/queues/<queue>/spec.pb.tmp             the next spec while it is written (renamed over spec.pb)
 //! <data>/queues/<queue>/p-0003/                 partition 3's log directory
 //! <data>/queues/<queue>/p-0003/00000000000000000001.log   segment whose first entry has index 1
+//! <data>/queues/<queue>/p-0003.raft/            partition 3's Raft metadata: vote, commit hint, purge point (cluster mode)
+//! <data>/queues/<queue>/p-0003.corrupt-<t>/     a corrupted log set aside at unix time <t>, kept for inspection
 //! ```
 //!
 //! Segment names are the zero-padded base index, so a directory listing sorts in log order.
@@ -57,9 +60,25 @@ impl Layout {
         self.queue_dir(queue).join("spec.pb")
     }
 
+    /// The spec being written, before it is renamed over [`Layout::queue_spec`].
+    pub fn queue_spec_tmp(&self, queue: &str) -> PathBuf {
+        self.queue_dir(queue).join("spec.pb.tmp")
+    }
+
     /// Log directory of one partition.
     pub fn partition_dir(&self, queue: &str, partition: u32) -> PathBuf {
         self.queue_dir(queue).join(format!("p-{partition:04}"))
+    }
+
+    /// Raft metadata directory of this agent's replica of one partition (cluster mode).
+    pub fn partition_raft_dir(&self, queue: &str, partition: u32) -> PathBuf {
+        self.queue_dir(queue).join(format!("p-{partition:04}.raft"))
+    }
+
+    /// Where a corrupted partition log is set aside at unix time `stamp` (seconds).
+    pub fn partition_quarantine_dir(&self, queue: &str, partition: u32, stamp: u64) -> PathBuf {
+        self.queue_dir(queue)
+            .join(format!("p-{partition:04}.corrupt-{stamp}"))
     }
 }
 
@@ -80,6 +99,25 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partition_paths_sit_side_by_side_in_the_queue_directory() {
+        let layout = Layout::new("/data");
+        let dir = layout.partition_dir("q", 3);
+        assert_eq!(dir, Path::new("/data/queues/q/p-0003"));
+        assert_eq!(
+            layout.partition_raft_dir("q", 3),
+            dir.with_extension("raft")
+        );
+        assert_eq!(
+            layout.partition_quarantine_dir("q", 3, 17),
+            dir.with_extension("corrupt-17")
+        );
+        assert_eq!(
+            layout.queue_spec_tmp("q"),
+            layout.queue_spec("q").with_extension("pb.tmp")
+        );
+    }
 
     #[test]
     fn segment_names_round_trip_and_sort_in_log_order() {

@@ -9,13 +9,15 @@
 //! # Layout
 //! - [`cluster`]: cluster mode — peers, placement, the replicated catalog (meta group).
 //! - [`config`]: command-line flags and `SLUICE_*` environment variables, durability knobs.
+//! - [`error`]: [`error::BrokerError`], what a request can come to, shared by every layer.
 //! - [`layout`]: every path under the data directory.
 //! - [`log`]: the storage engine — record format, segments, group-commit writer, recovery.
 //! - [`queue`]: delivery semantics of one partition and one queue (ready, in flight,
 //!   redelivery, dead-letter, TTL, priorities, delays, dedup, backlog limits).
 //! - [`queues_file`]: the queue definitions file the operator writes, declared at startup.
 //! - [`replication`]: one Raft group per partition (openraft) over the partition log.
-//! - [`broker`]: the registry of queues on this agent and the API the gRPC layer calls.
+//! - [`broker`]: the registry of queues on this agent and the API the gRPC layer calls, with
+//!   its rooms: files, subscriptions, timers, dead-lettering, replicas, leadership, membership.
 //! - [`grpc`]: one file per public gRPC service, plus the one place errors become statuses.
 //! - [`hand_off`]: the `hand-off` command (the pod's `preStop`): leadership leaves first.
 //! - [`server`]: binds, serves gRPC and HTTP (metrics), drains on shutdown.
@@ -25,6 +27,7 @@
 pub mod broker;
 pub mod cluster;
 pub mod config;
+pub mod error;
 pub mod grpc;
 pub mod hand_off;
 pub mod layout;

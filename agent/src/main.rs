@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory, Parser};
 use sluice_agent::broker::{Broker, BrokerError};
 use sluice_agent::config::{Args, BrokerArgs, Command, HandOffArgs, LogFormat};
+use sluice_agent::grpc::status;
 use sluice_agent::server::Agent;
 use sluice_agent::shutdown;
 use sluice_proto::v1::QueueSpec;
@@ -159,8 +160,11 @@ async fn declare_queues(
         let declared = loop {
             let declared = broker.declare(spec.clone()).await;
             match &declared {
-                Err(err @ (BrokerError::Unavailable(_) | BrokerError::NotLeader { .. }))
-                    if tokio::time::Instant::now() < deadline =>
+                // Every outcome answered UNAVAILABLE (no catalog leader yet, not yet a member,
+                // a redirect) is worth waiting out.
+                Err(err)
+                    if status::code(err) == tonic::Code::Unavailable
+                        && tokio::time::Instant::now() < deadline =>
                 {
                     tracing::warn!(queue = %name, error = %err, "waiting for the cluster catalog to declare a queue of the queues file");
                     // `declare` itself waited out one proposal timeout; a short pause keeps

@@ -22,8 +22,9 @@ use sluice_proto::v1::publisher_server::PublisherServer;
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
-use crate::broker::{Broker, BrokerConfig, BrokerError};
+use crate::broker::{Broker, BrokerConfig};
 use crate::config::LogConfig;
+use crate::error::BrokerError;
 use crate::grpc::{
     AdminService, ConsumerService, MAX_DECODING_MESSAGE_BYTES, MembershipService, PublisherService,
 };
@@ -60,7 +61,7 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     /// The cluster configuration or meta group could not start.
     #[error("cannot join the cluster: {0}")]
-    Cluster(#[from] crate::cluster::MetaError),
+    Cluster(#[from] crate::cluster::MetaGroupError),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -216,7 +217,7 @@ async fn join_cluster(
     data_dir: &std::path::Path,
     log: LogConfig,
     cluster: crate::cluster::ClusterConfig,
-) -> Result<(crate::broker::ClusterContext, PeerServer), ServerError> {
+) -> Result<(crate::cluster::ClusterContext, PeerServer), ServerError> {
     let peer_listener = bind(cluster.peer_listen).await?;
     let addr = peer_listener.local_addr().unwrap_or_else(|_| unspecified());
     let groups = crate::replication::RaftGroups::new();
@@ -239,8 +240,8 @@ async fn join_cluster(
     );
     let raft_config = crate::replication::raft_config("partition", cluster.node_id)
         .validate()
-        .map_err(|e| ServerError::Cluster(crate::cluster::MetaError::Config(e.to_string())))?;
-    let context = crate::broker::ClusterContext {
+        .map_err(|e| ServerError::Cluster(crate::cluster::MetaGroupError::Config(e.to_string())))?;
+    let context = crate::cluster::ClusterContext {
         config: cluster,
         groups,
         raft_config: Arc::new(raft_config),
@@ -349,7 +350,7 @@ pub async fn run(
             // Leadership moves before the streams are told to end: a consumer on a partition
             // that moved sees a redirect and follows it; after the drain it would see only
             // the end of its stream.
-            handing_off.hand_off_before_stop().await;
+            handing_off.relinquish_before_stop().await;
             trigger.fire();
             begun.notify_one();
         }

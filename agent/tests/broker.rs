@@ -7,6 +7,8 @@ use sluice_agent::broker::{
     Broker, BrokerConfig, BrokerError, BrokerOptions, FileLogOpener, Subscription,
 };
 use sluice_agent::config::{FsyncPolicy, LogConfig};
+// Per-message outcomes are checked as a client sees them, through the gRPC edge.
+use sluice_agent::grpc::status;
 use sluice_agent::queue::clock::ManualClock;
 use sluice_proto::v1::{Delivery, DeliveryTag, Message, QueueSpec, Settle, SettleAction, Stats};
 
@@ -89,7 +91,11 @@ async fn after_a_restart_acked_messages_stay_gone_and_unacked_ones_come_back_wit
         let broker = open(dir.path(), &clock).await.expect("open");
         broker.declare(spec("orders", 1)).await.expect("declare");
         let msgs = ["a", "b", "c", "d"].map(text).to_vec();
-        let confirms = broker.publish("orders", msgs).await.expect("publish");
+        let confirms = broker
+            .publish("orders", msgs)
+            .await
+            .map(status::confirms)
+            .expect("publish");
         assert!(confirms.iter().all(|c| c.code == 0));
         let mut sub = broker
             .subscribe("orders", 10, "t")
@@ -153,7 +159,7 @@ async fn a_corrupted_segment_takes_only_its_queue_offline_naming_file_and_offset
         .publish("bad", vec![text("x")])
         .await
         .expect_err("offline");
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(status::code(&err), tonic::Code::FailedPrecondition);
     let message = err.to_string();
     assert!(
         message.contains(
@@ -170,6 +176,7 @@ async fn a_corrupted_segment_takes_only_its_queue_offline_naming_file_and_offset
     let confirms = broker
         .publish("good", vec![text("y")])
         .await
+        .map(status::confirms)
         .expect("the other queue works");
     assert_eq!(confirms[0].code, 0);
     assert_eq!(totals(&broker, "good").ready, 21);
@@ -181,7 +188,7 @@ async fn a_second_broker_on_the_same_directory_is_refused() {
     let clock = Arc::new(ManualClock::new(T0));
     let _first = open(dir.path(), &clock).await.expect("open");
     let err = open(dir.path(), &clock).await.err().expect("locked");
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert_eq!(status::code(&err), tonic::Code::FailedPrecondition);
     assert!(err.to_string().contains("LOCK"), "{err}");
 }
 
@@ -229,7 +236,11 @@ async fn bad_specs_and_messages_are_refused_by_field_and_change_nothing() {
             ..text("")
         },
     ];
-    let confirms = broker.publish("q", msgs).await.expect("publish");
+    let confirms = broker
+        .publish("q", msgs)
+        .await
+        .map(status::confirms)
+        .expect("publish");
     assert_eq!(confirms[0].code, 0);
     assert_eq!(confirms[1].code, tonic::Code::InvalidArgument as i32);
     assert!(
@@ -244,13 +255,17 @@ async fn bad_specs_and_messages_are_refused_by_field_and_change_nothing() {
         .publish("nope", vec![text("x")])
         .await
         .expect_err("unknown");
-    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert_eq!(status::code(&err), tonic::Code::NotFound);
     let bogus = DeliveryTag {
         partition: 0,
         offset: 999,
         attempt: 1,
     };
-    let failures = broker.settle("q", ack(vec![bogus])).await.expect("settle");
+    let failures = broker
+        .settle("q", ack(vec![bogus]))
+        .await
+        .map(status::settle_outcomes)
+        .expect("settle");
     assert_eq!(failures.len(), 1);
     assert_eq!(failures[0].code, tonic::Code::FailedPrecondition as i32);
 }
@@ -268,12 +283,14 @@ async fn idempotency_keys_confirm_duplicates_with_the_first_id() {
     let first = broker
         .publish("q", vec![keyed("k1"), keyed("k1")])
         .await
+        .map(status::confirms)
         .expect("publish");
     assert!(!first[0].duplicate && first[1].duplicate);
     assert_eq!(first[0].id, first[1].id);
     let again = broker
         .publish("q", vec![keyed("k1")])
         .await
+        .map(status::confirms)
         .expect("publish");
     assert!(again[0].duplicate);
     assert_eq!(again[0].id, first[0].id);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_agent::cluster::{
-    BalanceHolds, Catalog, ClusterConfig, META_GROUP, MetaError, MetaGroup, peer_service,
+    BalanceHolds, Catalog, ClusterConfig, META_GROUP, MetaGroup, MetaGroupError, peer_service,
     transfer_leadership,
 };
 use sluice_agent::config::LogConfig;
@@ -214,7 +214,7 @@ async fn a_declare_on_a_follower_is_forwarded_to_the_leader_and_reaches_every_ca
         .await
         .expect("re-declaring the same settings is idempotent");
     match other.meta.propose(declare("orders", 5)).await {
-        Err(MetaError::QueueConflict { queue, difference }) => {
+        Err(MetaGroupError::QueueConflict { queue, difference }) => {
             assert_eq!(queue, "orders");
             assert!(difference.starts_with("queue.partitions"), "{difference}");
         }
@@ -227,7 +227,7 @@ async fn a_declare_on_a_follower_is_forwarded_to_the_leader_and_reaches_every_ca
 
     // Phase 4: bad proposals fail precisely and change nothing.
     match follower.meta.propose(delete("missing")).await {
-        Err(MetaError::UnknownQueue { queue }) => assert_eq!(queue, "missing"),
+        Err(MetaGroupError::UnknownQueue { queue }) => assert_eq!(queue, "missing"),
         other => panic!("expected an unknown queue, got {other:?}"),
     }
     let e = follower
@@ -235,7 +235,7 @@ async fn a_declare_on_a_follower_is_forwarded_to_the_leader_and_reaches_every_ca
         .propose(declare("Bad Name", 1))
         .await
         .expect_err("invalid name refused");
-    assert!(matches!(e, MetaError::Invalid(_)), "{e:?}");
+    assert!(matches!(e, MetaGroupError::Invalid(_)), "{e:?}");
     assert!(e.to_string().starts_with("queue.name"), "{e}");
     let e = follower
         .meta

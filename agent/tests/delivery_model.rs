@@ -230,7 +230,12 @@ impl Run {
                     });
                     names.push(payload);
                 }
-                let confirms = self.broker().publish("work", batch).await.expect("publish");
+                let confirms = self
+                    .broker()
+                    .publish("work", batch)
+                    .await
+                    .map(sluice_agent::grpc::status::confirms)
+                    .expect("publish");
                 let now = self.now();
                 for (name, confirm) in names.into_iter().zip(confirms) {
                     assert_eq!(confirm.code, 0, "{}", confirm.error);

@@ -1,5 +1,6 @@
-//! The client side of `sluice.peer.v1.Cluster`: forwarding meta proposals to the leader and
-//! asking an agent to take leadership of a group.
+//! Calls to other agents: the client side of `sluice.peer.v1.Cluster` (forwarding meta
+//! proposals to the leader, asking an agent to take leadership of a group), and the fan-out
+//! of `sluice.v1.Membership.GetCluster` that shows the groups other agents host.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,45 @@ use sluice_proto::peer::v1 as pb;
 use sluice_proto::peer::v1::cluster_client::ClusterClient;
 use tonic::transport::{Channel, Endpoint};
 
+use std::collections::BTreeMap;
+
+use sluice_proto::v1::membership_client::MembershipClient;
+use sluice_proto::v1::{GetClusterRequest, GetClusterResponse};
+use tonic::{Request, Response};
+
+use super::ClusterContext;
+use super::reconcile::GroupView;
 use crate::replication::NodeId;
+
+/// Request metadata asking an agent for its own replicas' view only. `GetCluster` fills in the
+/// in-sync replicas of partitions led elsewhere from their leaders with it, and the leaders do
+/// not ask further.
+pub const LOCAL_ONLY_HEADER: &str = "sluice-local-only";
+/// Deadline of a `GetCluster` of another agent's local view.
+const LOCAL_VIEW_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why a call to another agent's client port (`sluice.v1.Membership`) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentCallError {
+    /// The catalog's address of the agent is not a valid authority.
+    #[error("agent address {address:?} is not a valid authority: {source}")]
+    BadAddress {
+        /// The address.
+        address: String,
+        /// Why it does not parse.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The agent answered with an error status, or could not be reached.
+    #[error("agent at {address}: {status}")]
+    Refused {
+        /// The agent's client address.
+        address: String,
+        /// Its answer.
+        #[source]
+        status: tonic::Status,
+    },
+}
 
 /// Deadline of one forwarded proposal: the leader confirms its leadership, commits on a quorum
 /// (two fsyncs and a round trip) and applies; seconds only when something is wrong.
@@ -113,4 +152,77 @@ pub async fn transfer_leadership(
         is_leader: response.is_leader,
         leader: response.leader_id,
     })
+}
+
+/// Views of the groups other agents host (decision 0014: with a replication factor below the
+/// agent count no agent hosts every group): every other agent with a client address is asked
+/// for its own replicas' views (`GetCluster`, local only), and for each partition the view of
+/// the agent that leads it is kept, else any. Agents that do not answer in time are left out.
+/// Such a view carries no commit state and counts as settled; callers that decide on it (the
+/// life-cycle moves) only count voters, which a rolled-back change cannot have added for long.
+pub async fn remote_views(
+    cluster: &ClusterContext,
+    catalog: &super::Catalog,
+) -> Vec<(String, u32, GroupView)> {
+    let me = cluster.config.node_id;
+    let asks = catalog
+        .client_addresses()
+        .into_iter()
+        .filter(|(node, _)| *node != me)
+        .map(|(node, address)| async move { (node, local_view(&address).await.ok()) });
+    let mut out: BTreeMap<(String, u32), GroupView> = BTreeMap::new();
+    for (node, answer) in futures::future::join_all(asks).await {
+        let Some(answer) = answer else { continue };
+        for p in answer.partitions {
+            let is_leader = p.leader == Some(node);
+            let key = (p.queue.clone(), p.partition);
+            if out.get(&key).is_some_and(|v| v.is_leader || !is_leader) {
+                continue;
+            }
+            let voters: std::collections::BTreeSet<u64> = p.voters.iter().copied().collect();
+            let learners: std::collections::BTreeSet<u64> = p.learners.iter().copied().collect();
+            let view = GroupView {
+                me: node,
+                is_leader,
+                leader: p.leader,
+                target: voters.union(&learners).copied().collect(),
+                voters,
+                learners,
+                settled: true,
+                ..GroupView::default()
+            };
+            out.insert(key, view);
+        }
+    }
+    out.into_iter().map(|((q, p), v)| (q, p, v)).collect()
+}
+
+/// A lazily connecting channel to another agent's client port.
+pub fn channel(address: &str) -> Result<Channel, AgentCallError> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}")).map_err(|source| {
+        AgentCallError::BadAddress {
+            address: address.to_owned(),
+            source,
+        }
+    })?;
+    Ok(endpoint.connect_lazy())
+}
+
+/// Another agent's own view (`GetCluster` with [`LOCAL_ONLY_HEADER`]).
+pub async fn local_view(address: &str) -> Result<GetClusterResponse, AgentCallError> {
+    let mut request = Request::new(GetClusterRequest {});
+    request.set_timeout(LOCAL_VIEW_TIMEOUT);
+    request.metadata_mut().insert(
+        LOCAL_ONLY_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    let mut client = MembershipClient::new(channel(address)?);
+    client
+        .get_cluster(request)
+        .await
+        .map(Response::into_inner)
+        .map_err(|status| AgentCallError::Refused {
+            address: address.to_owned(),
+            status,
+        })
 }

@@ -30,8 +30,8 @@ use super::catalog::Catalog;
 use super::client::PeerClients;
 use super::config::ClusterConfig;
 use super::state_machine::CatalogStateMachine;
-use crate::broker::BrokerError;
 use crate::config::LogConfig;
+use crate::error::BrokerError;
 use crate::layout::Layout;
 use crate::log::{FileLog, LogError, LogStore};
 use crate::queue::spec;
@@ -54,7 +54,7 @@ const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Why the meta group could not start or a proposal was not committed.
 #[derive(Debug, thiserror::Error)]
-pub enum MetaError {
+pub enum MetaGroupError {
     /// The meta log could not be opened.
     #[error("open the meta log in {path}: {source}")]
     OpenLog {
@@ -66,7 +66,7 @@ pub enum MetaError {
     },
     /// The meta group's Raft metadata file could not be read.
     #[error("open the meta group's raft metadata: {0}")]
-    RaftMeta(#[from] crate::replication::meta::MetaError),
+    RaftMeta(#[from] crate::replication::meta::ReplicaMetaError),
     /// The openraft configuration was refused.
     #[error("meta group raft configuration: {0}")]
     Config(String),
@@ -130,7 +130,7 @@ pub enum MetaError {
     },
 }
 
-impl MetaError {
+impl MetaGroupError {
     /// Whether trying again (after an election) may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -147,8 +147,8 @@ impl MetaError {
     }
 }
 
-fn fatal(e: Fatal<NodeId>) -> MetaError {
-    MetaError::Raft(e.to_string())
+fn fatal(e: Fatal<NodeId>) -> MetaGroupError {
+    MetaGroupError::Raft(e.to_string())
 }
 
 /// What the meta group shares between its handles, the service and the register task.
@@ -187,11 +187,11 @@ impl MetaGroup {
         cluster: &ClusterConfig,
         groups: &RaftGroups,
         log_config: LogConfig,
-    ) -> Result<MetaGroup, MetaError> {
+    ) -> Result<MetaGroup, MetaGroupError> {
         let dir = Layout::new(data_dir).meta_dir();
         let log_dir = dir.join("log");
         let (log, _recovery) =
-            FileLog::open(&log_dir, log_config).map_err(|source| MetaError::OpenLog {
+            FileLog::open(&log_dir, log_config).map_err(|source| MetaGroupError::OpenLog {
                 path: log_dir.clone(),
                 source,
             })?;
@@ -204,7 +204,7 @@ impl MetaGroup {
             ..crate::replication::raft_config(META_GROUP, cluster.node_id)
         }
         .validate()
-        .map_err(|e| MetaError::Config(e.to_string()))?;
+        .map_err(|e| MetaGroupError::Config(e.to_string()))?;
         let state_machine = CatalogStateMachine::new();
         let raft = Raft::new(
             cluster.node_id,
@@ -226,7 +226,7 @@ impl MetaGroup {
             match raft.initialize(members).await {
                 // NotAllowed: another agent formed the group first and reached this one.
                 Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-                Err(e) => return Err(MetaError::Raft(e.to_string())),
+                Err(e) => return Err(MetaGroupError::Raft(e.to_string())),
             }
         }
         let meta = MetaGroup {
@@ -306,11 +306,11 @@ impl MetaGroup {
     /// Commits `command` to the catalog from any agent and returns once this agent's own
     /// catalog shows it (or, rarely, after a bounded wait for that). A declare's spec is
     /// validated and completed with defaults first; re-declaring the same settings succeeds
-    /// without change, other settings fail with [`MetaError::QueueConflict`]. Deleting a queue
-    /// the catalog does not hold fails with [`MetaError::UnknownQueue`]. While the group
+    /// without change, other settings fail with [`MetaGroupError::QueueConflict`]. Deleting a queue
+    /// the catalog does not hold fails with [`MetaGroupError::UnknownQueue`]. While the group
     /// elects a leader the call retries for up to [`PROPOSE_TIMEOUT`], then fails with
-    /// [`MetaError::Unavailable`].
-    pub async fn propose(&self, command: pb::MetaCommand) -> Result<(), MetaError> {
+    /// [`MetaGroupError::Unavailable`].
+    pub async fn propose(&self, command: pb::MetaCommand) -> Result<(), MetaGroupError> {
         let command = self.validate(command)?;
         let deadline = Instant::now() + PROPOSE_TIMEOUT;
         let mut backoff = PROPOSE_BACKOFF_MIN;
@@ -340,7 +340,7 @@ impl MetaGroup {
                 Err(e) => return Err(e),
             }
             if Instant::now() + backoff > deadline {
-                return Err(MetaError::Unavailable { last });
+                return Err(MetaGroupError::Unavailable { last });
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(PROPOSE_BACKOFF_MAX);
@@ -349,9 +349,9 @@ impl MetaGroup {
 
     /// Checks a command (from this agent or a peer) and completes a declare's spec with its
     /// defaults, so equal settings compare equal in the catalog.
-    pub fn validate(&self, command: pb::MetaCommand) -> Result<pb::MetaCommand, MetaError> {
+    pub fn validate(&self, command: pb::MetaCommand) -> Result<pb::MetaCommand, MetaGroupError> {
         let invalid = |field: &str, reason: String| {
-            MetaError::Invalid(BrokerError::InvalidArgument {
+            MetaGroupError::Invalid(BrokerError::InvalidArgument {
                 field: field.to_owned(),
                 reason,
             })
@@ -362,11 +362,12 @@ impl MetaGroup {
                 return Err(invalid("declare_queue.spec", "is missing".to_owned()));
             }
             Some(Command::DeclareQueue(pb::DeclareQueue { spec: Some(s) })) => {
-                let s = spec::effective_spec(&s).map_err(MetaError::Invalid)?;
+                let s = spec::effective_spec(&s).map_err(MetaGroupError::Invalid)?;
                 Command::DeclareQueue(pb::DeclareQueue { spec: Some(s) })
             }
             Some(Command::DeleteQueue(d)) => {
-                spec::validate_name("delete_queue.name", &d.name).map_err(MetaError::Invalid)?;
+                spec::validate_name("delete_queue.name", &d.name)
+                    .map_err(MetaGroupError::Invalid)?;
                 Command::DeleteQueue(d)
             }
             Some(Command::RegisterNode(r)) => {
@@ -418,17 +419,22 @@ impl MetaGroup {
     }
 
     /// Commits a validated command as the meta leader and returns its Raft index. Fails with
-    /// [`MetaError::NotLeader`] when this agent does not lead.
-    pub async fn propose_as_leader(&self, command: &pb::MetaCommand) -> Result<u64, MetaError> {
+    /// [`MetaGroupError::NotLeader`] when this agent does not lead.
+    pub async fn propose_as_leader(
+        &self,
+        command: &pb::MetaCommand,
+    ) -> Result<u64, MetaGroupError> {
         let raft = &self.inner.raft;
         // A new leader may not have applied everything committed before its term yet; checking
         // against that catalog could refuse (or let through) the wrong thing.
         raft.ensure_linearizable().await.map_err(|e| match e {
-            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => MetaError::NotLeader {
-                leader: f.leader_id,
-            },
+            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => {
+                MetaGroupError::NotLeader {
+                    leader: f.leader_id,
+                }
+            }
             RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
-                MetaError::NoQuorum(q.to_string())
+                MetaGroupError::NoQuorum(q.to_string())
             }
             RaftError::Fatal(f) => fatal(f),
         })?;
@@ -439,10 +445,12 @@ impl MetaGroup {
         )?;
         let data = Bytes::from(command.encode_to_vec());
         let response = raft.client_write(data).await.map_err(|e| match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => MetaError::NotLeader {
-                leader: f.leader_id,
-            },
-            RaftError::APIError(other) => MetaError::Raft(other.to_string()),
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                MetaGroupError::NotLeader {
+                    leader: f.leader_id,
+                }
+            }
+            RaftError::APIError(other) => MetaGroupError::Raft(other.to_string()),
             RaftError::Fatal(f) => fatal(f),
         })?;
         // Two different declares of one queue may both pass the check above while racing;
@@ -452,7 +460,7 @@ impl MetaGroup {
             && let Some(existing) = self.inner.state_machine.current().queues.get(&wanted.name)
             && let Some(difference) = spec::difference(existing, wanted)
         {
-            return Err(MetaError::QueueConflict {
+            return Err(MetaGroupError::QueueConflict {
                 queue: wanted.name.clone(),
                 difference,
             });
@@ -466,7 +474,7 @@ impl MetaGroup {
         &self,
         leader: NodeId,
         command: &pb::MetaCommand,
-    ) -> Result<Option<u64>, MetaError> {
+    ) -> Result<Option<u64>, MetaGroupError> {
         let Some(peer) = self.peer_address(leader) else {
             // A leader this replica knows no address of has not reached it yet: treat it as
             // an election in progress rather than failing the proposal.
@@ -479,23 +487,23 @@ impl MetaGroup {
             .clients
             .propose(peer, command.clone())
             .await
-            .map_err(|status| MetaError::Forward {
+            .map_err(|status| MetaGroupError::Forward {
                 peer: peer.clone(),
                 status,
             })?;
         match response.result {
             Some(R::Committed(c)) => Ok(Some(c.raft_index)),
             Some(R::NotLeader(_)) => Ok(None),
-            Some(R::QueueConflict(c)) => Err(MetaError::QueueConflict {
+            Some(R::QueueConflict(c)) => Err(MetaGroupError::QueueConflict {
                 queue: c.queue,
                 difference: c.difference,
             }),
-            Some(R::UnknownQueue(u)) => Err(MetaError::UnknownQueue { queue: u.queue }),
-            Some(R::Refused(r)) => Err(MetaError::Refused {
+            Some(R::UnknownQueue(u)) => Err(MetaGroupError::UnknownQueue { queue: u.queue }),
+            Some(R::Refused(r)) => Err(MetaGroupError::Refused {
                 code: r.code(),
                 reason: r.reason,
             }),
-            None => Err(MetaError::BadResponse { peer: peer.clone() }),
+            None => Err(MetaGroupError::BadResponse { peer: peer.clone() }),
         }
     }
 
@@ -512,7 +520,7 @@ impl MetaGroup {
     }
 
     /// Stops the startup registration and this replica's Raft, and stops serving it.
-    pub async fn shutdown(&self) -> Result<(), MetaError> {
+    pub async fn shutdown(&self) -> Result<(), MetaGroupError> {
         if let Some(task) = lock(&self.inner.register).take() {
             task.abort();
         }
@@ -521,7 +529,7 @@ impl MetaGroup {
             .raft
             .shutdown()
             .await
-            .map_err(|e| MetaError::Raft(e.to_string()))
+            .map_err(|e| MetaGroupError::Raft(e.to_string()))
     }
 }
 
@@ -530,23 +538,23 @@ fn check(
     catalog: &Catalog,
     command: &pb::MetaCommand,
     replication_factor: u32,
-) -> Result<(), MetaError> {
+) -> Result<(), MetaGroupError> {
     use pb::refused::Code;
     use sluice_proto::v1::AgentState;
-    let refused = |code: Code, reason: String| Err(MetaError::Refused { code, reason });
+    let refused = |code: Code, reason: String| Err(MetaGroupError::Refused { code, reason });
     match &command.command {
         Some(Command::DeclareQueue(pb::DeclareQueue { spec: Some(wanted) })) => {
             if let Some(existing) = catalog.queues.get(&wanted.name)
                 && let Some(difference) = spec::difference(existing, wanted)
             {
-                return Err(MetaError::QueueConflict {
+                return Err(MetaGroupError::QueueConflict {
                     queue: wanted.name.clone(),
                     difference,
                 });
             }
         }
         Some(Command::DeleteQueue(d)) if !catalog.queues.contains_key(&d.name) => {
-            return Err(MetaError::UnknownQueue {
+            return Err(MetaGroupError::UnknownQueue {
                 queue: d.name.clone(),
             });
         }
@@ -652,7 +660,7 @@ async fn register(meta: Weak<Inner>, node_id: NodeId, advertise: String) {
                 tracing::info!(node_id, %advertise, "registered in the cluster catalog");
                 return;
             }
-            Err(e) if e.is_retryable() || matches!(e, MetaError::Unavailable { .. }) => {
+            Err(e) if e.is_retryable() || matches!(e, MetaGroupError::Unavailable { .. }) => {
                 tracing::debug!(error = %e, "registering in the cluster catalog; retrying");
             }
             Err(e) => {

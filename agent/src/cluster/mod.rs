@@ -12,12 +12,14 @@
 //! - [`reversions`]: followers that lost acknowledged entries (to be demoted until caught up).
 //! - [`service`]: the peers-only `sluice.peer.v1.Cluster` service (forwarded proposals,
 //!   leadership transfer).
-//! - [`client`]: its client side, including [`transfer_leadership`].
+//! - [`client`]: calls to other agents: the `Cluster` client side, including
+//!   [`transfer_leadership`], and the `GetCluster` fan-out ([`client::remote_views`]).
+//! - [`context`]: [`ClusterContext`], what a broker in cluster mode is given.
 
 pub mod catalog;
 pub mod client;
 pub mod config;
-pub mod dead_letter;
+pub mod context;
 pub mod holds;
 pub mod meta;
 pub mod placement;
@@ -29,8 +31,9 @@ pub mod state_machine;
 pub use catalog::Catalog;
 pub use client::{TransferError, TransferOutcome, transfer_leadership};
 pub use config::{ClusterConfig, ClusterConfigError};
+pub use context::ClusterContext;
 pub use holds::BalanceHolds;
-pub use meta::{META_GROUP, MetaError, MetaGroup};
+pub use meta::{META_GROUP, MetaGroup, MetaGroupError};
 pub use placement::placement;
 pub use service::{ClusterService, peer_service};
 pub use state_machine::CatalogStateMachine;

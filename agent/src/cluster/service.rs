@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::holds::BalanceHolds;
-use super::meta::{MetaError, MetaGroup};
+use super::meta::{MetaGroup, MetaGroupError};
 use crate::replication::RaftGroups;
 use crate::replication::service::ServiceError;
 
@@ -59,7 +59,7 @@ enum ClusterError {
     #[error(transparent)]
     Group(#[from] ServiceError),
     #[error(transparent)]
-    Meta(#[from] MetaError),
+    Meta(#[from] MetaGroupError),
     #[error("raft of group {group:?}: {reason}")]
     Raft { group: String, reason: String },
 }
@@ -68,7 +68,7 @@ impl ClusterError {
     fn into_status(self) -> Status {
         match self {
             Self::Group(e) => e.into_status(),
-            Self::Meta(e @ MetaError::Invalid(_)) => Status::invalid_argument(e.to_string()),
+            Self::Meta(e @ MetaGroupError::Invalid(_)) => Status::invalid_argument(e.to_string()),
             // The caller retries elsewhere or later: the group is electing or shutting down.
             Self::Meta(e) => Status::unavailable(e.to_string()),
             Self::Raft { .. } => Status::unavailable(self.to_string()),
@@ -87,14 +87,16 @@ impl ClusterService {
             Ok(raft_index) => R::Committed(pb::Committed { raft_index }),
             // Answer, never forward again: the proposer picks the next leader itself, so a
             // stale view of leadership cannot bounce a proposal between agents.
-            Err(MetaError::NotLeader { leader }) => {
+            Err(MetaGroupError::NotLeader { leader }) => {
                 R::NotLeader(pb::NotLeader { leader_id: leader })
             }
-            Err(MetaError::QueueConflict { queue, difference }) => {
+            Err(MetaGroupError::QueueConflict { queue, difference }) => {
                 R::QueueConflict(pb::QueueConflict { queue, difference })
             }
-            Err(MetaError::UnknownQueue { queue }) => R::UnknownQueue(pb::UnknownQueue { queue }),
-            Err(MetaError::Refused { code, reason }) => R::Refused(pb::Refused {
+            Err(MetaGroupError::UnknownQueue { queue }) => {
+                R::UnknownQueue(pb::UnknownQueue { queue })
+            }
+            Err(MetaGroupError::Refused { code, reason }) => R::Refused(pb::Refused {
                 code: code as i32,
                 reason,
             }),

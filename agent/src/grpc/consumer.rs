@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::status;
 use crate::broker::{Broker, Subscription};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -115,7 +116,9 @@ impl Consumer for ConsumerService {
         let failures = result?;
         self.metrics
             .count_settled(action, tags.saturating_sub(failures.len()) as u64);
-        Ok(Response::new(SettleResponse { failures }))
+        Ok(Response::new(SettleResponse {
+            failures: status::settle_outcomes(failures),
+        }))
     }
 }
 
@@ -266,5 +269,8 @@ async fn settle_frame(
     let failures = broker.settle(&queue, settle).await?;
     metrics.observe_rpc("ConsumeSettle", started.elapsed());
     metrics.count_settled(action, tags.saturating_sub(failures.len()) as u64);
-    Ok(SettleResult { sequence, failures })
+    Ok(SettleResult {
+        sequence,
+        failures: status::settle_outcomes(failures),
+    })
 }

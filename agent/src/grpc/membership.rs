@@ -21,17 +21,13 @@ use sluice_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::broker::{Broker, ClusterContext};
-use crate::cluster::MetaError;
+use crate::broker::Broker;
+use crate::cluster::client::{
+    AgentCallError, LOCAL_ONLY_HEADER, channel, local_view, remote_views,
+};
 use crate::cluster::reconcile::GroupView;
+use crate::cluster::{ClusterContext, MetaGroupError};
 
-/// Request metadata asking an agent for its own replicas' view only. `GetCluster` fills in the
-/// in-sync replicas of partitions led elsewhere from their leaders with it, and the leaders do
-/// not ask further.
-const LOCAL_ONLY_HEADER: &str = "sluice-local-only";
-/// Deadline of a call passed on to another agent: a `GetCluster` of its local view, or a
-/// hand-off (which may take a few election rounds per group).
-const LOCAL_VIEW_TIMEOUT: Duration = Duration::from_secs(2);
 /// Deadline of a hand-off passed on to the agent concerned.
 const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -211,7 +207,7 @@ impl MembershipService {
     async fn hand_off(&self, node_id: u64) -> Result<HandOffLeadershipResponse, MembershipError> {
         let cluster = self.cluster()?;
         if node_id == cluster.config.node_id {
-            let report = self.broker.hand_off_all(cluster).await;
+            let report = self.broker.relinquish_leaderships(cluster).await;
             return Ok(HandOffLeadershipResponse {
                 moved: report.moved,
                 remaining: report.remaining,
@@ -229,51 +225,8 @@ impl MembershipService {
             .hand_off_leadership(request)
             .await
             .map(Response::into_inner)
-            .map_err(|status| MembershipError::Forward { address, status })
+            .map_err(|status| AgentCallError::Refused { address, status }.into())
     }
-}
-
-/// Views of the groups other agents host (decision 0014: with a replication factor below the
-/// agent count no agent hosts every group): every other agent with a client address is asked
-/// for its own replicas' views (`GetCluster`, local only), and for each partition the view of
-/// the agent that leads it is kept, else any. Agents that do not answer in time are left out.
-/// Such a view carries no commit state and counts as settled; callers that decide on it (the
-/// life-cycle moves) only count voters, which a rolled-back change cannot have added for long.
-pub async fn remote_views(
-    cluster: &ClusterContext,
-    catalog: &crate::cluster::Catalog,
-) -> Vec<(String, u32, GroupView)> {
-    let me = cluster.config.node_id;
-    let asks = catalog
-        .client_addresses()
-        .into_iter()
-        .filter(|(node, _)| *node != me)
-        .map(|(node, address)| async move { (node, local_view(&address).await.ok()) });
-    let mut out: BTreeMap<(String, u32), GroupView> = BTreeMap::new();
-    for (node, answer) in futures::future::join_all(asks).await {
-        let Some(answer) = answer else { continue };
-        for p in answer.partitions {
-            let is_leader = p.leader == Some(node);
-            let key = (p.queue.clone(), p.partition);
-            if out.get(&key).is_some_and(|v| v.is_leader || !is_leader) {
-                continue;
-            }
-            let voters: std::collections::BTreeSet<u64> = p.voters.iter().copied().collect();
-            let learners: std::collections::BTreeSet<u64> = p.learners.iter().copied().collect();
-            let view = GroupView {
-                me: node,
-                is_leader,
-                leader: p.leader,
-                target: voters.union(&learners).copied().collect(),
-                voters,
-                learners,
-                settled: true,
-                ..GroupView::default()
-            };
-            out.insert(key, view);
-        }
-    }
-    out.into_iter().map(|((q, p), v)| (q, p, v)).collect()
 }
 
 /// Voters whose log matches this leader's as far as it knows (the leader itself included).
@@ -310,36 +263,6 @@ fn agent_pb(
     }
 }
 
-fn channel(address: &str) -> Result<tonic::transport::Channel, MembershipError> {
-    let endpoint =
-        tonic::transport::Endpoint::from_shared(format!("http://{address}")).map_err(|e| {
-            MembershipError::BadAddress {
-                address: address.to_owned(),
-                reason: e.to_string(),
-            }
-        })?;
-    Ok(endpoint.connect_lazy())
-}
-
-/// Another agent's own view (`GetCluster` with [`LOCAL_ONLY_HEADER`]).
-async fn local_view(address: &str) -> Result<GetClusterResponse, MembershipError> {
-    let mut request = Request::new(GetClusterRequest {});
-    request.set_timeout(LOCAL_VIEW_TIMEOUT);
-    request.metadata_mut().insert(
-        LOCAL_ONLY_HEADER,
-        tonic::metadata::MetadataValue::from_static("1"),
-    );
-    let mut client = MembershipClient::new(channel(address)?);
-    client
-        .get_cluster(request)
-        .await
-        .map(Response::into_inner)
-        .map_err(|status| MembershipError::Forward {
-            address: address.to_owned(),
-            status,
-        })
-}
-
 /// Why a `Membership` call failed; becomes a status in [`MembershipError::into_status`] only.
 #[derive(Debug, thiserror::Error)]
 enum MembershipError {
@@ -350,15 +273,9 @@ enum MembershipError {
     #[error("{field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
     #[error(transparent)]
-    Meta(MetaError),
-    #[error("agent at {address}: {status}")]
-    Forward {
-        address: String,
-        #[source]
-        status: Status,
-    },
-    #[error("agent address {address:?} is not a valid authority: {reason}")]
-    BadAddress { address: String, reason: String },
+    Meta(MetaGroupError),
+    #[error(transparent)]
+    Agent(#[from] AgentCallError),
 }
 
 impl MembershipError {
@@ -369,8 +286,8 @@ impl MembershipError {
             Self::NotClustered => Status::failed_precondition(message),
             Self::UnknownAgent { .. } => Status::not_found(message),
             Self::InvalidArgument { .. } => Status::invalid_argument(message),
-            Self::Meta(MetaError::Invalid(e)) => Status::invalid_argument(e.to_string()),
-            Self::Meta(MetaError::Refused { code, .. }) => match code {
+            Self::Meta(MetaGroupError::Invalid(e)) => Status::invalid_argument(e.to_string()),
+            Self::Meta(MetaGroupError::Refused { code, .. }) => match code {
                 Code::AlreadyExists => Status::already_exists(message),
                 Code::NotFound => Status::not_found(message),
                 Code::FailedPrecondition | Code::Unspecified => {
@@ -379,8 +296,10 @@ impl MembershipError {
             },
             Self::Meta(_) => Status::unavailable(message),
             // The other agent's own answer, passed on as it is.
-            Self::Forward { status, .. } => Status::new(status.code(), message),
-            Self::BadAddress { .. } => Status::internal(message),
+            Self::Agent(AgentCallError::Refused { status, .. }) => {
+                Status::new(status.code(), message)
+            }
+            Self::Agent(AgentCallError::BadAddress { .. }) => Status::internal(message),
         }
     }
 }

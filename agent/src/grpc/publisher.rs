@@ -14,8 +14,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::check_batch_len;
-use super::status::failed_confirm;
-use crate::broker::{Broker, BrokerError};
+use super::status::{self, failed_confirm};
+use crate::broker::Broker;
+use crate::error::BrokerError;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
@@ -56,7 +57,8 @@ impl Publisher for PublisherService {
         let result = self.broker.publish(&request.queue, request.messages).await;
         self.metrics.observe_rpc("Publish", started.elapsed());
         match result {
-            Ok(confirms) => {
+            Ok(confirmations) => {
+                let confirms = status::confirms(confirmations);
                 count_confirms(&self.metrics, &confirms);
                 Ok(Response::new(PublishResponse { confirms }))
             }
@@ -196,7 +198,7 @@ async fn publish_frame(
     let confirms = match check_batch_len(count) {
         Err(status) => vec![failed_confirm(&status); count],
         Ok(()) => match broker.publish(&frame.queue, frame.messages).await {
-            Ok(confirms) => confirms,
+            Ok(confirmations) => status::confirms(confirmations),
             Err(err) => {
                 let refused = matches!(err, BrokerError::NotLeader { .. });
                 let status = Status::from(err);

@@ -1,21 +1,87 @@
 //! The one place a [`BrokerError`] becomes a gRPC status (or a per-item failure code).
 //!
-//! The code comes from [`BrokerError::code`] and the message is the error's `Display`, which
-//! names the field or queue, so clients see e.g. `queue.name: must not be empty`.
+//! The code comes from [`code`] and the message is the error's `Display`, which names the
+//! field or queue, so clients see e.g. `queue.name: must not be empty`.
 
-use sluice_proto::v1::Confirm;
-use tonic::Status;
+use sluice_proto::v1::{Confirm, SettleOutcome};
+use tonic::{Code, Status};
 
-use crate::broker::BrokerError;
+use crate::error::{BrokerError, Confirmation, SettleFailure};
+use crate::log::LogError;
+
+/// The gRPC status code `err` is reported with.
+pub fn code(err: &BrokerError) -> Code {
+    use BrokerError as E;
+    match err {
+        E::InvalidArgument { .. } => Code::InvalidArgument,
+        E::QueueNotFound { .. } => Code::NotFound,
+        E::QueueExists { .. } => Code::AlreadyExists,
+        E::PayloadTooLarge { .. } | E::BacklogFull { .. } => Code::ResourceExhausted,
+        E::DataDirLocked { .. }
+        | E::QueueNotEmpty { .. }
+        | E::QueueNotCreated { .. }
+        | E::QueueOffline { .. }
+        | E::PartitionCorrupted { .. }
+        | E::StaleDelivery { .. }
+        | E::NoSuchPartition { .. } => Code::FailedPrecondition,
+        E::ShuttingDown
+        | E::BrokerClosed
+        | E::NotYetMember { .. }
+        | E::PartitionClosed { .. }
+        | E::NoDeadLetterHost { .. }
+        | E::DeadLetterUnreachable { .. }
+        | E::DeadLetterRefused { .. }
+        | E::Catalog(_)
+        | E::NotLeader { .. } => Code::Unavailable,
+        E::LeaderChanged { .. } => Code::Aborted,
+        E::Storage(LogError::Corrupted { .. }) => Code::FailedPrecondition,
+        E::Storage(_) => Code::Internal,
+    }
+}
+
+/// The confirm of one message as the proto carries it (a refused one with its code).
+pub fn confirm(confirmation: Confirmation) -> Confirm {
+    match confirmation {
+        Ok(stored) => Confirm {
+            id: Some(stored.id),
+            duplicate: stored.duplicate,
+            ..Confirm::default()
+        },
+        Err(err) => Confirm {
+            id: None,
+            duplicate: false,
+            code: code(&err) as i32,
+            error: err.to_string(),
+        },
+    }
+}
+
+/// Every confirm of a publish, in order.
+pub fn confirms(confirmations: Vec<Confirmation>) -> Vec<Confirm> {
+    confirmations.into_iter().map(confirm).collect()
+}
+
+/// The proto form of failed settle tags.
+pub fn settle_outcomes(failures: Vec<SettleFailure>) -> Vec<SettleOutcome> {
+    failures
+        .into_iter()
+        .map(|f| SettleOutcome {
+            tag: Some(f.tag),
+            code: code(&f.error) as i32,
+            error: f.error.to_string(),
+        })
+        .collect()
+}
 
 impl From<BrokerError> for Status {
     fn from(err: BrokerError) -> Self {
-        if err.code() == tonic::Code::Internal {
+        let code = code(&err);
+        if code == Code::Internal {
             // Internal errors are the agent's problem, not the caller's: log them with their
             // source chain, which the status message alone does not carry.
             tracing::error!(error = &err as &dyn std::error::Error, "request failed");
         }
-        let mut status = Status::new(err.code(), err.to_string());
+        let mut status = Status::new(code, err.to_string());
         if let BrokerError::NotLeader {
             leader: Some(leader),
             ..

@@ -16,6 +16,7 @@ mod flusher;
 mod mem_log;
 pub mod record;
 mod recovery;
+mod replace;
 mod segment;
 #[cfg(test)]
 mod suite;
@@ -27,6 +28,7 @@ use tokio::sync::watch;
 
 pub use file_log::FileLog;
 pub use mem_log::MemLog;
+pub use replace::replace_file;
 
 /// One log entry.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,16 +15,14 @@ use sluice_proto::storage::v1::{
     DeliverCommand, LogCommand, MessageRef, PublishCommand, SettleCommand, SettleKind,
     log_command::Command,
 };
-use sluice_proto::v1::{
-    Confirm, Delivery, DeliveryTag, Message, MessageId, SettleAction, SettleOutcome,
-};
+use sluice_proto::v1::{Delivery, DeliveryTag, Message, MessageId, SettleAction};
 
 use super::clock::Clock;
 use super::consumer::ConsumerSlot;
 use super::entry::{self, entry_of, slot_of};
 use super::replica::ReplicaLink;
 use super::state::{Counters, Disposal, DisposalItem, PartitionState, StateConfig};
-use crate::broker::BrokerError;
+use crate::error::{BrokerError, Confirmation, SettleFailure, Stored};
 use crate::log::{LogError, LogStore};
 
 /// What stats name as the leader of a partition on a single agent.
@@ -80,7 +78,7 @@ pub type SharedState = Arc<Mutex<PartitionState>>;
 #[derive(Debug, Default)]
 pub struct Published {
     /// (position in the request, confirm).
-    pub confirms: Vec<(usize, Confirm)>,
+    pub confirms: Vec<(usize, Confirmation)>,
     /// Wait for this before confirming.
     pub wait: WaitPoint,
     /// Whether new messages were enqueued.
@@ -91,7 +89,7 @@ pub struct Published {
 #[derive(Debug, Default)]
 pub struct Settled {
     /// Tags that failed.
-    pub failures: Vec<SettleOutcome>,
+    pub failures: Vec<SettleFailure>,
     /// Wait for this before reporting success.
     pub wait: WaitPoint,
     /// Messages to dead-letter now (rejects, nacks past `max_deliveries`).
@@ -394,14 +392,11 @@ impl Partition {
             {
                 out.confirms.push((
                     position,
-                    Confirm {
-                        code: tonic::Code::ResourceExhausted as i32,
-                        error: format!(
-                            "queue {:?} backlog limit reached ({messages} messages, {bytes} bytes)",
-                            self.queue
-                        ),
-                        ..Confirm::default()
-                    },
+                    Err(BrokerError::BacklogFull {
+                        queue: self.queue.clone(),
+                        messages,
+                        bytes,
+                    }),
                 ));
                 continue;
             }
@@ -434,15 +429,14 @@ impl Partition {
         Ok(out)
     }
 
-    fn confirm(&self, offset: u64, duplicate: bool) -> Confirm {
-        Confirm {
-            id: Some(MessageId {
+    fn confirm(&self, offset: u64, duplicate: bool) -> Confirmation {
+        Ok(Stored {
+            id: MessageId {
                 partition: self.id,
                 offset,
-            }),
+            },
             duplicate,
-            ..Confirm::default()
-        }
+        })
     }
 
     /// Waits until every entry up to `wait.index` is durable (immediately for 0): fsynced on a
@@ -464,21 +458,20 @@ impl Partition {
                 Ok(())
             } else {
                 // Leadership moved before the commit was seen: the outcome is unknown.
-                Err(BrokerError::Ambiguous(format!(
-                    "partition {} of queue {:?} changed leader before entry {index} was confirmed: it may or may not be stored; resend with the same idempotency keys",
-                    self.id, self.queue
-                )))
+                Err(BrokerError::LeaderChanged {
+                    queue: self.queue.clone(),
+                    partition: self.id,
+                    index,
+                })
             };
         }
         let mut rx = self.log.durability();
         let durability = rx
             .wait_for(|d| d.durable_next > index || d.failure.is_some())
             .await
-            .map_err(|_| {
-                BrokerError::Unavailable(format!(
-                    "partition {} of {:?} is closed",
-                    self.id, self.queue
-                ))
+            .map_err(|_| BrokerError::PartitionClosed {
+                queue: self.queue.clone(),
+                partition: self.id,
             })?;
         if durability.durable_next > index {
             return Ok(());
@@ -517,10 +510,11 @@ impl Partition {
     }
 
     fn corrupted(&self, reason: String) -> BrokerError {
-        BrokerError::FailedPrecondition(format!(
-            "partition {} of queue {:?}: {reason}",
-            self.id, self.queue
-        ))
+        BrokerError::PartitionCorrupted {
+            queue: self.queue.clone(),
+            partition: self.id,
+            reason,
+        }
     }
 
     /// Delivers up to `max` messages to `consumer`: records the deliveries in the log (not
@@ -853,11 +847,10 @@ pub fn replay(
     Ok(state)
 }
 
-fn failure(tag: &DeliveryTag, error: String) -> SettleOutcome {
-    SettleOutcome {
-        tag: Some(*tag),
-        code: tonic::Code::FailedPrecondition as i32,
-        error,
+fn failure(tag: &DeliveryTag, reason: String) -> SettleFailure {
+    SettleFailure {
+        tag: *tag,
+        error: BrokerError::StaleDelivery { tag: *tag, reason },
     }
 }
 

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use sluice_proto::v1::{
-    Confirm, Delivery, DeliveryTag, GetQueueStatsResponse, Message, PartitionStats, QueueSpec,
-    Settle, SettleAction, SettleOutcome, Stats,
+    Delivery, DeliveryTag, GetQueueStatsResponse, Message, PartitionStats, QueueSpec, Settle,
+    SettleAction, Stats,
 };
 use tokio::sync::Notify;
 
@@ -13,7 +13,7 @@ use super::consumer::ConsumerSlot;
 use super::partition::{Partition, PublishContext, WaitPoint};
 use super::spec::validate_message;
 use super::state::{DisposalItem, StateConfig};
-use crate::broker::BrokerError;
+use crate::error::{BrokerError, Confirmation, QueueOpenError, SettleFailure};
 
 /// One queue on this agent.
 #[derive(Debug)]
@@ -23,7 +23,7 @@ pub struct Queue {
     /// Partitions in order; empty when the queue is offline.
     partitions: Vec<Arc<Partition>>,
     /// Why the queue is offline (a partition failed recovery), naming file and offset.
-    offline: Option<String>,
+    offline: Option<Arc<QueueOpenError>>,
     /// Round-robin position for messages without a routing key.
     next_partition: AtomicUsize,
     /// Woken when something may have become deliverable or a consumer's credit freed.
@@ -43,7 +43,7 @@ pub type PartitionDisposals = (Arc<Partition>, Vec<DisposalItem>);
 #[derive(Debug, Default)]
 pub struct QueueSettled {
     /// Tags that failed.
-    pub failures: Vec<SettleOutcome>,
+    pub failures: Vec<SettleFailure>,
     /// (partition, index) to wait for durability on.
     pub waits: Vec<(Arc<Partition>, WaitPoint)>,
     /// Messages to dead-letter before answering.
@@ -56,13 +56,17 @@ impl Queue {
         Self::build(spec, partitions, None)
     }
 
-    /// A queue whose data could not be recovered: every operation answers
-    /// FAILED_PRECONDITION with `reason`.
-    pub fn offline(spec: QueueSpec, reason: String) -> Self {
-        Self::build(spec, Vec::new(), Some(reason))
+    /// A queue whose data could not be recovered: every operation fails with
+    /// [`BrokerError::QueueOffline`] carrying `reason`.
+    pub fn offline(spec: QueueSpec, reason: QueueOpenError) -> Self {
+        Self::build(spec, Vec::new(), Some(Arc::new(reason)))
     }
 
-    fn build(spec: QueueSpec, partitions: Vec<Arc<Partition>>, offline: Option<String>) -> Self {
+    fn build(
+        spec: QueueSpec,
+        partitions: Vec<Arc<Partition>>,
+        offline: Option<Arc<QueueOpenError>>,
+    ) -> Self {
         Self {
             spec,
             partitions,
@@ -98,10 +102,10 @@ impl Queue {
     /// Fails when the queue is offline.
     pub fn check_online(&self) -> Result<(), BrokerError> {
         match &self.offline {
-            Some(reason) => Err(BrokerError::FailedPrecondition(format!(
-                "queue {:?} is offline: {reason}",
-                self.spec.name
-            ))),
+            Some(reason) => Err(BrokerError::QueueOffline {
+                queue: self.spec.name.clone(),
+                cause: reason.clone(),
+            }),
             None => Ok(()),
         }
     }
@@ -197,18 +201,15 @@ impl Queue {
         &self,
         messages: Vec<Message>,
         dead_letter: Option<(&str, &str)>,
-    ) -> Result<Vec<Confirm>, BrokerError> {
+    ) -> Result<Vec<Confirmation>, BrokerError> {
         self.check_online()?;
         let n = self.partitions.len();
-        let mut confirms: Vec<Confirm> = vec![Confirm::default(); messages.len()];
+        let mut confirms: Vec<Option<Confirmation>> = Vec::with_capacity(messages.len());
+        confirms.resize_with(messages.len(), || None);
         let mut groups: Vec<Vec<(usize, Message)>> = vec![Vec::new(); n];
         for (i, message) in messages.into_iter().enumerate() {
             if let Err(e) = validate_message(&self.spec, i, &message) {
-                confirms[i] = Confirm {
-                    code: e.code() as i32,
-                    error: e.to_string(),
-                    ..Confirm::default()
-                };
+                confirms[i] = Some(Err(e));
                 continue;
             }
             let p = self.route(&message);
@@ -250,7 +251,7 @@ impl Queue {
             let published = partition.publish(items, &ctx)?;
             enqueued |= published.enqueued;
             for (i, confirm) in published.confirms {
-                confirms[i] = confirm;
+                confirms[i] = Some(confirm);
             }
             waits.push((partition.clone(), published.wait));
         }
@@ -261,7 +262,12 @@ impl Queue {
         for (partition, index) in waits {
             partition.wait_durable(index).await?;
         }
-        Ok(confirms)
+        // Each message was refused by validation or routed to exactly one partition, which
+        // answered for every message it was given.
+        Ok(confirms
+            .into_iter()
+            .map(|c| c.expect("a confirmation per message"))
+            .collect())
     }
 
     /// Takes up to `free` deliveries for `consumer`, trying partitions round-robin from
@@ -304,13 +310,12 @@ impl Queue {
         for tag in &settle.tags {
             match by_partition.get_mut(tag.partition as usize) {
                 Some(tags) => tags.push(*tag),
-                None => out.failures.push(SettleOutcome {
-                    tag: Some(*tag),
-                    code: tonic::Code::FailedPrecondition as i32,
-                    error: format!(
-                        "queue {:?} has no partition {}",
-                        self.spec.name, tag.partition
-                    ),
+                None => out.failures.push(SettleFailure {
+                    tag: *tag,
+                    error: BrokerError::NoSuchPartition {
+                        queue: self.spec.name.clone(),
+                        tag: *tag,
+                    },
                 }),
             }
         }

@@ -120,23 +120,59 @@ impl ReplicaLink {
         entries: u64,
         change: MembershipChange,
         timeout: std::time::Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), MembershipChangeError> {
         let (done, outcome) = oneshot::channel();
         let barrier = Barrier {
             entries,
             change,
             done,
         };
-        let stopped = || "the partition's proposer stopped".to_owned();
         let wait = async {
-            self.barriers.send(barrier).await.map_err(|_| stopped())?;
-            outcome.await.map_err(|_| stopped())?
+            self.barriers
+                .send(barrier)
+                .await
+                .map_err(|_| MembershipChangeError::ProposerStopped)?;
+            outcome
+                .await
+                .map_err(|_| MembershipChangeError::ProposerStopped)?
+                .map_err(MembershipChangeError::Failed)
         };
         tokio::time::timeout(timeout, wait)
             .await
-            .map_err(|_| format!("no outcome within {timeout:?}"))?
+            .map_err(|_| MembershipChangeError::TimedOut(timeout))?
+    }
+
+    /// Stops this replica: it stops serving (waiting confirms fail at once) and its Raft
+    /// group stops within `timeout`. Everything acknowledged is on disk already, so a Raft
+    /// that does not stop in time is left behind as a crash would leave it.
+    pub async fn stop(&self, timeout: std::time::Duration) {
+        self.stop_serving();
+        match tokio::time::timeout(timeout, self.raft.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(group = %self.group, error = %e, "raft did not stop cleanly")
+            }
+            Err(_) => tracing::warn!(group = %self.group, "raft did not stop in time"),
+        }
     }
 }
+
+/// Why [`ReplicaLink::change_membership`] did not see its change through.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipChangeError {
+    /// The partition's proposer stopped (the replica is closing).
+    #[error("the partition's proposer stopped")]
+    ProposerStopped,
+    /// No outcome within the timeout; the change still runs to its end.
+    #[error("no outcome within {0:?}")]
+    TimedOut(std::time::Duration),
+    /// The change itself failed.
+    #[error(transparent)]
+    Failed(ChangeFailure),
+}
+
+/// Why a membership change failed, as the change reports it.
+pub type ChangeFailure = Box<dyn std::error::Error + Send + Sync>;
 
 /// Takes the leader's staged entries whole and submits them to openraft in order, at most
 /// [`ENTRIES_IN_FLIGHT`] at a time, and checks, in order, that each entry was committed at the
@@ -215,11 +251,11 @@ struct Barrier {
     /// The change, run on this group's Raft once every entry before it has landed.
     change: MembershipChange,
     /// Its outcome, for the caller.
-    done: oneshot::Sender<Result<(), String>>,
+    done: oneshot::Sender<Result<(), ChangeFailure>>,
 }
 
 /// A membership change of a partition's group, as [`ReplicaLink::change_membership`] runs it.
-pub type MembershipChange = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+pub type MembershipChange = Pin<Box<dyn Future<Output = Result<(), ChangeFailure>> + Send>>;
 
 /// Submits entries and runs membership changes between them; one per partition, owned by
 /// [`run_proposer`].
@@ -495,13 +531,13 @@ pub struct Setup {
 pub enum OpenReplicaError {
     /// The Raft metadata could not be read.
     #[error(transparent)]
-    Meta(#[from] crate::replication::meta::MetaError),
+    Meta(#[from] crate::replication::meta::ReplicaMetaError),
     /// The state could not be rebuilt from the log.
     #[error(transparent)]
     Recover(#[from] crate::replication::state_machine::RecoverError),
     /// openraft refused to start.
     #[error("raft: {0}")]
-    Raft(String),
+    Raft(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Opens this agent's replica of a partition over `log`: starts its Raft group (initialising
@@ -535,7 +571,7 @@ pub async fn open(
     // replayed here; openraft re-applies only what follows.
     let purged = openraft::storage::RaftLogStorage::get_log_state(&mut store)
         .await
-        .map_err(|e| OpenReplicaError::Raft(e.to_string()))?
+        .map_err(|e| OpenReplicaError::Raft(Box::new(e)))?
         .last_purged_log_id;
     machine.recover(store.committed_hint().max(purged)).await?;
     let raft = Raft::new(
@@ -546,12 +582,12 @@ pub async fn open(
         machine.clone(),
     )
     .await
-    .map_err(|e| OpenReplicaError::Raft(e.to_string()))?;
+    .map_err(|e| OpenReplicaError::Raft(Box::new(e)))?;
     setup.groups.insert(setup.group.clone(), raft.clone());
     let initialized = raft
         .is_initialized()
         .await
-        .map_err(|e| OpenReplicaError::Raft(e.to_string()))?;
+        .map_err(|e| OpenReplicaError::Raft(Box::new(e)))?;
     if !initialized && !setup.voters.is_empty() {
         // Every replica initialises with the same voters; openraft accepts that, and whichever
         // initialisation a replica's log already holds wins.
@@ -613,15 +649,5 @@ impl ReplicaLink {
             matched.map_or(0, |m| crate::replication::codec::log_index(m.index)),
             last,
         ))
-    }
-
-    /// Asks `node` (reached at its peer address `peer`) to take leadership of this group: it
-    /// starts an election, which a caught-up replica wins (decision 0009). Returns whether it
-    /// leads now.
-    pub async fn hand_off(&self, node: u64, peer: &str) -> Result<bool, String> {
-        crate::cluster::client::transfer_leadership(peer, &self.group, false)
-            .await
-            .map(|outcome| outcome.is_leader || outcome.leader == Some(node))
-            .map_err(|e| e.to_string())
     }
 }

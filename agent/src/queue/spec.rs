@@ -5,7 +5,7 @@
 
 use sluice_proto::v1::{Message, OverflowPolicy, QueueSpec};
 
-use crate::broker::BrokerError;
+use crate::error::BrokerError;
 
 /// Partitions when the spec says 0.
 pub const PARTITIONS_DEFAULT: u32 = 1;
@@ -163,12 +163,11 @@ pub fn validate_message(
 ) -> Result<(), BrokerError> {
     let field = |name: &str| format!("messages[{index}].{name}");
     if message.payload.len() > spec.max_payload_bytes as usize {
-        return Err(BrokerError::ResourceExhausted(format!(
-            "{}: {} bytes is more than the queue's max_payload_bytes {}",
-            field("payload"),
-            message.payload.len(),
-            spec.max_payload_bytes
-        )));
+        return Err(BrokerError::PayloadTooLarge {
+            field: field("payload"),
+            bytes: message.payload.len(),
+            max: spec.max_payload_bytes,
+        });
     }
     if message.headers.keys().any(|k| k.is_empty()) {
         return Err(invalid(field("headers"), "header keys must not be empty"));
@@ -343,7 +342,7 @@ mod tests {
             ..Default::default()
         };
         assert!(
-            matches!(validate_message(&spec, 0, &big), Err(BrokerError::ResourceExhausted(m)) if m.starts_with("messages[0].payload"))
+            matches!(validate_message(&spec, 0, &big), Err(e @ BrokerError::PayloadTooLarge { .. }) if e.to_string().starts_with("messages[0].payload"))
         );
         let prio = Message {
             priority: 1,

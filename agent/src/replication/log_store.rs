@@ -106,7 +106,7 @@ impl ReplicatedLog {
         log: Arc<dyn LogStore>,
         meta: MetaFile,
         purge_floor: Arc<AtomicU64>,
-    ) -> Result<Self, super::meta::MetaError> {
+    ) -> Result<Self, super::meta::ReplicaMetaError> {
         let saved = meta.load()?;
         let (latest, _) = watch::channel(codec::opt_log_id_from_pb(&saved.committed));
         Ok(Self {
@@ -169,7 +169,7 @@ impl ReplicatedLog {
             change(&mut next);
             guard.0.save(&next)?;
             guard.1 = next;
-            Ok::<_, super::meta::MetaError>(())
+            Ok::<_, super::meta::ReplicaMetaError>(())
         })
         .await;
         match result {
@@ -240,7 +240,7 @@ impl CommittedSaver {
             next.committed = Some(codec::log_id_to_pb(&committed));
             guard.0.save(&next)?;
             guard.1 = next;
-            Ok::<_, super::meta::MetaError>(())
+            Ok::<_, super::meta::ReplicaMetaError>(())
         })
         .await;
         match saved {

@@ -6,7 +6,6 @@
 //! either the old or the new content, never a torn one.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -17,7 +16,7 @@ pub const META_FILE_NAME: &str = "raft-meta.pb";
 
 /// Errors reading or writing the meta file; each names the path.
 #[derive(Debug, thiserror::Error)]
-pub enum MetaError {
+pub enum ReplicaMetaError {
     /// An I/O operation failed.
     #[error("{op} {path}: {source}")]
     Io {
@@ -29,6 +28,9 @@ pub enum MetaError {
         #[source]
         source: std::io::Error,
     },
+    /// The file could not be replaced.
+    #[error(transparent)]
+    Write(#[from] crate::log::LogError),
     /// The file exists but does not decode (it is only ever replaced whole, so this is damage).
     #[error("{path} does not decode: {source}")]
     Corrupted {
@@ -58,13 +60,13 @@ impl MetaFile {
     }
 
     /// Reads the saved meta; the default when the file does not exist yet.
-    pub fn load(&self) -> Result<ReplicaMeta, MetaError> {
+    pub fn load(&self) -> Result<ReplicaMeta, ReplicaMetaError> {
         let path = self.path();
         match fs::read(&path) {
             Ok(bytes) => ReplicaMeta::decode(bytes.as_slice())
-                .map_err(|source| MetaError::Corrupted { path, source }),
+                .map_err(|source| ReplicaMetaError::Corrupted { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ReplicaMeta::default()),
-            Err(source) => Err(MetaError::Io {
+            Err(source) => Err(ReplicaMetaError::Io {
                 op: "read",
                 path,
                 source,
@@ -73,29 +75,15 @@ impl MetaFile {
     }
 
     /// Durably replaces the file with `meta`.
-    pub fn save(&self, meta: &ReplicaMeta) -> Result<(), MetaError> {
+    pub fn save(&self, meta: &ReplicaMeta) -> Result<(), ReplicaMetaError> {
         replace_file(&self.dir, META_FILE_NAME, &meta.encode_to_vec())
     }
 }
 
-/// Durably replaces `dir/name` with `bytes`: a crash leaves the old file or the new one,
-/// never a mix (temp file, fsync, rename, directory fsync).
-pub fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), MetaError> {
-    let io = |op, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| MetaError::Io { op, path, source }
-    };
-    fs::create_dir_all(dir).map_err(io("create", dir))?;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut file = fs::File::create(&tmp).map_err(io("create", &tmp))?;
-    file.write_all(bytes).map_err(io("write", &tmp))?;
-    file.sync_all().map_err(io("fsync", &tmp))?;
-    let path = dir.join(name);
-    fs::rename(&tmp, &path).map_err(io("rename", &path))?;
-    // The rename is durable only once the directory entry is.
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync", dir))?;
+/// Durably replaces `dir/name` with `bytes` (see [`crate::log::replace_file`]); the
+/// temporary file is `dir/name.tmp`.
+pub fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), ReplicaMetaError> {
+    crate::log::replace_file(&dir.join(name), &dir.join(format!("{name}.tmp")), bytes)?;
     Ok(())
 }
 

@@ -183,7 +183,7 @@ impl QueueStateMachine {
     fn save_membership(
         &self,
         membership: &StoredMembership<NodeId, BasicNode>,
-    ) -> Result<(), super::meta::MetaError> {
+    ) -> Result<(), super::meta::ReplicaMetaError> {
         match &self.membership_dir {
             Some(dir) => super::meta::replace_file(
                 dir,
