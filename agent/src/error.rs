@@ -162,9 +162,11 @@ pub enum BrokerError {
         /// The refusal as the leader sent it.
         reason: String,
     },
-    /// The cluster catalog (meta group) could not take the change.
+    /// The cluster catalog (meta group) could not take the change. The cause is the meta
+    /// group's error, kept as a source (naming its type here would import `cluster/`, which
+    /// imports this module).
     #[error("cluster catalog: {0}")]
-    Catalog(#[source] Box<crate::cluster::MetaGroupError>),
+    Catalog(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Another agent leads what the request needs, or an election is under way: retry at
     /// `leader` when known (sent to clients as `sluice-leader` metadata), else later.
     #[error("{what} is not led by this agent{}", leader.as_ref().map(|l| format!("; its leader is {l}")).unwrap_or_else(|| "; an election is under way, retry".to_owned()))]
@@ -262,12 +264,14 @@ pub enum PartitionOpenError {
     /// The log could not be opened.
     #[error(transparent)]
     Log(#[from] LogError),
-    /// The log was replayed into a state that failed (a bad command, a failed read).
+    /// Replaying the log into the delivery state failed (a bad command, a failed read). The
+    /// cause is the partition's own error type, kept as a source: naming it here would make
+    /// this ground-floor module import `queue/`.
     #[error(transparent)]
-    Replay(#[from] crate::queue::partition::OpenError),
-    /// The replica (its Raft group) could not be started.
+    Replay(Box<dyn std::error::Error + Send + Sync>),
+    /// The replica (its Raft group) could not be started; the cause as for `Replay`.
     #[error(transparent)]
-    Replica(#[from] crate::queue::replica::OpenReplicaError),
+    Replica(Box<dyn std::error::Error + Send + Sync>),
     /// A corrupted log could not be set aside for the rebuild from peers.
     #[error("{cause}; moving it aside failed: {source}")]
     Quarantine {

@@ -14,7 +14,7 @@ use super::timers::{Trigger, spawn_loop};
 use crate::cluster::reconcile::GroupView;
 use crate::cluster::{ClusterContext, META_GROUP, placement, transfer_leadership};
 use crate::queue::partition::Partition;
-use crate::queue::replica::ReplicaLink;
+use crate::queue::replica_link::ReplicaLink;
 
 /// How often an agent checks that the partitions it leads are led by their preferred agent.
 const BALANCE_INTERVAL: Duration = Duration::from_secs(2);

@@ -14,7 +14,7 @@ use super::timers::{Trigger, spawn_loop};
 use super::{Broker, RAFT_STOP_TIMEOUT, lock};
 use crate::cluster::reconcile::{self, GroupView};
 use crate::cluster::{ClusterContext, META_GROUP};
-use crate::queue::replica::{ChangeFailure, ReplicaLink};
+use crate::queue::replica_link::{ChangeFailure, ReplicaLink};
 use crate::replication::Raft;
 
 /// How often an agent moves the groups it leads towards the catalog's membership. Each round

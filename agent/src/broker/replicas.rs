@@ -168,7 +168,7 @@ impl Broker {
                 setup,
             )
             .await
-            .map_err(|e| in_partition(e.into()))?;
+            .map_err(|e| in_partition(PartitionOpenError::Replica(Box::new(e))))?;
             partitions.push(partition);
         }
         Ok(Queue::new(spec, partitions))

@@ -145,7 +145,7 @@ fn open_partitions(
             .open(&dir)
             .map_err(|e| in_partition(e.into()))?;
         let partition = Partition::open(&spec.name, id, log, config, options.clock.clone())
-            .map_err(|e| in_partition(e.into()))?;
+            .map_err(|e| in_partition(PartitionOpenError::Replay(Box::new(e))))?;
         partitions.push(Arc::new(partition));
     }
     Ok(Queue::new(spec, partitions))

@@ -11,7 +11,9 @@
 //! - [`partition`]: [`partition::Partition`], the log + state + I/O (append, wait, read bodies).
 //! - [`queue`]: [`queue::Queue`], routing to partitions, competing consumers, stats.
 //! - [`spec`]: validation and defaults of queue specs and messages.
-//! - [`replica`]: [`replica::ReplicaLink`], a replicated partition's Raft side and status.
+//! - [`replica`]: a replicated partition's Raft side: opening it, the proposer and role tasks;
+//!   [`replica_link`]: [`replica_link::ReplicaLink`], the partition's handle on them;
+//!   [`replica_status`]: [`replica_status::ReplicaStatus`], leadership and progress.
 //! - [`entry`]: what a log entry holds (one command or a batch) and what an offset means;
 //!   [`outbox`]: the leader's entries waiting for the proposer.
 //! - [`consumer`]: [`consumer::ConsumerSlot`], a subscription's credit.
@@ -28,5 +30,7 @@ pub mod partition;
 pub mod queue;
 pub mod rates;
 pub mod replica;
+pub mod replica_link;
+pub mod replica_status;
 pub mod spec;
 pub mod state;

@@ -20,7 +20,7 @@ use sluice_proto::v1::{Delivery, DeliveryTag, Message, MessageId, SettleAction};
 use super::clock::Clock;
 use super::consumer::ConsumerSlot;
 use super::entry::{self, entry_of, slot_of};
-use super::replica::ReplicaLink;
+use super::replica_link::ReplicaLink;
 use super::state::{Counters, Disposal, DisposalItem, PartitionState, StateConfig};
 use crate::error::{BrokerError, Confirmation, SettleFailure, Stored};
 use crate::log::{LogError, LogStore};
@@ -71,8 +71,7 @@ impl WaitPoint {
     }
 }
 
-/// The delivery state of a partition, shared with its Raft state machine when replicated.
-pub type SharedState = Arc<Mutex<PartitionState>>;
+pub use super::state::{SharedState, lock_state};
 
 /// What a publish under the lock produced.
 #[derive(Debug, Default)]
@@ -815,14 +814,6 @@ impl Partition {
     pub fn tracked_len(&self) -> usize {
         self.state().tracked_len()
     }
-}
-
-/// Locks a partition's state.
-pub(crate) fn lock_state(state: &SharedState) -> MutexGuard<'_, PartitionState> {
-    // Every mutation of the state runs to completion without panicking on input; if a bug ever
-    // panicked mid-update, continuing with the state is no worse than poisoning every later
-    // request of the partition.
-    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Rebuilds a partition's delivery state by replaying its log from the first retained entry up

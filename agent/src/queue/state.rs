@@ -16,7 +16,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use roaring::RoaringTreemap;
@@ -949,6 +949,17 @@ impl PartitionState {
     pub fn tracked_len(&self) -> usize {
         self.tracked.len()
     }
+}
+
+/// The delivery state of a partition, shared with its Raft state machine when replicated.
+pub type SharedState = Arc<Mutex<PartitionState>>;
+
+/// Locks a partition's state.
+pub fn lock_state(state: &SharedState) -> MutexGuard<'_, PartitionState> {
+    // Every mutation of the state runs to completion without panicking on input; if a bug ever
+    // panicked mid-update, continuing with the state is no worse than poisoning every later
+    // request of the partition.
+    state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

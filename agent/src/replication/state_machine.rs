@@ -27,9 +27,8 @@ use tokio::sync::Mutex;
 use super::codec::{self, RaftEntry};
 use super::types::{Applied, NodeId, TypeConfig};
 use crate::log::{LogError, LogStore};
-use crate::queue::partition::SharedState;
-use crate::queue::replica::ReplicaStatus;
-use crate::queue::state::{PartitionState, StateConfig};
+use crate::queue::replica_status::ReplicaStatus;
+use crate::queue::state::{PartitionState, SharedState, StateConfig};
 
 /// Upper bound of data bytes per log read while building a snapshot.
 const SNAPSHOT_READ_BYTES: usize = 4 << 20;
