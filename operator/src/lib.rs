@@ -5,6 +5,8 @@
 //! # Layout
 //! - [`crd`]: the `MessageQueue` spec and status types (the CRD is generated from them).
 //! - [`controller`]: `Context`, `reconcile`, `error_policy` and `run`.
+//! - [`apply`]: server-side apply of the children and the status, under [`FIELD_MANAGER`].
+//! - [`events`]: the Kubernetes events about MessageQueues and their reasons.
 //! - [`builders`]: pure functions from a MessageQueue to each desired child object.
 //! - [`status`]: the observed status and conditions, computed without any API call.
 //! - [`agent_admin`]: the operator's calls into the agents (stats and membership).
@@ -15,12 +17,16 @@
 //! - [`metrics`], [`telemetry`], [`http`], [`leader`]: the operator process around the controller.
 
 pub mod agent_admin;
+/// Server-side apply of a MessageQueue's children and status, under [`FIELD_MANAGER`].
+pub mod apply;
 pub mod args;
 pub mod builders;
 pub mod cluster_view;
 pub mod controller;
 pub mod crd;
 pub mod day2;
+/// The Kubernetes events about MessageQueues: reasons, publishing, status transitions.
+pub mod events;
 pub mod http;
 pub mod leader;
 pub mod metrics;
@@ -36,7 +42,7 @@ pub mod units;
 pub const FIELD_MANAGER: &str = "sluice-operator";
 
 /// Everything that can make a reconcile fail. Variants are named for the outcome; each maps to a
-/// short label for the failure metric.
+/// short label for the failure metric and to the reason of the event reporting it.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The object lacks a field the API server always sets (a corrupt cache, not user input).
@@ -144,6 +150,27 @@ impl Error {
             Error::PatchFailed { .. } => "patch_failed",
             Error::AgentCallFailed { .. } => "agent_call_failed",
             Error::Serialization { .. } => "serialization",
+        }
+    }
+
+    /// Reason of the Warning event that reports this failure on the MessageQueue, one of
+    /// [`events::event_reasons`].
+    pub fn event_reason(&self) -> &'static str {
+        use events::event_reasons;
+        match self {
+            Error::ApplyFailed { .. } => event_reasons::APPLY_FAILED,
+            Error::InvalidSpec { .. } => event_reasons::INVALID_SPEC,
+            Error::StatusPatchFailed { .. } => event_reasons::STATUS_UPDATE_FAILED,
+            Error::AgentCallFailed { .. } | Error::DeleteFailed { .. } => {
+                event_reasons::DAY2_FAILED
+            }
+            // Only a claim's size is ever patched.
+            Error::PatchFailed { .. } => event_reasons::STORAGE_EXPANSION_FAILED,
+            // No reason of their own: events have always reported these as ApplyFailed, and
+            // alerts match on reasons, so a new one would be a change of behaviour.
+            Error::ReadFailed { .. } | Error::MissingObjectKey(_) | Error::Serialization { .. } => {
+                event_reasons::APPLY_FAILED
+            }
         }
     }
 }

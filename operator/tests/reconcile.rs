@@ -11,8 +11,9 @@ use serde_json::{Value, json};
 use sluice_operator::{
     Error, FIELD_MANAGER,
     agent_admin::{PartitionStats, QueueStats},
-    controller::{self, Context, event_reasons},
+    controller::{self, Context},
     crd::MessageQueue,
+    events::event_reasons,
     metrics::Metrics,
     rbac,
     settings::Settings,

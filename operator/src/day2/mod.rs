@@ -2,19 +2,23 @@
 //!
 //! Each reconcile pass observes the StatefulSet, its pods and the agents' membership into a
 //! [`plan::Snapshot`], asks the pure [`plan::decide`] for the one next [`plan::Step`], and
-//! carries it out: the Kubernetes half (StatefulSet replicas, deleting a pod) in reconcile
-//! through [`kube_ops`], the agents' half (hand-off, add, drain, remove) through [`agents`].
+//! carries it out through [`execute`]: the StatefulSet's replicas with reconcile's apply,
+//! deleting a pod through [`kube_ops`], the agents' half (hand-off, add, drain, remove) through
+//! [`agents`].
 //! The end-to-end harness calls the same `decide` and [`agents::perform`], playing the
 //! StatefulSet controller and kubelet itself (decision 0012).
 //!
 //! # Layout
 //! - [`plan`]: the decision, from observed state to the next step.
+//! - [`execute`]: observing the cluster for the decision and executing the step it chose.
 //! - [`agents`]: the agents' half of a step, over [`crate::agent_admin::AgentAdmin`].
 //! - [`kube_ops`]: the pods and claims reconcile reads and changes.
 //! - [`claims`]: which claims PVC expansion patches.
 
 pub mod agents;
 pub mod claims;
+/// Observing the cluster into a [`Snapshot`] and executing the [`Step`] [`decide`] chose.
+pub mod execute;
 pub mod kube_ops;
 pub mod plan;
 
