@@ -198,8 +198,10 @@ fn init_tracing(args: &BrokerArgs) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .map_err(|err| format!("{:?}: {err}", args.log_level))?;
     // Logs go to stderr: stdout carries only the machine-readable listening line.
+    // Colours only on a terminal: in a pod's log or a file they are escape-code noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => builder.init(),

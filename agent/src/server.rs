@@ -287,10 +287,15 @@ pub async fn run(
         .set_serving::<MembershipServer<MembershipService>>()
         .await;
     health.set_service_status("", ServingStatus::Serving).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Both reflection versions: grpcurl before 1.8.8, grpcio-reflection's client and many
+    // other tools still ask `grpc.reflection.v1alpha`.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(sluice_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let reflection = reflection().build_v1()?;
 
     let admin = AdminService::new(broker.clone(), metrics.clone());
     let publisher = PublisherService::new(broker.clone(), metrics.clone(), observer.clone());
@@ -359,6 +364,7 @@ pub async fn run(
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(AdminServer::new(admin).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES))
         .add_service(
             PublisherServer::new(publisher).max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),

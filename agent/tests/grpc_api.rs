@@ -517,3 +517,84 @@ async fn bad_requests_get_precise_statuses_and_change_nothing() {
         "the current tag still acks"
     );
 }
+
+#[tokio::test]
+async fn reflection_answers_the_v1alpha_protocol_too() {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    let (_dir, agent) = agent();
+    let channel = tonic::transport::Endpoint::from_shared(agent.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("v1alpha reflection is served")
+        .into_inner();
+    let response = responses
+        .message()
+        .await
+        .expect("reflection answer")
+        .expect("one answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer {response:?}");
+    };
+    let names: HashSet<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains("sluice.v1.Publisher"), "{names:?}");
+}
+
+#[tokio::test]
+async fn malformed_queue_names_are_refused_on_every_call_naming_the_field() {
+    let (_dir, agent) = agent();
+    let client = agent.client().await;
+    for name in ["", "Bad Name"] {
+        let checks = [
+            (
+                "publish",
+                "queue",
+                client.publish(name, vec![text("x")]).await.err(),
+            ),
+            ("stats", "name", client.stats(name).await.err()),
+            (
+                "delete",
+                "name",
+                client.delete_queue(name, false).await.err(),
+            ),
+            (
+                "settle",
+                "queue",
+                client
+                    .settle(name, SettleAction::Ack, vec![DeliveryTag::default()], 0)
+                    .await
+                    .err(),
+            ),
+            (
+                "subscribe",
+                "subscribe.queue",
+                client.subscribe(name, 1).await.err(),
+            ),
+        ];
+        for (call, field, err) in checks {
+            let err = err.unwrap_or_else(|| panic!("{call} of {name:?} was accepted"));
+            assert_eq!(
+                err.code(),
+                Some(Code::InvalidArgument),
+                "{call} {name:?}: {err}"
+            );
+            assert!(
+                err.to_string().contains(&format!("{field}: ")),
+                "{call} {name:?} names the field {field}: {err}"
+            );
+        }
+    }
+}

@@ -252,6 +252,13 @@ impl Broker {
         Ok(())
     }
 
+    /// The queue named by request field `field`: a malformed name is refused naming the field
+    /// (as declare does), a well-formed one is looked up with [`Broker::queue`].
+    fn named_queue(&self, field: &str, name: &str) -> Result<Arc<Queue>, BrokerError> {
+        validate_name(field, name)?;
+        self.queue(name)
+    }
+
     /// The queue this agent hosts. In a cluster a declared queue placed on other agents is
     /// answered UNAVAILABLE with its preferred leader's client address (decision 0014), which
     /// redirects again if it does not lead.
@@ -370,7 +377,7 @@ impl Broker {
 
     /// Counters of one queue.
     pub fn stats(&self, queue: &str) -> Result<GetQueueStatsResponse, BrokerError> {
-        self.queue(queue)?.stats()
+        self.named_queue("name", queue)?.stats()
     }
 
     /// Publishes messages; returns once every accepted message is durable, one confirmation
@@ -396,7 +403,9 @@ impl Broker {
         // reserved headers (the public message has no field for it).
         let marks = dead_letter::take_marks(&mut messages)?;
         let marks = marks.as_ref().map(|(s, r)| (s.as_str(), r.as_str()));
-        self.queue(queue)?.publish(messages, marks).await
+        self.named_queue("queue", queue)?
+            .publish(messages, marks)
+            .await
     }
 
     /// Opens a subscription to all partitions of `queue` with at most `prefetch` unsettled
@@ -419,7 +428,7 @@ impl Broker {
                 reason: format!("{prefetch} is more than {PREFETCH_MAX}"),
             });
         }
-        let q = self.queue(queue)?;
+        let q = self.named_queue("subscribe.queue", queue)?;
         q.check_online()?;
         q.check_serving()?;
         let broker = self.me.upgrade().ok_or(BrokerError::BrokerClosed)?;
@@ -437,7 +446,7 @@ impl Broker {
         queue: &str,
         settle: Settle,
     ) -> Result<Vec<SettleFailure>, BrokerError> {
-        let q = self.queue(queue)?;
+        let q = self.named_queue("queue", queue)?;
         self.settle_on(&q, settle).await
     }
 

@@ -272,8 +272,13 @@ impl Cluster {
                 Vec::new()
             })
             .args(&self.extra_args)
-            .arg("--log-level")
-            .arg(std::env::var_os(LOG_FILTER_ENV).unwrap_or_else(|| LOG_FILTER.into()))
+            // A test that chose its own filter (in `extra_args`) keeps it.
+            .args(if self.extra_args.iter().any(|a| a == "--log-level") {
+                Vec::new()
+            } else {
+                let filter = std::env::var_os(LOG_FILTER_ENV).unwrap_or_else(|| LOG_FILTER.into());
+                vec![std::ffi::OsString::from("--log-level"), filter]
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = command
