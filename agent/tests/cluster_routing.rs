@@ -206,3 +206,90 @@ async fn follow_the_leadership_while(stop_leader: fn(&mut Cluster, usize)) {
     let redelivered = seen.values().filter(|n| **n > 1).count();
     eprintln!("{redelivered} of {MESSAGES} delivered more than once (unacked at the stop)");
 }
+
+/// Issue 12, item 1: a leadership move is the cluster's doing, not the consumer's. A delivery
+/// held through a hand-off of `max_deliveries: 1` is still the consumer's at the new leader:
+/// its tag acks it there, nothing is dead-lettered and nothing is redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_held_through_a_hand_off_is_acked_at_the_new_leader_not_dead_lettered() {
+    use sluice_proto::v1::{HandOffLeadershipRequest, QueueSpec, SettleAction};
+    const HELD: &str = "held";
+    const DLQ: &str = "held-dlq";
+    let root = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::start(root.path(), Net::Loopback).expect("cluster starts");
+    let spec = QueueSpec {
+        max_deliveries: 1,
+        dead_letter_queue: DLQ.into(),
+        ack_timeout_ms: 60_000,
+        ..queue_spec(HELD, 1)
+    };
+    cluster.declare(spec, ELECTION).await;
+    let leader = cluster
+        .settled_leader(HELD, Duration::from_secs(3), ELECTION)
+        .await;
+    let client = Client::connect_any(&cluster.endpoints())
+        .await
+        .expect("connect");
+    let confirms = client
+        .publish(HELD, vec![text("only")])
+        .await
+        .expect("publish");
+    assert!(confirms.iter().all(|c| c.code == 0), "{confirms:?}");
+    let mut consumer = client.subscribe(HELD, 10).await.expect("subscribe");
+    let delivery = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("delivery")
+        .expect("the subscription does not end");
+    let tag = delivery.tag.expect("tag");
+    assert_eq!(tag.attempt, 1);
+
+    // The leader hands its leaderships away (what a preStop hook or a drain does).
+    let answer = cluster
+        .membership(leader)
+        .hand_off_leadership(HandOffLeadershipRequest {
+            node_id: leader as u64,
+        })
+        .await
+        .expect("hand-off")
+        .into_inner();
+    assert!(answer.moved >= 1, "{answer:?}");
+    let others: Vec<usize> = (0..cluster.nodes.len()).filter(|i| *i != leader).collect();
+    let successor = cluster.leader_among(HELD, &others, ELECTION).await;
+
+    // The consumer acks what it holds; the new leader takes the tag.
+    let failures = client
+        .settle(HELD, SettleAction::Ack, vec![tag], 0)
+        .await
+        .expect("settle");
+    assert!(
+        failures.is_empty(),
+        "the tag is valid at the new leader: {failures:?}"
+    );
+    let stats = cluster.stats(successor, HELD).await.expect("stats");
+    let total = stats.total.expect("totals");
+    assert_eq!(
+        (total.ready, total.in_flight, total.dead_lettered),
+        (0, 0, 0),
+        "{total:?}"
+    );
+    // Any agent's replica of the DLQ would hold a copy by now (every agent hosts it).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..cluster.nodes.len() {
+        let dlq = cluster.stats(i, DLQ).await.expect("dlq stats");
+        let dlq = dlq.total.expect("totals");
+        assert_eq!(
+            dlq.ready + dlq.in_flight,
+            0,
+            "agent {i}: dead-lettered: {dlq:?}"
+        );
+    }
+    // Nothing comes back, to this consumer (which follows the move) or a new one.
+    drop(consumer);
+    let mut again = client.subscribe(HELD, 10).await.expect("subscribe again");
+    let redelivered = tokio::time::timeout(Duration::from_secs(3), again.next()).await;
+    assert!(
+        redelivered.is_err(),
+        "redelivered after it was acked: {redelivered:?}"
+    );
+}

@@ -156,7 +156,7 @@ impl Partition {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, OpenError> {
         let mut state = replay(log.as_ref(), config, u64::MAX)?;
-        state.finish_replay();
+        state.finish_replay(false, clock.now_ms());
         Ok(Self::build(
             queue,
             id,
@@ -258,7 +258,7 @@ impl Partition {
         if self.speculative.swap(false, Ordering::AcqRel) || st.next_entry() != applied + 1 {
             *st = replay(self.log.as_ref(), self.config, applied)?;
         }
-        st.finish_replay();
+        st.finish_replay(true, self.clock.now_ms());
         Ok(())
     }
 

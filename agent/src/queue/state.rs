@@ -34,6 +34,8 @@ use crate::log::Entry;
 
 /// Priority levels (0..=9); one read cursor each.
 pub const PRIORITY_LEVELS: usize = 10;
+/// Consumer id of [`PartitionState`]'s `moved` slot (real consumers count from 1).
+const MOVED_CONSUMER_ID: u64 = 0;
 
 /// Why a message leaves its partition without an ack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +91,11 @@ enum Phase {
 struct Tracked {
     /// Deliveries so far (0 = never delivered).
     attempt: u32,
+    /// Of those, deliveries a leadership move cut short (see [`MessageRef::moves`]).
+    moves: u32,
+    /// When the last delivery was made (from its `DeliverCommand`): its consumer's deadline
+    /// is this plus the ack timeout, which a new leader keeps.
+    delivered_ms: u64,
     priority: u8,
     size: u32,
     expires_at_ms: u64,
@@ -212,6 +219,9 @@ pub struct PartitionState {
     publish_rate: RateWindow,
     ack_rate: RateWindow,
     dedup: DedupWindow,
+    /// Holds the deliveries a new leader keeps in flight for consumers that follow the move
+    /// ([`PartitionState::finish_replay`]); no subscription has this id, and it has no limit.
+    moved: Arc<ConsumerSlot>,
 }
 
 /// Read cursor state a fill must start from: `(level, first index to read)`.
@@ -249,6 +259,7 @@ impl PartitionState {
             publish_rate: RateWindow::default(),
             ack_rate: RateWindow::default(),
             dedup: DedupWindow::new(config.dedup_window_ms),
+            moved: Arc::new(ConsumerSlot::new(MOVED_CONSUMER_ID, usize::MAX)),
         }
     }
 
@@ -361,10 +372,15 @@ impl PartitionState {
             }
             if let Some(t) = self.tracked.get_mut(&r.offset) {
                 t.attempt = r.attempt;
+                t.moves = r.moves;
+                t.delivered_ms = deliver.time_ms;
                 self.set_phase(r.offset, Phase::Delivered);
             } else {
                 self.untrack_unseen(r.priority);
                 self.insert_tracked(r, r.attempt, Phase::Delivered);
+                if let Some(t) = self.tracked.get_mut(&r.offset) {
+                    t.delivered_ms = deliver.time_ms;
+                }
             }
         }
     }
@@ -418,9 +434,15 @@ impl PartitionState {
         }
     }
 
-    /// Makes every delivery recorded in the replayed log ready again (no consumer holds them
-    /// after a restart) and queues for dead-lettering those that used up their deliveries.
-    pub fn finish_replay(&mut self) {
+    /// Serves the replayed state. After a restart of a single agent (`moved` false) every
+    /// delivery the log records as unsettled is ready again at once and counts as the attempt
+    /// it was: its consumer's connection died with the agent. After a leadership move (`moved`,
+    /// a new leader of a replicated partition) the move cut those deliveries short, not their
+    /// consumers (decision 0018): each stays in flight until its consumer's own deadline, so a
+    /// consumer that follows the move settles it by its tag, and one not settled by then is
+    /// ready again without counting against `max_deliveries`. Messages already ready are queued
+    /// for dead-lettering when they used up their deliveries.
+    pub fn finish_replay(&mut self, moved: bool, now_ms: u64) {
         let offsets: Vec<u64> = self
             .tracked
             .iter()
@@ -428,8 +450,40 @@ impl PartitionState {
             .map(|(o, _)| *o)
             .collect();
         for offset in offsets {
-            self.make_ready(offset);
+            let Some(t) = self.tracked.get(&offset) else {
+                continue;
+            };
+            if !moved || !matches!(t.phase, Phase::Delivered) {
+                self.make_ready(offset);
+                continue;
+            }
+            let deadline_ms = t.delivered_ms.saturating_add(self.config.ack_timeout_ms);
+            if deadline_ms > now_ms {
+                let consumer = self.moved.clone();
+                self.set_phase(
+                    offset,
+                    Phase::InFlight {
+                        consumer,
+                        deadline_ms,
+                    },
+                );
+            } else {
+                self.moved_ready(offset);
+            }
         }
+    }
+
+    /// Ready again after a delivery that a leadership move cut short: one more free attempt.
+    fn moved_ready(&mut self, offset: u64) {
+        if let Some(t) = self.tracked.get_mut(&offset) {
+            t.moves = t.moves.saturating_add(1).min(t.attempt);
+        }
+        self.make_ready(offset);
+    }
+
+    /// Deliveries of `t` that count against `max_deliveries`.
+    fn counted(attempt: u32, moves: u32) -> u32 {
+        attempt.saturating_sub(moves)
     }
 
     // ----- bookkeeping helpers -----
@@ -475,6 +529,8 @@ impl PartitionState {
     fn insert_tracked(&mut self, r: &MessageRef, attempt: u32, phase: Phase) {
         let tracked = Tracked {
             attempt,
+            moves: r.moves.min(attempt),
+            delivered_ms: 0,
             priority: r.priority.min(9) as u8,
             size: r.size,
             expires_at_ms: r.expires_at_ms,
@@ -563,6 +619,7 @@ impl PartitionState {
             priority: u32::from(t.priority),
             size: t.size,
             expires_at_ms: t.expires_at_ms,
+            moves: t.moves,
         })
     }
 
@@ -571,7 +628,9 @@ impl PartitionState {
         let Some(t) = self.tracked.get(&offset) else {
             return;
         };
-        if self.config.max_deliveries > 0 && t.attempt >= self.config.max_deliveries {
+        if self.config.max_deliveries > 0
+            && Self::counted(t.attempt, t.moves) >= self.config.max_deliveries
+        {
             self.set_phase(offset, Phase::Disposing(Disposal::MaxDeliveries));
         } else {
             self.set_phase(offset, Phase::Ready);
@@ -592,6 +651,7 @@ impl PartitionState {
             priority,
             size,
             expires_at_ms: b.publish.expires_at_ms,
+            moves: 0,
         }
     }
 
@@ -787,13 +847,26 @@ impl PartitionState {
                 break;
             }
             self.deadlines.pop();
-            let current = matches!(self.tracked.get(&offset),
-                Some(Tracked { phase: Phase::InFlight { deadline_ms, .. }, attempt: a, .. })
-                    if *deadline_ms == deadline && *a == attempt);
-            if current {
-                self.make_ready(offset);
-                n += 1;
+            let held = match self.tracked.get(&offset) {
+                Some(Tracked {
+                    phase:
+                        Phase::InFlight {
+                            deadline_ms,
+                            consumer,
+                        },
+                    attempt: a,
+                    ..
+                }) if *deadline_ms == deadline && *a == attempt => Some(consumer.id),
+                _ => None,
+            };
+            match held {
+                // Kept through a move and not settled by its consumer in time: the move cut it
+                // short, its consumer did not fail it.
+                Some(MOVED_CONSUMER_ID) => self.moved_ready(offset),
+                Some(_) => self.make_ready(offset),
+                None => continue,
             }
+            n += 1;
         }
         n
     }
@@ -866,7 +939,8 @@ impl PartitionState {
 
     /// Whether a nack of this in-flight message must dispose of it instead.
     pub fn is_out_of_deliveries(&self, message: &MessageRef) -> bool {
-        self.config.max_deliveries > 0 && message.attempt >= self.config.max_deliveries
+        self.config.max_deliveries > 0
+            && Self::counted(message.attempt, message.moves) >= self.config.max_deliveries
     }
 
     /// Hands out the messages waiting for disposal (they stay `Disposing` until settled).

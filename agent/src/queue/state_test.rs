@@ -112,7 +112,7 @@ impl Harness {
         for entry in &self.log {
             state.apply_entry(entry).expect("valid commands");
         }
-        state.finish_replay();
+        state.finish_replay(false, 0);
         state
     }
 }
@@ -478,6 +478,7 @@ fn the_low_water_mark_steps_over_a_settled_entry_only_once_it_is_complete() {
             priority: 0,
             size: 1,
             expires_at_ms: 0,
+            moves: 0,
         })
         .collect();
     let deliver = LogCommand {
@@ -576,4 +577,88 @@ fn indices_reserved_for_a_membership_change_are_empty_entries_to_leader_and_foll
     );
     assert_eq!(leader.low_water(), first[0]);
     assert_eq!(leader.next_entry(), 5);
+}
+
+/// The state a new leader serves from `h`'s log at `now` (decision 0018).
+fn led_after_a_move(h: &Harness, now: u64) -> PartitionState {
+    let mut state = PartitionState::new(h.state.config(), 1);
+    for entry in &h.log {
+        state.apply_entry(entry).expect("valid commands");
+    }
+    state.finish_replay(true, now);
+    state
+}
+
+#[test]
+fn a_move_keeps_a_delivery_in_flight_for_its_consumer_until_its_own_deadline() {
+    let mut h = Harness::new(StateConfig {
+        max_deliveries: 1,
+        has_dead_letter_queue: true,
+        ..config()
+    });
+    h.message("a");
+    let held = h.deliver(1, &consumer(), T0);
+    let mut led = led_after_a_move(&h, T0 + 10);
+    // The consumer's tag is still good at the new leader.
+    let tag = led
+        .check_tag(held[0].offset, 1)
+        .expect("the tag stays valid");
+    assert_eq!(tag.attempt, 1);
+    assert_eq!(led.counters(T0 + 10).in_flight, 1);
+    assert!(led.take_disposals().is_empty(), "a move burns no attempt");
+    // Not settled by the consumer's own deadline: ready again, and not dead-lettered even
+    // though max_deliveries is 1.
+    assert_eq!(led.expire_deadlines(T0 + 1_000), 1);
+    assert!(led.take_disposals().is_empty());
+    let counters = led.counters(T0 + 1_000);
+    assert_eq!((counters.ready, counters.in_flight), (1, 0));
+}
+
+#[test]
+fn only_the_attempts_a_consumer_had_count_against_max_deliveries() {
+    let mut h = Harness::new(StateConfig {
+        max_deliveries: 1,
+        has_dead_letter_queue: true,
+        ..config()
+    });
+    h.message("a");
+    h.deliver(1, &consumer(), T0);
+    // The move comes after the consumer's deadline: ready at once, one free attempt.
+    let mut led = led_after_a_move(&h, T0 + 5_000);
+    assert!(led.take_disposals().is_empty());
+    let slot = consumer();
+    let picks = led.take(1, T0 + 5_000);
+    assert_eq!(picks.len(), 1);
+    let second = picks[0].message;
+    assert_eq!(
+        (second.attempt, second.moves),
+        (2, 1),
+        "the deliver records the move"
+    );
+    let deliver = LogCommand {
+        command: Some(Command::Deliver(DeliverCommand {
+            time_ms: T0 + 5_000,
+            messages: vec![second],
+        })),
+    };
+    led.apply_commands(h.log.len() as u64 + 1, std::slice::from_ref(&deliver));
+    led.hand_over(&picks, &slot, T0 + 5_000);
+    // This attempt was the consumer's own: its timeout uses up max_deliveries.
+    led.expire_deadlines(T0 + 6_000);
+    let disposals = led.take_disposals();
+    assert_eq!(disposals.len(), 1);
+    assert_eq!(disposals[0].disposal, Disposal::MaxDeliveries);
+}
+
+#[test]
+fn a_restarted_single_agent_counts_interrupted_deliveries_as_before() {
+    let mut h = Harness::new(StateConfig {
+        max_deliveries: 1,
+        has_dead_letter_queue: true,
+        ..config()
+    });
+    h.message("a");
+    h.deliver(1, &consumer(), T0);
+    let mut restarted = h.replayed();
+    assert_eq!(restarted.take_disposals().len(), 1);
 }
