@@ -31,6 +31,8 @@ use crate::grpc::{
 use crate::metrics::Metrics;
 use crate::shutdown;
 
+/// HTTP/2 connection flow-control window of the client port (see where it is set).
+const CONNECTION_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
 /// How long in-flight RPCs and streams get to finish after shutdown begins before the broker
 /// is shut down regardless. Kubernetes' default grace period is 30 s; this leaves headroom.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -362,6 +364,12 @@ pub async fn run(
     };
 
     let grpc = tonic::transport::Server::builder()
+        // h2 closes a connection whose small DATA frames pile up unread past a budget of half
+        // the connection window: with hyper's 1 MiB that is ~2,000 one-message frames, which a
+        // client legally sends in a burst (issue 12). The streams read eagerly; this window
+        // gives ~30,000 frames of slack for the moments the agent is not scheduled, at the
+        // cost of up to this many request bytes buffered per connection.
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

@@ -56,6 +56,12 @@ pub fn mark(message: &mut Message, source: &str, reason: &str) {
         .insert(REASON_HEADER.to_owned(), reason.to_owned());
 }
 
+/// Whether `message` carries a reserved dead-letter header (a copy forwarded by another agent,
+/// or a client imitating one).
+pub fn is_marked(message: &Message) -> bool {
+    message.headers.contains_key(SOURCE_HEADER) || message.headers.contains_key(REASON_HEADER)
+}
+
 /// Takes the reserved dead-letter headers off a published batch. `Ok(Some((source, reason)))`
 /// when every message carries the same mark (a copy forwarded by [`forward`]), `Ok(None)` when
 /// none carries one; a batch that mixes marks, or a mark without a source, is refused naming

@@ -7,30 +7,35 @@
 //! the forwarder is aborted, which drops the `Subscription`: the broker then makes this
 //! consumer's unsettled deliveries ready for others.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use prost::Message as _;
 use sluice_proto::v1::consume_request::Request as Frame;
 use sluice_proto::v1::consume_response::Response as Out;
 use sluice_proto::v1::consumer_server::Consumer;
 use sluice_proto::v1::{
-    ConsumeRequest, ConsumeResponse, Settle, SettleAction, SettleRequest, SettleResponse,
-    SettleResult,
+    ConsumeRequest, ConsumeResponse, DeliveryTag, Settle, SettleAction, SettleRequest,
+    SettleResponse, SettleResult,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::status;
+use super::waiting::{self, Waiting};
 use crate::broker::{Broker, Subscription};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
-/// Settle frames of one stream being made durable at once; past this the request side stops
-/// reading and HTTP/2 flow control slows the consumer's acks down.
+/// Settles of one stream being made durable at once (each from one frame, or from several
+/// small frames merged). More frames are still read and wait (see [`super::waiting`]).
 pub const STREAM_IN_FLIGHT_SETTLES: usize = 64;
+/// Most tags one merged settle carries (the largest prefetch: a consumer holds no more).
+const SETTLE_GROUP_TAGS_MAX: usize = 10_000;
 
 /// Response frames buffered per stream. Deliveries are bounded by the prefetch anyway; this
 /// only decouples the forwarder from the network.
@@ -174,19 +179,33 @@ impl SettleLoop {
         mut forwarder: tokio::task::JoinHandle<()>,
     ) {
         let mut in_flight = FuturesOrdered::new();
+        let mut waiting = Waiting::default();
         let mut reading = true;
         let mut forwarding = true;
         // The error that ends this stream, sent after the results of earlier settle frames.
         let mut stream_error: Option<Status> = None;
-        loop {
+        'stream: loop {
+            while in_flight.len() < STREAM_IN_FLIGHT_SETTLES
+                && !waiting.is_empty()
+                && stream_error.is_none()
+            {
+                in_flight.push_back(settle_group(
+                    self.broker.clone(),
+                    self.metrics.clone(),
+                    self.queue.clone(),
+                    take_group(&mut waiting),
+                ));
+            }
             tokio::select! {
                 biased;
                 Some(result) = in_flight.next(), if !in_flight.is_empty() => {
                     match result {
-                        Ok(settled) => {
-                            let frame = ConsumeResponse { response: Some(Out::Settled(settled)) };
-                            if self.tx.send(Ok(frame)).await.is_err() {
-                                break;
+                        Ok(results) => {
+                            for settled in results {
+                                let frame = ConsumeResponse { response: Some(Out::Settled(settled)) };
+                                if self.tx.send(Ok(frame)).await.is_err() {
+                                    break 'stream;
+                                }
                             }
                         }
                         Err(status) => {
@@ -209,16 +228,17 @@ impl SettleLoop {
                     reading = false;
                 }
                 _ = self.shutdown.recv(), if reading => reading = false,
-                frame = inbound.message(), if reading && in_flight.len() < STREAM_IN_FLIGHT_SETTLES => {
+                // Read whatever arrives, however much is in flight: frames left unread pile up
+                // in h2, which then closes the whole connection.
+                frame = inbound.message(), if reading => {
                     match frame {
                         Ok(Some(ConsumeRequest { sequence, request: Some(Frame::Settle(settle)) })) => {
-                            in_flight.push_back(settle_frame(
-                                self.broker.clone(),
-                                self.metrics.clone(),
-                                self.queue.clone(),
-                                sequence,
-                                settle,
-                            ));
+                            let encoded = settle.encoded_len();
+                            if waiting.push((sequence, settle), encoded).is_err() {
+                                reading = false;
+                                let status = waiting::overrun("settle", in_flight.len(), waiting.len());
+                                stream_error = Some(status);
+                            }
                         }
                         Ok(Some(ConsumeRequest { request: Some(Frame::Subscribe(_)), .. })) => {
                             reading = false;
@@ -256,21 +276,80 @@ impl SettleLoop {
     }
 }
 
-async fn settle_frame(
+/// The oldest waiting settle frame and the frames after it with the same action (and delay or
+/// timeout), up to [`SETTLE_GROUP_TAGS_MAX`] tags: one tag per frame is legal, and merged those
+/// frames cost one durable write, not one each.
+fn take_group(waiting: &mut Waiting<(u64, Settle)>) -> Vec<(u64, Settle)> {
+    let Some(first) = waiting.pop_if(|_| true) else {
+        return Vec::new();
+    };
+    let mut tags = first.1.tags.len();
+    let (action, delay_ms) = (first.1.action, first.1.delay_ms);
+    let mut group = vec![first];
+    while let Some(next) = waiting.pop_if(|(_, settle)| {
+        settle.action == action
+            && settle.delay_ms == delay_ms
+            && tags + settle.tags.len() <= SETTLE_GROUP_TAGS_MAX
+    }) {
+        tags += next.1.tags.len();
+        group.push(next);
+    }
+    group
+}
+
+/// Settles a group of frames as one settle; each frame is answered with its own sequence and
+/// the failures of its own tags.
+async fn settle_group(
     broker: Arc<Broker>,
     metrics: Arc<Metrics>,
     queue: String,
-    sequence: u64,
-    settle: Settle,
-) -> Result<SettleResult, Status> {
+    frames: Vec<(u64, Settle)>,
+) -> Result<Vec<SettleResult>, Status> {
     let started = Instant::now();
-    let action: SettleAction = settle.action();
-    let tags = settle.tags.len();
-    let failures = broker.settle(&queue, settle).await?;
+    let Some((_, first)) = frames.first() else {
+        return Ok(Vec::new());
+    };
+    let action: SettleAction = first.action();
+    let merged = Settle {
+        action: first.action,
+        delay_ms: first.delay_ms,
+        tags: frames
+            .iter()
+            .flat_map(|(_, s)| s.tags.iter().copied())
+            .collect(),
+    };
+    let tags = merged.tags.len();
+    let failures = broker.settle(&queue, merged).await?;
     metrics.observe_rpc("ConsumeSettle", started.elapsed());
     metrics.count_settled(action, tags.saturating_sub(failures.len()) as u64);
-    Ok(SettleResult {
-        sequence,
-        failures: status::settle_outcomes(failures),
-    })
+    // A failure belongs to the frame that sent its tag; a tag sent twice fails in the later
+    // frame (the earlier one settled it), so frames are matched in order.
+    let mut results: Vec<SettleResult> = frames
+        .iter()
+        .map(|(sequence, _)| SettleResult {
+            sequence: *sequence,
+            failures: Vec::new(),
+        })
+        .collect();
+    let mut owners: HashMap<DeliveryTag, VecDeque<usize>> = HashMap::new();
+    for (i, (_, settle)) in frames.iter().enumerate() {
+        for tag in &settle.tags {
+            owners.entry(*tag).or_default().push_back(i);
+        }
+    }
+    for failure in status::settle_outcomes(failures) {
+        let owner = failure
+            .tag
+            .and_then(|tag| owners.get_mut(&tag))
+            .and_then(|frames| {
+                if frames.len() > 1 {
+                    frames.pop_back()
+                } else {
+                    frames.front().copied()
+                }
+            })
+            .unwrap_or(0);
+        results[owner].failures.push(failure);
+    }
+    Ok(results)
 }

@@ -10,6 +10,7 @@ pub mod consumer;
 pub mod membership;
 pub mod publisher;
 pub mod status;
+pub mod waiting;
 
 pub use admin::AdminService;
 pub use consumer::ConsumerService;

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use prost::Message as _;
 use sluice_proto::v1::publisher_server::Publisher;
 use sluice_proto::v1::{
     Confirm, PublishRequest, PublishResponse, PublishStreamRequest, PublishStreamResponse,
@@ -15,13 +16,14 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::check_batch_len;
 use super::status::{self, failed_confirm};
-use crate::broker::Broker;
+use super::waiting::{self, Waiting};
+use crate::broker::{Broker, dead_letter};
 use crate::error::BrokerError;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 
-/// Frames of one publish stream being made durable at once. Beyond this the server stops
-/// reading the stream, so HTTP/2 flow control pushes back on the producer; 64 frames keep
+/// Publishes of one stream being made durable at once (each from one frame, or from several
+/// small frames merged). More frames are still read (see [`super::waiting`]) and wait; 64 keep
 /// several group commits busy without letting one client queue unbounded work.
 pub const STREAM_IN_FLIGHT_FRAMES: usize = 64;
 
@@ -87,8 +89,9 @@ impl Publisher for PublisherService {
     }
 }
 
-/// One publish stream: reads frames as they arrive, starts each frame's publish at once, and
-/// answers in request order as each becomes durable.
+/// One publish stream: reads frames as they arrive, starts each frame's publish as soon as
+/// there is room (merging waiting frames of the same queue into one publish), and answers
+/// every frame in request order as it becomes durable.
 struct Pipeline {
     broker: Arc<Broker>,
     metrics: Arc<Metrics>,
@@ -99,24 +102,35 @@ struct Pipeline {
 impl Pipeline {
     async fn run(mut self, mut inbound: Streaming<PublishStreamRequest>) {
         let mut in_flight = FuturesOrdered::new();
+        let mut waiting = Waiting::default();
         let mut reading = true;
-        // A broken request stream (decode error, reset) ends this stream, but only after every
-        // frame already taken has been answered: those may be durable, and the producer needs
-        // their confirms to know what not to resend.
+        // A broken request stream (decode error, reset, overrun) ends this stream, but only
+        // after every frame already read has been answered: those may be durable, and the
+        // producer needs their confirms to know what not to resend.
         let mut stream_error = None;
         loop {
+            while in_flight.len() < STREAM_IN_FLIGHT_FRAMES && !waiting.is_empty() {
+                let group = take_group(&mut waiting);
+                in_flight.push_back(publish_group(
+                    self.broker.clone(),
+                    self.metrics.clone(),
+                    group,
+                ));
+            }
             tokio::select! {
                 biased;
                 Some(answer) = in_flight.next(), if !in_flight.is_empty() => {
-                    let response = match answer {
-                        Answer::Done(response) => response,
-                        Answer::Redirect(response, status) => {
-                            self.redirect(response, status, &mut in_flight).await;
+                    let responses = match answer {
+                        Answer::Done(responses) => responses,
+                        Answer::Redirect(responses, status) => {
+                            self.redirect(responses, status, &mut in_flight).await;
                             return;
                         }
                     };
-                    if self.tx.send(Ok(response)).await.is_err() {
-                        return; // The producer is gone; nobody can read the confirms.
+                    for response in responses {
+                        if self.tx.send(Ok(response)).await.is_err() {
+                            return; // The producer is gone; nobody can read the confirms.
+                        }
                     }
                 }
                 _ = self.shutdown.recv(), if reading => {
@@ -124,13 +138,18 @@ impl Pipeline {
                     // stream with OK so the producer sees a clean close.
                     reading = false;
                 }
-                frame = inbound.message(), if reading && in_flight.len() < STREAM_IN_FLIGHT_FRAMES => {
+                // Read whatever arrives, however much is in flight: frames left unread pile up
+                // in h2, which then closes the whole connection.
+                frame = inbound.message(), if reading => {
                     match frame {
-                        Ok(Some(frame)) => in_flight.push_back(publish_frame(
-                            self.broker.clone(),
-                            self.metrics.clone(),
-                            frame,
-                        )),
+                        Ok(Some(frame)) => {
+                            let encoded = frame.encoded_len();
+                            if waiting.push(frame, encoded).is_err() {
+                                reading = false;
+                                let status = waiting::overrun("publish stream", in_flight.len(), waiting.len());
+                                stream_error = Some(status);
+                            }
+                        }
                         Ok(None) => reading = false,
                         Err(status) => {
                             reading = false;
@@ -148,12 +167,13 @@ impl Pipeline {
 
     /// Another agent leads the queue: ends the stream with the redirect, so the producer
     /// reopens it at the leader and resends every unanswered frame. That is only safe when no
-    /// later frame was taken (leadership can arrive between two frames), so the frames behind
-    /// the refused one finish first; if any of them was taken, every frame is answered in
-    /// order (the refused ones with failed confirms) before the redirect.
+    /// later frame was taken (leadership can arrive between two publishes), so the publishes
+    /// behind the refused one finish first; if any of them was taken, every frame is answered
+    /// in order (the refused ones with failed confirms) before the redirect. Frames still
+    /// waiting were never started: they stay unanswered and are resent.
     async fn redirect(
         &self,
-        refused: PublishStreamResponse,
+        refused: Vec<PublishStreamResponse>,
         status: Status,
         in_flight: &mut FuturesOrdered<impl Future<Output = Answer>>,
     ) {
@@ -162,9 +182,11 @@ impl Pipeline {
             rest.push(answer);
         }
         if rest.iter().any(|a| matches!(a, Answer::Done(_))) {
-            let answers = std::iter::once(refused).chain(rest.into_iter().map(|a| match a {
-                Answer::Done(response) | Answer::Redirect(response, _) => response,
-            }));
+            let answers = refused
+                .into_iter()
+                .chain(rest.into_iter().flat_map(|a| match a {
+                    Answer::Done(responses) | Answer::Redirect(responses, _) => responses,
+                }));
             for response in answers {
                 if self.tx.send(Ok(response)).await.is_err() {
                     return;
@@ -175,51 +197,93 @@ impl Pipeline {
     }
 }
 
-/// How one frame ended.
+/// How one publish (of one or several frames) ended.
 enum Answer {
-    /// Confirms (some may be failures) to send in order.
-    Done(PublishStreamResponse),
-    /// Nothing was taken: another agent leads the queue. The response holds failed confirms,
+    /// Each frame's confirms (some may be failures) to send in order.
+    Done(Vec<PublishStreamResponse>),
+    /// Nothing was taken: another agent leads the queue. The responses hold failed confirms,
     /// used only when a later frame was taken and everything must be answered.
-    Redirect(PublishStreamResponse, Status),
+    Redirect(Vec<PublishStreamResponse>, Status),
 }
 
-/// Publishes one frame. Frame-level failures (unknown queue, batch too large, shutting down)
-/// become a failed confirm for each of its messages rather than ending the stream, so one bad
-/// frame does not cost the producer the confirms of the frames pipelined behind it.
-async fn publish_frame(
+/// The oldest waiting frame and the frames after it that can share its publish: same queue,
+/// at most [`super::MAX_MESSAGES_PER_BATCH`] messages together, no dead-letter marks (a
+/// forwarded batch's marks must stay one batch's). Small frames merged this way cost one
+/// broker call, not one each.
+fn take_group(waiting: &mut Waiting<PublishStreamRequest>) -> Vec<PublishStreamRequest> {
+    let mergeable =
+        |frame: &PublishStreamRequest| frame.messages.iter().all(|m| !dead_letter::is_marked(m));
+    let Some(first) = waiting.pop_if(|_| true) else {
+        return Vec::new();
+    };
+    let mut total = first.messages.len();
+    let merging = total <= super::MAX_MESSAGES_PER_BATCH && mergeable(&first);
+    let mut group = vec![first];
+    if !merging {
+        return group;
+    }
+    loop {
+        let next = waiting.pop_if(|frame| {
+            frame.queue == group[0].queue
+                && total + frame.messages.len() <= super::MAX_MESSAGES_PER_BATCH
+                && mergeable(frame)
+        });
+        let Some(next) = next else { break };
+        total += next.messages.len();
+        group.push(next);
+    }
+    group
+}
+
+/// Publishes a group of frames as one batch. Failures of the batch as a whole (unknown queue,
+/// batch too large, shutting down) become a failed confirm for each of its messages rather
+/// than ending the stream, so one bad frame does not cost the producer the confirms of the
+/// frames pipelined behind it.
+async fn publish_group(
     broker: Arc<Broker>,
     metrics: Arc<Metrics>,
-    frame: PublishStreamRequest,
+    frames: Vec<PublishStreamRequest>,
 ) -> Answer {
     let started = Instant::now();
-    let count = frame.messages.len();
+    let counts: Vec<(u64, usize)> = frames
+        .iter()
+        .map(|f| (f.sequence, f.messages.len()))
+        .collect();
+    let total: usize = counts.iter().map(|(_, n)| n).sum();
     let mut redirect = None;
-    let confirms = match check_batch_len(count) {
-        Err(status) => vec![failed_confirm(&status); count],
-        Ok(()) => match broker.publish(&frame.queue, frame.messages).await {
-            Ok(confirmations) => status::confirms(confirmations),
-            Err(err) => {
-                let refused = matches!(err, BrokerError::NotLeader { .. });
-                let status = Status::from(err);
-                let confirms = vec![failed_confirm(&status); count];
-                if refused {
-                    redirect = Some(status);
+    let confirms = match check_batch_len(total) {
+        Err(status) => vec![failed_confirm(&status); total],
+        Ok(()) => {
+            let queue = frames.first().map(|f| f.queue.clone()).unwrap_or_default();
+            let messages = frames.into_iter().flat_map(|f| f.messages).collect();
+            match broker.publish(&queue, messages).await {
+                Ok(confirmations) => status::confirms(confirmations),
+                Err(err) => {
+                    let refused = matches!(err, BrokerError::NotLeader { .. });
+                    let status = Status::from(err);
+                    let confirms = vec![failed_confirm(&status); total];
+                    if refused {
+                        redirect = Some(status);
+                    }
+                    confirms
                 }
-                confirms
             }
-        },
+        }
     };
     metrics.observe_rpc("PublishStream", started.elapsed());
     crate::replication::timing::record("publish_frame", started.elapsed());
     count_confirms(&metrics, &confirms);
-    let response = PublishStreamResponse {
-        sequence: frame.sequence,
-        confirms,
-    };
+    let mut confirms = confirms.into_iter();
+    let responses = counts
+        .into_iter()
+        .map(|(sequence, n)| PublishStreamResponse {
+            sequence,
+            confirms: confirms.by_ref().take(n).collect(),
+        })
+        .collect();
     match redirect {
-        Some(status) => Answer::Redirect(response, status),
-        None => Answer::Done(response),
+        Some(status) => Answer::Redirect(responses, status),
+        None => Answer::Done(responses),
     }
 }
 
