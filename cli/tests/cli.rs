@@ -4,8 +4,13 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 /// The `sluice-agent` binary `sluice local` starts, built once per test run: cargo builds only
 /// this package's binaries for its tests, and the agent is another package's.
@@ -42,6 +47,10 @@ struct Local {
     endpoint: String,
     /// The listening line.
     line: String,
+    /// Every agent's client address, from the listening line.
+    agents: Vec<String>,
+    /// What the runner printed on stderr so far.
+    stderr: Arc<Mutex<String>>,
     dir: tempfile::TempDir,
 }
 
@@ -73,6 +82,16 @@ impl Local {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn sluice local");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().expect("stderr");
+        let collected = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut collected = collected.lock().expect("stderr lock");
+                collected.push_str(&line);
+                collected.push('\n');
+            }
+        });
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -87,52 +106,92 @@ impl Local {
             .and_then(Result::ok);
         let Some(line) = line else {
             let _ = child.kill();
-            let output = child.wait_with_output().expect("sluice local output");
+            let _ = child.wait();
+            // Give the stderr reader a moment to collect the last of it.
+            std::thread::sleep(Duration::from_millis(200));
             panic!(
                 "sluice local --agents {agents} printed no listening line; stderr:\n{}",
-                String::from_utf8_lossy(&output.stderr)
+                stderr.lock().expect("stderr lock")
             );
         };
-        let grpc = line
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("grpc="))
-            .unwrap_or_else(|| panic!("no grpc= in {line:?}"));
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+                .to_owned()
+        };
+        let grpc = field("grpc=");
+        let all = field("agents=");
         Self {
             endpoint: format!("http://{grpc}"),
+            agents: all.split(',').map(str::to_owned).collect(),
             line: line.clone(),
             child,
+            stderr,
             dir,
+        }
+    }
+
+    /// What the runner printed on stderr so far.
+    fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr lock").clone()
+    }
+
+    /// Waits up to a minute for `check` to give a value; panics naming `what`, with the
+    /// runner's stderr.
+    fn eventually<T>(&self, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(value) = check() {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; sluice local's stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     /// Runs `sluice --endpoint <this> args...` with `stdin`.
     fn sluice(&self, args: &[&str], stdin: &str) -> Output {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["--endpoint", &self.endpoint])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn sluice");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(stdin.as_bytes())
-            .expect("write stdin");
-        child.wait_with_output().expect("sluice runs")
+        sluice_at(&self.endpoint, args, stdin)
     }
 
     fn ok(&self, args: &[&str], stdin: &str) -> String {
-        let output = self.sluice(args, stdin);
-        assert!(
-            output.status.success(),
-            "sluice {args:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        ok_at(&self.endpoint, args, stdin)
     }
+}
+
+/// Runs `sluice --endpoint <endpoint> args...` with `stdin`.
+fn sluice_at(endpoint: &str, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["--endpoint", endpoint])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sluice");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("sluice runs")
+}
+
+/// `sluice --endpoint <endpoint> args...`'s stdout; panics when it fails.
+fn ok_at(endpoint: &str, args: &[&str], stdin: &str) -> String {
+    let output = sluice_at(endpoint, args, stdin);
+    assert!(
+        output.status.success(),
+        "sluice {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 impl Drop for Local {
@@ -335,12 +394,7 @@ fn sluice_local_stops_gracefully_on_sigterm() {
 #[test]
 fn sluice_local_runs_three_agents_that_serve_a_round_trip_through_the_printed_endpoint() {
     let local = Local::start_agents(3);
-    let agents = local
-        .line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("agents="))
-        .unwrap_or_else(|| panic!("no agents= in {:?}", local.line));
-    assert_eq!(agents.split(',').count(), 3, "{}", local.line);
+    assert_eq!(local.agents.len(), 3, "{}", local.line);
     for n in 0..3 {
         let data = local.dir.path().join("data").join(format!("agent-{n}"));
         assert!(data.is_dir(), "{} missing", data.display());
@@ -390,34 +444,238 @@ fn sluice_local_fails_naming_the_agent_binary_it_cannot_start() {
     );
 }
 
+/// How long one message may take to be confirmed while agents are killed and restarted:
+/// the client follows redirects and outlasts an election by itself, each `sluice publish` is
+/// retried on top of that, and a debug build on a busy machine is slow to elect.
+const PUBLISH_RETRY_SECS: u64 = 20;
+
+/// Publishes `m00000`, `m00001`, ... through `endpoint`, one `sluice publish` each, until
+/// stopped. A message is retried under the same idempotency key until it is confirmed, so a
+/// call that broke after the agent took it is confirmed without a second copy.
+struct Publisher {
+    confirmed: Arc<Mutex<Vec<String>>>,
+    /// The longest any message took to be confirmed, retries included.
+    slowest: Arc<Mutex<Duration>>,
+    /// Why it stopped on its own: a message not confirmed within [`PUBLISH_RETRY_SECS`].
+    failure: Arc<Mutex<Option<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Publisher {
+    fn start(endpoint: String, queue: &'static str) -> Self {
+        let confirmed = Arc::new(Mutex::new(Vec::new()));
+        let slowest = Arc::new(Mutex::new(Duration::ZERO));
+        let failure = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let (confirmed, slowest) = (confirmed.clone(), slowest.clone());
+            let (failure, stop) = (failure.clone(), stop.clone());
+            move || {
+                for n in 0.. {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let payload = format!("m{n:05}");
+                    let args = ["publish", queue, "--idempotency-key", &payload, &payload];
+                    let started = Instant::now();
+                    let deadline = started + Duration::from_secs(PUBLISH_RETRY_SECS);
+                    loop {
+                        let output = sluice_at(&endpoint, &args, "");
+                        if output.status.success() {
+                            confirmed.lock().expect("lock").push(payload);
+                            let mut slowest = slowest.lock().expect("lock");
+                            *slowest = (*slowest).max(started.elapsed());
+                            break;
+                        }
+                        if Instant::now() >= deadline {
+                            *failure.lock().expect("lock") = Some(format!(
+                                "{payload} was not confirmed within {PUBLISH_RETRY_SECS}s: {}",
+                                String::from_utf8_lossy(&output.stderr)
+                            ));
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            }
+        });
+        Self {
+            confirmed,
+            slowest,
+            failure,
+            stop,
+            thread,
+        }
+    }
+
+    /// Messages confirmed so far; panics when the publisher gave up on one.
+    fn confirmed(&self) -> usize {
+        if let Some(failure) = self.failure.lock().expect("lock").as_ref() {
+            panic!("the endpoint stopped confirming publishes: {failure}");
+        }
+        self.confirmed.lock().expect("lock").len()
+    }
+
+    /// Stops after the message in hand; every confirmed message in order, and the longest
+    /// one took.
+    fn finish(self) -> (Vec<String>, Duration) {
+        self.stop.store(true, Ordering::SeqCst);
+        let Self {
+            confirmed,
+            slowest,
+            failure,
+            thread,
+            ..
+        } = self;
+        thread.join().expect("publisher thread");
+        if let Some(failure) = failure.lock().expect("lock").as_ref() {
+            panic!("the endpoint stopped confirming publishes: {failure}");
+        }
+        let confirmed = confirmed.lock().expect("lock").clone();
+        let slowest = *slowest.lock().expect("lock");
+        (confirmed, slowest)
+    }
+}
+
 #[test]
-fn sluice_local_exits_naming_an_agent_that_died() {
-    let mut local = Local::start_agents(3);
-    let agents: Vec<String> = local
-        .line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("agents="))
-        .expect("agents=")
-        .split(',')
-        .map(str::to_owned)
-        .collect();
-    // Find local-1's pid by the port it listens on, from its own command line.
-    let port = agents[1].rsplit(':').next().expect("port").to_owned();
-    let pid = find_agent_pid(&format!("127.0.0.1:{port}")).expect("local-1 is running");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("SIGKILL");
-    let status = local.child.wait().expect("sluice local exits");
-    assert_eq!(status.code(), Some(1));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(local.child.stderr.as_mut().expect("stderr"), &mut stderr)
-        .expect("read stderr");
-    assert!(
-        stderr.contains(&format!("agent local-1 (pid {pid}) exited")),
-        "{stderr}"
+fn sluice_local_restarts_each_killed_agent_while_publishes_are_confirmed_and_none_is_lost() {
+    let local = Local::start_agents(3);
+    assert_eq!(local.agents.len(), 3, "{}", local.line);
+    // Every agent's endpoint: while the first agent is down, the client uses the others.
+    let everywhere = local.agents.join(",");
+    ok_at(
+        &everywhere,
+        &[
+            "declare",
+            "orders",
+            "--partitions",
+            "2",
+            "--dedup-window",
+            "10m",
+        ],
+        "",
     );
+    let publisher = Publisher::start(everywhere.clone(), "orders");
+    local.eventually("a first confirmed publish", || {
+        (publisher.confirmed() > 0).then_some(())
+    });
+
+    // Kill each agent in turn; it comes back on its port under a new pid, the runner says
+    // so, and the publisher keeps being confirmed throughout.
+    for (n, listen) in local.agents.iter().enumerate() {
+        let name = format!("local-{n}");
+        let old = find_agent_pid(listen).unwrap_or_else(|| panic!("{name} is not running"));
+        let before = publisher.confirmed();
+        kill(Pid::from_raw(old), Signal::SIGKILL).expect("SIGKILL");
+
+        let new = local.eventually(&format!("{name} to be started again"), || {
+            find_agent_pid(listen).filter(|&pid| pid != old)
+        });
+        local.eventually(&format!("{name} (pid {new}) to answer on {listen}"), || {
+            sluice_at(listen, &["queues"], "")
+                .status
+                .success()
+                .then_some(())
+        });
+        local.eventually(&format!("the runner to report {name}'s restart"), || {
+            let stderr = local.stderr();
+            let killed =
+                format!("{name} (pid {old}) was killed by signal 9 (SIGKILL) after running ");
+            let restart = "restarting it in 500ms (restart 1), its log is ";
+            let back = format!("{name} is back as pid {new}, listening on {listen}");
+            stderr
+                .lines()
+                .any(|l| l.contains(&killed) && l.contains(restart))
+                .then_some(())
+                .filter(|()| stderr.contains(&back))
+        });
+        // With the agent back, the cluster goes on confirming before the next kill.
+        local.eventually(
+            &format!("publishes confirmed after {name} came back"),
+            || (publisher.confirmed() >= before + 10).then_some(()),
+        );
+    }
+
+    // Every confirmed message is delivered exactly once, and nothing else is.
+    let (confirmed, slowest) = publisher.finish();
+    eprintln!(
+        "{} messages confirmed across three kills, the slowest in {slowest:.1?}",
+        confirmed.len()
+    );
+    let count = confirmed.len().to_string();
+    let consumed = ok_at(
+        &everywhere,
+        &[
+            "consume",
+            "orders",
+            "--count",
+            &count,
+            "--idle-timeout",
+            "10s",
+        ],
+        "",
+    );
+    let mut consumed: Vec<&str> = consumed.lines().collect();
+    consumed.sort_unstable();
+    assert_eq!(consumed, confirmed, "consumed what was confirmed");
+    let rest = ok_at(
+        &everywhere,
+        &["consume", "orders", "--idle-timeout", "1s"],
+        "",
+    );
+    assert!(rest.is_empty(), "more than was confirmed: {rest}");
+    let stderr = local.stderr();
+    assert!(!stderr.contains("gives up"), "{stderr}");
+}
+
+#[test]
+fn a_lone_agent_killed_five_times_within_a_minute_makes_sluice_local_give_up_naming_it() {
+    let mut local = Local::start();
+    let listen = local.agents[0].clone();
+    let mut pid = find_agent_pid(&listen).expect("local-0 is running");
+
+    // The first four crashes are restarted, each after twice the backoff of the one before.
+    for restart in 1..=4 {
+        kill(Pid::from_raw(pid), Signal::SIGKILL).expect("SIGKILL");
+        let old = pid;
+        pid = local.eventually(&format!("restart {restart} of local-0"), || {
+            find_agent_pid(&listen).filter(|&p| p != old)
+        });
+    }
+    local.eventually("four restart lines with a doubling backoff", || {
+        let stderr = local.stderr();
+        [(1, "500ms"), (2, "1s"), (3, "2s"), (4, "4s")]
+            .iter()
+            .all(|(restart, delay)| {
+                stderr.contains(&format!("restarting it in {delay} (restart {restart})"))
+            })
+            .then_some(())
+    });
+
+    // The fifth crash within the minute is a crash loop: the runner stops and says why.
+    kill(Pid::from_raw(pid), Signal::SIGKILL).expect("SIGKILL");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = local.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "sluice local kept running");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(1), "{}", local.stderr());
+    let gave_up =
+        format!("error: local-0 (pid {pid}) was killed by signal 9 (SIGKILL) after running ");
+    local.eventually("the runner's reason for giving up", || {
+        let stderr = local.stderr();
+        (stderr.contains(&gave_up)
+            && stderr.contains(
+                "local-0 crashed 5 times within 60s, so sluice local gives up and stops all agents",
+            )
+            && stderr.contains("local-0.log ends with:"))
+        .then_some(())
+    });
+    assert_eq!(find_agent_pid(&listen), None, "no agent is left running");
 }
 
 /// The pid of the `sluice-agent` process whose command line has `--listen <listen>`.

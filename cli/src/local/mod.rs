@@ -1,29 +1,34 @@
 //! `sluice local`: a cluster of `sluice-agent broker` processes on loopback (three by
-//! default), data under a local directory, stopped together on Ctrl-C or SIGTERM.
+//! default), data under a local directory. The runner supervises them like a kubelet: an
+//! agent that exits on its own is started again with backoff while the others keep serving,
+//! and only a crash loop or Ctrl-C (SIGTERM) stops them all.
 //!
 //! # Layout
 //! - `plan`: the agents' ports, data directories and command lines.
-//! - this file: start them, wait until they serve, print the endpoints, supervise, stop.
+//! - `agent`: one agent across its restarts: start, exits, crash history.
+//! - `restart`: when a crashed agent is started again and when the runner gives up (pure).
+//! - this file: start the agents, wait until they serve, print the endpoints, supervise,
+//!   stop.
 
+mod agent;
 pub mod plan;
+pub mod restart;
 
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::pin::Pin;
 use std::time::Duration;
 
 use anyhow::Context;
 use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use sluice_agent::shutdown;
 use sluice_client::Client;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use crate::args::Local;
-use plan::AgentPlan;
+use agent::{Agent, Report, Reports};
 
-/// How long an agent may take to print its listening line.
+/// How long the agents may take to print their listening lines.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long the agents may take to answer a first request once listening (cluster election).
@@ -32,33 +37,8 @@ const SERVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long agents may drain after SIGTERM before they are killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Log lines shown when an agent dies.
-const LOG_TAIL_LINES: usize = 10;
-
-/// Cluster flags that `sluice local` sets itself, removed from the agents' environment so a
-/// stray `SLUICE_PEERS` in the shell cannot turn a lone agent into a cluster member.
-const CLUSTER_ENV: [&str; 6] = [
-    "SLUICE_POD_NAME",
-    "SLUICE_PEERS",
-    "SLUICE_PEER_LISTEN",
-    "SLUICE_ADVERTISE",
-    "SLUICE_REPLICATION_FACTOR",
-    "SLUICE_QUEUES_FILE",
-];
-
-/// A started agent.
-struct Running {
-    plan: AgentPlan,
-    pid: Pid,
-    /// The client address it reported.
-    grpc: String,
-    /// The metrics address it reported.
-    metrics: String,
-    log: PathBuf,
-}
-
-/// Runs the agents until Ctrl-C (or SIGTERM), then stops them all; fails naming the agent
-/// when one of them exits on its own.
+/// Runs the agents until Ctrl-C (or SIGTERM), restarting those that crash, then stops them
+/// all; fails naming the agent when one does not start or keeps crashing.
 pub async fn run(args: Local) -> anyhow::Result<()> {
     let plans = plan::plan(
         args.agents,
@@ -71,32 +51,44 @@ pub async fn run(args: Local) -> anyhow::Result<()> {
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
     let binary = agent_binary(args.agent_bin.as_deref())?;
 
-    let (exits_tx, mut exits) = mpsc::unbounded_channel();
-    let mut agents = Vec::new();
-    for (index, plan) in plans.into_iter().enumerate() {
-        match start(&binary, plan, &args.data_dir, index, exits_tx.clone()).await {
-            Ok(agent) => agents.push(agent),
-            Err(err) => {
-                stop(&agents, &mut exits).await;
-                return Err(err);
-            }
+    // Handlers first: the agents have process groups of their own (see `Agent::start`), so
+    // a Ctrl-C that killed the runner by default would leave them running.
+    let stop_signal = shutdown::signal();
+    tokio::pin!(stop_signal);
+    // The runner keeps a sender, so `recv` never ends: restarted agents report here too.
+    let (report_tx, mut reports) = mpsc::unbounded_channel();
+    let mut agents: Vec<Agent> = plans
+        .into_iter()
+        .map(|plan| Agent::new(plan, &args.data_dir))
+        .collect();
+    for index in 0..agents.len() {
+        if let Err(err) = agents[index].start(&binary, index, &report_tx) {
+            stop(&mut agents, &mut reports).await;
+            return Err(err);
         }
     }
-    let ready = tokio::select! {
-        ready = wait_serving(&agents) => ready,
-        exit = exits.recv() => Err(died(&agents, exit)),
+    // Until every agent serves, an exit is a failure to start, not a crash to restart.
+    let ready = async {
+        wait_listening(&mut agents, &mut reports).await?;
+        tokio::select! {
+            ready = wait_serving(&agents) => ready,
+            report = reports.recv() => Err(exited_early(&agents, report)),
+        }
     };
-    if let Err(err) = ready {
-        stop(&agents, &mut exits).await;
-        return Err(err);
-    }
-    print_usage(&agents, &args.data_dir);
-
-    let outcome = tokio::select! {
-        () = shutdown::signal() => Ok(()),
-        exit = exits.recv() => Err(died(&agents, exit)),
+    // `None`: told to stop while starting.
+    let started = tokio::select! {
+        ready = ready => Some(ready),
+        () = &mut stop_signal => None,
     };
-    stop(&agents, &mut exits).await;
+    let outcome = match started {
+        Some(Ok(())) => {
+            print_usage(&agents, &args.data_dir);
+            supervise(&mut agents, &binary, &mut reports, &report_tx, stop_signal).await
+        }
+        Some(Err(err)) => Err(err),
+        None => Ok(()),
+    };
+    stop(&mut agents, &mut reports).await;
     if outcome.is_ok() {
         println!("stopped");
     }
@@ -117,95 +109,40 @@ fn agent_binary(flag: Option<&Path>) -> anyhow::Result<PathBuf> {
     })
 }
 
-/// Spawns one agent and waits for its listening line; its exit is reported on `exits`.
-async fn start(
-    binary: &Path,
-    plan: AgentPlan,
-    data_dir: &Path,
-    index: usize,
-    exits: mpsc::UnboundedSender<(usize, std::io::Result<ExitStatus>)>,
-) -> anyhow::Result<Running> {
-    let log = plan.log_path(data_dir);
-    let log_file = std::fs::File::create(&log)
-        .with_context(|| format!("creating {}'s log {}", plan.name, log.display()))?;
-    let mut command = Command::new(binary);
-    command
-        .args(plan.args())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log_file)
-        .kill_on_drop(true);
-    for key in CLUSTER_ENV {
-        command.env_remove(key);
-    }
-    let mut child = command.spawn().with_context(|| {
-        format!(
-            "starting {} ({}); build it with `cargo build -p sluice-agent` or pass --agent-bin",
-            plan.name,
-            binary.display()
-        )
-    })?;
-    let pid = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .map(Pid::from_raw)
-        .with_context(|| format!("{} has no process id", plan.name))?;
-    let stdout = child.stdout.take().context("agent stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let first = tokio::time::timeout(START_TIMEOUT, lines.next_line()).await;
-    let line = match first {
-        Ok(Ok(Some(line))) => line,
-        Ok(_) => {
-            let status = child.wait().await;
-            anyhow::bail!(
-                "{} exited before listening ({}){}",
-                plan.name,
-                describe(&status),
-                log_tail(&log)
-            );
+/// Waits for every agent's listening line and takes its addresses from it.
+async fn wait_listening(agents: &mut [Agent], reports: &mut Reports) -> anyhow::Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    while let Some(waiting) = agents.iter().position(|a| a.grpc.is_empty()) {
+        match tokio::time::timeout_at(deadline, reports.recv()).await {
+            Ok(Some(Report::Listening { index, line })) => agents[index].listened(&line)?,
+            Ok(report) => return Err(exited_early(agents, report)),
+            Err(_) => {
+                let agent = &agents[waiting];
+                anyhow::bail!(
+                    "{} did not report listening within {START_TIMEOUT:?}{}",
+                    agent.plan.name,
+                    agent.log_tail()
+                );
+            }
         }
-        Err(_) => anyhow::bail!(
-            "{} did not report listening within {START_TIMEOUT:?}{}",
-            plan.name,
-            log_tail(&log)
-        ),
-    };
-    let field = |key: &str| {
-        line.split_whitespace()
-            .find_map(|f| f.strip_prefix(key))
-            .map(str::to_owned)
-            .with_context(|| format!("{} printed {line:?}, which has no {key}", plan.name))
-    };
-    let grpc = field("grpc=")?;
-    let metrics = field("metrics=")?;
-    tokio::spawn(async move {
-        // Drain stdout so the agent never blocks on a full pipe, then report the exit.
-        while let Ok(Some(_)) = lines.next_line().await {}
-        let _ = exits.send((index, child.wait().await));
-    });
-    Ok(Running {
-        plan,
-        pid,
-        grpc,
-        metrics,
-        log,
-    })
+    }
+    Ok(())
 }
 
 /// Waits until every agent answers a request (in a cluster: once the agents found a leader).
-async fn wait_serving(agents: &[Running]) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + SERVE_TIMEOUT;
+async fn wait_serving(agents: &[Agent]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + SERVE_TIMEOUT;
     for agent in agents {
         let endpoint = format!("http://{}", agent.grpc);
         loop {
             let attempt = async { Client::connect(&endpoint).await?.list_queues().await };
             match attempt.await {
                 Ok(_) => break,
-                Err(err) if tokio::time::Instant::now() >= deadline => {
+                Err(err) if Instant::now() >= deadline => {
                     anyhow::bail!(
                         "{} at {endpoint} did not serve within {SERVE_TIMEOUT:?}: {err}{}",
                         agent.plan.name,
-                        log_tail(&agent.log)
+                        agent.log_tail()
                     );
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -215,70 +152,75 @@ async fn wait_serving(agents: &[Running]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Tells every agent to stop, waits for them to drain, and kills those that do not.
-async fn stop(
-    agents: &[Running],
-    exits: &mut mpsc::UnboundedReceiver<(usize, std::io::Result<ExitStatus>)>,
-) {
-    for agent in agents {
-        // An agent that already exited answers ESRCH; nothing to do then.
-        let _ = kill(agent.pid, Signal::SIGTERM);
+/// The error for an agent that exited before the cluster was up.
+fn exited_early(agents: &[Agent], report: Option<Report>) -> anyhow::Error {
+    let Some(Report::Exited { index, status }) = report else {
+        return anyhow::anyhow!("lost track of the agents");
+    };
+    let agent = &agents[index];
+    anyhow::anyhow!("{} while starting{}", agent.exit(&status), agent.log_tail())
+}
+
+/// The supervisor loop: restarts crashed agents when their backoff is over, until the stop
+/// signal (`Ok`) or a crash loop (`Err`, naming the agent).
+async fn supervise(
+    agents: &mut [Agent],
+    binary: &Path,
+    reports: &mut Reports,
+    report_tx: &mpsc::UnboundedSender<Report>,
+    mut stop_signal: Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<()> {
+    loop {
+        let due = agents.iter().filter_map(|a| a.restart_at).min();
+        tokio::select! {
+            () = &mut stop_signal => return Ok(()),
+            Some(report) = reports.recv() => match report {
+                Report::Listening { index, .. } => agents[index].back(),
+                Report::Exited { index, status } => {
+                    let agent = &mut agents[index];
+                    let what = agent.exit(&status);
+                    agent.crashed(what)?;
+                }
+            },
+            () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                let now = Instant::now();
+                for (index, agent) in agents.iter_mut().enumerate() {
+                    if agent.restart_at.is_none_or(|at| at > now) {
+                        continue;
+                    }
+                    agent.restart_at = None;
+                    if let Err(err) = agent.start(binary, index, report_tx) {
+                        agent.crashed(format!("{err:#}"))?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Tells every running agent to stop, waits for them to drain, and kills those that do not.
+async fn stop(agents: &mut [Agent], reports: &mut Reports) {
+    for process in agents.iter().filter_map(|a| a.process.as_ref()) {
+        // An agent that exited unseen answers ESRCH; nothing to do then.
+        let _ = kill(process.pid, Signal::SIGTERM);
     }
     let _ = tokio::time::timeout(STOP_TIMEOUT, async {
-        let mut left = agents.len();
-        while left > 0 && exits.recv().await.is_some() {
-            left -= 1;
+        while agents.iter().any(|a| a.process.is_some()) {
+            match reports.recv().await {
+                Some(Report::Exited { index, .. }) => agents[index].process = None,
+                Some(Report::Listening { .. }) => {}
+                None => return,
+            }
         }
     })
     .await;
-    for agent in agents {
-        let _ = kill(agent.pid, Signal::SIGKILL);
+    for process in agents.iter().filter_map(|a| a.process.as_ref()) {
+        let _ = kill(process.pid, Signal::SIGKILL);
     }
-}
-
-/// The error for an agent that exited on its own.
-fn died(agents: &[Running], exit: Option<(usize, std::io::Result<ExitStatus>)>) -> anyhow::Error {
-    let Some((index, status)) = exit else {
-        return anyhow::anyhow!("lost track of the agents");
-    };
-    match agents.get(index) {
-        Some(agent) => anyhow::anyhow!(
-            "agent {} (pid {}) exited ({}){}",
-            agent.plan.name,
-            agent.pid,
-            describe(&status),
-            log_tail(&agent.log)
-        ),
-        None => anyhow::anyhow!("agent local-{index} exited ({})", describe(&status)),
-    }
-}
-
-fn describe(status: &std::io::Result<ExitStatus>) -> String {
-    match status {
-        Ok(status) => status.to_string(),
-        Err(err) => format!("exit status unknown: {err}"),
-    }
-}
-
-/// The last lines of an agent's log, as an indented block (empty when there is none).
-fn log_tail(log: &Path) -> String {
-    let Ok(text) = std::fs::read_to_string(log) else {
-        return String::new();
-    };
-    let lines: Vec<&str> = text.lines().collect();
-    if lines.is_empty() {
-        return String::new();
-    }
-    let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
-    format!(
-        "; {} ends with:\n    {}",
-        log.display(),
-        tail.join("\n    ")
-    )
 }
 
 /// The listening line (first, for scripts and tests), then help for people.
-fn print_usage(agents: &[Running], data_dir: &Path) {
+fn print_usage(agents: &[Agent], data_dir: &Path) {
     let Some(first) = agents.first() else {
         return;
     };
