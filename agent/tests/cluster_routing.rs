@@ -293,3 +293,53 @@ async fn a_delivery_held_through_a_hand_off_is_acked_at_the_new_leader_not_dead_
         "redelivered after it was acked: {redelivered:?}"
     );
 }
+
+/// Issue 12, item 6: whichever agent is asked, `GetQueueStats` answers with the partition
+/// leader's numbers (a follower's replica lags, and only the leader knows what is in flight
+/// and who consumes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_agent_answers_stats_with_the_leaders_numbers() {
+    const COUNTED: &str = "counted";
+    let root = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::start(root.path(), Net::Loopback).expect("cluster starts");
+    cluster.declare(queue_spec(COUNTED, 1), ELECTION).await;
+    let leader = cluster
+        .settled_leader(COUNTED, Duration::from_secs(3), ELECTION)
+        .await;
+    let client = Client::connect_any(&cluster.endpoints())
+        .await
+        .expect("connect");
+    let mut messages: Vec<Message> = (0..4).map(|i| text(&format!("m-{i}"))).collect();
+    messages.push(Message {
+        delay_ms: 600_000,
+        ..text("later")
+    });
+    let confirms = client.publish(COUNTED, messages).await.expect("publish");
+    assert!(confirms.iter().all(|c| c.code == 0), "{confirms:?}");
+    let mut consumer = client.subscribe(COUNTED, 2).await.expect("subscribe");
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("delivery")
+            .expect("the subscription does not end");
+    }
+    let leaders = cluster
+        .stats(leader, COUNTED)
+        .await
+        .expect("leader's stats");
+    let expected = |s: &sluice_proto::v1::GetQueueStatsResponse| {
+        let t = s.total.expect("totals");
+        (t.ready, t.in_flight, t.delayed, s.consumers)
+    };
+    assert_eq!(expected(&leaders), (2, 2, 1, 1), "{leaders:?}");
+    for i in (0..cluster.nodes.len()).filter(|i| *i != leader) {
+        let stats = cluster.stats(i, COUNTED).await.expect("stats");
+        assert_eq!(
+            expected(&stats),
+            expected(&leaders),
+            "agent {i} answers with the leader's numbers: {stats:?}"
+        );
+        assert_eq!(stats.partitions[0].leader, leaders.partitions[0].leader);
+    }
+}

@@ -375,9 +375,56 @@ impl Broker {
             .collect()
     }
 
-    /// Counters of one queue.
+    /// Counters of one queue as this agent's replicas see them (a follower's lag the
+    /// leader; its in-flight and consumer counts are the leader's business). For this agent's
+    /// metrics and for [`Broker::leader_stats`] of another agent.
     pub fn stats(&self, queue: &str) -> Result<GetQueueStatsResponse, BrokerError> {
         self.named_queue("name", queue)?.stats()
+    }
+
+    /// Counters of one queue as each partition's leader sees them (what `GetQueueStats`
+    /// answers): partitions led elsewhere are asked of their leaders. While a partition has no
+    /// leader (an election) the answer is UNAVAILABLE, never a follower's numbers.
+    pub async fn leader_stats(&self, queue: &str) -> Result<GetQueueStatsResponse, BrokerError> {
+        let q = self.named_queue("name", queue)?;
+        let mut stats = q.stats()?;
+        if self.options.cluster.is_none() {
+            return Ok(stats);
+        }
+        // Partitions led by other agents, by leader. Consumers are counted where they
+        // subscribed, which is at a leader: this agent's own count plus each leader's.
+        let mut elsewhere: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for partition in q.partitions() {
+            if partition.is_serving() {
+                continue;
+            }
+            match partition.replica().and_then(|link| link.leader_address()) {
+                Some(leader) => elsewhere.entry(leader).or_default().push(partition.id()),
+                None => return Err(partition.not_leader()),
+            }
+        }
+        if elsewhere.is_empty() {
+            return Ok(stats);
+        }
+        for (leader, ids) in elsewhere {
+            let theirs = crate::cluster::client::local_stats(&leader, queue)
+                .await
+                .map_err(|_| BrokerError::NotLeader {
+                    what: format!("the counters of queue {queue:?}"),
+                    leader: Some(leader.clone()),
+                })?;
+            for id in ids {
+                let Some(found) = theirs.partitions.iter().find(|p| p.partition == id) else {
+                    continue;
+                };
+                if let Some(own) = stats.partitions.iter_mut().find(|p| p.partition == id) {
+                    *own = found.clone();
+                }
+            }
+            stats.consumers += theirs.consumers;
+        }
+        stats.total = Some(crate::queue::queue::totals(&stats.partitions));
+        Ok(stats)
     }
 
     /// Publishes messages; returns once every accepted message is durable, one confirmation

@@ -21,8 +21,8 @@ use super::reconcile::GroupView;
 use crate::replication::NodeId;
 
 /// Request metadata asking an agent for its own replicas' view only. `GetCluster` fills in the
-/// in-sync replicas of partitions led elsewhere from their leaders with it, and the leaders do
-/// not ask further.
+/// in-sync replicas of partitions led elsewhere from their leaders with it, `GetQueueStats`
+/// the counters of partitions led elsewhere, and the leaders do not ask further.
 pub const LOCAL_ONLY_HEADER: &str = "sluice-local-only";
 /// Deadline of a `GetCluster` of another agent's local view.
 const LOCAL_VIEW_TIMEOUT: Duration = Duration::from_secs(2);
@@ -195,6 +195,31 @@ pub async fn remote_views(
         }
     }
     out.into_iter().map(|((q, p), v)| (q, p, v)).collect()
+}
+
+/// Another agent's own numbers of `queue` (`GetQueueStats` with [`LOCAL_ONLY_HEADER`]): true
+/// for the partitions it leads.
+pub async fn local_stats(
+    address: &str,
+    queue: &str,
+) -> Result<sluice_proto::v1::GetQueueStatsResponse, AgentCallError> {
+    let mut request = Request::new(sluice_proto::v1::GetQueueStatsRequest {
+        name: queue.to_owned(),
+    });
+    request.set_timeout(LOCAL_VIEW_TIMEOUT);
+    request.metadata_mut().insert(
+        LOCAL_ONLY_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    let mut client = sluice_proto::v1::admin_client::AdminClient::new(channel(address)?);
+    client
+        .get_queue_stats(request)
+        .await
+        .map(Response::into_inner)
+        .map_err(|status| AgentCallError::Refused {
+            address: address.to_owned(),
+            status,
+        })
 }
 
 /// A lazily connecting channel to another agent's client port.

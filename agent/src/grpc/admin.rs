@@ -73,8 +73,17 @@ impl Admin for AdminService {
         &self,
         request: Request<GetQueueStatsRequest>,
     ) -> Result<Response<GetQueueStatsResponse>, Status> {
-        Ok(Response::new(
-            self.broker.stats(&request.into_inner().name)?,
-        ))
+        // Another agent asking for this agent's own numbers, to answer with every partition's
+        // leader's: it must not be sent on again.
+        let local_only = request
+            .metadata()
+            .contains_key(crate::cluster::client::LOCAL_ONLY_HEADER);
+        let name = request.into_inner().name;
+        let stats = if local_only {
+            self.broker.stats(&name)?
+        } else {
+            self.broker.leader_stats(&name).await?
+        };
+        Ok(Response::new(stats))
     }
 }

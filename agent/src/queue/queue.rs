@@ -361,7 +361,6 @@ impl Queue {
     /// Counters per partition and in total.
     pub fn stats(&self) -> Result<GetQueueStatsResponse, BrokerError> {
         self.check_online()?;
-        let mut total = Stats::default();
         let mut partitions = Vec::with_capacity(self.partitions.len());
         for partition in &self.partitions {
             let (c, oldest_age) = partition.stats();
@@ -376,16 +375,6 @@ impl Queue {
                 oldest_message_age_ms: oldest_age,
                 expired: c.expired,
             };
-            total.ready += stats.ready;
-            total.in_flight += stats.in_flight;
-            total.delayed += stats.delayed;
-            total.dead_lettered += stats.dead_lettered;
-            total.bytes += stats.bytes;
-            total.publish_rate += stats.publish_rate;
-            total.ack_rate += stats.ack_rate;
-            total.oldest_message_age_ms =
-                total.oldest_message_age_ms.max(stats.oldest_message_age_ms);
-            total.expired += stats.expired;
             partitions.push(PartitionStats {
                 partition: partition.id(),
                 stats: Some(stats),
@@ -394,7 +383,7 @@ impl Queue {
         }
         Ok(GetQueueStatsResponse {
             name: self.spec.name.clone(),
-            total: Some(total),
+            total: Some(totals(&partitions)),
             partitions,
             consumers: self.consumers.load(Ordering::Acquire),
         })
@@ -407,6 +396,23 @@ fn stable_hash(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// A queue's totals over its partitions' counters (ages: the maximum; the rest: the sum).
+pub fn totals(partitions: &[PartitionStats]) -> Stats {
+    let mut total = Stats::default();
+    for stats in partitions.iter().filter_map(|p| p.stats.as_ref()) {
+        total.ready += stats.ready;
+        total.in_flight += stats.in_flight;
+        total.delayed += stats.delayed;
+        total.dead_lettered += stats.dead_lettered;
+        total.bytes += stats.bytes;
+        total.publish_rate += stats.publish_rate;
+        total.ack_rate += stats.ack_rate;
+        total.oldest_message_age_ms = total.oldest_message_age_ms.max(stats.oldest_message_age_ms);
+        total.expired += stats.expired;
+    }
+    total
 }
 
 #[cfg(test)]
