@@ -343,3 +343,56 @@ async fn every_agent_answers_stats_with_the_leaders_numbers() {
         assert_eq!(stats.partitions[0].leader, leaders.partitions[0].leader);
     }
 }
+
+/// Issue 12, item 7: `Declare` returns once the new queue is led by the agent that will keep
+/// leading it, so a consumer that subscribes at once is not moved by the balancer seconds
+/// later (the first leader used to be whichever replica's election timer fired first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_made_right_after_declaring_is_not_moved_by_placement() {
+    use sluice_proto::v1::consume_request::Request as Frame;
+    use sluice_proto::v1::consumer_client::ConsumerClient;
+    use sluice_proto::v1::{ConsumeRequest, Subscribe};
+    const FRESH: usize = 5;
+    let root = tempfile::tempdir().expect("temp dir");
+    let cluster = Cluster::start(root.path(), Net::Loopback).expect("cluster starts");
+    // The meta group's first leader and the catalog settle first.
+    cluster.declare(queue_spec("warm-up", 1), ELECTION).await;
+    let mut streams = Vec::new();
+    for q in 0..FRESH {
+        let name = format!("fresh-{q}");
+        cluster.declare(queue_spec(&name, 2), ELECTION).await;
+        let leader = cluster.leader(&name, ELECTION).await;
+        let subscribe = ConsumeRequest {
+            sequence: 0,
+            request: Some(Frame::Subscribe(Subscribe {
+                queue: name.clone(),
+                prefetch: 10,
+                ..Subscribe::default()
+            })),
+        };
+        // The request stream stays open (the sender is kept) so the subscription lasts.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(subscribe).await.expect("subscribe frame");
+        let responses = ConsumerClient::new(cluster.channel(leader))
+            .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap_or_else(|s| panic!("{name}: subscribe at agent {leader}: {s}"))
+            .into_inner();
+        streams.push((name, leader, tx, responses));
+    }
+    // The balancer looks every 2 s: a queue led by another than its preferred agent moves
+    // within a few seconds, ending its subscription with a redirect.
+    let watched = streams
+        .into_iter()
+        .map(|(name, leader, tx, mut responses)| async move {
+            let next = tokio::time::timeout(Duration::from_secs(8), responses.message()).await;
+            drop(tx);
+            (name, leader, next)
+        });
+    for (name, leader, next) in futures::future::join_all(watched).await {
+        assert!(
+            next.is_err(),
+            "{name}: the subscription at agent {leader} was ended or answered: {next:?}"
+        );
+    }
+}

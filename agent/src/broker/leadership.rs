@@ -21,6 +21,18 @@ const BALANCE_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest a stopping agent spends handing its leaderships away.
 const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Who should lead `queue`'s partitions, most preferred first: its replica set in placement
+/// order over the ACTIVE agents (a joining one is not a voter everywhere yet, a draining one
+/// is giving its leaderships away).
+pub(super) fn leader_candidates(cluster: &ClusterContext, queue: &str) -> Vec<u64> {
+    let catalog = cluster.meta.current();
+    let mut nodes: Vec<u64> = catalog.active_members().into_keys().collect();
+    if nodes.is_empty() {
+        nodes = cluster.config.node_ids();
+    }
+    placement::replica_set(queue, cluster.config.replication_factor, &nodes)
+}
+
 /// Runs [`Broker::balance_once`] every [`BALANCE_INTERVAL`] for the broker's life.
 pub(super) fn balance_leaders(me: Weak<Broker>) -> JoinHandle<()> {
     spawn_loop(
@@ -39,21 +51,13 @@ impl Broker {
     /// split between leaders: a publish whose messages hash to several partitions needs one
     /// agent that leads them all.
     pub(super) async fn balance_once(&self, cluster: &ClusterContext) {
-        // Only ACTIVE agents are preferred: a joining one is not a voter everywhere yet, a
-        // draining one is giving its leaderships away.
-        let catalog = cluster.meta.current();
-        let mut nodes: Vec<u64> = catalog.active_members().into_keys().collect();
-        if nodes.is_empty() {
-            nodes = cluster.config.node_ids();
-        }
         let me = cluster.config.node_id;
-        let rf = cluster.config.replication_factor;
         for (queue, _, link) in self.led_partitions() {
             if cluster.holds.is_held(&link.group) {
                 continue;
             }
             let view = GroupView::of(&link.raft.metrics().borrow());
-            for candidate in placement::replica_set(&queue, rf, &nodes) {
+            for candidate in leader_candidates(cluster, &queue) {
                 if candidate == me {
                     break;
                 }

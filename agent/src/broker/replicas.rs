@@ -11,7 +11,7 @@ use sluice_proto::v1::QueueSpec;
 use tokio::task::JoinHandle;
 
 use super::timers::{Trigger, spawn_loop};
-use super::{Broker, RAFT_STOP_TIMEOUT, store};
+use super::{Broker, RAFT_STOP_TIMEOUT, leadership, store};
 use crate::cluster::{Catalog, ClusterContext, MetaGroup, MetaGroupError, placement};
 use crate::error::{BrokerError, PartitionOpenError, QueueOpenError};
 use crate::log::LogError;
@@ -142,6 +142,7 @@ impl Broker {
                 .map(|(n, addr)| (n, openraft::BasicNode::new(addr)))
                 .collect()
         };
+        let preferred = leadership::leader_candidates(cluster, &spec.name).first() == Some(&me);
         let mut partitions = Vec::with_capacity(spec.partitions as usize);
         for id in 0..spec.partitions {
             let in_partition = |source: PartitionOpenError| QueueOpenError::Partition {
@@ -158,6 +159,7 @@ impl Broker {
                 groups: cluster.groups.clone(),
                 addresses: addresses(&cluster.meta),
                 meta_dir: self.layout.partition_raft_dir(&spec.name, id),
+                preferred,
             };
             let partition = replica::open(
                 &spec.name,
@@ -234,9 +236,47 @@ impl Broker {
             })
         })
         .await;
+        for name in &names {
+            self.wait_preferred_leaders(cluster, name).await;
+        }
         Ok((spec, true))
     }
+
+    /// Waits (at most [`DECLARE_LEADER_WAIT`]) until every partition of `queue` hosted here is
+    /// led by its preferred leader, which campaigns first (`replica::Setup::preferred`), so a
+    /// client that subscribes right after declaring is not moved by the balancer. A leader that
+    /// is not elected in time (its agent is down) leaves the answer to come anyway.
+    async fn wait_preferred_leaders(&self, cluster: &ClusterContext, queue: &str) {
+        let Some(preferred) = leadership::leader_candidates(cluster, queue)
+            .first()
+            .copied()
+        else {
+            return;
+        };
+        let Some(q) = self.read_queues().get(queue).cloned() else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + DECLARE_LEADER_WAIT;
+        for partition in q.partitions() {
+            let Some(link) = partition.replica() else {
+                continue;
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let led = link
+                .raft
+                .wait(Some(left))
+                .current_leader(preferred, "the preferred leader")
+                .await;
+            if led.is_err() {
+                tracing::debug!(group = %link.group, preferred, "declared before the preferred leader was elected");
+                return;
+            }
+        }
+    }
 }
+
+/// Longest a declare waits for the new queue's preferred leaders to be elected.
+const DECLARE_LEADER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Client addresses of the agents, as registered in the catalog.
 fn addresses(meta: &Arc<MetaGroup>) -> Addresses {

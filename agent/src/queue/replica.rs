@@ -363,7 +363,14 @@ pub struct Setup {
     pub addresses: Addresses,
     /// Directory of the Raft metadata (vote, purge point).
     pub meta_dir: std::path::PathBuf,
+    /// Whether this agent is the group's preferred leader: a new group's first election is
+    /// its, so the leader a client finds right after declaring is the one the balancer keeps.
+    pub preferred: bool,
 }
+
+/// How long the other replicas of a new group leave the first election to the preferred
+/// leader before campaigning themselves (it may be down).
+const FIRST_ELECTION_DEFERRAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why a replicated partition could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -432,6 +439,21 @@ pub async fn open(
         // initialisation a replica's log already holds wins.
         if let Err(e) = raft.initialize(setup.voters.clone()).await {
             tracing::debug!(group = %setup.group, error = %e, "initialize skipped");
+        }
+        // The first leader is the preferred one: it campaigns at once, the others hold their
+        // election timers for a while. Otherwise whoever timed out first would lead, and the
+        // balancer would move the leadership (ending fresh subscriptions) seconds later.
+        if setup.preferred {
+            if let Err(e) = raft.trigger().elect().await {
+                tracing::debug!(group = %setup.group, error = %e, "first election not started");
+            }
+        } else {
+            raft.runtime_config().elect(false);
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(FIRST_ELECTION_DEFERRAL).await;
+                raft.runtime_config().elect(true);
+            });
         }
     }
     let (wake, woken) = mpsc::channel(1);
