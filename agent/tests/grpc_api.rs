@@ -598,3 +598,44 @@ async fn malformed_queue_names_are_refused_on_every_call_naming_the_field() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_subscription_in_place_is_told_by_its_response_headers_before_any_delivery() {
+    use sluice_client::proto::consumer_client::ConsumerClient;
+    use sluice_client::proto::{ConsumeRequest, Subscribe};
+    let (_dir, agent) = agent();
+    let client = agent.client().await;
+    client
+        .declare_queue(queue("empty", 1))
+        .await
+        .expect("declare");
+    let channel = tonic::transport::Endpoint::from_shared(agent.endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(ConsumeRequest {
+        sequence: 0,
+        request: Some(Frame::Subscribe(Subscribe {
+            queue: "empty".into(),
+            prefetch: 1,
+            ..Subscribe::default()
+        })),
+    })
+    .await
+    .expect("subscribe frame");
+    let response = tokio::time::timeout(
+        WAIT,
+        ConsumerClient::new(channel).consume(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("headers arrive without any delivery")
+    .expect("subscribed");
+    let subscribed = response
+        .metadata()
+        .get("sluice-subscribed")
+        .and_then(|v| v.to_str().ok());
+    assert_eq!(subscribed, Some("1"));
+    drop(tx);
+}

@@ -103,7 +103,14 @@ impl Consumer for ConsumerService {
             tx,
         };
         tokio::spawn(stream.run(inbound, forwarder));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        // Response headers go out now, before any delivery: a client can tell it is attached
+        // (and an empty queue from a stalled subscribe) without waiting for a message.
+        let mut response = Response::new(ReceiverStream::new(rx));
+        response.metadata_mut().insert(
+            status::SUBSCRIBED_METADATA,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        Ok(response)
     }
 
     async fn settle(

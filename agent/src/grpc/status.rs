@@ -97,6 +97,9 @@ impl From<BrokerError> for Status {
 /// Metadata key of a redirect: the leader's client address (`host:port`).
 pub const LEADER_METADATA: &str = "sluice-leader";
 
+/// Response header of a `Consume` stream whose subscription is in place (sent at once).
+pub const SUBSCRIBED_METADATA: &str = "sluice-subscribed";
+
 /// A failed confirm carrying `status`'s code and message, for every message of a batch that
 /// failed as a whole inside a publish stream.
 pub fn failed_confirm(status: &Status) -> Confirm {
