@@ -1,13 +1,13 @@
 # Sluice developer commands. `make verify` is the read-only gate CI runs unchanged;
 # `make fix` is its mutating twin.
-.PHONY: help verify tools fix fmt-check clippy test crds local bench
+.PHONY: help verify tools fix fmt-check clippy test foreign crds local bench
 
 CARGO ?= cargo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-verify: tools fmt-check clippy test ## the CI gate: tools, formatting, lints, all tests (read-only)
+verify: tools fmt-check clippy test foreign ## the CI gate: tools, formatting, lints, all tests (read-only)
 
 tools: ## install helm, kubectl and kubernetes-validate if missing (idempotent)
 	.ci/install-tools
@@ -20,6 +20,10 @@ clippy: ## clippy on every target, warnings are errors
 
 test: ## every test of the workspace; tests needing helm/kubernetes-validate fail if they are missing
 	SLUICE_REQUIRE_TOOLS=1 $(CARGO) test --workspace --locked
+
+foreign: ## the public API from Python grpcio, stubs generated from the .proto alone
+	$(CARGO) build --locked -p sluice-agent
+	python3 -m pytest -q tests/foreign
 
 fix: ## format, apply clippy fixes, regenerate crds/
 	$(CARGO) fmt --all
