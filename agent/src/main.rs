@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         eprintln!("error: --log-level: {message}");
         return ExitCode::from(2);
     }
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -192,6 +193,25 @@ async fn declare_queues(
         }
     }
     Ok(())
+}
+
+/// Raises the soft limit of open files to the hard limit. Every partition replica keeps its log
+/// segments and Raft files open: a few hundred partitions pass the soft default of 1,024 many
+/// shells and hosts start with, and a replica whose vote cannot be written stops its group
+/// ("Too many open files" under an election storm). Servers such as Kafka ask operators to
+/// raise it; the agent takes what the hard limit allows itself.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "could not raise the open-files limit")
+            }
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read the open-files limit"),
+    }
 }
 
 fn init_tracing(args: &BrokerArgs) -> Result<(), String> {

@@ -467,3 +467,45 @@ fn a_bad_queues_file_stops_startup_naming_the_file_the_queue_and_the_field() {
         "file not named: {err}"
     );
 }
+
+/// The soft and hard open-files limits of process `pid`, from `/proc/<pid>/limits`.
+fn open_files_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("an open-files line");
+    let mut fields = line.split_whitespace().skip(3);
+    let soft = fields.next().expect("soft").to_owned();
+    let hard = fields.next().expect("hard").to_owned();
+    (soft, hard)
+}
+
+#[test]
+fn the_agent_raises_its_open_files_limit_to_the_hard_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Started from a shell whose soft limit is low, as many hosts' login shells are.
+    let script = format!(
+        "ulimit -Sn 256 && exec {} broker --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+         --data-dir {} --log-level warn",
+        common::agent_bin(),
+        dir.path().join("data").display()
+    );
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+        &mut first,
+    )
+    .expect("listening line");
+    assert!(first.starts_with("sluice-agent listening"), "{first:?}");
+    let (soft, hard) = open_files_limits(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_ne!(soft, "256", "the soft limit was left low");
+    assert_eq!(soft, hard);
+}

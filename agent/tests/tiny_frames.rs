@@ -127,6 +127,27 @@ async fn subscribe(
     (tx, responses)
 }
 
+/// Checks that the idle subscription on the flooded connection still works: it gets a
+/// message published now.
+async fn assert_alive(
+    client: &sluice_client::Client,
+    idle: &mut tonic::Streaming<sluice_client::proto::ConsumeResponse>,
+) {
+    client
+        .publish("idle", vec![common::text("still here")])
+        .await
+        .expect("publish");
+    let frame = tokio::time::timeout(Duration::from_secs(10), idle.message())
+        .await
+        .expect("the idle subscription answers")
+        .expect("the idle subscription is alive")
+        .expect("a frame");
+    assert!(
+        matches!(frame.response, Some(Out::Delivery(_))),
+        "{frame:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_message_per_frame_under_cpu_contention_is_answered_frame_by_frame() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -193,19 +214,7 @@ async fn one_message_per_frame_under_cpu_contention_is_answered_frame_by_frame()
     assert_eq!(stats.total.expect("totals").ready, FRAMES);
 
     // The idle subscription on the same connection is alive: it gets a message published now.
-    client
-        .publish("idle", vec![common::text("still here")])
-        .await
-        .expect("publish");
-    let frame = tokio::time::timeout(Duration::from_secs(10), idle.message())
-        .await
-        .expect("the idle subscription answers")
-        .expect("the idle subscription is alive")
-        .expect("a frame");
-    assert!(
-        matches!(frame.response, Some(Out::Delivery(_))),
-        "{frame:?}"
-    );
+    assert_alive(&client, &mut idle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,17 +291,5 @@ async fn one_tag_per_settle_frame_under_cpu_contention_acks_every_message() {
     let total = stats.total.expect("totals");
     assert_eq!((total.ready, total.in_flight), (0, 0), "{total:?}");
 
-    client
-        .publish("idle", vec![common::text("still here")])
-        .await
-        .expect("publish");
-    let frame = tokio::time::timeout(Duration::from_secs(10), idle.message())
-        .await
-        .expect("the idle subscription answers")
-        .expect("the idle subscription is alive")
-        .expect("a frame");
-    assert!(
-        matches!(frame.response, Some(Out::Delivery(_))),
-        "{frame:?}"
-    );
+    assert_alive(&client, &mut idle).await;
 }

@@ -419,6 +419,35 @@ fn sluice_local_runs_three_agents_that_serve_a_round_trip_through_the_printed_en
 }
 
 #[test]
+fn sluice_stats_prints_the_leaders_numbers_whichever_agent_it_asks() {
+    let local = Local::start_agents(3);
+    local.ok(&["declare", "counted"], "");
+    local.ok(&["publish", "counted", "one", "two"], "");
+    local.ok(&["publish", "counted", "--delay", "10m", "later"], "");
+    // The delayed message counts as delayed once the leader's cursor reached it: its first
+    // consumer looks and finds nothing deliverable yet but the two.
+    local.ok(&["consume", "counted", "--count", "2"], "");
+    // ready, in-flight and delayed of the `total` row, as each agent answers.
+    let counts = |endpoint: &str| -> Vec<String> {
+        let out = ok_at(&format!("http://{endpoint}"), &["stats", "counted"], "");
+        let total = out
+            .lines()
+            .find(|l| l.starts_with("total"))
+            .unwrap_or_else(|| panic!("no total row in {out}"))
+            .to_owned();
+        total
+            .split_whitespace()
+            .skip(1)
+            .take(3)
+            .map(str::to_owned)
+            .collect()
+    };
+    for agent in &local.agents {
+        assert_eq!(counts(agent), ["0", "0", "1"], "sluice stats at {agent}");
+    }
+}
+
+#[test]
 fn sluice_local_fails_naming_the_agent_binary_it_cannot_start() {
     let dir = tempfile::tempdir().expect("temp dir");
     let output = Command::new(env!("CARGO_BIN_EXE_sluice"))

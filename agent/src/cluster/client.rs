@@ -203,18 +203,31 @@ pub async fn local_stats(
     address: &str,
     queue: &str,
 ) -> Result<sluice_proto::v1::GetQueueStatsResponse, AgentCallError> {
-    let mut request = Request::new(sluice_proto::v1::GetQueueStatsRequest {
+    let request = local_only(sluice_proto::v1::GetQueueStatsRequest {
         name: queue.to_owned(),
     });
+    let mut client = sluice_proto::v1::admin_client::AdminClient::new(channel(address)?);
+    let answer = client.get_queue_stats(request).await;
+    answered(address, answer)
+}
+
+/// A request for another agent's own view, not to be sent on ([`LOCAL_ONLY_HEADER`]).
+fn local_only<T>(message: T) -> Request<T> {
+    let mut request = Request::new(message);
     request.set_timeout(LOCAL_VIEW_TIMEOUT);
     request.metadata_mut().insert(
         LOCAL_ONLY_HEADER,
         tonic::metadata::MetadataValue::from_static("1"),
     );
-    let mut client = sluice_proto::v1::admin_client::AdminClient::new(channel(address)?);
-    client
-        .get_queue_stats(request)
-        .await
+    request
+}
+
+/// The answer of the agent at `address`, or its refusal.
+fn answered<T>(
+    address: &str,
+    answer: Result<Response<T>, tonic::Status>,
+) -> Result<T, AgentCallError> {
+    answer
         .map(Response::into_inner)
         .map_err(|status| AgentCallError::Refused {
             address: address.to_owned(),
@@ -235,19 +248,7 @@ pub fn channel(address: &str) -> Result<Channel, AgentCallError> {
 
 /// Another agent's own view (`GetCluster` with [`LOCAL_ONLY_HEADER`]).
 pub async fn local_view(address: &str) -> Result<GetClusterResponse, AgentCallError> {
-    let mut request = Request::new(GetClusterRequest {});
-    request.set_timeout(LOCAL_VIEW_TIMEOUT);
-    request.metadata_mut().insert(
-        LOCAL_ONLY_HEADER,
-        tonic::metadata::MetadataValue::from_static("1"),
-    );
     let mut client = MembershipClient::new(channel(address)?);
-    client
-        .get_cluster(request)
-        .await
-        .map(Response::into_inner)
-        .map_err(|status| AgentCallError::Refused {
-            address: address.to_owned(),
-            status,
-        })
+    let answer = client.get_cluster(local_only(GetClusterRequest {})).await;
+    answered(address, answer)
 }
