@@ -7,9 +7,14 @@ CARGO ?= cargo
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-verify: tools fmt-check clippy test foreign ## the CI gate: tools, formatting, lints, all tests (read-only)
+verify: ## the CI gate: tools, formatting, lints, all tests, the foreign client (read-only)
+	@for stage in tools fmt-check clippy test foreign; do \
+	  start=$$(date +%s); \
+	  $(MAKE) --no-print-directory $$stage || exit 1; \
+	  echo "== make $$stage took $$(( $$(date +%s) - start )) s"; \
+	done
 
-tools: ## install helm, kubectl and kubernetes-validate if missing (idempotent)
+tools: ## install helm, kubectl, kubernetes-validate and Python grpcio if missing (idempotent)
 	.ci/install-tools
 
 fmt-check: ## rustfmt in check mode
