@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 pub use self::leadership::Relinquished;
 pub use self::store::{FileLogOpener, LogOpener};
 pub use self::subscription::Subscription;
-pub use crate::cluster::ClusterContext;
+use crate::cluster::ClusterContext;
 pub use crate::error::BrokerError;
 use crate::error::{Confirmation, SettleFailure};
 use crate::layout::Layout;
