@@ -192,10 +192,8 @@ impl SettleLoop {
         // The error that ends this stream, sent after the results of earlier settle frames.
         let mut stream_error: Option<Status> = None;
         'stream: loop {
-            while in_flight.len() < STREAM_IN_FLIGHT_SETTLES
-                && !waiting.is_empty()
-                && stream_error.is_none()
-            {
+            // Frames read before the stream failed are still settled and answered.
+            while in_flight.len() < STREAM_IN_FLIGHT_SETTLES && !waiting.is_empty() {
                 in_flight.push_back(settle_group(
                     self.broker.clone(),
                     self.metrics.clone(),
