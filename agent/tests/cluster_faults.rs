@@ -43,6 +43,8 @@ const CATCH_UP: Duration = Duration::from_secs(30);
 const SETTLED: Duration = Duration::from_secs(3);
 /// Messages per publish batch.
 const BATCH: usize = 20;
+/// Ack timeout of [`QUEUE`]: shorter than the time from a fault to the final drain.
+const ACK_TIMEOUT_MS: u64 = 3_000;
 
 /// One cluster at a time: five three-agent clusters at once on a 2-core machine would turn
 /// election timeouts into test failures, so the tests take turns even without
@@ -52,7 +54,13 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Starts a loopback cluster and declares [`QUEUE`]; returns it with the partition's leader.
 async fn cluster_with_queue(root: &std::path::Path, net: Net) -> Result<(Cluster, usize), String> {
     let cluster = Cluster::start(root, net)?;
-    cluster.declare(queue_spec(QUEUE, 1), ELECTION).await;
+    // A short ack timeout: deliveries a killed leader's consumer held stay in flight at the new
+    // leader until their deadline (decision 0018), and the final drain must see them again.
+    let spec = sluice_proto::v1::QueueSpec {
+        ack_timeout_ms: ACK_TIMEOUT_MS,
+        ..queue_spec(QUEUE, 1)
+    };
+    cluster.declare(spec, ELECTION).await;
     // Agents hand a partition's leadership to its preferred agent after the first election;
     // faults are injected once that has happened, so the leader a test hits stays the leader.
     let leader = cluster

@@ -334,7 +334,7 @@ async fn every_agent_answers_stats_with_the_leaders_numbers() {
     };
     assert_eq!(expected(&leaders), (2, 2, 1, 1), "{leaders:?}");
     for i in (0..cluster.nodes.len()).filter(|i| *i != leader) {
-        let stats = cluster.stats(i, COUNTED).await.expect("stats");
+        let stats = cluster.client_stats(i, COUNTED).await.expect("stats");
         assert_eq!(
             expected(&stats),
             expected(&leaders),

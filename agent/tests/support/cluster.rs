@@ -543,10 +543,36 @@ impl Cluster {
         current
     }
 
-    /// Agent `i`'s own counters of `queue` (stats are answered locally by every replica).
+    /// Agent `i`'s own replicas' counters of `queue` (a follower's lag its leader's).
     pub async fn stats(&self, i: usize, queue: &str) -> Result<GetQueueStatsResponse, String> {
+        self.stats_with(i, queue, true).await
+    }
+
+    /// `queue`'s counters as a client asking agent `i` sees them: every partition's leader's.
+    pub async fn client_stats(
+        &self,
+        i: usize,
+        queue: &str,
+    ) -> Result<GetQueueStatsResponse, String> {
+        self.stats_with(i, queue, false).await
+    }
+
+    async fn stats_with(
+        &self,
+        i: usize,
+        queue: &str,
+        own_replicas: bool,
+    ) -> Result<GetQueueStatsResponse, String> {
         let mut request = tonic::Request::new(GetQueueStatsRequest { name: queue.into() });
         request.set_timeout(Duration::from_secs(2));
+        if own_replicas {
+            // An agent answers for the partitions it does not lead with their leaders' numbers
+            // unless asked for its own replicas' (what these tests compare).
+            request.metadata_mut().insert(
+                sluice_agent::cluster::client::LOCAL_ONLY_HEADER,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+        }
         AdminClient::new(self.channel(i))
             .get_queue_stats(request)
             .await
