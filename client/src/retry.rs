@@ -86,7 +86,9 @@ pub enum Failure {
     NoLeader(tonic::Status),
     /// No connection could be made; nothing was sent.
     Unreachable(crate::Error),
-    /// The connection broke during the call; the agent may or may not have acted on it.
+    /// The call's outcome is unknown: the connection broke during it, or the agent answered
+    /// `ABORTED` (the queue's leadership moved before the call was confirmed). The agent may
+    /// or may not have acted on it.
     Broken(tonic::Status),
     /// Any other answer, returned to the caller as is.
     Final(crate::Error),
@@ -103,8 +105,10 @@ impl Failure {
                 Self::Broken(status)
             };
         }
-        if status.code() != tonic::Code::Unavailable {
-            return Self::Final(crate::Error::Status(status));
+        match status.code() {
+            tonic::Code::Unavailable => {}
+            tonic::Code::Aborted => return Self::Broken(status),
+            _ => return Self::Final(crate::Error::Status(status)),
         }
         match leader_of(&status) {
             Some(leader) => Self::Redirect(leader, status),
@@ -205,6 +209,17 @@ mod tests {
     fn a_broken_call_is_retried_only_when_resending_is_harmless() {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
         let status = tonic::Status::from_error(Box::new(io));
+        let failure = Failure::classify(status);
+        assert!(matches!(failure, Failure::Broken(_)), "{failure:?}");
+        assert!(failure.is_retryable(Resend::Harmless));
+        assert!(!failure.is_retryable(Resend::OnlyIfRefused));
+    }
+
+    #[test]
+    fn an_aborted_call_is_of_unknown_outcome_like_a_broken_one() {
+        let status = tonic::Status::aborted(
+            "partition 0 of queue \"q\" changed leader before entry 16 was confirmed",
+        );
         let failure = Failure::classify(status);
         assert!(matches!(failure, Failure::Broken(_)), "{failure:?}");
         assert!(failure.is_retryable(Resend::Harmless));
