@@ -10,6 +10,7 @@
 //! builds `sluice-agent` first). Pod stderr is printed when it fails.
 
 mod e2e;
+mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

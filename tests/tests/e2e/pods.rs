@@ -41,38 +41,10 @@ const LOG_LINES_MAX: usize = 4000;
 /// Highest ordinal whose DNS name is rewritten.
 const ORDINALS_MAX: i32 = 16;
 
-/// The `sluice-agent` binary, built once per test run (cargo builds only this package's
-/// binaries for its tests, and the agent is another package's).
+/// The `sluice-agent` binary, built once per test run.
 pub fn agent_binary() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> -> target/<profile>
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target profile directory")
-            .to_path_buf();
-        let profile = match dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") | None => "dev".to_owned(),
-            Some(other) => other.to_owned(),
-        };
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "sluice-agent",
-                "--bin",
-                "sluice-agent",
-            ])
-            .args(["--profile", &profile])
-            .status()
-            .expect("run cargo build -p sluice-agent");
-        assert!(status.success(), "cargo build -p sluice-agent failed");
-        dir.join("sluice-agent")
-    })
+    BUILT.get_or_init(|| crate::support::workspace_binary("sluice-agent", "sluice-agent"))
 }
 
 /// Pod `ordinal`'s loopback address.

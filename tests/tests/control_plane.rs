@@ -1,0 +1,523 @@
+//! Sluice on a real Kubernetes control plane: kube-apiserver, etcd, controller-manager and
+//! scheduler built from Kubernetes' own Go modules (see `real_cluster`), driven with the real
+//! `kubectl` and `helm`.
+//!
+//! Run: `cargo test -p sluice-e2e --test control_plane -- --nocapture`. The first run builds
+//! the control plane (minutes; cached afterwards, see `tests/control-plane/build`).
+
+mod real_cluster;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use real_cluster::ControlPlane;
+use real_cluster::process::{Component, free_port};
+use serde_json::{Value, json};
+
+/// How long a controller may take to act on a change.
+const ACT_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn mq(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "sluice.dev/v1alpha1", "kind": "MessageQueue",
+           "metadata": {"name": name, "namespace": "shop"}, "spec": spec})
+}
+
+/// Installs `crds/` with server-side apply and waits until the CRD is served.
+fn install_crds(plane: &ControlPlane) {
+    let crds = support::repo_root().join("crds");
+    plane.kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "-f",
+        crds.to_str().expect("UTF-8"),
+    ]);
+    plane.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/messagequeues.sluice.dev",
+        "--timeout=60s",
+    ]);
+}
+
+/// `kubectl apply --server-side` of one object from stdin; Ok(stdout) or Err(stderr).
+fn apply(plane: &ControlPlane, object: &Value) -> Result<String, String> {
+    kubectl_stdin(
+        plane,
+        &["apply", "--server-side", "--field-manager=test", "-f", "-"],
+        object,
+    )
+}
+
+/// `kubectl <args>` with `object` on stdin; Ok(stdout) or Err(stderr).
+fn kubectl_stdin(plane: &ControlPlane, args: &[&str], object: &Value) -> Result<String, String> {
+    let text = serde_json::to_string(object).expect("JSON");
+    let out = plane.kubectl_with(&plane.admin_kubeconfig, args, Some(&text));
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn assert_refused(plane: &ControlPlane, object: &Value, says: &[&str]) {
+    let error = apply(plane, object).expect_err(&format!("refused: {object}"));
+    for part in says {
+        assert!(
+            error.contains(part),
+            "the API server's refusal of {object} should say {part:?}; it said:\n{error}"
+        );
+    }
+}
+
+/// Every bad spec the offline schema and CEL tests (`operator/tests/crd_schema.rs`) cover is
+/// refused by the real API server, with a message naming the field; good ones are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_refuses_bad_message_queues_naming_the_field() {
+    let plane = ControlPlane::start().await;
+    install_crds(&plane);
+    plane.kubectl_ok(&["create", "namespace", "shop"]);
+
+    let schema_cases: Vec<(Value, &[&str])> = vec![
+        (
+            mq("a", json!({"replicas": -1})),
+            &["spec.replicas", "greater than or equal to 1"],
+        ),
+        (
+            mq("a", json!({"replicas": 0})),
+            &["spec.replicas", "greater than or equal to 1"],
+        ),
+        (
+            mq("a", json!({"replicas": 3, "replica": 3})),
+            &[".spec.replica: field not declared in schema"],
+        ),
+        (
+            mq("a", json!({"queues": [{"name": "a", "ackTimeoutt": "1s"}]})),
+            &["ackTimeoutt: field not declared in schema"],
+        ),
+        (
+            mq("a", json!({"queues": [{"name": "a", "partitions": 0}]})),
+            &["spec.queues[0].partitions"],
+        ),
+        (
+            mq("a", json!({"queues": [{"name": "a", "partitions": 257}]})),
+            &["spec.queues[0].partitions"],
+        ),
+        (
+            mq("a", json!({"queues": [{"name": "Bad Name"}]})),
+            &["spec.queues[0].name"],
+        ),
+        (
+            mq(
+                "a",
+                json!({"queues": [{"name": "a", "ackTimeout": "30 seconds"}]}),
+            ),
+            &["spec.queues[0].ackTimeout"],
+        ),
+        (
+            mq("a", json!({"storage": {"size": "lots"}})),
+            &["spec.storage.size"],
+        ),
+        (
+            mq(
+                "a",
+                json!({"queues": [{"name": "a", "maxBacklog": {"overflow": "drop-all"}}]}),
+            ),
+            &["spec.queues[0].maxBacklog.overflow", "drop-all"],
+        ),
+        (mq("Orders_1", json!({})), &["metadata.name", "Orders_1"]),
+    ];
+    for (object, says) in &schema_cases {
+        assert_refused(&plane, object, says);
+    }
+    // A plain create (client-side apply, `kubectl create`) meets strict field validation,
+    // which words an unknown field differently from server-side apply.
+    for (object, says) in [
+        (
+            mq("a", json!({"replicas": 3, "replica": 3})),
+            "unknown field \"spec.replica\"",
+        ),
+        (
+            mq("a", json!({"queues": [{"name": "a", "ackTimeoutt": "1s"}]})),
+            "unknown field \"spec.queues[0].ackTimeoutt\"",
+        ),
+    ] {
+        let error = kubectl_stdin(&plane, &["create", "-f", "-"], &object)
+            .expect_err("an unknown field is refused");
+        assert!(error.contains(says), "expected {says:?}, got:\n{error}");
+    }
+    let cel_cases: Vec<(Value, &str)> = vec![
+        (
+            mq(
+                "a",
+                json!({"replicas": 2, "queues": [{"name": "a", "replicationFactor": 3}]}),
+            ),
+            "spec.queues[].replicationFactor must not exceed spec.replicas",
+        ),
+        (
+            mq(
+                "a",
+                json!({"consumers": [{
+                "queue": "orders", "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "w"},
+                "minReplicas": 5, "maxReplicas": 2}]}),
+            ),
+            "spec.consumers[].minReplicas must not exceed spec.consumers[].maxReplicas",
+        ),
+        (
+            mq("a", json!({"queues": [{"name": "a"}, {"name": "a"}]})),
+            "spec.queues[].name must be unique",
+        ),
+        (
+            mq("a", json!({"queues": [{"name": "a", "maxDeliveries": 5}]})),
+            "spec.queues[].maxDeliveries requires spec.queues[].deadLetterQueue",
+        ),
+    ];
+    for (object, says) in &cel_cases {
+        assert_refused(&plane, object, &[says]);
+    }
+
+    // Transition rules: storage grows (a Quantity comparison: 9000Mi < 10Gi), never shrinks;
+    // the class is fixed once set.
+    apply(
+        &plane,
+        &mq(
+            "grow",
+            json!({"storage": {"size": "10Gi", "storageClassName": "fast-ssd"}}),
+        ),
+    )
+    .expect("a good MessageQueue is stored");
+    apply(
+        &plane,
+        &mq(
+            "grow",
+            json!({"storage": {"size": "20Gi", "storageClassName": "fast-ssd"}}),
+        ),
+    )
+    .expect("storage may grow");
+    for size in ["9000Mi", "5Gi"] {
+        assert_refused(
+            &plane,
+            &mq(
+                "grow",
+                json!({"storage": {"size": size, "storageClassName": "fast-ssd"}}),
+            ),
+            &["spec.storage.size may grow but never shrink"],
+        );
+    }
+    assert_refused(
+        &plane,
+        &mq(
+            "grow",
+            json!({"storage": {"size": "20Gi", "storageClassName": "slow-hdd"}}),
+        ),
+        &["spec.storage.storageClassName is immutable"],
+    );
+    assert_refused(
+        &plane,
+        &mq("grow", json!({"storage": {"size": "20Gi"}})),
+        &["spec.storage.storageClassName is immutable"],
+    );
+    // Defaults are applied by the API server, as the schema declares them.
+    let stored: Value =
+        serde_json::from_str(&plane.kubectl_ok(&["get", "mq", "grow", "-n", "shop", "-o", "json"]))
+            .expect("JSON");
+    assert_eq!(stored["spec"]["replicas"], json!(3), "{stored}");
+}
+
+/// Every example manifest is accepted by the real API server (`--dry-run=server`: admission,
+/// schema, CEL and defaulting, nothing stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_passes_a_server_side_dry_run() {
+    let plane = ControlPlane::start().await;
+    install_crds(&plane);
+    plane.kubectl_ok(&["create", "namespace", "shop"]);
+    let examples = support::repo_root().join("examples");
+    let mut files: Vec<_> = std::fs::read_dir(&examples)
+        .expect("examples/")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty());
+    for file in files {
+        let out = plane.kubectl_ok(&[
+            "apply",
+            "--dry-run=server",
+            "-f",
+            file.to_str().expect("UTF-8"),
+        ]);
+        assert!(
+            out.contains("(server dry run)"),
+            "{}: {out}",
+            file.display()
+        );
+    }
+}
+
+/// One operator replica run as a process the way the chart's Deployment runs it: the
+/// Deployment's args and env, authenticated with a token of the chart's ServiceAccount.
+struct OperatorProcess {
+    component: Component,
+}
+
+impl OperatorProcess {
+    fn start(plane: &ControlPlane, release: &str, namespace: &str, pod: &str) -> OperatorProcess {
+        let manifest = plane.helm_ok(&["get", "manifest", release, "-n", namespace]);
+        let documents =
+            support::manifest::parse_documents(&manifest, "helm get manifest").expect("YAML");
+        let deployment = documents
+            .iter()
+            .find(|d| d["kind"] == "Deployment")
+            .expect("the chart renders a Deployment");
+        let pod_spec = &deployment["spec"]["template"]["spec"];
+        let account = pod_spec["serviceAccountName"]
+            .as_str()
+            .expect("serviceAccountName");
+        let token =
+            plane.kubectl_ok(&["create", "token", account, "-n", namespace, "--duration=2h"]);
+        let kubeconfig = plane.token_kubeconfig(&format!("{release}-{pod}"), token.trim());
+        let container = &pod_spec["containers"][0];
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let args: Vec<String> = container["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .map(|a| a.as_str().expect("string arg").to_owned())
+            .map(|a| {
+                // No pod network: the metrics listener binds loopback on a free port.
+                if a.starts_with("--http-listen=") {
+                    format!("--http-listen={metrics}")
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let mut env = Vec::new();
+        for var in container["env"].as_array().into_iter().flatten() {
+            let name = var["name"].as_str().expect("env name").to_owned();
+            let value = match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                Some("metadata.name") => pod.to_owned(),
+                Some("metadata.namespace") => namespace.to_owned(),
+                Some(other) => panic!("the operator's env uses fieldRef {other}, not emulated"),
+                None => var["value"].as_str().unwrap_or_default().to_owned(),
+            };
+            env.push((name, value));
+        }
+        env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
+        let binary = support::workspace_binary("sluice-operator", "sluice-operator");
+        let component = Component::start_with_env(
+            &format!("operator-{release}-{pod}"),
+            &binary,
+            &args,
+            &env,
+            &plane.dir.path().join("logs"),
+        );
+        OperatorProcess { component }
+    }
+
+    /// Fails the test when the operator was refused anything by RBAC.
+    fn assert_never_forbidden(&self) {
+        let log = std::fs::read_to_string(&self.component.log).unwrap_or_default();
+        let forbidden: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("forbidden") || l.contains("Forbidden") || l.contains(" 403"))
+            .collect();
+        assert!(
+            forbidden.is_empty(),
+            "the chart's RBAC refused the operator:\n{}",
+            forbidden.join("\n")
+        );
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- {} (last 60 lines) ----\n{}",
+                self.component.name,
+                self.component.tail(60)
+            );
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing after `timeout` with `what`.
+async fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn lease_holder(plane: &ControlPlane, namespace: &str, lease: &str) -> Option<String> {
+    let out = plane.kubectl(&["get", "lease", lease, "-n", namespace, "-o", "json"]);
+    if !out.status.success() {
+        return None;
+    }
+    let lease: Value = serde_json::from_slice(&out.stdout).ok()?;
+    lease["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_owned)
+        .filter(|h| !h.is_empty())
+}
+
+/// The children a MessageQueue's reconcile creates, as `kind/name` the API server lists.
+fn children(plane: &ControlPlane, namespace: &str, name: &str) -> Option<Vec<String>> {
+    let out = plane.kubectl(&[
+        "get",
+        "statefulset,service,configmap,serviceaccount,poddisruptionbudget",
+        "-n",
+        namespace,
+        "-l",
+        &format!("app.kubernetes.io/instance={name}"),
+        "-o",
+        "name",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<String> = text.lines().map(str::to_owned).collect();
+    names
+        .iter()
+        .any(|n| n.starts_with("statefulset"))
+        .then_some(names)
+}
+
+/// `helm install` of the chart (cluster-wide, two operator replicas): the operator, run with
+/// the chart's ServiceAccount token, wins the Lease, reconciles a MessageQueue into its
+/// children (the real StatefulSet controller then creates the pods), and a standby takes over
+/// when the holder is killed. Any call the chart's RBAC does not grant fails the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_install_runs_the_operator_with_the_charts_rbac_and_lease() {
+    const NS: &str = "sluice-system";
+    let plane = ControlPlane::start().await;
+    let chart = support::repo_root().join("charts/sluice");
+    plane.helm_ok(&[
+        "install",
+        "sluice",
+        chart.to_str().expect("UTF-8"),
+        "--namespace",
+        NS,
+        "--create-namespace",
+        "--set",
+        "replicaCount=2",
+        "--wait=false",
+    ]);
+    let mut first = OperatorProcess::start(&plane, "sluice", NS, "sluice-operator-a");
+    let second = OperatorProcess::start(&plane, "sluice", NS, "sluice-operator-b");
+    let holder = eventually("an operator holds the Lease", ACT_TIMEOUT, || {
+        lease_holder(&plane, NS, "sluice")
+    })
+    .await;
+    assert_eq!(
+        holder, "sluice-operator-a",
+        "the first replica started wins"
+    );
+
+    let example = support::repo_root().join("examples/messagequeue-small.yaml");
+    plane.kubectl_ok(&[
+        "apply",
+        "-n",
+        "default",
+        "-f",
+        example.to_str().expect("UTF-8"),
+    ]);
+    let made = eventually("the operator creates the children", ACT_TIMEOUT, || {
+        children(&plane, "default", "orders")
+    })
+    .await;
+    for kind in [
+        "statefulset.apps/orders",
+        "service/orders",
+        "service/orders-peers",
+    ] {
+        assert!(
+            made.iter().any(|m| m == kind),
+            "{kind} missing from {made:?}"
+        );
+    }
+    // The real StatefulSet controller acts on what the operator wrote.
+    eventually(
+        "the StatefulSet controller creates pod orders-0",
+        ACT_TIMEOUT,
+        || {
+            plane
+                .kubectl(&["get", "pod", "orders-0", "-n", "default"])
+                .status
+                .success()
+                .then_some(())
+        },
+    )
+    .await;
+
+    first.component.stop();
+    first.assert_never_forbidden();
+    eventually("the standby takes the Lease", ACT_TIMEOUT, || {
+        lease_holder(&plane, NS, "sluice").filter(|h| h == "sluice-operator-b")
+    })
+    .await;
+    // The new holder reconciles: a deleted child comes back.
+    plane.kubectl_ok(&["delete", "configmap", "orders-config", "-n", "default"]);
+    eventually(
+        "the new holder recreates the ConfigMap",
+        ACT_TIMEOUT,
+        || {
+            plane
+                .kubectl(&["get", "configmap", "orders-config", "-n", "default"])
+                .status
+                .success()
+                .then_some(())
+        },
+    )
+    .await;
+    second.assert_never_forbidden();
+}
+
+/// `helm install` scoped to one namespace (Role and RoleBinding only): the operator reconciles
+/// MessageQueues there with no cluster-wide grant, and leaves other namespaces alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_scoped_install_reconciles_only_its_namespace() {
+    const NS: &str = "team-a";
+    let plane = ControlPlane::start().await;
+    let chart = support::repo_root().join("charts/sluice");
+    plane.helm_ok(&[
+        "install",
+        "sluice",
+        chart.to_str().expect("UTF-8"),
+        "--namespace",
+        NS,
+        "--create-namespace",
+        "--set",
+        &format!("watchNamespace={NS}"),
+        "--wait=false",
+    ]);
+    let cluster_roles = plane.kubectl_ok(&["get", "clusterrolebinding", "-o", "name"]);
+    assert!(
+        !cluster_roles.contains("sluice"),
+        "a namespace-scoped install binds no ClusterRole: {cluster_roles}"
+    );
+    let operator = OperatorProcess::start(&plane, "sluice", NS, "sluice-operator-a");
+    plane.kubectl_ok(&["create", "namespace", "team-b"]);
+    let example = support::repo_root().join("examples/messagequeue-small.yaml");
+    for ns in [NS, "team-b"] {
+        plane.kubectl_ok(&["apply", "-n", ns, "-f", example.to_str().expect("UTF-8")]);
+    }
+    eventually(
+        "the operator creates the children in its namespace",
+        ACT_TIMEOUT,
+        || children(&plane, NS, "orders"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        children(&plane, "team-b", "orders"),
+        None,
+        "another namespace is left alone"
+    );
+    operator.assert_never_forbidden();
+}
