@@ -1,14 +1,14 @@
 # Sluice developer commands. `make verify` is the read-only gate CI runs unchanged;
 # `make fix` is its mutating twin.
-.PHONY: help verify tools fix fmt-check clippy test foreign crds local bench
+.PHONY: help verify tools control-plane fix fmt-check clippy test foreign crds local bench
 
 CARGO ?= cargo
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-verify: ## the CI gate: tools, formatting, lints, all tests, the foreign client (read-only)
-	@for stage in tools fmt-check clippy test foreign; do \
+verify: ## the CI gate: tools, control plane, formatting, lints, all tests, the foreign client (read-only)
+	@for stage in tools control-plane fmt-check clippy test foreign; do \
 	  start=$$(date +%s); \
 	  $(MAKE) --no-print-directory $$stage || exit 1; \
 	  echo "== make $$stage took $$(( $$(date +%s) - start )) s"; \
@@ -16,6 +16,9 @@ verify: ## the CI gate: tools, formatting, lints, all tests, the foreign client 
 
 tools: ## install helm, kubectl, kubernetes-validate and Python grpcio if missing (idempotent)
 	.ci/install-tools
+
+control-plane: ## build (once, then cached) the test Kubernetes control plane from its Go modules
+	tests/control-plane/build >/dev/null
 
 fmt-check: ## rustfmt in check mode
 	$(CARGO) fmt --all -- --check
