@@ -14,6 +14,10 @@ use real_cluster::ControlPlane;
 use real_cluster::process::{Component, free_port};
 use serde_json::{Value, json};
 
+/// Keeps the chart's operator pod off the process kubelet's node: the test runs its container
+/// as an [`OperatorProcess`] instead (kube-rs reads an in-cluster token from a fixed path that
+/// a process cannot be given per pod).
+const OFF_THE_NODE: &str = "nodeSelector.sluice\\.dev/operator-runs=as-a-test-process";
 /// How long a controller may take to act on a change.
 const ACT_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -407,6 +411,8 @@ async fn helm_install_runs_the_operator_with_the_charts_rbac_and_lease() {
         "--set",
         "replicaCount=2",
         "--wait=false",
+        "--set",
+        OFF_THE_NODE,
     ]);
     let mut first = OperatorProcess::start(&plane, "sluice", NS, "sluice-operator-a");
     let second = OperatorProcess::start(&plane, "sluice", NS, "sluice-operator-b");
@@ -495,6 +501,8 @@ async fn a_namespace_scoped_install_reconciles_only_its_namespace() {
         "--set",
         &format!("watchNamespace={NS}"),
         "--wait=false",
+        "--set",
+        OFF_THE_NODE,
     ]);
     let cluster_roles = plane.kubectl_ok(&["get", "clusterrolebinding", "-o", "name"]);
     assert!(
@@ -520,4 +528,100 @@ async fn a_namespace_scoped_install_reconciles_only_its_namespace() {
         "another namespace is left alone"
     );
     operator.assert_never_forbidden();
+}
+
+/// `kubectl get mq` as a user reads it: the columns the CRD prints.
+fn get_mq(plane: &ControlPlane, namespace: &str, name: &str) -> String {
+    plane.kubectl_ok(&["get", "mq", name, "-n", namespace])
+}
+
+/// The whole path on the real control plane: `helm install`, `kubectl apply` of the small
+/// example; the operator (with the chart's token) creates the children, the real StatefulSet
+/// controller the pods, the scheduler binds them to the process kubelet's node, the claims are
+/// provisioned and bound, the agents form a cluster, and `kubectl get mq` prints READY 3/3.
+/// Messages published at one agent are consumed through another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_small_example_becomes_a_ready_three_agent_cluster() {
+    const NS: &str = "sluice-system";
+    let plane = ControlPlane::start().await;
+    let (kubelet, _provisioner) = plane.start_node().await;
+    let chart = support::repo_root().join("charts/sluice");
+    plane.helm_ok(&[
+        "install",
+        "sluice",
+        chart.to_str().expect("UTF-8"),
+        "--namespace",
+        NS,
+        "--create-namespace",
+        "--wait=false",
+        "--set",
+        OFF_THE_NODE,
+    ]);
+    let operator = OperatorProcess::start(&plane, "sluice", NS, "sluice-operator-a");
+    let example = support::repo_root().join("examples/messagequeue-small.yaml");
+    plane.kubectl_ok(&[
+        "apply",
+        "-n",
+        "default",
+        "-f",
+        example.to_str().expect("UTF-8"),
+    ]);
+    let table = eventually(
+        "kubectl get mq shows READY 3/3",
+        Duration::from_secs(180),
+        || {
+            let table = get_mq(&plane, "default", "orders");
+            table.contains("3/3").then_some(table)
+        },
+    )
+    .await;
+    eprintln!("{table}");
+    let describe = plane.kubectl_ok(&["describe", "mq", "orders", "-n", "default"]);
+    assert!(
+        describe.contains("Conditions:") && describe.contains("Ready"),
+        "{describe}"
+    );
+    assert!(describe.contains("Events:"), "{describe}");
+
+    let endpoints: Vec<String> = (0..3)
+        .map(|i| {
+            let ip = kubelet
+                .address("default", &format!("orders-{i}"))
+                .expect("pod address");
+            format!("http://{ip}:7070")
+        })
+        .collect();
+    let client = sluice_client::Client::connect_any(&endpoints[..1])
+        .await
+        .expect("connect");
+    let payloads: Vec<Vec<u8>> = (0..100).map(|i| format!("m-{i}").into_bytes()).collect();
+    let messages = payloads
+        .iter()
+        .map(|p| sluice_proto_message(p))
+        .collect::<Vec<_>>();
+    let confirms = client.publish("orders", messages).await.expect("publish");
+    assert!(confirms.iter().all(|c| c.code == 0), "{confirms:?}");
+    let other = sluice_client::Client::connect_any(&endpoints[2..])
+        .await
+        .expect("connect");
+    let mut consumer = other.subscribe("orders", 100).await.expect("subscribe");
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < payloads.len() {
+        let delivery = tokio::time::timeout(Duration::from_secs(20), consumer.next())
+            .await
+            .expect("a delivery within 20 s")
+            .expect("no error")
+            .expect("not ended");
+        seen.insert(delivery.message.expect("message").payload);
+        consumer.ack(delivery.tag.expect("tag")).expect("ack");
+    }
+    consumer.flush().await.expect("acks durable");
+    operator.assert_never_forbidden();
+}
+
+fn sluice_proto_message(payload: &[u8]) -> sluice_client::proto::Message {
+    sluice_client::proto::Message {
+        payload: payload.to_vec(),
+        ..Default::default()
+    }
 }

@@ -526,23 +526,5 @@ impl Drop for Kubelet {
 
 /// The readiness probe: `grpc.health.v1.Health/Check` on the pod's client port.
 async fn is_serving(i: i32) -> bool {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
-    let endpoint = format!("http://{}:{GRPC_PORT}", pod_ip(i));
-    let Ok(channel) = tonic::transport::Endpoint::from_shared(endpoint).map(|e| {
-        e.connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(2))
-    }) else {
-        return false;
-    };
-    let Ok(channel) = channel.connect().await else {
-        return false;
-    };
-    HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+    crate::support::grpc_serving(&format!("http://{}:{GRPC_PORT}", pod_ip(i))).await
 }

@@ -9,14 +9,16 @@
 //! - **Authorization `Node,RBAC`**, the default admission plugins plus `NodeRestriction` and the
 //!   two webhook plugins, service-account tokens signed with the harness's key.
 //! - **Controllers** as a cluster runs them, each with its own service account
-//!   (`--use-service-account-credentials`); node lifecycle is left out (the process kubelet
-//!   has no heartbeat to miss).
+//!   (`--use-service-account-credentials`); the process kubelet renews its node's Lease like a
+//!   kubelet, so node lifecycle runs too.
 //!
 //! When a test fails, dropping the [`ControlPlane`] prints every component's log tail.
 
 pub mod binaries;
+pub mod kubelet;
 pub mod pki;
 pub mod process;
+pub mod provisioner;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -46,6 +48,9 @@ const CONTROLLERS: &[&str] = &[
     "persistentvolume-binder-controller",
     "persistentvolume-expander-controller",
     "disruption-controller",
+    // Removes the not-ready taint admission puts on a new Node once it reports Ready, and
+    // watches the node's Lease.
+    "node-lifecycle-controller",
 ];
 
 /// A running control plane and the files its clients need.
@@ -178,6 +183,21 @@ impl ControlPlane {
         path
     }
 
+    /// Registers the node and starts its process kubelet (with the node's own identity) and the
+    /// default StorageClass's provisioner.
+    pub async fn start_node(&self) -> (kubelet::ProcessKubelet, provisioner::Provisioner) {
+        let node = self.identity_kubeconfig(
+            "node",
+            &format!("system:node:{}", kubelet::NODE),
+            &["system:nodes"],
+        );
+        let kubelet =
+            kubelet::ProcessKubelet::start(client_from(&node).await, self.dir.path()).await;
+        let provisioner =
+            provisioner::Provisioner::start(self.admin().await, self.dir.path()).await;
+        (kubelet, provisioner)
+    }
+
     /// A client of the cluster admin.
     pub async fn admin(&self) -> kube::Client {
         client_from(&self.admin_kubeconfig).await
@@ -259,6 +279,25 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            // What the API holds, as a user would look at it.
+            for args in [
+                &[
+                    "get",
+                    "nodes,pods,statefulsets,pvc,pv,mq",
+                    "-A",
+                    "-o",
+                    "wide",
+                ][..],
+                &["get", "events", "-A", "--sort-by=.lastTimestamp"][..],
+            ] {
+                let out = self.kubectl(args);
+                eprintln!(
+                    "---- kubectl {} ----\n{}{}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
             for component in &self.components {
                 eprintln!(
                     "---- {} (last {TAIL_LINES} lines of {}) ----\n{}",
@@ -348,7 +387,7 @@ fn etcd_args(root: &Path, pki: &Pki, port: u16, peer: u16) -> Vec<String> {
         "--client-cert-auth=true".into(),
         // The tests prove the API server's behaviour, not etcd's durability: skip its fsyncs.
         "--unsafe-no-fsync=true".into(),
-        "--log-level=warn".into(),
+        "--log-level=error".into(),
     ]
 }
 

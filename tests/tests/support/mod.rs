@@ -94,3 +94,27 @@ pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     );
     dir.join(bin)
 }
+
+/// The gRPC readiness probe: `grpc.health.v1.Health/Check` at `endpoint` (`http://ip:port`)
+/// answers SERVING.
+pub async fn grpc_serving(endpoint: &str) -> bool {
+    use std::time::Duration;
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let Ok(channel) = tonic::transport::Endpoint::from_shared(endpoint.to_owned()).map(|e| {
+        e.connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(2))
+    }) else {
+        return false;
+    };
+    let Ok(channel) = channel.connect().await else {
+        return false;
+    };
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+}
