@@ -318,6 +318,12 @@ impl OperatorProcess {
         OperatorProcess { component }
     }
 
+    /// How many reconciles it has logged (at debug).
+    fn reconciles(&self) -> usize {
+        let log = std::fs::read_to_string(&self.component.log).unwrap_or_default();
+        log.lines().filter(|l| l.contains("\"reconciled\"")).count()
+    }
+
     /// Fails the test when the operator was refused anything by RBAC.
     fn assert_never_forbidden(&self) {
         let log = std::fs::read_to_string(&self.component.log).unwrap_or_default();
@@ -410,6 +416,9 @@ async fn helm_install_runs_the_operator_with_the_charts_rbac_and_lease() {
         "--create-namespace",
         "--set",
         "replicaCount=2",
+        // The operator logs each reconcile at debug.
+        "--set",
+        "logging.level=info\\,sluice_operator=debug",
         "--wait=false",
         "--set",
         OFF_THE_NODE,
@@ -460,6 +469,8 @@ async fn helm_install_runs_the_operator_with_the_charts_rbac_and_lease() {
         },
     )
     .await;
+
+    server_side_apply_converges(&plane, &first).await;
 
     first.component.stop();
     first.assert_never_forbidden();
@@ -528,6 +539,116 @@ async fn a_namespace_scoped_install_reconciles_only_its_namespace() {
         "another namespace is left alone"
     );
     operator.assert_never_forbidden();
+}
+
+/// The children only the operator writes, each with its `resourceVersion` (the StatefulSet,
+/// whose status its controller updates, with its `generation`).
+fn child_versions(plane: &ControlPlane) -> String {
+    let only_operator = plane.kubectl_ok(&[
+        "get",
+        "serviceaccount/orders-agent",
+        "configmap/orders-config",
+        "service/orders",
+        "service/orders-peers",
+        "networkpolicy/orders",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={range .items[*]}{.kind}/{.metadata.name}={.metadata.resourceVersion} {end}",
+    ]);
+    let statefulset = plane.kubectl_ok(&[
+        "get",
+        "statefulset/orders",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.metadata.generation}",
+    ]);
+    format!("{only_operator}StatefulSet/orders@{statefulset}")
+}
+
+/// Server-side apply as the operator uses it, against the real API server's merge: a
+/// reconcile of an unchanged MessageQueue writes nothing (every child's resourceVersion
+/// stays), and a field changed by hand on a child is put back at the next reconcile.
+async fn server_side_apply_converges(plane: &ControlPlane, operator: &OperatorProcess) {
+    let before = child_versions(plane);
+    for touch in ["1", "2"] {
+        let reconciles = operator.reconciles();
+        plane.kubectl_ok(&[
+            "annotate",
+            "--overwrite",
+            "mq",
+            "orders",
+            "-n",
+            "default",
+            &format!("sluice.dev/test-touch={touch}"),
+        ]);
+        eventually(
+            "the operator reconciles the touched MessageQueue",
+            ACT_TIMEOUT,
+            || (operator.reconciles() > reconciles).then_some(()),
+        )
+        .await;
+    }
+    assert_eq!(
+        child_versions(plane),
+        before,
+        "a reconcile with nothing to change wrote"
+    );
+
+    let configmap: Value = serde_json::from_str(&plane.kubectl_ok(&[
+        "get",
+        "configmap",
+        "orders-config",
+        "-n",
+        "default",
+        "-o",
+        "json",
+    ]))
+    .expect("JSON");
+    let (key, value) = configmap["data"]
+        .as_object()
+        .and_then(|d| d.iter().next())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .expect("the ConfigMap has data");
+    let tampered = json!({"data": {key.clone(): "changed by hand"}}).to_string();
+    plane.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "orders-config",
+        "-n",
+        "default",
+        "--type=merge",
+        "-p",
+        &tampered,
+    ]);
+    plane.kubectl_ok(&[
+        "annotate",
+        "--overwrite",
+        "mq",
+        "orders",
+        "-n",
+        "default",
+        "sluice.dev/test-touch=3",
+    ]);
+    eventually(
+        "the operator puts the hand-changed field back",
+        ACT_TIMEOUT,
+        || {
+            let out = plane.kubectl_ok(&[
+                "get",
+                "configmap",
+                "orders-config",
+                "-n",
+                "default",
+                "-o",
+                "json",
+            ]);
+            let now: Value = serde_json::from_str(&out).ok()?;
+            (now["data"][&key] == value).then_some(())
+        },
+    )
+    .await;
 }
 
 /// `kubectl get mq` as a user reads it: the columns the CRD prints.
