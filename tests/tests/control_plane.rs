@@ -660,7 +660,8 @@ fn get_mq(plane: &ControlPlane, namespace: &str, name: &str) -> String {
 /// example; the operator (with the chart's token) creates the children, the real StatefulSet
 /// controller the pods, the scheduler binds them to the process kubelet's node, the claims are
 /// provisioned and bound, the agents form a cluster, and `kubectl get mq` prints READY 3/3.
-/// Messages published at one agent are consumed through another.
+/// Messages published at one agent are consumed through another; deleting the MessageQueue
+/// garbage-collects its children and keeps its claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_small_example_becomes_a_ready_three_agent_cluster() {
     const NS: &str = "sluice-system";
@@ -737,6 +738,33 @@ async fn the_small_example_becomes_a_ready_three_agent_cluster() {
         consumer.ack(delivery.tag.expect("tag")).expect("ack");
     }
     consumer.flush().await.expect("acks durable");
+    drop(consumer);
+
+    // Deleting the MessageQueue: the garbage collector removes its children through their
+    // owner references (the pods with the StatefulSet, their processes stopped by the
+    // kubelet); the claims stay, as the README documents.
+    plane.kubectl_ok(&["delete", "mq", "orders", "-n", "default", "--wait=false"]);
+    eventually("the children are garbage-collected", ACT_TIMEOUT, || {
+        let left = plane.kubectl_ok(&[
+            "get",
+            "statefulset,pod,service,configmap,serviceaccount,poddisruptionbudget",
+            "-n",
+            "default",
+            "-l",
+            "app.kubernetes.io/instance=orders",
+            "-o",
+            "name",
+        ]);
+        left.trim().is_empty().then_some(())
+    })
+    .await;
+    let claims = plane.kubectl_ok(&["get", "pvc", "-n", "default", "-o", "name"]);
+    for i in 0..3 {
+        assert!(
+            claims.contains(&format!("persistentvolumeclaim/data-orders-{i}")),
+            "claim {i} is kept: {claims}"
+        );
+    }
     operator.assert_never_forbidden();
 }
 

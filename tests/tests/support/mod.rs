@@ -69,7 +69,7 @@ pub fn read_repo_file(relative: &str) -> String {
 }
 
 /// A binary of another workspace package (cargo builds only this package's binaries for its
-/// tests), built once per call site with the test's own profile; its path.
+/// tests), built with the test's own profile (quick when it is up to date); its path.
 pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>
