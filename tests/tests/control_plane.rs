@@ -265,6 +265,18 @@ struct OperatorProcess {
 
 impl OperatorProcess {
     fn start(plane: &ControlPlane, release: &str, namespace: &str, pod: &str) -> OperatorProcess {
+        Self::start_resolving(plane, release, namespace, pod, None)
+    }
+
+    /// [`OperatorProcess::start`] in a mount namespace whose `/etc/hosts` is `hosts` (the
+    /// process kubelet's cluster names), so the operator reaches agents by their DNS names.
+    fn start_resolving(
+        plane: &ControlPlane,
+        release: &str,
+        namespace: &str,
+        pod: &str,
+        hosts: Option<&std::path::Path>,
+    ) -> OperatorProcess {
         let manifest = plane.helm_ok(&["get", "manifest", release, "-n", namespace]);
         let documents =
             support::manifest::parse_documents(&manifest, "helm get manifest").expect("YAML");
@@ -308,6 +320,26 @@ impl OperatorProcess {
         }
         env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
         let binary = support::workspace_binary("sluice-operator", "sluice-operator");
+        let (binary, args) = match hosts {
+            None => (binary, args),
+            Some(hosts) => {
+                let mut wrapped: Vec<String> = [
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+                ]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect();
+                wrapped.push(hosts.display().to_string());
+                wrapped.push(binary.display().to_string());
+                wrapped.extend(args);
+                (std::path::PathBuf::from("unshare"), wrapped)
+            }
+        };
         let component = Component::start_with_env(
             &format!("operator-{release}-{pod}"),
             &binary,
@@ -679,7 +711,13 @@ async fn the_small_example_becomes_a_ready_three_agent_cluster() {
         "--set",
         OFF_THE_NODE,
     ]);
-    let operator = OperatorProcess::start(&plane, "sluice", NS, "sluice-operator-a");
+    let operator = OperatorProcess::start_resolving(
+        &plane,
+        "sluice",
+        NS,
+        "sluice-operator-a",
+        Some(kubelet.hosts_file()),
+    );
     let example = support::repo_root().join("examples/messagequeue-small.yaml");
     plane.kubectl_ok(&[
         "apply",
@@ -723,6 +761,21 @@ async fn the_small_example_becomes_a_ready_three_agent_cluster() {
         .collect::<Vec<_>>();
     let confirms = client.publish("orders", messages).await.expect("publish");
     assert!(confirms.iter().all(|c| c.code == 0), "{confirms:?}");
+    // The operator reads the agents through the client Service's and pods' DNS names: the
+    // BACKLOG column shows what was published.
+    eventually(
+        "kubectl get mq shows BACKLOG 100",
+        Duration::from_secs(90),
+        || {
+            let status: Value = serde_json::from_str(
+                &plane.kubectl_ok(&["get", "mq", "orders", "-n", "default", "-o", "json"]),
+            )
+            .ok()?;
+            (status["status"]["backlog"] == json!(100)).then_some(())
+        },
+    )
+    .await;
+    eprintln!("{}", get_mq(&plane, "default", "orders"));
     let other = sluice_client::Client::connect_any(&endpoints[2..])
         .await
         .expect("connect");

@@ -56,6 +56,9 @@ struct State {
     pods: BTreeMap<String, Running>,
     /// Addresses per `namespace/pod`.
     addresses: BTreeMap<String, Ipv4Addr>,
+    /// Pod DNS names (`<pod>.<subdomain>.<ns>.svc.<domain>`) mentioned or served, with their
+    /// addresses.
+    pod_names: BTreeMap<String, Ipv4Addr>,
     /// Logs of containers that ended, printed when a test fails.
     ended: Vec<PathBuf>,
 }
@@ -78,6 +81,7 @@ struct Running {
 /// The node and its kubelet loop; stops every pod when dropped.
 pub struct ProcessKubelet {
     state: Arc<Mutex<State>>,
+    hosts: PathBuf,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -92,6 +96,8 @@ impl ProcessKubelet {
         register(&client).await;
         let state = Arc::new(Mutex::new(State::default()));
         let root = root.to_path_buf();
+        let hosts = root.join("hosts");
+        write_hosts(&hosts, &BTreeMap::new());
         let task = tokio::spawn({
             let state = state.clone();
             async move {
@@ -106,11 +112,22 @@ impl ProcessKubelet {
                     if let Err(e) = sync(&client, &state, &root).await {
                         eprintln!("kubelet: sync failed: {e}");
                     }
+                    if let Err(e) = publish_names(&client, &state, &root.join("hosts")).await {
+                        eprintln!("kubelet: cluster names: {e}");
+                    }
                     tokio::time::sleep(SYNC_PERIOD).await;
                 }
             }
         });
-        ProcessKubelet { state, task }
+        ProcessKubelet { state, hosts, task }
+    }
+
+    /// A hosts file (kept current) that resolves the cluster's DNS names as the emulated
+    /// cluster DNS would: each pod's stable name to its address, each Service with a selector to
+    /// one ready pod behind it (there is no kube-proxy). Processes outside the node (the
+    /// operator) see it as their `/etc/hosts` in a mount namespace of their own.
+    pub fn hosts_file(&self) -> &Path {
+        &self.hosts
     }
 
     /// The address of `namespace/pod`, if it was allocated.
@@ -431,6 +448,13 @@ async fn start(
     let name = pod.metadata.name.clone().unwrap_or_default();
     let spec = pod.spec.as_ref().ok_or("no spec")?;
     let ip = address(state, &namespace, &name);
+    if let Some(subdomain) = &spec.subdomain {
+        let host = spec.hostname.clone().unwrap_or_else(|| name.clone());
+        lock(state).pod_names.insert(
+            format!("{host}.{subdomain}.{namespace}.svc.{CLUSTER_DOMAIN}"),
+            ip,
+        );
+    }
     let dir = root.join("pods").join(&namespace).join(&name);
     let volumes = volumes(client, pod, &dir).await?;
     let container = &spec.containers[0];
@@ -483,6 +507,56 @@ async fn start(
         argv,
         env,
     })
+}
+
+/// Rewrites the hosts file from the pod names and the Services' ready pods.
+async fn publish_names(
+    client: &kube::Client,
+    state: &Arc<Mutex<State>>,
+    hosts: &Path,
+) -> Result<(), String> {
+    use k8s_openapi::api::core::v1::Service;
+    let services: Api<Service> = Api::all(client.clone());
+    let services = services
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| format!("list services: {e}"))?;
+    let st = lock(state);
+    let mut names: BTreeMap<String, Ipv4Addr> = st.pod_names.clone();
+    for service in services.items {
+        let namespace = service.metadata.namespace.clone().unwrap_or_default();
+        let name = service.metadata.name.clone().unwrap_or_default();
+        let Some(selector) = service.spec.as_ref().and_then(|s| s.selector.clone()) else {
+            continue;
+        };
+        let ready = st.pods.values().find(|r| {
+            r.ready
+                && r.pod.metadata.namespace.as_deref() == Some(namespace.as_str())
+                && selector
+                    .iter()
+                    .all(|(k, v)| r.pod.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
+        });
+        if let Some(running) = ready {
+            names.insert(
+                format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}"),
+                running.ip,
+            );
+        }
+    }
+    drop(st);
+    write_hosts(hosts, &names);
+    Ok(())
+}
+
+/// Writes `names` as a hosts file, in place (a bind mount of it sees the new content).
+fn write_hosts(path: &Path, names: &BTreeMap<String, Ipv4Addr>) {
+    let mut text = String::from("127.0.0.1 localhost\n::1 localhost\n");
+    for (name, ip) in names {
+        text.push_str(&format!("{ip} {name}\n"));
+    }
+    if std::fs::read_to_string(path).ok().as_deref() != Some(text.as_str()) {
+        std::fs::write(path, text).expect("write the hosts file");
+    }
 }
 
 /// The workspace binary an image or command names.
@@ -653,7 +727,11 @@ fn resolve_name(
     let parts: Vec<&str> = base.split('.').collect();
     match parts.as_slice() {
         // <pod>.<subdomain>.<namespace>: the pod's own address.
-        [pod, _subdomain, ns] => Some(address(state, ns, pod).to_string()),
+        [pod, _subdomain, ns] => {
+            let ip = address(state, ns, pod);
+            lock(state).pod_names.insert(name.to_owned(), ip);
+            Some(ip.to_string())
+        }
         // <service>.<namespace>: one ready endpoint.
         [service, ns] if *ns == namespace => service_endpoint(slices, service),
         _ => None,
