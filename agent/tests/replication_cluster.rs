@@ -102,12 +102,10 @@ impl Replica {
             None,
             Some(dir.join("raft")),
         );
-        let mut store = ReplicatedLog::open(
-            log.clone(),
-            MetaFile::new(dir.join("raft")),
-            state_machine.purge_floor(),
-        )
-        .expect("open the raft meta");
+        let meta = MetaFile::new(dir.join("raft"));
+        meta.create_dir().expect("create the raft meta directory");
+        let mut store = ReplicatedLog::open(log.clone(), meta, state_machine.purge_floor())
+            .expect("open the raft meta");
         let purged = store
             .get_log_state()
             .await

@@ -94,8 +94,9 @@ async fn single_node(dir: &std::path::Path) -> sluice_agent::replication::Raft {
         dedup_window_ms: 0,
     };
     let machine = QueueStateMachine::new(config, log.clone());
-    let store = ReplicatedLog::open(log, MetaFile::new(dir.join("raft")), machine.purge_floor())
-        .expect("open meta");
+    let meta = MetaFile::new(dir.join("raft"));
+    meta.create_dir().expect("create the raft meta directory");
+    let store = ReplicatedLog::open(log, meta, machine.purge_floor()).expect("open meta");
     let raft_config = openraft::Config::default().validate().expect("config");
     Raft::new(
         1,

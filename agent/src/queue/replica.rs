@@ -400,6 +400,8 @@ pub async fn open(
         config,
         log.first_index(),
     )));
+    let meta = crate::replication::meta::MetaFile::new(&setup.meta_dir);
+    meta.create_dir()?;
     let status = watch::Sender::new(ReplicaStatus::default());
     let machine = QueueStateMachine::shared(
         config,
@@ -408,11 +410,8 @@ pub async fn open(
         Some(status.clone()),
         Some(setup.meta_dir.clone()),
     );
-    let mut store = crate::replication::ReplicatedLog::open(
-        log.clone(),
-        crate::replication::meta::MetaFile::new(&setup.meta_dir),
-        machine.purge_floor(),
-    )?;
+    let mut store =
+        crate::replication::ReplicatedLog::open(log.clone(), meta, machine.purge_floor())?;
     // Everything up to the saved commit hint (or the purge point, which is committed too) is
     // replayed here; openraft re-applies only what follows.
     let purged = openraft::storage::RaftLogStorage::get_log_state(&mut store)

@@ -49,9 +49,21 @@ pub struct MetaFile {
 }
 
 impl MetaFile {
-    /// The meta file inside `dir` (created on first save).
+    /// The meta file inside `dir`, which must exist when the file is saved (see
+    /// [`MetaFile::create_dir`]).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self { dir: dir.into() }
+    }
+
+    /// Creates the file's directory. Done once, when a replica is opened: a save never
+    /// creates it, so a late write (a vote or snapshot saved while a removed replica's Raft
+    /// stops) cannot bring back a directory that was deleted with the replica.
+    pub fn create_dir(&self) -> Result<(), ReplicaMetaError> {
+        fs::create_dir_all(&self.dir).map_err(|source| ReplicaMetaError::Io {
+            op: "create",
+            path: self.dir.clone(),
+            source,
+        })
     }
 
     /// Path of the file.
@@ -97,6 +109,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = MetaFile::new(dir.path().join("p0"));
         assert_eq!(file.load().expect("load"), ReplicaMeta::default());
+        file.create_dir().expect("create the directory");
         let meta = ReplicaMeta {
             vote: Some(Vote {
                 term: 3,
