@@ -316,6 +316,8 @@ impl Drop for ControlPlane {
 
 /// A client from a kubeconfig file.
 pub async fn client_from(kubeconfig: &Path) -> kube::Client {
+    // Already installed by an earlier client: nothing to do.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = kube::config::Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
     let config =
         kube::Config::from_custom_kubeconfig(config, &kube::config::KubeConfigOptions::default())
