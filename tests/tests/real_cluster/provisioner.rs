@@ -150,23 +150,7 @@ async fn pass(client: &kube::Client, root: &Path) -> Result<(), kube::Error> {
     Ok(())
 }
 
-/// A storage quantity in bytes (binary and decimal suffixes), for comparisons.
-fn bytes(quantity: &str) -> u128 {
-    let split = quantity
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(quantity.len());
-    let (number, suffix) = quantity.split_at(split);
-    let number: u128 = number.parse().unwrap_or(0);
-    let factor: u128 = match suffix {
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        _ => 1,
-    };
-    number * factor
+/// A storage quantity in bytes, parsed as the operator parses claim sizes (0 when unparsable).
+fn bytes(quantity: &str) -> u64 {
+    sluice_operator::units::bytes("storage", quantity).unwrap_or(0)
 }
