@@ -8,11 +8,14 @@
 mod real_cluster;
 mod support;
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use real_cluster::ControlPlane;
-use real_cluster::process::{Component, free_port};
+use real_cluster::operator::OperatorProcess;
+use real_cluster::{ControlPlane, eventually};
 use serde_json::{Value, json};
+use support::workload::{self, Ledger};
 
 /// Keeps the chart's operator pod off the process kubelet's node: the test runs its container
 /// as an [`OperatorProcess`] instead (kube-rs reads an in-cluster token from a fixed path that
@@ -257,145 +260,25 @@ async fn every_example_passes_a_server_side_dry_run() {
     }
 }
 
-/// One operator replica run as a process the way the chart's Deployment runs it: the
-/// Deployment's args and env, authenticated with a token of the chart's ServiceAccount.
-struct OperatorProcess {
-    component: Component,
-}
-
-impl OperatorProcess {
-    fn start(plane: &ControlPlane, release: &str, namespace: &str, pod: &str) -> OperatorProcess {
-        Self::start_resolving(plane, release, namespace, pod, None)
+/// `helm install sluice` of `charts/sluice` into `namespace` with `values` (`--set` pairs), the
+/// chart's operator pod kept off the node (see [`OFF_THE_NODE`]).
+fn install_chart(plane: &ControlPlane, namespace: &str, values: &[&str]) {
+    let chart = support::repo_root().join("charts/sluice");
+    let mut args = vec![
+        "install",
+        "sluice",
+        chart.to_str().expect("UTF-8"),
+        "--namespace",
+        namespace,
+        "--create-namespace",
+        "--wait=false",
+        "--set",
+        OFF_THE_NODE,
+    ];
+    for value in values {
+        args.extend(["--set", value]);
     }
-
-    /// [`OperatorProcess::start`] in a mount namespace whose `/etc/hosts` is `hosts` (the
-    /// process kubelet's cluster names), so the operator reaches agents by their DNS names.
-    fn start_resolving(
-        plane: &ControlPlane,
-        release: &str,
-        namespace: &str,
-        pod: &str,
-        hosts: Option<&std::path::Path>,
-    ) -> OperatorProcess {
-        let manifest = plane.helm_ok(&["get", "manifest", release, "-n", namespace]);
-        let documents =
-            support::manifest::parse_documents(&manifest, "helm get manifest").expect("YAML");
-        let deployment = documents
-            .iter()
-            .find(|d| d["kind"] == "Deployment")
-            .expect("the chart renders a Deployment");
-        let pod_spec = &deployment["spec"]["template"]["spec"];
-        let account = pod_spec["serviceAccountName"]
-            .as_str()
-            .expect("serviceAccountName");
-        let token =
-            plane.kubectl_ok(&["create", "token", account, "-n", namespace, "--duration=2h"]);
-        let kubeconfig = plane.token_kubeconfig(&format!("{release}-{pod}"), token.trim());
-        let container = &pod_spec["containers"][0];
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let args: Vec<String> = container["args"]
-            .as_array()
-            .expect("args")
-            .iter()
-            .map(|a| a.as_str().expect("string arg").to_owned())
-            .map(|a| {
-                // No pod network: the metrics listener binds loopback on a free port.
-                if a.starts_with("--http-listen=") {
-                    format!("--http-listen={metrics}")
-                } else {
-                    a
-                }
-            })
-            .collect();
-        let mut env = Vec::new();
-        for var in container["env"].as_array().into_iter().flatten() {
-            let name = var["name"].as_str().expect("env name").to_owned();
-            let value = match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-                Some("metadata.name") => pod.to_owned(),
-                Some("metadata.namespace") => namespace.to_owned(),
-                Some(other) => panic!("the operator's env uses fieldRef {other}, not emulated"),
-                None => var["value"].as_str().unwrap_or_default().to_owned(),
-            };
-            env.push((name, value));
-        }
-        env.push(("KUBECONFIG".into(), kubeconfig.display().to_string()));
-        let binary = support::workspace_binary("sluice-operator", "sluice-operator");
-        let (binary, args) = match hosts {
-            None => (binary, args),
-            Some(hosts) => {
-                let mut wrapped: Vec<String> = [
-                    "--mount",
-                    "--propagation",
-                    "private",
-                    "sh",
-                    "-c",
-                    "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
-                ]
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect();
-                wrapped.push(hosts.display().to_string());
-                wrapped.push(binary.display().to_string());
-                wrapped.extend(args);
-                (std::path::PathBuf::from("unshare"), wrapped)
-            }
-        };
-        let component = Component::start_with_env(
-            &format!("operator-{release}-{pod}"),
-            &binary,
-            &args,
-            &env,
-            &plane.dir.path().join("logs"),
-        );
-        OperatorProcess { component }
-    }
-
-    /// How many reconciles it has logged (at debug).
-    fn reconciles(&self) -> usize {
-        let log = std::fs::read_to_string(&self.component.log).unwrap_or_default();
-        log.lines().filter(|l| l.contains("\"reconciled\"")).count()
-    }
-
-    /// Fails the test when the operator was refused anything by RBAC.
-    fn assert_never_forbidden(&self) {
-        let log = std::fs::read_to_string(&self.component.log).unwrap_or_default();
-        let forbidden: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("forbidden") || l.contains("Forbidden") || l.contains(" 403"))
-            .collect();
-        assert!(
-            forbidden.is_empty(),
-            "the chart's RBAC refused the operator:\n{}",
-            forbidden.join("\n")
-        );
-    }
-}
-
-impl Drop for OperatorProcess {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "---- {} (last 60 lines) ----\n{}",
-                self.component.name,
-                self.component.tail(60)
-            );
-        }
-    }
-}
-
-/// Polls `check` until it returns `Some`, failing after `timeout` with `what`.
-async fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    plane.helm_ok(&args);
 }
 
 fn lease_holder(plane: &ControlPlane, namespace: &str, lease: &str) -> Option<String> {
@@ -438,23 +321,15 @@ fn children(plane: &ControlPlane, namespace: &str, name: &str) -> Option<Vec<Str
 async fn helm_install_runs_the_operator_with_the_charts_rbac_and_lease() {
     const NS: &str = "sluice-system";
     let plane = ControlPlane::start().await;
-    let chart = support::repo_root().join("charts/sluice");
-    plane.helm_ok(&[
-        "install",
-        "sluice",
-        chart.to_str().expect("UTF-8"),
-        "--namespace",
+    install_chart(
+        &plane,
         NS,
-        "--create-namespace",
-        "--set",
-        "replicaCount=2",
         // The operator logs each reconcile at debug.
-        "--set",
-        "logging.level=info\\,sluice_operator=debug",
-        "--wait=false",
-        "--set",
-        OFF_THE_NODE,
-    ]);
+        &[
+            "replicaCount=2",
+            "logging.level=info\\,sluice_operator=debug",
+        ],
+    );
     let mut first = OperatorProcess::start(&plane, "sluice", NS, "sluice-operator-a");
     let second = OperatorProcess::start(&plane, "sluice", NS, "sluice-operator-b");
     let holder = eventually("an operator holds the Lease", ACT_TIMEOUT, || {
@@ -533,20 +408,7 @@ async fn helm_install_runs_the_operator_with_the_charts_rbac_and_lease() {
 async fn a_namespace_scoped_install_reconciles_only_its_namespace() {
     const NS: &str = "team-a";
     let plane = ControlPlane::start().await;
-    let chart = support::repo_root().join("charts/sluice");
-    plane.helm_ok(&[
-        "install",
-        "sluice",
-        chart.to_str().expect("UTF-8"),
-        "--namespace",
-        NS,
-        "--create-namespace",
-        "--set",
-        &format!("watchNamespace={NS}"),
-        "--wait=false",
-        "--set",
-        OFF_THE_NODE,
-    ]);
+    install_chart(&plane, NS, &[&format!("watchNamespace={NS}")]);
     let cluster_roles = plane.kubectl_ok(&["get", "clusterrolebinding", "-o", "name"]);
     assert!(
         !cluster_roles.contains("sluice"),
@@ -699,18 +561,7 @@ async fn the_small_example_becomes_a_ready_three_agent_cluster() {
     const NS: &str = "sluice-system";
     let plane = ControlPlane::start().await;
     let (kubelet, _provisioner) = plane.start_node().await;
-    let chart = support::repo_root().join("charts/sluice");
-    plane.helm_ok(&[
-        "install",
-        "sluice",
-        chart.to_str().expect("UTF-8"),
-        "--namespace",
-        NS,
-        "--create-namespace",
-        "--wait=false",
-        "--set",
-        OFF_THE_NODE,
-    ]);
+    install_chart(&plane, NS, &[]);
     let operator = OperatorProcess::start_resolving(
         &plane,
         "sluice",
@@ -793,6 +644,64 @@ async fn the_small_example_becomes_a_ready_three_agent_cluster() {
     consumer.flush().await.expect("acks durable");
     drop(consumer);
 
+    // The producer-consumer example: Deployments (the real deployment and replica-set
+    // controllers) whose pods run the CLI image's shell loop and `sluice consume`, reaching the
+    // queue through the client Service's short name `orders:7070`.
+    let apps = support::repo_root().join("examples/producer-consumer.yaml");
+    plane.kubectl_ok(&[
+        "apply",
+        "-n",
+        "default",
+        "-f",
+        apps.to_str().expect("UTF-8"),
+    ]);
+    for deployment in ["orders-producer", "orders-consumer"] {
+        plane.kubectl_ok(&[
+            "wait",
+            "-n",
+            "default",
+            "--for=condition=Available",
+            &format!("deployment/{deployment}"),
+            "--timeout=120s",
+        ]);
+    }
+    let consumed = eventually(
+        "the example's consumers print orders 1 to 5",
+        Duration::from_secs(90),
+        || {
+            let pods = plane.kubectl_ok(&[
+                "get",
+                "pods",
+                "-n",
+                "default",
+                "-l",
+                "app.kubernetes.io/name=orders-consumer",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ]);
+            let printed: String = pods
+                .split_whitespace()
+                .filter_map(|pod| kubelet.log("default", pod))
+                .collect();
+            let lines: std::collections::BTreeSet<&str> = printed.lines().collect();
+            (1..=5)
+                .all(|i| lines.contains(format!("order {i}").as_str()))
+                .then(|| printed.clone())
+        },
+    )
+    .await;
+    assert!(
+        !consumed.contains("error"),
+        "the example's consumers reported errors:\n{consumed}"
+    );
+    plane.kubectl_ok(&[
+        "delete",
+        "-n",
+        "default",
+        "-f",
+        apps.to_str().expect("UTF-8"),
+    ]);
+
     // Deleting the MessageQueue: the garbage collector removes its children through their
     // owner references (the pods with the StatefulSet, their processes stopped by the
     // kubelet); the claims stay, as the README documents.
@@ -826,4 +735,211 @@ fn sluice_proto_message(payload: &[u8]) -> sluice_client::proto::Message {
         payload: payload.to_vec(),
         ..Default::default()
     }
+}
+
+/// The `controller-revision-hash` of each agent pod that exists and is Ready, and the
+/// StatefulSet's `updateRevision`.
+fn agent_revisions(plane: &ControlPlane) -> (Vec<(String, String)>, String) {
+    let pods: Value = serde_json::from_str(&plane.kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        "default",
+        "-l",
+        "app.kubernetes.io/instance=orders",
+        "-o",
+        "json",
+    ]))
+    .expect("JSON");
+    let ready = pods["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|pod| {
+            pod["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+        .map(|pod| {
+            let name = pod["metadata"]["name"].as_str().unwrap_or_default();
+            let revision = pod["metadata"]["labels"]["controller-revision-hash"]
+                .as_str()
+                .unwrap_or_default();
+            (name.to_owned(), revision.to_owned())
+        })
+        .collect();
+    let update = plane.kubectl_ok(&[
+        "get",
+        "statefulset",
+        "orders",
+        "-n",
+        "default",
+        "-o",
+        "jsonpath={.status.updateRevision}",
+    ]);
+    (ready, update)
+}
+
+/// Waits until exactly `agents` agent pods are Ready on the StatefulSet's update revision and
+/// `kubectl get mq` prints READY `agents/agents`; returns that revision.
+async fn await_agents(plane: &ControlPlane, agents: usize, what: &str) -> String {
+    eventually(what, DAY_TWO_TIMEOUT, || {
+        let (ready, update) = agent_revisions(plane);
+        let settled = ready.len() == agents
+            && ready.iter().all(|(_, r)| *r == update)
+            && get_mq(plane, "default", "orders").contains(&format!(" {agents}/{agents} "));
+        settled.then_some(update)
+    })
+    .await
+}
+
+/// How long one day-2 operation may take on the real controllers (a rolling restart hands
+/// off, stops and restarts three agents one at a time).
+const DAY_TWO_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Day 2 on the real controllers while a client publishes and consumes throughout: a change
+/// of the pod template (the operator restarts one pod at a time, each stop running the
+/// `preStop` hand-off), 3 → 5 → 3 agents (the real StatefulSet controller creates the pods and,
+/// after the operator's drain, deletes the leaving claims), and storage growth (the claims
+/// are expanded). Nothing confirmed is lost and no acked message comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn day_two_operations_run_through_the_real_controllers_under_load() {
+    const NS: &str = "sluice-system";
+    let plane = ControlPlane::start().await;
+    let (kubelet, _provisioner) = plane.start_node().await;
+    install_chart(&plane, NS, &[]);
+    let operator = OperatorProcess::start_resolving(
+        &plane,
+        "sluice",
+        NS,
+        "sluice-operator-a",
+        Some(kubelet.hosts_file()),
+    );
+    let example = support::repo_root().join("examples/messagequeue-small.yaml");
+    plane.kubectl_ok(&[
+        "apply",
+        "-n",
+        "default",
+        "-f",
+        example.to_str().expect("UTF-8"),
+    ]);
+    let first = await_agents(&plane, 3, "READY 3/3").await;
+
+    // The three agents that stay throughout: scale-in removes the highest ordinals.
+    let endpoints: Vec<String> = (0..3)
+        .map(|i| {
+            let ip = kubelet
+                .address("default", &format!("orders-{i}"))
+                .expect("pod address");
+            format!("http://{ip}:7070")
+        })
+        .collect();
+    let client = sluice_client::Client::connect_any(&endpoints)
+        .await
+        .expect("connect");
+    let ledger = Ledger::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = tokio::spawn(workload::publish(
+        client,
+        "orders".into(),
+        "k".into(),
+        ledger.clone(),
+        stop.clone(),
+    ));
+    let consumer = tokio::spawn(workload::consume(
+        endpoints.clone(),
+        "orders".into(),
+        ledger.clone(),
+        stop.clone(),
+    ));
+    let steady = Duration::from_secs(60);
+    ledger.await_confirms(200, steady).await;
+
+    // A pod-template change: every pod restarts onto the new revision, one at a time.
+    plane.kubectl_ok(&[
+        "patch",
+        "mq",
+        "orders",
+        "-n",
+        "default",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"resources":{"requests":{"cpu":"20m","memory":"64Mi"}}}}"#,
+    ]);
+    eventually(
+        "the template change makes a new revision",
+        ACT_TIMEOUT,
+        || (agent_revisions(&plane).1 != first).then_some(()),
+    )
+    .await;
+    await_agents(&plane, 3, "every agent restarted onto the new revision").await;
+    eprintln!("rolled: {:?}", ledger.summary());
+    ledger.await_confirms(200, steady).await;
+
+    // 3 → 5 → 3.
+    for (agents, what) in [(5, "scaled out to 5"), (3, "scaled in to 3")] {
+        plane.kubectl_ok(&[
+            "patch",
+            "mq",
+            "orders",
+            "-n",
+            "default",
+            "--type=merge",
+            "-p",
+            &json!({"spec": {"replicas": agents}}).to_string(),
+        ]);
+        await_agents(&plane, agents, what).await;
+        eprintln!("{what}: {:?}", ledger.summary());
+        ledger.await_confirms(200, steady).await;
+    }
+    eventually(
+        "the leaving agents' claims are deleted",
+        ACT_TIMEOUT,
+        || {
+            let claims = plane.kubectl_ok(&["get", "pvc", "-n", "default", "-o", "name"]);
+            (!claims.contains("data-orders-3") && !claims.contains("data-orders-4")).then_some(())
+        },
+    )
+    .await;
+
+    // Storage growth: every claim is expanded in place.
+    plane.kubectl_ok(&[
+        "patch",
+        "mq",
+        "orders",
+        "-n",
+        "default",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"storage":{"size":"2Gi"}}}"#,
+    ]);
+    eventually("every claim has 2Gi", DAY_TWO_TIMEOUT, || {
+        let sizes = plane.kubectl_ok(&[
+            "get",
+            "pvc",
+            "-n",
+            "default",
+            "-o",
+            "jsonpath={.items[*].status.capacity.storage}",
+        ]);
+        (sizes.split_whitespace().collect::<Vec<_>>() == ["2Gi"; 3]).then_some(())
+    })
+    .await;
+    ledger.await_confirms(200, steady).await;
+
+    stop.store(true, Ordering::Relaxed);
+    publisher.await.expect("publisher");
+    tokio::time::timeout(Duration::from_secs(120), consumer)
+        .await
+        .unwrap_or_else(|_| panic!("the consumer did not drain: {:?}", ledger.summary()))
+        .expect("consumer");
+    let summary = ledger.summary();
+    eprintln!(
+        "day 2 under load: confirmed {} consumed {} acked {} redelivered {}",
+        summary.confirmed, summary.consumed, summary.acked, summary.redeliveries
+    );
+    summary.assert_guarantees();
+    operator.assert_never_forbidden();
 }

@@ -17,13 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use e2e::pods::{Kubelet, LoopbackAddresses};
-use e2e::workload::{self, Ledger};
 use sluice_operator::agent_admin::{AgentAdmin, GrpcAgentAdmin};
 use sluice_operator::builders::{configmap, statefulset};
 use sluice_operator::crd::MessageQueue;
 use sluice_operator::day2::{self, Membership, Snapshot, Step, agents::AgentAddresses as _};
 use sluice_operator::names::Names;
 use sluice_operator::settings::Settings;
+use support::workload::{self, Ledger};
 
 /// Longest a day-2 operation may take to settle.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(120);
@@ -178,19 +178,7 @@ async fn the_statefulset_runs_as_a_cluster_and_survives_rolling_restart_scale_ou
         ledger.clone(),
         stop.clone(),
     ));
-    let wait_for_confirms = async |ledger: &Ledger, more: usize| {
-        let target = ledger.confirmed() + more;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while ledger.confirmed() < target {
-            assert!(
-                Instant::now() < deadline,
-                "publishing stalled at {}",
-                ledger.confirmed()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    wait_for_confirms(&ledger, 200).await;
+    ledger.await_confirms(200, Duration::from_secs(30)).await;
 
     // Phase 3: a template change rolls every pod, one at a time, highest first.
     mq = message_queue(3, "ghcr.io/sluice/agent:2");
@@ -199,7 +187,7 @@ async fn the_statefulset_runs_as_a_cluster_and_survives_rolling_restart_scale_ou
         steps,
         vec![Step::Restart(2), Step::Restart(1), Step::Restart(0)]
     );
-    wait_for_confirms(&ledger, 200).await;
+    ledger.await_confirms(200, Duration::from_secs(30)).await;
 
     // Phase 4: scale-out 3 -> 4.
     mq.spec.replicas = 4;
@@ -210,7 +198,7 @@ async fn the_statefulset_runs_as_a_cluster_and_survives_rolling_restart_scale_ou
     );
     assert_eq!(steps[1..], [Step::Add(3)]);
     assert_eq!(kubelet.replicas(), 4);
-    wait_for_confirms(&ledger, 200).await;
+    ledger.await_confirms(200, Duration::from_secs(30)).await;
 
     // Phase 5: scale-in 4 -> 3.
     mq.spec.replicas = 3;
@@ -230,7 +218,7 @@ async fn the_statefulset_runs_as_a_cluster_and_survives_rolling_restart_scale_ou
         "a preStop hand-off failed: {:?}",
         kubelet.pre_stops()
     );
-    wait_for_confirms(&ledger, 200).await;
+    ledger.await_confirms(200, Duration::from_secs(30)).await;
 
     // Phase 6: stop publishing, let the consumer drain, judge.
     stop.store(true, Ordering::Relaxed);

@@ -1,5 +1,5 @@
 //! Support of the StatefulSet end-to-end test: the pods of the operator's StatefulSet run as
-//! local processes ([`pods`]) and the client load with its ledger ([`workload`]).
+//! local processes ([`pods`]). Its client load is `support::workload`, shared with the
+//! control-plane test.
 
 pub mod pods;
-pub mod workload;

@@ -76,6 +76,8 @@ struct Running {
     pod: Pod,
     argv: Vec<String>,
     env: Vec<(String, String)>,
+    /// The hosts file of the pod's namespace, its `/etc/hosts`.
+    hosts: PathBuf,
 }
 
 /// The node and its kubelet loop; stops every pod when dropped.
@@ -112,7 +114,7 @@ impl ProcessKubelet {
                     if let Err(e) = sync(&client, &state, &root).await {
                         eprintln!("kubelet: sync failed: {e}");
                     }
-                    if let Err(e) = publish_names(&client, &state, &root.join("hosts")).await {
+                    if let Err(e) = publish_names(&client, &state, &root).await {
                         eprintln!("kubelet: cluster names: {e}");
                     }
                     tokio::time::sleep(SYNC_PERIOD).await;
@@ -136,6 +138,15 @@ impl ProcessKubelet {
             .addresses
             .get(&format!("{namespace}/{pod}"))
             .copied()
+    }
+
+    /// What the running container of `namespace/pod` has written so far.
+    pub fn log(&self, namespace: &str, pod: &str) -> Option<String> {
+        let path = lock(&self.state)
+            .pods
+            .get(&format!("{namespace}/{pod}"))
+            .map(|r| r.log.clone())?;
+        std::fs::read_to_string(path).ok()
     }
 
     /// Prints the last `lines` of every container log, ended ones included.
@@ -330,7 +341,7 @@ async fn sync(client: &kube::Client, state: &Arc<Mutex<State>>, root: &Path) -> 
         if restart_due {
             let mut st = lock(state);
             let running = st.pods.get_mut(&key).expect("running");
-            match spawn(&running.argv, &running.env, &running.log) {
+            match spawn(&running.argv, &running.env, &running.log, &running.hosts) {
                 Ok(child) => {
                     running.child = child;
                     running.restarts += 1;
@@ -492,7 +503,12 @@ async fn start(
         .collect();
     std::fs::create_dir_all(&dir).map_err(|e| format!("pod dir: {e}"))?;
     let log = dir.join(format!("{}.log", container.name));
-    let child = spawn(&argv, &env, &log)?;
+    let hosts = namespace_hosts(root, &namespace);
+    if !hosts.exists() {
+        let names = lock(state).pod_names.clone();
+        write_hosts(&hosts, &names);
+    }
+    let child = spawn(&argv, &env, &log, &hosts)?;
     eprintln!("kubelet: started {key} at {ip}: {}", argv.join(" "));
     Ok(Running {
         uid: pod.metadata.uid.clone().unwrap_or_default(),
@@ -506,14 +522,17 @@ async fn start(
         pod: pod.clone(),
         argv,
         env,
+        hosts,
     })
 }
 
-/// Rewrites the hosts file from the pod names and the Services' ready pods.
+/// Rewrites the hosts files from the pod names and the Services' ready pods: `root/hosts` with
+/// the fully qualified names, and one per namespace that has pods, which adds the short forms
+/// a pod's resolver search path would find (`<svc>`, `<svc>.<ns>`, `<svc>.<ns>.svc`).
 async fn publish_names(
     client: &kube::Client,
     state: &Arc<Mutex<State>>,
-    hosts: &Path,
+    root: &Path,
 ) -> Result<(), String> {
     use k8s_openapi::api::core::v1::Service;
     let services: Api<Service> = Api::all(client.clone());
@@ -523,6 +542,7 @@ async fn publish_names(
         .map_err(|e| format!("list services: {e}"))?;
     let st = lock(state);
     let mut names: BTreeMap<String, Ipv4Addr> = st.pod_names.clone();
+    let mut short: BTreeMap<String, BTreeMap<String, Ipv4Addr>> = BTreeMap::new();
     for service in services.items {
         let namespace = service.metadata.namespace.clone().unwrap_or_default();
         let name = service.metadata.name.clone().unwrap_or_default();
@@ -541,11 +561,34 @@ async fn publish_names(
                 format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}"),
                 running.ip,
             );
+            let aliases = short.entry(namespace.clone()).or_default();
+            for alias in [
+                name.clone(),
+                format!("{name}.{namespace}"),
+                format!("{name}.{namespace}.svc"),
+            ] {
+                aliases.insert(alias, running.ip);
+            }
         }
     }
+    let namespaces: std::collections::BTreeSet<String> = st
+        .pods
+        .values()
+        .filter_map(|r| r.pod.metadata.namespace.clone())
+        .collect();
     drop(st);
-    write_hosts(hosts, &names);
+    write_hosts(&root.join("hosts"), &names);
+    for namespace in namespaces {
+        let mut all = names.clone();
+        all.extend(short.remove(&namespace).unwrap_or_default());
+        write_hosts(&namespace_hosts(root, &namespace), &all);
+    }
     Ok(())
+}
+
+/// The hosts file of the pods of `namespace`.
+fn namespace_hosts(root: &Path, namespace: &str) -> PathBuf {
+    root.join(format!("hosts.{namespace}"))
 }
 
 /// Writes `names` as a hosts file, in place (a bind mount of it sees the new content).
@@ -565,7 +608,9 @@ fn image_binary(image: &str) -> &str {
     name.split([':', '@']).next().unwrap_or(name)
 }
 
-fn workspace_binary(command: &str) -> Result<PathBuf, String> {
+/// The program a command names: one of the workspace's binaries (built on first use), or the
+/// host's `/bin/sh` for a shell (the CLI image's busybox shell).
+fn program(command: &str) -> Result<PathBuf, String> {
     let name = Path::new(command)
         .file_name()
         .and_then(|n| n.to_str())
@@ -581,12 +626,28 @@ fn workspace_binary(command: &str) -> Result<PathBuf, String> {
             built.insert(name.to_owned(), path.clone());
             Ok(path)
         }
+        "sh" => Ok(PathBuf::from("/bin/sh")),
         other => Err(format!("{other} is not a binary of this workspace")),
     }
 }
 
-fn spawn(argv: &[String], env: &[(String, String)], log: &Path) -> Result<Child, String> {
-    let binary = workspace_binary(&argv[0])?;
+/// The directory on an image's `PATH` that holds its program (so a shell script in the CLI
+/// image can call `sluice`): the program's directory of the build.
+fn image_path(image: &str) -> Result<PathBuf, String> {
+    let binary = program(image)?;
+    Ok(binary.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// Starts the container's process in a mount namespace of its own whose `/etc/hosts` is
+/// `hosts`, output appended to `log`.
+fn spawn(
+    argv: &[String],
+    env: &[(String, String)],
+    log: &Path,
+    hosts: &Path,
+) -> Result<Child, String> {
+    let binary = program(&argv[0])?;
+    let (binary, args) = super::process::with_hosts_file(hosts, &binary, &argv[1..]);
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -594,7 +655,7 @@ fn spawn(argv: &[String], env: &[(String, String)], log: &Path) -> Result<Child,
         .map_err(|e| format!("open {}: {e}", log.display()))?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
     Command::new(binary)
-        .args(&argv[1..])
+        .args(&args)
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
@@ -625,7 +686,7 @@ async fn stop(state: &Arc<Mutex<State>>, key: String, mut running: Running) {
                 .map(|a| a.replace("0.0.0.0", &running.ip.to_string()))
                 .collect();
             // Like the kubelet, a failing hook is logged and the container stops anyway.
-            let outcome = workspace_binary(&argv[0]).and_then(|bin| {
+            let outcome = program(&argv[0]).and_then(|bin| {
                 Command::new(bin)
                     .args(&argv[1..])
                     .env_clear()
@@ -767,8 +828,14 @@ fn resolve_env(
     container: &Container,
     ip: Ipv4Addr,
 ) -> Result<Vec<(String, String)>, String> {
-    let mut resolved: Vec<(String, String)> =
-        vec![("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned())];
+    let image = image_binary(container.image.as_deref().unwrap_or_default());
+    let mut resolved: Vec<(String, String)> = vec![(
+        "PATH".to_owned(),
+        format!(
+            "{}:/usr/local/bin:/usr/bin:/bin",
+            image_path(image)?.display()
+        ),
+    )];
     for var in container.env.iter().flatten() {
         let value = match (&var.value, &var.value_from) {
             (Some(v), _) => expand(v, &resolved),

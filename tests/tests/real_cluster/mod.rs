@@ -16,6 +16,7 @@
 
 pub mod binaries;
 pub mod kubelet;
+pub mod operator;
 pub mod pki;
 pub mod process;
 pub mod provisioner;
@@ -47,6 +48,10 @@ const CONTROLLERS: &[&str] = &[
     "namespace-controller",
     "persistentvolume-binder-controller",
     "persistentvolume-expander-controller",
+    // Remove the protection finalizers once no pod uses a claim (no bound claim a volume):
+    // without them a claim the StatefulSet controller deletes on scale-in stays Terminating.
+    "persistentvolumeclaim-protection-controller",
+    "persistentvolume-protection-controller",
     "disruption-controller",
     // Removes the not-ready taint admission puts on a new Node once it reports Ready, and
     // watches the node's Lease.
@@ -418,4 +423,23 @@ fn apiserver_args(root: &Path, pki: &Pki, port: u16, etcd_port: u16) -> Vec<Stri
         "--allow-privileged=true".into(),
         "--profiling=false".into(),
     ]
+}
+
+/// Polls `check` until it returns `Some`, failing after `timeout` with `what`.
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }

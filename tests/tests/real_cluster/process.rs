@@ -99,3 +99,24 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free loopback port")
 }
+
+/// `binary args` run in a private mount namespace whose `/etc/hosts` is `hosts` (bind-mounted,
+/// so the file's later rewrites in place are seen): the process resolves the cluster's names
+/// as a pod would. `unshare` and `sh` exec, so the process keeps the pid signals go to.
+pub fn with_hosts_file(hosts: &Path, binary: &Path, args: &[String]) -> (PathBuf, Vec<String>) {
+    let mut wrapped: Vec<String> = [
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount --bind \"$0\" /etc/hosts && exec \"$@\"",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    wrapped.push(hosts.display().to_string());
+    wrapped.push(binary.display().to_string());
+    wrapped.extend(args.iter().cloned());
+    (PathBuf::from("unshare"), wrapped)
+}

@@ -1,6 +1,6 @@
-//! Helpers shared by the chart, manifest and image tests.
+//! Helpers shared by the test binaries.
 //!
-//! Each test binary (`chart`, `manifests`, `images`) uses a different subset of these helpers, so
+//! Each test binary (`chart`, `manifests`, `images`, `control_plane`, ...) uses a different subset of these helpers, so
 //! unused-item warnings in one binary say nothing about the others.
 #![allow(dead_code)]
 
@@ -11,6 +11,7 @@ pub mod kube_validate;
 pub mod manifest;
 pub mod operator_flags;
 pub mod rbac;
+pub mod workload;
 
 use std::path::{Path, PathBuf};
 

@@ -79,6 +79,21 @@ impl Ledger {
         self.book().confirmed.len()
     }
 
+    /// Waits until `more` keys beyond those confirmed now are confirmed; fails the test when
+    /// publishing stalls for `within`.
+    pub async fn await_confirms(&self, more: usize, within: Duration) {
+        let target = self.confirmed() + more;
+        let deadline = std::time::Instant::now() + within;
+        while self.confirmed() < target {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "publishing stalled at {} confirms",
+                self.confirmed()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Whether every confirmed key has been delivered.
     pub fn all_consumed(&self) -> bool {
         let b = self.book();
