@@ -1,6 +1,10 @@
 //! Server-side apply of what the operator owns: a MessageQueue's children and its status,
-//! always under the one [`FIELD_MANAGER`] and with `force`, so the operator takes back fields
-//! someone else changed (drift is repaired at the next pass) and owns nothing it does not set.
+//! always under the one [`FIELD_MANAGER`], so it owns nothing it does not set.
+//!
+//! Children are applied without `force`. A conflict with a field changed by hand is drift: the
+//! operator takes the field back (a second apply, forced). A conflict with another manager that
+//! applied the field is reported and left alone ([`crate::field_conflicts`]). The status is the
+//! operator's alone and always forced.
 
 use k8s_openapi::{NamespaceResourceScope, api::apps::v1::StatefulSet};
 use kube::{
@@ -8,11 +12,13 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use serde::{Serialize, de::DeserializeOwned};
+use tracing::info;
 
 use crate::{
     Error, FIELD_MANAGER, Result,
     builders::Children,
     crd::{MessageQueue, MessageQueueStatus},
+    field_conflicts,
 };
 
 /// Applies every child of a MessageQueue and returns the StatefulSet as stored. The
@@ -59,7 +65,8 @@ pub(crate) async fn apply_status(
     })
 }
 
-/// Applies one namespaced object, `kind` naming it in the error.
+/// Applies one namespaced object, `kind` naming it in the error: without `force` first, then,
+/// when only hand edits stand in the way, forced.
 async fn apply<K>(client: &Client, namespace: &str, obj: &K, kind: &'static str) -> Result<K>
 where
     K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
@@ -70,6 +77,45 @@ where
 {
     let name = obj.meta().name.clone().unwrap_or_default();
     let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let refused = match api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Apply(obj),
+        )
+        .await
+    {
+        Ok(applied) => return Ok(applied),
+        Err(source) => source,
+    };
+    let Some(conflicts) = field_conflicts::conflicts_of(&refused) else {
+        return Err(Error::ApplyFailed {
+            kind,
+            name,
+            source: refused,
+        });
+    };
+    let current = api.get(&name).await.map_err(|source| Error::ReadFailed {
+        kind,
+        name: name.clone(),
+        source,
+    })?;
+    let managed = current.meta().managed_fields.clone().unwrap_or_default();
+    let appliers = field_conflicts::appliers(&conflicts, &managed);
+    if !appliers.is_empty() {
+        return Err(Error::FieldConflict {
+            kind,
+            name,
+            managers: appliers,
+            fields: field_conflicts::fields(&conflicts),
+        });
+    }
+    info!(
+        kind,
+        name,
+        fields = %field_conflicts::fields(&conflicts),
+        "taking back fields changed by hand"
+    );
     api.patch(
         &name,
         &PatchParams::apply(FIELD_MANAGER).force(),

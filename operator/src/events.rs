@@ -28,6 +28,8 @@ pub mod event_reasons {
     pub const UPDATED: &str = "Updated";
     /// Applying a child object failed.
     pub const APPLY_FAILED: &str = "ApplyFailed";
+    /// Another field manager applied fields the operator sets on a child; left to it.
+    pub const FIELD_CONFLICT: &str = "FieldConflict";
     /// The spec holds a value the operator cannot use.
     pub const INVALID_SPEC: &str = "InvalidSpec";
     /// Writing the status failed.

@@ -7,6 +7,7 @@
 //! - [`controller`]: `Context`, `reconcile`, `error_policy` and `run`.
 //! - [`apply`]: server-side apply of the children and the status, under [`FIELD_MANAGER`].
 //! - [`events`]: the Kubernetes events about MessageQueues and their reasons.
+//! - [`field_conflicts`]: whose fields stand in an apply's way, and whether to take them back.
 //! - [`builders`]: pure functions from a MessageQueue to each desired child object.
 //! - [`status`]: the observed status and conditions, computed without any API call.
 //! - [`agent_admin`]: the operator's calls into the agents (stats and membership).
@@ -27,6 +28,7 @@ pub mod crd;
 pub mod day2;
 /// The Kubernetes events about MessageQueues: reasons, publishing, status transitions.
 pub mod events;
+pub mod field_conflicts;
 pub mod http;
 pub mod leader;
 pub mod metrics;
@@ -94,6 +96,23 @@ pub enum Error {
         source: kube::Error,
     },
 
+    /// Another manager applied fields the operator sets on a child; the operator does not take
+    /// them (it would flap with that manager) until the other manager lets them go.
+    #[error(
+        "{kind} {name}: {fields} applied by {} (server-side apply); the operator does not take fields another manager applied: remove them from that manager's configuration or delete its field ownership",
+        managers.join(", ")
+    )]
+    FieldConflict {
+        /// Kind of the child.
+        kind: &'static str,
+        /// Name of the child.
+        name: String,
+        /// The other managers that applied the fields.
+        managers: Vec<String>,
+        /// The fields, comma-separated.
+        fields: String,
+    },
+
     /// Patching an object the operator does not own (a claim, for expansion) failed.
     #[error("patching {kind} {name} failed: {source}")]
     PatchFailed {
@@ -144,6 +163,7 @@ impl Error {
             Error::MissingObjectKey(_) => "missing_object_key",
             Error::InvalidSpec { .. } => "invalid_spec",
             Error::ApplyFailed { .. } => "apply_failed",
+            Error::FieldConflict { .. } => "field_conflict",
             Error::ReadFailed { .. } => "read_failed",
             Error::StatusPatchFailed { .. } => "status_patch_failed",
             Error::DeleteFailed { .. } => "delete_failed",
@@ -159,6 +179,7 @@ impl Error {
         use events::event_reasons;
         match self {
             Error::ApplyFailed { .. } => event_reasons::APPLY_FAILED,
+            Error::FieldConflict { .. } => event_reasons::FIELD_CONFLICT,
             Error::InvalidSpec { .. } => event_reasons::INVALID_SPEC,
             Error::StatusPatchFailed { .. } => event_reasons::STATUS_UPDATE_FAILED,
             Error::AgentCallFailed { .. } | Error::DeleteFailed { .. } => {

@@ -16,8 +16,8 @@ pub struct ApiCall {
 }
 
 /// Server-side apply of a child needs `patch`, plus `create` the first time, when the apply
-/// creates the object.
-const APPLY: &[&str] = &["create", "patch"];
+/// creates the object, and `get` to see who holds the fields when it conflicts.
+const APPLY: &[&str] = &["get", "create", "patch"];
 
 /// The complete table.
 pub const API_CALLS: &[ApiCall] = &[

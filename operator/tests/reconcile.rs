@@ -216,6 +216,10 @@ async fn first_reconcile_applies_every_child_with_one_field_manager_and_owner_re
 
     for (request, (_, kind)) in requests[1..8].iter().zip(CHILDREN) {
         assert!(request.is_apply_by(FIELD_MANAGER), "{request:?}");
+        assert!(
+            !request.is_forced(),
+            "children are applied unforced: {request:?}"
+        );
         let body = request.body.as_ref().unwrap();
         assert_eq!(body["kind"], *kind);
         let owner = &body["metadata"]["ownerReferences"][0];
@@ -226,8 +230,8 @@ async fn first_reconcile_applies_every_child_with_one_field_manager_and_owner_re
         assert!(body["metadata"].get("finalizers").is_none());
     }
     assert!(
-        requests[8].is_apply_by(FIELD_MANAGER),
-        "status is applied by the same manager"
+        requests[8].is_apply_by(FIELD_MANAGER) && requests[8].is_forced(),
+        "status is applied by the same manager, forced (it is the operator's alone)"
     );
     assert_eq!(h.event_reasons(), vec![event_reasons::CREATED]);
     assert_eq!(
@@ -490,6 +494,105 @@ async fn api_conflict_and_server_error_fail_the_reconcile_and_back_off() {
         controller::failures_of(&h.ctx, &mq),
         0,
         "success resets the backoff"
+    );
+}
+
+/// The ConfigMap's one data key and its value as the operator applied it.
+fn configmap_entry(h: &Harness) -> (String, Value) {
+    let cm = h.api.object(CHILDREN[1].0).unwrap();
+    let (key, value) = cm["data"].as_object().unwrap().iter().next().unwrap();
+    (key.clone(), value.clone())
+}
+
+#[tokio::test]
+async fn a_field_changed_by_hand_is_taken_back_and_labels_others_set_are_kept() {
+    let h = harness();
+    h.seed(new_mq(json!({})));
+    h.reconcile().await.unwrap();
+    let (key, applied) = configmap_entry(&h);
+    let cm_path = CHILDREN[1].0;
+    h.api.edit(
+        cm_path,
+        "kubectl-edit",
+        json!({"data": {&key: "changed by hand"}, "metadata": {"labels": {"team": "payments"}}}),
+    );
+    h.api.clear_requests();
+
+    h.reconcile().await.unwrap();
+
+    let cm = h.api.object(cm_path).unwrap();
+    assert_eq!(cm["data"][&key], applied, "the hand edit is taken back");
+    assert_eq!(
+        cm["metadata"]["labels"]["team"], "payments",
+        "a label the operator does not set is another manager's and stays"
+    );
+    let writes: Vec<(Method, bool)> = h
+        .api
+        .requests()
+        .iter()
+        .filter(|r| r.path == cm_path)
+        .map(|r| (r.method.clone(), r.is_forced()))
+        .collect();
+    assert_eq!(
+        writes,
+        vec![
+            (Method::PATCH, false),
+            (Method::GET, false),
+            (Method::PATCH, true)
+        ],
+        "an unforced apply, a read of who holds the field, the forced apply"
+    );
+}
+
+#[tokio::test]
+async fn a_field_another_manager_applied_is_reported_not_fought() {
+    let h = harness();
+    let mq = h.seed(new_mq(json!({})));
+    h.reconcile().await.unwrap();
+    let (key, _) = configmap_entry(&h);
+    let cm_path = CHILDREN[1].0;
+    h.api.apply_as(
+        cm_path,
+        "gitops-controller",
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "orders-config"},
+               "data": {&key: "declared elsewhere"}}),
+    );
+
+    let error = h.reconcile().await.unwrap_err();
+    match &error {
+        Error::FieldConflict {
+            kind,
+            name,
+            managers,
+            fields,
+        } => {
+            assert_eq!((*kind, name.as_str()), ("ConfigMap", "orders-config"));
+            assert_eq!(managers, &vec!["gitops-controller".to_owned()]);
+            assert!(fields.contains(&key), "{fields}");
+        }
+        other => panic!("expected a field conflict, got {other}"),
+    }
+    assert_eq!(error.metric_label(), "field_conflict");
+    controller::error_policy(mq, &error, h.ctx.clone());
+    assert!(
+        h.event_reasons()
+            .iter()
+            .any(|r| r == event_reasons::FIELD_CONFLICT),
+        "{:?}",
+        h.event_reasons()
+    );
+    assert_eq!(
+        h.api.object(cm_path).unwrap()["data"][&key],
+        "declared elsewhere",
+        "the other manager's value stays"
+    );
+    assert!(
+        h.api
+            .requests()
+            .iter()
+            .filter(|r| r.path == cm_path)
+            .all(|r| !r.is_forced()),
+        "never forced against an applier"
     );
 }
 

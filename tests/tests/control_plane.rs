@@ -378,6 +378,7 @@ async fn helm_install_runs_the_operator_with_the_charts_rbac_and_lease() {
     .await;
 
     server_side_apply_converges(&plane, &first).await;
+    another_applier_is_reported_not_fought(&plane, &first).await;
 
     first.component.stop();
     first.assert_never_forbidden();
@@ -467,22 +468,7 @@ fn child_versions(plane: &ControlPlane) -> String {
 async fn server_side_apply_converges(plane: &ControlPlane, operator: &OperatorProcess) {
     let before = child_versions(plane);
     for touch in ["1", "2"] {
-        let reconciles = operator.reconciles();
-        plane.kubectl_ok(&[
-            "annotate",
-            "--overwrite",
-            "mq",
-            "orders",
-            "-n",
-            "default",
-            &format!("sluice.dev/test-touch={touch}"),
-        ]);
-        eventually(
-            "the operator reconciles the touched MessageQueue",
-            ACT_TIMEOUT,
-            || (operator.reconciles() > reconciles).then_some(()),
-        )
-        .await;
+        reconcile_once(plane, operator, touch).await;
     }
     assert_eq!(
         child_versions(plane),
@@ -490,21 +476,7 @@ async fn server_side_apply_converges(plane: &ControlPlane, operator: &OperatorPr
         "a reconcile with nothing to change wrote"
     );
 
-    let configmap: Value = serde_json::from_str(&plane.kubectl_ok(&[
-        "get",
-        "configmap",
-        "orders-config",
-        "-n",
-        "default",
-        "-o",
-        "json",
-    ]))
-    .expect("JSON");
-    let (key, value) = configmap["data"]
-        .as_object()
-        .and_then(|d| d.iter().next())
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .expect("the ConfigMap has data");
+    let (key, ours) = configmap_entry(plane);
     let tampered = json!({"data": {key.clone(): "changed by hand"}}).to_string();
     plane.kubectl_ok(&[
         "patch",
@@ -516,6 +488,18 @@ async fn server_side_apply_converges(plane: &ControlPlane, operator: &OperatorPr
         "-p",
         &tampered,
     ]);
+    reconcile_once(plane, operator, "3").await;
+    eventually(
+        "the operator puts the hand-changed field back",
+        ACT_TIMEOUT,
+        || (configmap_value(plane, &key) == ours).then_some(()),
+    )
+    .await;
+}
+
+/// Touches the MessageQueue and waits for the operator's next pass over it (which may fail).
+async fn reconcile_once(plane: &ControlPlane, operator: &OperatorProcess, touch: &str) {
+    let passes = operator.passes();
     plane.kubectl_ok(&[
         "annotate",
         "--overwrite",
@@ -523,25 +507,106 @@ async fn server_side_apply_converges(plane: &ControlPlane, operator: &OperatorPr
         "orders",
         "-n",
         "default",
-        "sluice.dev/test-touch=3",
+        &format!("sluice.dev/test-touch={touch}"),
     ]);
     eventually(
-        "the operator puts the hand-changed field back",
+        "the operator takes up the touched MessageQueue",
         ACT_TIMEOUT,
-        || {
-            let out = plane.kubectl_ok(&[
-                "get",
-                "configmap",
-                "orders-config",
-                "-n",
-                "default",
-                "-o",
-                "json",
-            ]);
-            let now: Value = serde_json::from_str(&out).ok()?;
-            (now["data"][&key] == value).then_some(())
-        },
+        || (operator.passes() > passes).then_some(()),
     )
+    .await;
+}
+
+/// The operator's ConfigMap's `data`.
+fn configmap_data(plane: &ControlPlane) -> Value {
+    let out = plane.kubectl_ok(&[
+        "get",
+        "configmap",
+        "orders-config",
+        "-n",
+        "default",
+        "-o",
+        "json",
+    ]);
+    let configmap: Value = serde_json::from_str(&out).expect("JSON");
+    configmap["data"].clone()
+}
+
+/// The value of `key` in the operator's ConfigMap.
+fn configmap_value(plane: &ControlPlane, key: &str) -> Value {
+    configmap_data(plane)[key].clone()
+}
+
+/// The (first) key of the operator's ConfigMap and its value.
+fn configmap_entry(plane: &ControlPlane) -> (String, Value) {
+    let data = configmap_data(plane);
+    data.as_object()
+        .and_then(|d| d.iter().next())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .expect("the ConfigMap has data")
+}
+
+/// A second applier (a GitOps tool taking a field of the operator's ConfigMap with
+/// `--force-conflicts`) is reported with a `FieldConflict` event naming it and the field, and
+/// its value is left alone over several reconciles; once it lets the field go, the operator
+/// applies its own value again.
+async fn another_applier_is_reported_not_fought(plane: &ControlPlane, operator: &OperatorProcess) {
+    let (key, ours) = configmap_entry(plane);
+    let gitops = |data: Option<Value>| {
+        let mut object = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "orders-config", "namespace": "default"}});
+        if let Some(data) = data {
+            object["data"] = data;
+        }
+        kubectl_stdin(
+            plane,
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=gitops-tool",
+                "-f",
+                "-",
+            ],
+            &object,
+        )
+        .expect("the GitOps tool applies");
+    };
+    gitops(Some(json!({&key: "declared by gitops"})));
+    for touch in ["4", "5"] {
+        reconcile_once(plane, operator, touch).await;
+    }
+    let event = eventually("a FieldConflict event", ACT_TIMEOUT, || {
+        let out = plane.kubectl_ok(&[
+            "get",
+            "events",
+            "-n",
+            "default",
+            "--field-selector",
+            "reason=FieldConflict",
+            "-o",
+            "jsonpath={.items[*].note}{.items[*].message}",
+        ]);
+        (!out.trim().is_empty()).then_some(out)
+    })
+    .await;
+    assert!(
+        event.contains("gitops-tool") && event.contains(&key),
+        "the event names the other manager and the field: {event}"
+    );
+    assert_eq!(
+        configmap_value(plane, &key),
+        json!("declared by gitops"),
+        "the operator does not fight another applier"
+    );
+
+    // The tool lets the field go (its manifest no longer has `data`): the operator's value is
+    // back.
+    gitops(None);
+    reconcile_once(plane, operator, "6").await;
+    eventually("the operator applies its value again", ACT_TIMEOUT, || {
+        (configmap_value(plane, &key) == ours).then_some(())
+    })
     .await;
 }
 

@@ -13,19 +13,20 @@ its rule away.
 - apiGroups: ["sluice.dev"]
   resources: ["messagequeues/status"]
   verbs: ["patch"]
-# Watched for readiness; every other child is only server-side applied (create + patch).
+# Watched for readiness; every other child is only server-side applied (create + patch), and
+# read when an apply conflicts (who holds the fields).
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["services", "configmaps", "serviceaccounts"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "create", "patch"]
 # Rolling update: the operator restarts agent pods itself, one at a time (updateStrategy OnDelete).
 - apiGroups: [""]
   resources: ["pods"]

@@ -1,7 +1,13 @@
 //! A small stateful fake of the Kubernetes API server, as a `tower::Service` behind a real
 //! `kube::Client`. It stores objects by path, implements server-side apply closely enough for
-//! reconcile (content changes bump `resourceVersion`, spec changes bump `generation`, status
-//! is kept apart), records every request, and can be told to fail requests.
+//! reconcile — field ownership per manager with conflicts ([`super::managed_fields`]), content
+//! changes bump `resourceVersion`, spec changes bump `generation`, the status subresource is
+//! kept apart — records every request, and can be told to fail requests.
+//!
+//! Where it differed from the real API server (`tests/tests/control_plane.rs` runs the real
+//! one) it was fixed: an apply replaced the whole object (fields other managers set were
+//! dropped) and never conflicted; a status apply replaced the whole status and created a
+//! missing object instead of answering 404; objects had no `managedFields`.
 
 use std::{
     collections::BTreeMap,
@@ -13,6 +19,8 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
+
+use super::managed_fields::{Conflict, Owners, Scope};
 
 /// One request as the fake saw it.
 #[derive(Debug, Clone)]
@@ -30,12 +38,16 @@ pub struct Recorded {
 }
 
 impl Recorded {
-    /// Whether this is a server-side apply by `manager` with conflicts forced.
+    /// Whether this is a server-side apply by `manager`.
     pub fn is_apply_by(&self, manager: &str) -> bool {
         self.method == Method::PATCH
             && self.content_type.starts_with("application/apply-patch")
             && self.query.contains(&format!("fieldManager={manager}"))
-            && self.query.contains("force=true")
+    }
+
+    /// Whether it forces conflicts.
+    pub fn is_forced(&self) -> bool {
+        self.query.contains("force=true")
     }
 
     /// Whether this request writes an event.
@@ -54,6 +66,7 @@ struct Injected {
 #[derive(Default)]
 struct State {
     objects: BTreeMap<String, Value>,
+    owners: BTreeMap<String, Owners>,
     requests: Vec<Recorded>,
     injected: Vec<Injected>,
     next_version: u64,
@@ -124,6 +137,34 @@ impl FakeApi {
             object["metadata"]["generation"] = json!(1);
         }
         s.objects.insert(path.to_owned(), object);
+    }
+
+    /// Changes the object at `path` as `manager` would with `kubectl edit` or `patch` (an
+    /// update: it takes the fields it writes, without conflicts). `changes` is a merge patch.
+    pub fn edit(&self, path: &str, manager: &str, changes: Value) {
+        let mut s = self.state.lock().unwrap();
+        let stored = s.objects.get(path).cloned().expect("the object exists");
+        let owners = s.owners.entry(path.to_owned()).or_default();
+        let mut edited = owners.update(&stored, manager, &changes);
+        edited["metadata"]["managedFields"] = owners.managed_fields();
+        s.next_version += 1;
+        edited["metadata"]["resourceVersion"] = json!(s.next_version.to_string());
+        s.objects.insert(path.to_owned(), edited);
+    }
+
+    /// Applies `patch` to the object at `path` as another `manager` (a GitOps tool, say), with
+    /// `force` as that tool would.
+    pub fn apply_as(&self, path: &str, manager: &str, patch: Value) {
+        let mut s = self.state.lock().unwrap();
+        let stored = s.objects.get(path).cloned().unwrap_or(Value::Null);
+        let owners = s.owners.entry(path.to_owned()).or_default();
+        let mut applied = owners
+            .apply(&stored, manager, &patch, Scope::Main, true)
+            .expect("a forced apply does not conflict");
+        applied["metadata"]["managedFields"] = owners.managed_fields();
+        s.next_version += 1;
+        applied["metadata"]["resourceVersion"] = json!(s.next_version.to_string());
+        s.objects.insert(path.to_owned(), applied);
     }
 
     /// Replaces the status of the object at `path`, as its controller would.
@@ -232,15 +273,24 @@ impl FakeApi {
             }
             (Method::PATCH, Some(patch)) if path.ends_with("/status") => {
                 let object_path = path.trim_end_matches("/status").to_owned();
+                let Some(stored) = s.objects.get(&object_path).cloned() else {
+                    return respond(
+                        404,
+                        status_body(404, "NotFound", &format!("{object_path} not found")),
+                    );
+                };
+                let (manager, force) = apply_params(&recorded.query);
+                let owners = s.owners.entry(object_path.clone()).or_default();
+                let mut applied =
+                    match owners.apply(&stored, &manager, &patch, Scope::Status, force) {
+                        Ok(applied) => applied,
+                        Err(conflicts) => return respond(409, conflict_body(&conflicts)),
+                    };
+                applied["metadata"]["managedFields"] = owners.managed_fields();
                 s.next_version += 1;
-                let version = s.next_version.to_string();
-                let stored = s
-                    .objects
-                    .entry(object_path)
-                    .or_insert_with(|| patch.clone());
-                stored["status"] = patch["status"].clone();
-                stored["metadata"]["resourceVersion"] = json!(version);
-                respond(200, stored.clone())
+                applied["metadata"]["resourceVersion"] = json!(s.next_version.to_string());
+                s.objects.insert(object_path, applied.clone());
+                respond(200, applied)
             }
             (Method::PATCH, Some(patch)) if path.contains("/events") => {
                 let stored = s.objects.entry(path).or_insert_with(|| patch.clone());
@@ -248,28 +298,34 @@ impl FakeApi {
             }
             (Method::PATCH, Some(patch)) => {
                 let existing = s.objects.get(&path).cloned();
+                let (manager, force) = apply_params(&recorded.query);
+                let owners = s.owners.entry(path.clone()).or_default();
+                let owned_before = owners.managed_fields();
+                let stored = existing.clone().unwrap_or(Value::Null);
+                let mut new = match owners.apply(&stored, &manager, &patch, Scope::Main, force) {
+                    Ok(applied) => applied,
+                    Err(conflicts) => return respond(409, conflict_body(&conflicts)),
+                };
+                let owned_after = owners.managed_fields();
+                new["metadata"]["managedFields"] = owned_after.clone();
                 let result = match existing {
-                    Some(old) if content(&old) == content(&patch) => old,
+                    Some(old) if content(&old) == content(&new) && owned_before == owned_after => {
+                        old
+                    }
                     Some(old) => {
                         s.next_version += 1;
-                        let mut new = patch.clone();
-                        new["metadata"]["uid"] = old["metadata"]["uid"].clone();
                         new["metadata"]["resourceVersion"] = json!(s.next_version.to_string());
                         let generation = old["metadata"]["generation"].as_i64().unwrap_or(1);
-                        let spec_changed = old.get("spec") != patch.get("spec");
+                        let spec_changed = old.get("spec") != new.get("spec");
                         new["metadata"]["generation"] = json!(if spec_changed {
                             generation + 1
                         } else {
                             generation
                         });
-                        if let Some(status) = old.get("status") {
-                            new["status"] = status.clone();
-                        }
                         new
                     }
                     None => {
                         s.next_version += 1;
-                        let mut new = patch.clone();
                         new["metadata"]["uid"] = json!(format!("uid-{}", s.next_version));
                         new["metadata"]["resourceVersion"] = json!(s.next_version.to_string());
                         new["metadata"]["generation"] = json!(1);
@@ -285,6 +341,34 @@ impl FakeApi {
             ),
         }
     }
+}
+
+/// The `fieldManager` and `force` of an apply's query.
+fn apply_params(query: &str) -> (String, bool) {
+    let manager = query
+        .split('&')
+        .find_map(|p| p.strip_prefix("fieldManager="))
+        .unwrap_or_default()
+        .to_owned();
+    (manager, query.split('&').any(|p| p == "force=true"))
+}
+
+/// The 409 the API server answers a conflicting apply with: one cause per field.
+fn conflict_body(conflicts: &[Conflict]) -> Value {
+    let causes: Vec<Value> = conflicts
+        .iter()
+        .map(|c| {
+            json!({"reason": "FieldManagerConflict", "field": c.field,
+                   "message": format!("conflict with \"{}\" using v1", c.manager)})
+        })
+        .collect();
+    let mut body = status_body(
+        409,
+        "Conflict",
+        &format!("Apply failed with {} conflicts", conflicts.len()),
+    );
+    body["details"] = json!({"causes": causes});
+    body
 }
 
 /// Whether `path` names a collection (`.../namespaces/<ns>/<resource>`) rather than an object.

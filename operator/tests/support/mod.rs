@@ -2,3 +2,4 @@
 
 pub mod fake_admin;
 pub mod fake_api;
+pub mod managed_fields;

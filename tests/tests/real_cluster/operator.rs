@@ -93,8 +93,17 @@ impl OperatorProcess {
 
     /// How many reconciles it has logged (at debug).
     pub fn reconciles(&self) -> usize {
+        self.count_lines("\"reconciled\"")
+    }
+
+    /// How many reconciles ended, well or failed.
+    pub fn passes(&self) -> usize {
+        self.reconciles() + self.count_lines("\"reconcile failed\"")
+    }
+
+    fn count_lines(&self, needle: &str) -> usize {
         let log = std::fs::read_to_string(&self.component.log).unwrap_or_default();
-        log.lines().filter(|l| l.contains("\"reconciled\"")).count()
+        log.lines().filter(|l| l.contains(needle)).count()
     }
 
     /// Fails the test when the operator was refused anything by RBAC.
