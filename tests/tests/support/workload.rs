@@ -44,6 +44,9 @@ struct Book {
     acked: BTreeSet<String>,
     resurrected: Vec<String>,
     corrupted: Vec<String>,
+    /// Publishers still running: a batch in flight when `stop` is set may still be confirmed,
+    /// so the consumer drains only once they have all returned.
+    publishing: usize,
 }
 
 /// What was confirmed, delivered and acked.
@@ -94,10 +97,10 @@ impl Ledger {
         }
     }
 
-    /// Whether every confirmed key has been delivered.
+    /// Whether every publisher has returned and every key it confirmed has been delivered.
     pub fn all_consumed(&self) -> bool {
         let b = self.book();
-        b.confirmed.iter().all(|k| b.delivered.contains_key(k))
+        b.publishing == 0 && b.confirmed.iter().all(|k| b.delivered.contains_key(k))
     }
 
     /// The totals.
@@ -152,6 +155,7 @@ pub async fn publish(
     ledger: Ledger,
     stop: Arc<AtomicBool>,
 ) {
+    ledger.book().publishing += 1;
     let mut next = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let mut keys: Vec<String> = (0..BATCH)
@@ -185,10 +189,11 @@ pub async fn publish(
         }
         tokio::time::sleep(PUBLISH_PAUSE).await;
     }
+    ledger.book().publishing -= 1;
 }
 
-/// Consumes `queue` through any of `endpoints`, acking everything, until `stop` is set and
-/// every confirmed key was delivered. Reopens the subscription whenever it fails.
+/// Consumes `queue` through any of `endpoints`, acking everything, until `stop` is set, the
+/// publishers have returned and every key they confirmed was delivered. Reopens the subscription whenever it fails.
 pub async fn consume(endpoints: Vec<String>, queue: String, ledger: Ledger, stop: Arc<AtomicBool>) {
     let done = || stop.load(Ordering::Relaxed) && ledger.all_consumed();
     while !done() {
