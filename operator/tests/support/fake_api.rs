@@ -4,7 +4,7 @@
 //! changes bump `resourceVersion`, spec changes bump `generation`, the status subresource is
 //! kept apart — records every request, and can be told to fail requests.
 //!
-//! Where it differed from the real API server (`tests/tests/control_plane.rs` runs the real
+//! Where it differed from the real API server (`tests/tests/control_plane/` runs the real
 //! one) it was fixed: an apply replaced the whole object (fields other managers set were
 //! dropped) and never conflicted; a status apply replaced the whole status and created a
 //! missing object instead of answering 404; objects had no `managedFields`.

@@ -120,10 +120,8 @@ impl ControlPlane {
         let cm =
             plane.identity_kubeconfig("controller-manager", "system:kube-controller-manager", &[]);
         let pki = &plane.pki;
-        let cm_args = vec![
-            format!("--kubeconfig={}", cm.display()),
-            format!("--authentication-kubeconfig={}", cm.display()),
-            format!("--authorization-kubeconfig={}", cm.display()),
+        let mut cm_args = credentials(&cm);
+        cm_args.extend([
             format!("--controllers={}", CONTROLLERS.join(",")),
             "--use-service-account-credentials=true".into(),
             format!(
@@ -137,16 +135,14 @@ impl ControlPlane {
             format!("--service-cluster-ip-range={SERVICE_CIDR}"),
             // Claims and garbage are handled within a test's patience, not minutes.
             "--pvclaimbinder-sync-period=1s".into(),
-        ];
+        ]);
         let scheduler = plane.identity_kubeconfig("scheduler", "system:kube-scheduler", &[]);
-        let scheduler_args = vec![
-            format!("--kubeconfig={}", scheduler.display()),
-            format!("--authentication-kubeconfig={}", scheduler.display()),
-            format!("--authorization-kubeconfig={}", scheduler.display()),
+        let mut scheduler_args = credentials(&scheduler);
+        scheduler_args.extend([
             "--leader-elect=false".into(),
             "--bind-address=127.0.0.1".into(),
             "--secure-port=0".into(),
-        ];
+        ]);
         let logs = plane.dir.path().join("logs");
         plane.components.push(Component::start(
             "kube-controller-manager",
@@ -160,7 +156,25 @@ impl ControlPlane {
             &scheduler_args,
             &logs,
         ));
+        plane.wait_for_default_service_account().await;
         plane
+    }
+
+    /// Waits until the service-account controller has made `default/default`: a pod created
+    /// before it is refused ("serviceaccount \"default\" not found"), as on a cluster just up.
+    async fn wait_for_default_service_account(&mut self) {
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let accounts: kube::Api<ServiceAccount> =
+            kube::Api::namespaced(self.admin().await, "default");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !matches!(accounts.get_opt("default").await, Ok(Some(_))) {
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "no default ServiceAccount after {READY_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     /// A kubeconfig for user `common_name` in `groups`, authenticated by a client certificate.
@@ -329,6 +343,19 @@ pub async fn client_from(kubeconfig: &Path) -> kube::Client {
             .await
             .expect("kubeconfig");
     kube::Client::try_from(config).expect("client")
+}
+
+/// The flags that make a component (controller-manager, scheduler) authenticate with
+/// `kubeconfig` to the API server and for its own delegated authn/authz.
+fn credentials(kubeconfig: &Path) -> Vec<String> {
+    [
+        "kubeconfig",
+        "authentication-kubeconfig",
+        "authorization-kubeconfig",
+    ]
+    .iter()
+    .map(|flag| format!("--{flag}={}", kubeconfig.display()))
+    .collect()
 }
 
 fn run_tool(bin: &Path, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> Output {
