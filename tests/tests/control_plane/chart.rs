@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::real_cluster::operator::OperatorProcess;
 use crate::real_cluster::{ControlPlane, eventually};
 use crate::support;
-use crate::{ACT_TIMEOUT, install_chart, kubectl_stdin};
+use crate::{ACT_TIMEOUT, apply_example, install_chart, kubectl_stdin};
 use serde_json::{Value, json};
 
 fn lease_holder(plane: &ControlPlane, namespace: &str, lease: &str) -> Option<String> {
@@ -70,14 +70,7 @@ async fn helm_install_runs_the_operator_with_the_charts_rbac_and_lease() {
         "the first replica started wins"
     );
 
-    let example = support::repo_root().join("examples/messagequeue-small.yaml");
-    plane.kubectl_ok(&[
-        "apply",
-        "-n",
-        "default",
-        "-f",
-        example.to_str().expect("UTF-8"),
-    ]);
+    apply_example(&plane, "messagequeue-small.yaml");
     let made = eventually("the operator creates the children", ACT_TIMEOUT, || {
         children(&plane, "default", "orders")
     })

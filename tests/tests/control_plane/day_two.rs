@@ -4,13 +4,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::real_cluster::operator::OperatorProcess;
 use crate::real_cluster::{ControlPlane, eventually};
-use crate::support::{
-    self,
-    workload::{self, Ledger},
-};
-use crate::{ACT_TIMEOUT, get_mq, install_chart};
+use crate::support::workload::{self, Ledger};
+use crate::{ACT_TIMEOUT, Installed, apply_example, get_mq, patch_orders};
 use serde_json::{Value, json};
 
 /// The `controller-revision-hash` of each agent pod that exists and is Ready, and the
@@ -82,26 +78,14 @@ const DAY_TWO_TIMEOUT: Duration = Duration::from_secs(300);
 /// are expanded). Nothing confirmed is lost and no acked message comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn day_two_operations_run_through_the_real_controllers_under_load() {
-    const NS: &str = "sluice-system";
-    let plane = ControlPlane::start().await;
-    let (kubelet, _provisioner) = plane.start_node().await;
-    install_chart(&plane, NS, &[]);
-    let operator = OperatorProcess::start_resolving(
-        &plane,
-        "sluice",
-        NS,
-        "sluice-operator-a",
-        Some(kubelet.hosts_file()),
-    );
-    let example = support::repo_root().join("examples/messagequeue-small.yaml");
-    plane.kubectl_ok(&[
-        "apply",
-        "-n",
-        "default",
-        "-f",
-        example.to_str().expect("UTF-8"),
-    ]);
-    let first = await_agents(&plane, 3, "READY 3/3").await;
+    let Installed {
+        operator,
+        kubelet,
+        plane,
+        ..
+    } = &Installed::start().await;
+    apply_example(plane, "messagequeue-small.yaml");
+    let first = await_agents(plane, 3, "READY 3/3").await;
 
     // The three agents that stay throughout: scale-in removes the highest ordinals.
     let endpoints: Vec<String> = (0..3)
@@ -134,39 +118,24 @@ async fn day_two_operations_run_through_the_real_controllers_under_load() {
     ledger.await_confirms(200, steady).await;
 
     // A pod-template change: every pod restarts onto the new revision, one at a time.
-    plane.kubectl_ok(&[
-        "patch",
-        "mq",
-        "orders",
-        "-n",
-        "default",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"resources":{"requests":{"cpu":"20m","memory":"64Mi"}}}}"#,
-    ]);
+    patch_orders(
+        plane,
+        &json!({"spec": {"resources": {"requests": {"cpu": "20m", "memory": "64Mi"}}}}),
+    );
     eventually(
         "the template change makes a new revision",
         ACT_TIMEOUT,
-        || (agent_revisions(&plane).1 != first).then_some(()),
+        || (agent_revisions(plane).1 != first).then_some(()),
     )
     .await;
-    await_agents(&plane, 3, "every agent restarted onto the new revision").await;
+    await_agents(plane, 3, "every agent restarted onto the new revision").await;
     eprintln!("rolled: {:?}", ledger.summary());
     ledger.await_confirms(200, steady).await;
 
     // 3 → 5 → 3.
     for (agents, what) in [(5, "scaled out to 5"), (3, "scaled in to 3")] {
-        plane.kubectl_ok(&[
-            "patch",
-            "mq",
-            "orders",
-            "-n",
-            "default",
-            "--type=merge",
-            "-p",
-            &json!({"spec": {"replicas": agents}}).to_string(),
-        ]);
-        await_agents(&plane, agents, what).await;
+        patch_orders(plane, &json!({"spec": {"replicas": agents}}));
+        await_agents(plane, agents, what).await;
         eprintln!("{what}: {:?}", ledger.summary());
         ledger.await_confirms(200, steady).await;
     }
@@ -181,16 +150,7 @@ async fn day_two_operations_run_through_the_real_controllers_under_load() {
     .await;
 
     // Storage growth: every claim is expanded in place.
-    plane.kubectl_ok(&[
-        "patch",
-        "mq",
-        "orders",
-        "-n",
-        "default",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"storage":{"size":"2Gi"}}}"#,
-    ]);
+    patch_orders(plane, &json!({"spec": {"storage": {"size": "2Gi"}}}));
     eventually("every claim has 2Gi", DAY_TWO_TIMEOUT, || {
         let sizes = plane.kubectl_ok(&[
             "get",

@@ -27,6 +27,9 @@ mod small_example;
 use std::time::Duration;
 
 use real_cluster::ControlPlane;
+use real_cluster::kubelet::ProcessKubelet;
+use real_cluster::operator::OperatorProcess;
+use real_cluster::provisioner::Provisioner;
 use serde_json::Value;
 
 /// Keeps the chart's operator pod off the process kubelet's node: the test runs its container
@@ -71,4 +74,62 @@ fn install_chart(plane: &ControlPlane, namespace: &str, values: &[&str]) {
 /// `kubectl get mq` as a user reads it: the columns the CRD prints.
 fn get_mq(plane: &ControlPlane, namespace: &str, name: &str) -> String {
     plane.kubectl_ok(&["get", "mq", name, "-n", namespace])
+}
+
+/// `kubectl apply -n default -f examples/<file>`.
+fn apply_example(plane: &ControlPlane, file: &str) {
+    let example = support::repo_root().join("examples").join(file);
+    plane.kubectl_ok(&[
+        "apply",
+        "-n",
+        "default",
+        "-f",
+        example.to_str().expect("UTF-8"),
+    ]);
+}
+
+/// `kubectl patch mq orders -n default --type=merge -p <patch>`.
+fn patch_orders(plane: &ControlPlane, patch: &Value) {
+    plane.kubectl_ok(&[
+        "patch",
+        "mq",
+        "orders",
+        "-n",
+        "default",
+        "--type=merge",
+        "-p",
+        &patch.to_string(),
+    ]);
+}
+
+/// A control plane with a node (process kubelet and claim provisioner), the chart installed in
+/// `sluice-system` and its operator running as a process that resolves the cluster's names.
+/// Fields drop in order: the operator first, the control plane last.
+struct Installed {
+    operator: OperatorProcess,
+    kubelet: ProcessKubelet,
+    _provisioner: Provisioner,
+    plane: ControlPlane,
+}
+
+impl Installed {
+    async fn start() -> Installed {
+        const NS: &str = "sluice-system";
+        let plane = ControlPlane::start().await;
+        let (kubelet, provisioner) = plane.start_node().await;
+        install_chart(&plane, NS, &[]);
+        let operator = OperatorProcess::start_resolving(
+            &plane,
+            "sluice",
+            NS,
+            "sluice-operator-a",
+            Some(kubelet.hosts_file()),
+        );
+        Installed {
+            operator,
+            kubelet,
+            _provisioner: provisioner,
+            plane,
+        }
+    }
 }

@@ -3,10 +3,9 @@
 
 use std::time::Duration;
 
-use crate::real_cluster::operator::OperatorProcess;
-use crate::real_cluster::{ControlPlane, eventually};
+use crate::real_cluster::eventually;
 use crate::support;
-use crate::{ACT_TIMEOUT, get_mq, install_chart};
+use crate::{ACT_TIMEOUT, Installed, apply_example, get_mq};
 use serde_json::{Value, json};
 
 /// The whole path on the real control plane: `helm install`, `kubectl apply` of the small
@@ -17,30 +16,18 @@ use serde_json::{Value, json};
 /// garbage-collects its children and keeps its claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_small_example_becomes_a_ready_three_agent_cluster() {
-    const NS: &str = "sluice-system";
-    let plane = ControlPlane::start().await;
-    let (kubelet, _provisioner) = plane.start_node().await;
-    install_chart(&plane, NS, &[]);
-    let operator = OperatorProcess::start_resolving(
-        &plane,
-        "sluice",
-        NS,
-        "sluice-operator-a",
-        Some(kubelet.hosts_file()),
-    );
-    let example = support::repo_root().join("examples/messagequeue-small.yaml");
-    plane.kubectl_ok(&[
-        "apply",
-        "-n",
-        "default",
-        "-f",
-        example.to_str().expect("UTF-8"),
-    ]);
+    let Installed {
+        operator,
+        kubelet,
+        plane,
+        ..
+    } = &Installed::start().await;
+    apply_example(plane, "messagequeue-small.yaml");
     let table = eventually(
         "kubectl get mq shows READY 3/3",
         Duration::from_secs(180),
         || {
-            let table = get_mq(&plane, "default", "orders");
+            let table = get_mq(plane, "default", "orders");
             table.contains("3/3").then_some(table)
         },
     )
@@ -85,7 +72,7 @@ async fn the_small_example_becomes_a_ready_three_agent_cluster() {
         },
     )
     .await;
-    eprintln!("{}", get_mq(&plane, "default", "orders"));
+    eprintln!("{}", get_mq(plane, "default", "orders"));
     let other = sluice_client::Client::connect_any(&endpoints[2..])
         .await
         .expect("connect");

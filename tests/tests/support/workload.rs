@@ -16,6 +16,8 @@ use sluice_client::proto::{DeliveryTag, Message};
 const BATCH: usize = 10;
 /// Pause between batches: a steady, moderate load that leaves the 2-core machine to the agents.
 const PUBLISH_PAUSE: Duration = Duration::from_millis(25);
+/// Longest a publish may go unanswered before it is given up and resent (the same keys).
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 /// Acks sent between two flushes.
 const FLUSH_EVERY: usize = 20;
 /// A subscription that brings nothing for this long is flushed (and, if the stream ended,
@@ -156,6 +158,7 @@ pub async fn publish(
     stop: Arc<AtomicBool>,
 ) {
     ledger.book().publishing += 1;
+    let mut last_error: Option<String> = None;
     let mut next = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let mut keys: Vec<String> = (0..BATCH)
@@ -172,8 +175,14 @@ pub async fn publish(
                     ..Message::default()
                 })
                 .collect();
-            match client.publish(&queue, messages).await {
+            let answer = tokio::time::timeout(ANSWER_WITHIN, client.publish(&queue, messages));
+            let outcome = match answer.await {
+                Ok(answered) => answered.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {ANSWER_WITHIN:?}")),
+            };
+            match outcome {
                 Ok(confirms) => {
+                    last_error = None;
                     let mut left = Vec::new();
                     for (key, confirm) in keys.into_iter().zip(confirms) {
                         if confirm.code == 0 {
@@ -184,7 +193,15 @@ pub async fn publish(
                     }
                     keys = left;
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => {
+                    // Said once per kind of failure, so a stall shows its cause.
+                    let said = e;
+                    if last_error.as_deref() != Some(said.as_str()) {
+                        eprintln!("publisher: {said} (resending)");
+                        last_error = Some(said);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
             }
         }
         tokio::time::sleep(PUBLISH_PAUSE).await;

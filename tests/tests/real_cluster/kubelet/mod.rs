@@ -8,8 +8,9 @@
 //!   `sluice`, `sluice-operator`) runs that binary, built with the test's profile; a shell
 //!   (`/busybox/sh` of the CLI image) is the host's `/bin/sh`, with the image's binary on
 //!   `PATH`. Other images are refused with the pod's name.
-//! - **Pod network** ([`names`]). Each pod gets its own loopback address `127.0.78.x`, stable per
-//!   pod name (all of 127/8 routes to `lo`). In args and env, `0.0.0.0`, `localhost` and
+//! - **Pod network** ([`names`]). Each pod gets its own loopback address `127.0.<n>.x`, stable per
+//!   pod name (all of 127/8 routes to `lo`), `<n>` from 78 up, one per kubelet, so that the
+//!   clusters of tests running side by side never share an address. In args and env, `0.0.0.0`, `localhost` and
 //!   `127.0.0.1` become the pod's address (its containers share it), and a pod's stable DNS
 //!   name `<pod>.<subdomain>.<ns>.svc.<domain>` its address (allocated on first mention, as DNS
 //!   would answer before the pod runs), a Service's `<svc>.<ns>.svc.<domain>` the address of
@@ -50,9 +51,14 @@ const LEASE_RENEW: Duration = Duration::from_secs(5);
 /// Restart backoff of a container that exited (the kubelet's starts at 10 s; tests wait less).
 const RESTART_BACKOFF: Duration = Duration::from_secs(1);
 
+/// The third octet of the next kubelet's pod addresses.
+static NEXT_SUBNET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(78);
+
 /// The kubelet's shared state.
 #[derive(Default)]
 struct State {
+    /// The third octet of this kubelet's pod addresses.
+    subnet: u8,
     pods: BTreeMap<String, PodProcesses>,
     /// Addresses per `namespace/pod`.
     addresses: BTreeMap<String, Ipv4Addr>,
@@ -81,7 +87,11 @@ impl ProcessKubelet {
     /// Files go under `root`.
     pub async fn start(client: kube::Client, root: &Path) -> ProcessKubelet {
         register(&client).await;
-        let state = Arc::new(Mutex::new(State::default()));
+        let subnet = NEXT_SUBNET.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let state = Arc::new(Mutex::new(State {
+            subnet,
+            ..State::default()
+        }));
         let root = root.to_path_buf();
         let hosts = root.join("hosts");
         names::write_hosts(&hosts, &BTreeMap::new());

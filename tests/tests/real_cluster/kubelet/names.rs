@@ -91,12 +91,14 @@ pub(super) fn write_hosts(path: &Path, names: &BTreeMap<String, Ipv4Addr>) {
     }
 }
 
+/// The address of `namespace/pod`, allocated on first use (stable for the name).
 pub(super) fn address(state: &Arc<Mutex<State>>, namespace: &str, pod: &str) -> Ipv4Addr {
     let mut st = lock(state);
     let next = u8::try_from(st.addresses.len() + 10).expect("fewer than 245 pods");
+    let subnet = st.subnet;
     *st.addresses
         .entry(format!("{namespace}/{pod}"))
-        .or_insert(Ipv4Addr::new(127, 0, 78, next))
+        .or_insert(Ipv4Addr::new(127, 0, subnet, next))
 }
 
 pub(super) async fn endpoint_slices(client: &kube::Client, namespace: &str) -> Vec<EndpointSlice> {
