@@ -89,13 +89,7 @@ async fn helm_install_runs_the_operator_with_the_charts_rbac_and_lease() {
     eventually(
         "the StatefulSet controller creates pod orders-0",
         ACT_TIMEOUT,
-        || {
-            plane
-                .kubectl(&["get", "pod", "orders-0", "-n", "default"])
-                .status
-                .success()
-                .then_some(())
-        },
+        || plane.exists("pod/orders-0", "default").then_some(()),
     )
     .await;
 
@@ -115,9 +109,7 @@ async fn helm_install_runs_the_operator_with_the_charts_rbac_and_lease() {
         ACT_TIMEOUT,
         || {
             plane
-                .kubectl(&["get", "configmap", "orders-config", "-n", "default"])
-                .status
-                .success()
+                .exists("configmap/orders-config", "default")
                 .then_some(())
         },
     )

@@ -78,24 +78,15 @@ const DAY_TWO_TIMEOUT: Duration = Duration::from_secs(300);
 /// are expanded). Nothing confirmed is lost and no acked message comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn day_two_operations_run_through_the_real_controllers_under_load() {
+    let installed = Installed::start().await;
     let Installed {
-        operator,
-        kubelet,
-        plane,
-        ..
-    } = &Installed::start().await;
+        operator, plane, ..
+    } = &installed;
     apply_example(plane, "messagequeue-small.yaml");
     let first = await_agents(plane, 3, "READY 3/3").await;
 
     // The three agents that stay throughout: scale-in removes the highest ordinals.
-    let endpoints: Vec<String> = (0..3)
-        .map(|i| {
-            let ip = kubelet
-                .address("default", &format!("orders-{i}"))
-                .expect("pod address");
-            format!("http://{ip}:7070")
-        })
-        .collect();
+    let endpoints = installed.agent_endpoints(3);
     let client = sluice_client::Client::connect_any(&endpoints)
         .await
         .expect("connect");

@@ -113,6 +113,19 @@ struct Installed {
 }
 
 impl Installed {
+    /// The client endpoints of agents `orders-0..n` (their pod addresses).
+    fn agent_endpoints(&self, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let ip = self
+                    .kubelet
+                    .address("default", &format!("orders-{i}"))
+                    .expect("pod address");
+                format!("http://{ip}:7070")
+            })
+            .collect()
+    }
+
     async fn start() -> Installed {
         const NS: &str = "sluice-system";
         let plane = ControlPlane::start().await;

@@ -69,11 +69,7 @@ async fn a_native_sidecar_starts_before_the_app_and_stops_after_it() {
 
     plane.kubectl_ok(&["delete", "pod", "app", "-n", "default", "--wait=false"]);
     eventually("the pod is gone", Duration::from_secs(90), || {
-        (!plane
-            .kubectl(&["get", "pod", "app", "-n", "default"])
-            .status
-            .success())
-        .then_some(())
+        (!plane.exists("pod/app", "default")).then_some(())
     })
     .await;
     let steps = kubelet.lifecycle("default", "app");

@@ -16,12 +16,13 @@ use serde_json::{Value, json};
 /// garbage-collects its children and keeps its claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_small_example_becomes_a_ready_three_agent_cluster() {
+    let installed = Installed::start().await;
     let Installed {
         operator,
         kubelet,
         plane,
         ..
-    } = &Installed::start().await;
+    } = &installed;
     apply_example(plane, "messagequeue-small.yaml");
     let table = eventually(
         "kubectl get mq shows READY 3/3",
@@ -40,14 +41,7 @@ async fn the_small_example_becomes_a_ready_three_agent_cluster() {
     );
     assert!(describe.contains("Events:"), "{describe}");
 
-    let endpoints: Vec<String> = (0..3)
-        .map(|i| {
-            let ip = kubelet
-                .address("default", &format!("orders-{i}"))
-                .expect("pod address");
-            format!("http://{ip}:7070")
-        })
-        .collect();
+    let endpoints = installed.agent_endpoints(3);
     let client = sluice_client::Client::connect_any(&endpoints[..1])
         .await
         .expect("connect");

@@ -234,6 +234,13 @@ impl ControlPlane {
         run_tool(&kubectl, kubeconfig, args, stdin)
     }
 
+    /// Whether `kubectl get <object> -n <namespace>` finds it (`object` as `kind/name`).
+    pub fn exists(&self, object: &str, namespace: &str) -> bool {
+        self.kubectl(&["get", object, "-n", namespace])
+            .status
+            .success()
+    }
+
     /// `kubectl` as the admin that must succeed; its stdout.
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
         let out = self.kubectl(args);
