@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use crate::cluster::{ClusterConfig, ClusterConfigError};
-
 /// The agent's default log filter: its own targets (`sluice_agent`, the client crate it uses
 /// to forward dead-letter copies, and `sluice::*` such as `sluice::timing`) at info, every
 /// dependency at warn, openraft at error. openraft logs vote handling and leases at info for
@@ -85,7 +83,7 @@ pub struct HandOffArgs {
         long = "pod-name",
         value_name = "POD_NAME",
         env = "SLUICE_POD_NAME",
-        value_parser = crate::hand_off::parse_node_id
+        value_parser = parse_node_id
     )]
     pub node_id: u64,
     /// The local agent's `--listen` address; an unspecified host (`0.0.0.0`, `::`) is reached
@@ -182,29 +180,6 @@ impl BrokerArgs {
             fsync: self.fsync,
         }
     }
-
-    /// The cluster this agent belongs to, or `None` without `--peers` (a single agent).
-    /// The cluster flags are checked here, together, by [`ClusterConfig::new`] (pod ordinal,
-    /// each `host:port`, the ordinal within the peers, the factor within the peers), so one
-    /// parser owns their syntax; its errors name the flag. The binary reports them as usage
-    /// errors, like clap's own.
-    pub fn cluster(&self) -> Result<Option<ClusterConfig>, ClusterConfigError> {
-        if self.peers.is_empty() {
-            return Ok(None);
-        }
-        // clap's `requires` makes `--peers` without `--pod-name` a usage error before this.
-        let pod_name = self.pod_name.as_deref().unwrap_or_default();
-        ClusterConfig::with_peer_advertise(
-            pod_name,
-            self.peers.clone(),
-            self.peer_listen,
-            self.peer_advertise.clone(),
-            self.advertise.clone(),
-            self.listen,
-            self.replication_factor,
-        )
-        .map(Some)
-    }
 }
 
 /// Format of the agent's log lines.
@@ -216,20 +191,54 @@ pub enum LogFormat {
     Json,
 }
 
+/// A flag value refused by one of the parsers below; clap prints it after the flag's name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FlagValueError {
+    /// `--fsync` got something other than its three forms.
+    #[error("{value:?} is not one of `always`, `interval:<ms>`, `never`")]
+    UnknownFsync {
+        /// The value given.
+        value: String,
+    },
+    /// `--fsync interval:<ms>` with a zero or non-numeric interval.
+    #[error("interval {ms:?} must be a positive number of milliseconds")]
+    BadFsyncInterval {
+        /// The text after `interval:`.
+        ms: String,
+    },
+    /// A byte size that does not parse.
+    #[error("{value:?}: {reason}")]
+    BadSize {
+        /// The value given.
+        value: String,
+        /// The size parser's reason (it reports a message, not an error type).
+        reason: String,
+    },
+    /// A byte size below what a segment needs.
+    #[error("{value:?} is below the minimum of {minimum} bytes")]
+    SizeTooSmall {
+        /// The value given.
+        value: String,
+        /// The smallest size accepted.
+        minimum: u64,
+    },
+}
+
 /// Parses `always`, `never` or `interval:<ms>`.
-pub fn parse_fsync(value: &str) -> Result<FsyncPolicy, String> {
+pub fn parse_fsync(value: &str) -> Result<FsyncPolicy, FlagValueError> {
     match value {
         "always" => Ok(FsyncPolicy::Always),
         "never" => Ok(FsyncPolicy::Never),
         other => {
-            let ms = other.strip_prefix("interval:").ok_or_else(|| {
-                format!("{other:?} is not one of `always`, `interval:<ms>`, `never`")
-            })?;
+            let ms =
+                other
+                    .strip_prefix("interval:")
+                    .ok_or_else(|| FlagValueError::UnknownFsync {
+                        value: other.to_owned(),
+                    })?;
             match ms.parse::<u64>() {
                 Ok(ms) if ms > 0 => Ok(FsyncPolicy::Interval(Duration::from_millis(ms))),
-                _ => Err(format!(
-                    "interval {ms:?} must be a positive number of milliseconds"
-                )),
+                _ => Err(FlagValueError::BadFsyncInterval { ms: ms.to_owned() }),
             }
         }
     }
@@ -237,15 +246,48 @@ pub fn parse_fsync(value: &str) -> Result<FsyncPolicy, String> {
 
 /// Parses a byte size such as `4096`, `64MiB` or `1GB`; at least 4 KiB so a segment holds a
 /// record header and then some.
-pub fn parse_bytes(value: &str) -> Result<u64, String> {
+pub fn parse_bytes(value: &str) -> Result<u64, FlagValueError> {
     const MIN_SEGMENT_BYTES: u64 = 4096;
-    let size: bytesize::ByteSize = value.parse().map_err(|e| format!("{value:?}: {e}"))?;
+    let size: bytesize::ByteSize = value.parse().map_err(|reason| FlagValueError::BadSize {
+        value: value.to_owned(),
+        reason,
+    })?;
     if size.as_u64() < MIN_SEGMENT_BYTES {
-        return Err(format!(
-            "{value:?} is below the minimum of {MIN_SEGMENT_BYTES} bytes"
-        ));
+        return Err(FlagValueError::SizeTooSmall {
+            value: value.to_owned(),
+            minimum: MIN_SEGMENT_BYTES,
+        });
     }
     Ok(size.as_u64())
+}
+
+/// The ordinal of a StatefulSet pod name: the digits after its last `-`; `None` when there are
+/// none (or too many to be a node id).
+pub fn ordinal(pod_name: &str) -> Option<u64> {
+    let (_, digits) = pod_name.rsplit_once('-')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The ordinal of a StatefulSet pod name (the digits after its last `-`), which is the agent's
+/// node id; the same rule as the broker's `--pod-name`. A clap value parser, so a bad name is a
+/// usage error naming the flag.
+pub fn parse_node_id(pod_name: &str) -> Result<u64, NoOrdinal> {
+    ordinal(pod_name).ok_or_else(|| NoOrdinal {
+        pod_name: pod_name.to_owned(),
+    })
+}
+
+/// A `--pod-name` without a StatefulSet ordinal.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{pod_name:?} has no ordinal after the last '-' (expected a StatefulSet pod name such as \"sluice-0\")"
+)]
+pub struct NoOrdinal {
+    /// The name given.
+    pub pod_name: String,
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Flag parsing of `sluice-agent broker`, through clap as the binary parses them.
 
 use super::*;
+use crate::cluster::ClusterConfig;
 use clap::Parser;
 
 #[test]
@@ -62,9 +63,7 @@ fn hand_off_reads_the_pods_identity_and_defaults_to_a_20_second_deadline() {
 }
 
 fn cluster_error(args: &[&str]) -> String {
-    broker(args)
-        .expect("flags parse")
-        .cluster()
+    ClusterConfig::from_args(&broker(args).expect("flags parse"))
         .expect_err("must be refused")
         .to_string()
 }
@@ -81,7 +80,9 @@ fn peers_are_split_on_commas_and_make_a_cluster_in_their_order() {
     ])
     .expect("parses");
     assert_eq!(b.peers, ["a:7071", "b.svc:7071", "[::1]:7071"]);
-    let cluster = b.cluster().expect("valid").expect("cluster mode");
+    let cluster = ClusterConfig::from_args(&b)
+        .expect("valid")
+        .expect("cluster mode");
     assert_eq!(cluster.node_id, 1);
     assert_eq!(cluster.peers, b.peers);
     assert_eq!(cluster.peer_listen.to_string(), "0.0.0.0:7071");
@@ -105,7 +106,9 @@ fn explicit_advertise_and_replication_factor_are_kept() {
         "127.0.0.1:9000",
     ])
     .expect("parses");
-    let cluster = b.cluster().expect("valid").expect("cluster mode");
+    let cluster = ClusterConfig::from_args(&b)
+        .expect("valid")
+        .expect("cluster mode");
     assert_eq!(cluster.advertise, "public.example:443");
     assert_eq!(cluster.replication_factor, 1);
     assert_eq!(cluster.peer_listen.to_string(), "127.0.0.1:9000");
@@ -162,7 +165,11 @@ fn a_replication_factor_beyond_the_peers_or_zero_is_refused_naming_the_flag() {
 #[test]
 fn without_peers_the_agent_is_not_in_a_cluster() {
     let b = broker(&["--pod-name", "local-0", "--replication-factor", "2"]).expect("parses");
-    assert!(b.cluster().expect("no cluster error").is_none());
+    assert!(
+        ClusterConfig::from_args(&b)
+            .expect("no cluster error")
+            .is_none()
+    );
     assert!(b.queues_file.is_none());
 }
 
@@ -177,10 +184,32 @@ fn an_agent_beyond_the_peers_joins_with_its_peer_advertise_address() {
         "d:7071",
     ])
     .expect("flags parse");
-    let cluster = b.cluster().expect("valid").expect("cluster mode");
+    let cluster = ClusterConfig::from_args(&b)
+        .expect("valid")
+        .expect("cluster mode");
     assert!(cluster.is_joining());
     assert_eq!(cluster.peer_advertise, "d:7071");
     assert_eq!(cluster.advertise, "d:7070");
     let err = cluster_error(&["--pod-name", "s-3", "--peers", "a:7071,b:7071,c:7071"]);
     assert!(err.contains("--peer-advertise"), "{err}");
+}
+
+#[test]
+fn a_pod_name_without_an_ordinal_is_refused_with_the_name() {
+    for name in [
+        "orders",
+        "orders-",
+        "orders-x1",
+        "-",
+        "orders-99999999999999999999999",
+    ] {
+        let err = parse_node_id(name).expect_err(name);
+        assert!(err.to_string().contains(&format!("{name:?}")), "{err}");
+    }
+}
+
+#[test]
+fn the_node_id_is_the_ordinal_after_the_last_dash() {
+    assert_eq!(parse_node_id("orders-mq-2"), Ok(2));
+    assert_eq!(parse_node_id("local-0"), Ok(0));
 }

@@ -76,27 +76,24 @@ pub enum HandOffError {
         /// The deadline.
         timeout: Duration,
     },
-    /// The agent answered with an error (unknown node id, unreachable, ...).
-    #[error("agent at {address}: {code:?}: {message}")]
+    /// The agent could not be reached.
+    #[error("agent at {address}: connect: {}", chain(source))]
+    Unreachable {
+        /// Where it was asked.
+        address: SocketAddr,
+        /// Why connecting failed.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The agent answered with an error (unknown node id, ...).
+    #[error("agent at {address}: {:?}: {}", status.code(), status.message())]
     Refused {
         /// Where it was asked.
         address: SocketAddr,
-        /// The gRPC status code.
-        code: Code,
-        /// The agent's message (names the field at fault).
-        message: String,
+        /// The agent's answer (its message names the field at fault).
+        #[source]
+        status: tonic::Status,
     },
-}
-
-/// The ordinal of a StatefulSet pod name (the digits after its last `-`), which is the agent's
-/// node id; the same rule as the broker's `--pod-name`. A clap value parser, so a bad name is a
-/// usage error naming the flag.
-pub fn parse_node_id(pod_name: &str) -> Result<u64, String> {
-    crate::cluster::config::ordinal(pod_name).ok_or_else(|| {
-        format!(
-            "{pod_name:?} has no ordinal after the last '-' (expected a StatefulSet pod name such as \"sluice-0\")"
-        )
-    })
 }
 
 /// Where to reach an agent listening on `listen`: an unspecified address (`0.0.0.0`, `::`)
@@ -118,17 +115,13 @@ pub async fn hand_off(
     timeout: Duration,
 ) -> Result<Outcome, HandOffError> {
     let call = async {
-        // `SocketAddr`'s display is always a valid authority, so the URI cannot be refused.
+        let unreachable = |source| HandOffError::Unreachable { address, source };
+        // `SocketAddr`'s display is always a valid authority; were it not, the URI error is
+        // as much a reason the agent cannot be reached as a refused connection.
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| refused(address, Code::InvalidArgument, e.to_string()))?
+            .map_err(unreachable)?
             .connect_timeout(timeout);
-        let channel = endpoint.connect().await.map_err(|e| {
-            refused(
-                address,
-                Code::Unavailable,
-                format!("connect: {}", chain(&e)),
-            )
-        })?;
+        let channel = endpoint.connect().await.map_err(unreachable)?;
         let mut request = tonic::Request::new(HandOffLeadershipRequest { node_id });
         request.set_timeout(timeout);
         match MembershipClient::new(channel)
@@ -152,7 +145,7 @@ pub async fn hand_off(
             Err(status) if status.code() == Code::FailedPrecondition => Ok(Outcome::Single {
                 message: status.message().to_owned(),
             }),
-            Err(status) => Err(refused(address, status.code(), status.message().to_owned())),
+            Err(status) => Err(HandOffError::Refused { address, status }),
         }
     };
     tokio::time::timeout(timeout, call)
@@ -173,37 +166,9 @@ fn chain(err: &dyn std::error::Error) -> String {
     out
 }
 
-fn refused(address: SocketAddr, code: Code, message: String) -> HandOffError {
-    HandOffError::Refused {
-        address,
-        code,
-        message,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_node_id_is_the_ordinal_after_the_last_dash() {
-        assert_eq!(parse_node_id("orders-mq-2"), Ok(2));
-        assert_eq!(parse_node_id("local-0"), Ok(0));
-    }
-
-    #[test]
-    fn a_pod_name_without_an_ordinal_is_refused_with_the_name() {
-        for name in [
-            "orders",
-            "orders-",
-            "orders-x1",
-            "-",
-            "orders-99999999999999999999999",
-        ] {
-            let err = parse_node_id(name).expect_err(name);
-            assert!(err.contains(&format!("{name:?}")), "{err}");
-        }
-    }
 
     #[test]
     fn an_agent_listening_everywhere_is_reached_on_loopback() {

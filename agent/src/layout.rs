@@ -7,7 +7,11 @@
 //! <data>/queues/<queue>/spec.pb.tmp             the next spec while it is written (renamed over spec.pb)
 //! <data>/queues/<queue>/p-0003/                 partition 3's log directory
 //! <data>/queues/<queue>/p-0003/00000000000000000001.log   segment whose first entry has index 1
-//! <data>/queues/<queue>/p-0003.raft/            partition 3's Raft metadata: vote, commit hint, purge point (cluster mode)
+//! <data>/queues/<queue>/p-0003/00000000000000000900.log.reset   the staged first segment of a log reset (its commit point)
+//! <data>/queues/<queue>/p-0003.raft/            partition 3's Raft metadata (cluster mode):
+//! <data>/queues/<queue>/p-0003.raft/raft-meta.pb    vote, commit hint, purge point
+//! <data>/queues/<queue>/p-0003.raft/membership.pb   the group's last applied membership
+//! <dir>/<file>.tmp                              any atomically replaced file while it is written
 //! <data>/queues/<queue>/p-0003.corrupt-<t>/     a corrupted log set aside at unix time <t>, kept for inspection
 //! ```
 //!
@@ -23,6 +27,18 @@ pub struct Layout {
 
 /// Suffix of segment files.
 pub const SEGMENT_SUFFIX: &str = ".log";
+
+/// Suffix of the staged first segment of a log reset (`<base>.log.reset`).
+pub const RESET_SUFFIX: &str = ".reset";
+
+/// The vote, commit hint and purge point of a Raft group, in its metadata directory.
+pub const RAFT_META_FILE: &str = "raft-meta.pb";
+
+/// A Raft group's last applied membership, in its metadata directory.
+pub const MEMBERSHIP_FILE: &str = "membership.pb";
+
+/// The meta group's log directory, inside [`Layout::meta_group_dir`].
+pub const META_GROUP_LOG_DIR: &str = "log";
 
 impl Layout {
     /// A layout rooted at `root` (nothing is created).
@@ -41,7 +57,7 @@ impl Layout {
     }
 
     /// Directory of the cluster's meta Raft group (`log/` and its `raft-meta.pb`).
-    pub fn meta_dir(&self) -> PathBuf {
+    pub fn meta_group_dir(&self) -> PathBuf {
         self.root.join("meta")
     }
 
@@ -62,7 +78,7 @@ impl Layout {
 
     /// The spec being written, before it is renamed over [`Layout::queue_spec`].
     pub fn queue_spec_tmp(&self, queue: &str) -> PathBuf {
-        self.queue_dir(queue).join("spec.pb.tmp")
+        replacement_tmp(&self.queue_spec(queue))
     }
 
     /// Log directory of one partition.
@@ -85,6 +101,18 @@ impl Layout {
 /// File name of the segment whose first entry has `base_index`.
 pub fn segment_file_name(base_index: u64) -> String {
     format!("{base_index:020}{SEGMENT_SUFFIX}")
+}
+
+/// File name of the staged first segment of a reset to `base_index`.
+pub fn staged_segment_file_name(base_index: u64) -> String {
+    format!("{}{RESET_SUFFIX}", segment_file_name(base_index))
+}
+
+/// The temporary file an atomic replacement of `path` writes first (`<path>.tmp`).
+pub fn replacement_tmp(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
 }
 
 /// Parses a segment file name back into its base index; `None` for other files.

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser};
 use sluice_agent::broker::{Broker, BrokerError};
+use sluice_agent::cluster::ClusterConfig;
 use sluice_agent::config::{Args, BrokerArgs, Command, HandOffArgs, LogFormat};
 use sluice_agent::grpc::status;
 use sluice_agent::server::Agent;
@@ -21,13 +22,13 @@ fn main() -> ExitCode {
     };
     // The cluster flags are checked together (clap sees each alone); a bad combination is a
     // usage error like any bad flag: exit 2 with the message naming the flag.
-    if let Err(err) = broker.cluster() {
+    if let Err(err) = ClusterConfig::from_args(&broker) {
         Args::command()
             .error(clap::error::ErrorKind::ValueValidation, err)
             .exit();
     }
-    if let Err(message) = init_tracing(&broker) {
-        eprintln!("error: --log-level: {message}");
+    if let Err(err) = init_tracing(&broker) {
+        eprintln!("error: --log-level {:?}: {err}", broker.log_level);
         return ExitCode::from(2);
     }
     raise_open_files_limit();
@@ -94,7 +95,7 @@ async fn serve(args: BrokerArgs) -> anyhow::Result<()> {
         Some(path) => sluice_agent::queues_file::load(path)?,
         None => Vec::new(),
     };
-    let cluster = args.cluster()?;
+    let cluster = ClusterConfig::from_args(&args)?;
     // A joining agent is not a member until Membership.AddAgent: the bootstrap agents declare
     // the queues file's queues, and it learns them from the catalog once added.
     let joining = cluster.as_ref().is_some_and(|c| c.is_joining());
@@ -214,9 +215,8 @@ fn raise_open_files_limit() {
     }
 }
 
-fn init_tracing(args: &BrokerArgs) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .map_err(|err| format!("{:?}: {err}", args.log_level))?;
+fn init_tracing(args: &BrokerArgs) -> Result<(), tracing_subscriber::filter::ParseError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)?;
     // Logs go to stderr: stdout carries only the machine-readable listening line.
     // Colours only on a terminal: in a pod's log or a file they are escape-code noise.
     let builder = tracing_subscriber::fmt()

@@ -108,7 +108,7 @@ pub trait AgentAdmin: Send + Sync {
 
     /// Moves every leadership held by agent `node_id` to caught-up replicas elsewhere, so it
     /// can restart without an election (rolling updates).
-    async fn transfer_leadership(
+    async fn hand_off_leaderships(
         &self,
         endpoint: &str,
         node_id: u64,
@@ -291,7 +291,7 @@ impl AgentAdmin for GrpcAgentAdmin {
         })
     }
 
-    async fn transfer_leadership(
+    async fn hand_off_leaderships(
         &self,
         endpoint: &str,
         node_id: u64,

@@ -1,4 +1,5 @@
-//! The MessageQueue controller: `Context`, `reconcile`, `error_policy` and `run`.
+//! The MessageQueue controller: backoff, `reconcile`, `error_policy` and `run`; the state
+//! they share is [`crate::context::Context`].
 //!
 //! Reconcile is level-based and idempotent: every pass server-side-applies all children from
 //! the spec ([`crate::apply`], so drift is repaired at the next pass), reads the StatefulSet and
@@ -17,31 +18,22 @@
 //! Every child carries a controller owner reference and is garbage-collected with the
 //! MessageQueue; the agents' PersistentVolumeClaims are retained (decision 0005).
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use futures::{Future, StreamExt};
 use k8s_openapi::{api::apps::v1::StatefulSet, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
-    Api, Client,
-    runtime::{
-        Controller,
-        controller::Action,
-        events::{EventType, Recorder, Reporter},
-        reflector::ObjectRef,
-        watcher,
-    },
+    Api,
+    runtime::{Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher},
 };
 use tracing::{info, warn};
 
 use crate::{
     Error, Result,
-    agent_admin::{ADMIN_TIMEOUT, AgentAdmin, QueueStats},
+    agent_admin::{ADMIN_TIMEOUT, QueueStats},
     apply,
     builders::{self, statefulset::Shape},
+    context::Context,
     crd::{MessageQueue, condition_types},
     day2::{
         self, Step,
@@ -49,9 +41,7 @@ use crate::{
         execute::{execute_step, expand_claims, observe},
     },
     events::{self, event_reasons},
-    metrics::Metrics,
     names::{Names, display_name},
-    settings::Settings,
     status::{self, Observed},
 };
 
@@ -63,68 +53,6 @@ pub const REQUEUE_CONVERGING: Duration = Duration::from_secs(10);
 pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
 /// Longest retry delay after failures.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
-
-/// Shared state of all reconciles.
-pub struct Context {
-    /// Client of the Kubernetes API.
-    pub client: Client,
-    /// Publishes Kubernetes events about MessageQueues.
-    pub recorder: Recorder,
-    /// Operator-wide settings of the builders.
-    pub settings: Settings,
-    /// Calls into the agents (stats now; day-2 operations later).
-    pub admin: Arc<dyn AgentAdmin>,
-    /// Prometheus metrics of the controller.
-    pub metrics: Arc<Metrics>,
-    /// Consecutive failures per MessageQueue, for `error_policy`'s exponential backoff; an
-    /// entry is removed by the next successful reconcile.
-    pub failures: Mutex<HashMap<ObjectRef<MessageQueue>, u32>>,
-}
-
-impl Context {
-    /// A context with an empty failure table.
-    pub fn new(
-        client: Client,
-        settings: Settings,
-        admin: Arc<dyn AgentAdmin>,
-        metrics: Arc<Metrics>,
-        reporter: Reporter,
-    ) -> Self {
-        let recorder = Recorder::new(client.clone(), reporter);
-        Self {
-            client,
-            recorder,
-            settings,
-            admin,
-            metrics,
-            failures: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn failure_count(&self, key: &ObjectRef<MessageQueue>) -> u32 {
-        self.failures
-            .lock()
-            .map(|f| f.get(key).copied().unwrap_or(0))
-            .unwrap_or(0)
-    }
-
-    fn record_failure(&self, key: ObjectRef<MessageQueue>) -> u32 {
-        match self.failures.lock() {
-            Ok(mut f) => {
-                let n = f.entry(key).or_insert(0);
-                *n = n.saturating_add(1);
-                *n
-            }
-            Err(_) => 1,
-        }
-    }
-
-    fn clear_failures(&self, key: &ObjectRef<MessageQueue>) {
-        if let Ok(mut f) = self.failures.lock() {
-            f.remove(key);
-        }
-    }
-}
 
 /// Retry delay after `failures` consecutive failures: 5 s, 10 s, 20 s ... at most 5 minutes.
 pub fn backoff(failures: u32) -> Duration {

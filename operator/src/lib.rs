@@ -4,7 +4,8 @@
 //!
 //! # Layout
 //! - [`crd`]: the `MessageQueue` spec and status types (the CRD is generated from them).
-//! - [`controller`]: `Context`, `reconcile`, `error_policy` and `run`.
+//! - [`controller`]: backoff, `reconcile`, `error_policy` and `run`.
+//! - [`context`]: `Context`, what every reconcile shares.
 //! - [`apply`]: server-side apply of the children and the status, under [`FIELD_MANAGER`].
 //! - [`events`]: the Kubernetes events about MessageQueues and their reasons.
 //! - [`field_conflicts`]: whose fields stand in an apply's way, and whether to take them back.
@@ -23,6 +24,7 @@ pub mod apply;
 pub mod args;
 pub mod builders;
 pub mod cluster_view;
+pub mod context;
 pub mod controller;
 pub mod crd;
 pub mod day2;

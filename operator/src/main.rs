@@ -13,7 +13,8 @@ use kube::{Client, runtime::events::Reporter};
 use sluice_operator::{
     agent_admin::GrpcAgentAdmin,
     args::Args,
-    controller::{self, Context},
+    context::Context,
+    controller,
     http::{HttpState, router},
     leader::{self, LeaseConfig},
     metrics::Metrics,

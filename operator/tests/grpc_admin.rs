@@ -312,7 +312,7 @@ async fn membership_calls_carry_the_node_id_and_addresses() {
     let draining = GrpcAgentAdmin.drain(&addr, 3).await.unwrap();
     assert_eq!(draining.state, AgentState::Draining);
     GrpcAgentAdmin.remove_member(&addr, 3).await.unwrap();
-    let handoff = GrpcAgentAdmin.transfer_leadership(&addr, 2).await.unwrap();
+    let handoff = GrpcAgentAdmin.hand_off_leaderships(&addr, 2).await.unwrap();
     assert_eq!(handoff.moved, 2);
     assert_eq!(handoff.remaining, vec!["orders/3".to_owned()]);
     assert_eq!(

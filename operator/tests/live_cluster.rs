@@ -14,12 +14,8 @@ use kube::{
     runtime::events::Reporter,
 };
 use sluice_operator::{
-    FIELD_MANAGER,
-    agent_admin::GrpcAgentAdmin,
-    controller::{self, Context},
-    crd::MessageQueue,
-    metrics::Metrics,
-    settings::Settings,
+    FIELD_MANAGER, agent_admin::GrpcAgentAdmin, context::Context, controller, crd::MessageQueue,
+    metrics::Metrics, settings::Settings,
 };
 
 #[tokio::test]

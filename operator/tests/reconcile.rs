@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 use sluice_operator::{
     Error, FIELD_MANAGER,
     agent_admin::{PartitionStats, QueueStats},
-    controller::{self, Context},
+    context::Context,
+    controller,
     crd::MessageQueue,
     events::event_reasons,
     metrics::Metrics,
@@ -979,7 +980,7 @@ async fn rolling_update_hands_off_and_restarts_one_pod_at_a_time() {
     h.reconcile().await.unwrap();
     assert_eq!(
         h.admin.membership_calls(),
-        vec!["transfer_leadership orders-2.orders-peers.shop.svc.cluster.local:7070 2"]
+        vec!["hand_off_leaderships orders-2.orders-peers.shop.svc.cluster.local:7070 2"]
     );
     assert!(h.api.object(&pod_path(2)).is_none(), "pod 2 deleted");
     assert_eq!(

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use clap::{CommandFactory as _, Parser as _};
 use serde_json::Value;
+use sluice_agent::cluster::ClusterConfig;
 use sluice_agent::config::{Args as AgentArgs, BrokerArgs, Command, HandOffArgs};
 use sluice_operator::builders::{configmap, statefulset};
 use sluice_operator::crd::MessageQueue;
@@ -326,8 +327,7 @@ fn every_agent_pod_of_the_statefulset_starts_as_its_own_member_of_the_cluster() 
         let factor = statefulset::replication_factor(&mq, &names);
         for ordinal in 0..mq.spec.replicas {
             let broker = agent_in_pod(&container, &mq, ordinal);
-            let cluster = broker
-                .cluster()
+            let cluster = ClusterConfig::from_args(&broker)
                 .unwrap_or_else(|e| panic!("{example} pod {ordinal}: {e}"))
                 .unwrap_or_else(|| panic!("{example} pod {ordinal}: not in cluster mode"));
             assert_eq!(
@@ -392,8 +392,7 @@ fn a_pod_added_by_scale_out_starts_as_a_joining_agent_at_its_stable_peer_name() 
         let container = serde_json::to_value(&pod.containers[0]).expect("container serializes");
 
         let broker = agent_in_pod(&container, &mq, bootstrap);
-        let cluster = broker
-            .cluster()
+        let cluster = ClusterConfig::from_args(&broker)
             .unwrap_or_else(|e| panic!("{example} new pod {bootstrap}: {e}"))
             .unwrap_or_else(|| panic!("{example}: not in cluster mode"));
         assert!(

@@ -19,7 +19,7 @@ use crate::queue::replica_link::ReplicaLink;
 /// How often an agent checks that the partitions it leads are led by their preferred agent.
 const BALANCE_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest a stopping agent spends handing its leaderships away.
-const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(5);
+const STOP_HAND_OFF_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Who should lead `queue`'s partitions, most preferred first: its replica set in placement
 /// order over the ACTIVE agents (a joining one is not a voter everywhere yet, a draining one
@@ -164,7 +164,7 @@ impl Broker {
             .or_else(|| cluster.meta.peer_address(node))
     }
 
-    /// Hands this agent's leaderships away before it stops, within [`HAND_OFF_TIMEOUT`]; does
+    /// Hands this agent's leaderships away before it stops, within [`STOP_HAND_OFF_TIMEOUT`]; does
     /// nothing on a single agent or when it already ran. The server calls it while its streams
     /// are still open, so a subscription on a moved partition ends with a redirect that its
     /// client follows, rather than with the server's drain.
@@ -173,11 +173,11 @@ impl Broker {
             return;
         }
         if let Some(cluster) = &self.options.cluster
-            && tokio::time::timeout(HAND_OFF_TIMEOUT, self.relinquish_leaderships(cluster))
+            && tokio::time::timeout(STOP_HAND_OFF_TIMEOUT, self.relinquish_leaderships(cluster))
                 .await
                 .is_err()
         {
-            tracing::warn!(timeout = ?HAND_OFF_TIMEOUT, "leadership hand-off before stopping timed out");
+            tracing::warn!(timeout = ?STOP_HAND_OFF_TIMEOUT, "leadership hand-off before stopping timed out");
         }
     }
 }

@@ -533,11 +533,12 @@ impl Broker {
             self.close_queue(queue).await;
         }
         if let Some(cluster) = &self.options.cluster {
-            match tokio::time::timeout(RAFT_STOP_TIMEOUT, cluster.meta.shutdown()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "the meta group did not stop cleanly"),
-                Err(_) => tracing::warn!("the meta group did not stop in time"),
-            }
+            crate::replication::stop_within(
+                crate::cluster::META_GROUP,
+                RAFT_STOP_TIMEOUT,
+                cluster.meta.shutdown(),
+            )
+            .await;
         }
         let timers: Vec<JoinHandle<()>> = lock(&self.timers).drain(..).collect();
         for timer in timers {

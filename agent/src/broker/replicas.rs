@@ -158,7 +158,7 @@ impl Broker {
                 raft_config: cluster.raft_config.clone(),
                 groups: cluster.groups.clone(),
                 addresses: addresses(&cluster.meta),
-                meta_dir: self.layout.partition_raft_dir(&spec.name, id),
+                raft_dir: self.layout.partition_raft_dir(&spec.name, id),
                 preferred,
             };
             let partition = replica::open(

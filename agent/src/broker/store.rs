@@ -179,8 +179,8 @@ pub(super) fn open_replica_log(
 
 /// Keeps only the vote of a replica whose log was set aside: its commit hint and purge point
 /// described entries it no longer has.
-fn forget_log_positions(meta_dir: &Path) -> Result<(), crate::replication::meta::ReplicaMetaError> {
-    let file = crate::replication::meta::MetaFile::new(meta_dir);
+fn forget_log_positions(raft_dir: &Path) -> Result<(), crate::replication::meta::ReplicaMetaError> {
+    let file = crate::replication::meta::MetaFile::new(raft_dir);
     let saved = file.load()?;
     file.save(&sluice_proto::peer::v1::ReplicaMeta {
         vote: saved.vote,

@@ -12,6 +12,8 @@
 
 use std::net::SocketAddr;
 
+use crate::config::{BrokerArgs, ordinal};
+
 /// Replicas per partition when `--replication-factor` is not given (fewer agents: all of them).
 pub const REPLICATION_FACTOR_DEFAULT: u32 = 3;
 
@@ -134,6 +136,29 @@ pub enum ClusterConfigError {
 }
 
 impl ClusterConfig {
+    /// The cluster this agent belongs to, or `None` without `--peers` (a single agent).
+    /// The cluster flags are checked here, together, by [`ClusterConfig::new`] (pod ordinal,
+    /// each `host:port`, the ordinal within the peers, the factor within the peers), so one
+    /// parser owns their syntax; its errors name the flag. The binary reports them as usage
+    /// errors, like clap's own.
+    pub fn from_args(args: &BrokerArgs) -> Result<Option<Self>, ClusterConfigError> {
+        if args.peers.is_empty() {
+            return Ok(None);
+        }
+        // clap's `requires` makes `--peers` without `--pod-name` a usage error before this.
+        let pod_name = args.pod_name.as_deref().unwrap_or_default();
+        Self::with_peer_advertise(
+            pod_name,
+            args.peers.clone(),
+            args.peer_listen,
+            args.peer_advertise.clone(),
+            args.advertise.clone(),
+            args.listen,
+            args.replication_factor,
+        )
+        .map(Some)
+    }
+
     /// [`ClusterConfig::with_peer_advertise`] without `--peer-advertise`: a bootstrap agent.
     pub fn new(
         pod_name: &str,
@@ -268,16 +293,6 @@ impl ClusterConfig {
             .and_then(|i| self.peers.get(i))
             .map(String::as_str)
     }
-}
-
-/// The ordinal of a StatefulSet pod name: the digits after its last `-`; `None` when there are
-/// none (or too many to be a node id).
-pub fn ordinal(pod_name: &str) -> Option<u64> {
-    let (_, digits) = pod_name.rsplit_once('-')?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
 }
 
 fn check_peers(peers: Vec<String>) -> Result<Vec<String>, ClusterConfigError> {

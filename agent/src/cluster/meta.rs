@@ -188,8 +188,8 @@ impl MetaGroup {
         groups: &RaftGroups,
         log_config: LogConfig,
     ) -> Result<MetaGroup, MetaGroupError> {
-        let dir = Layout::new(data_dir).meta_dir();
-        let log_dir = dir.join("log");
+        let dir = Layout::new(data_dir).meta_group_dir();
+        let log_dir = dir.join(crate::layout::META_GROUP_LOG_DIR);
         let (log, _recovery) =
             FileLog::open(&log_dir, log_config).map_err(|source| MetaGroupError::OpenLog {
                 path: log_dir.clone(),

@@ -6,8 +6,10 @@
 //! that, and the meta leader moves agents along their life cycle (JOINING → ACTIVE once every
 //! group counts them as voters, DRAINING → DRAINED once none counts them). Every decision here
 //! is a pure function of a [`GroupView`] and the [`Catalog`], so it is unit-tested without a
-//! Raft; the broker's reconcile task executes the steps and simply asks again next round, which
-//! makes the whole thing idempotent and tolerant of lost leaderships and failed calls.
+//! Raft; [`execute`] applies one step to the group's Raft. The broker's reconcile loop
+//! (`broker/membership.rs`) decides when to ask, runs the step and simply asks again next
+//! round, which makes the whole thing idempotent and tolerant of lost leaderships and failed
+//! calls.
 
 use std::collections::{BTreeMap, BTreeSet};
 

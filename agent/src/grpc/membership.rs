@@ -29,7 +29,7 @@ use crate::cluster::reconcile::GroupView;
 use crate::cluster::{ClusterContext, MetaGroupError};
 
 /// Deadline of a hand-off passed on to the agent concerned.
-const HAND_OFF_TIMEOUT: Duration = Duration::from_secs(60);
+const HAND_OFF_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Serves `Membership` from the broker's cluster side.
 #[derive(Clone)]
@@ -219,7 +219,7 @@ impl MembershipService {
             .client_address(node_id)
             .ok_or(MembershipError::UnknownAgent { node_id })?;
         let mut request = Request::new(HandOffLeadershipRequest { node_id });
-        request.set_timeout(HAND_OFF_TIMEOUT);
+        request.set_timeout(HAND_OFF_CALL_TIMEOUT);
         let mut client = MembershipClient::new(channel(&address)?);
         client
             .hand_off_leadership(request)
@@ -286,7 +286,7 @@ impl MembershipError {
             Self::NotClustered => Status::failed_precondition(message),
             Self::UnknownAgent { .. } => Status::not_found(message),
             Self::InvalidArgument { .. } => Status::invalid_argument(message),
-            Self::Meta(MetaGroupError::Invalid(e)) => Status::invalid_argument(e.to_string()),
+            Self::Meta(MetaGroupError::Invalid(e)) => Status::from(e),
             Self::Meta(MetaGroupError::Refused { code, .. }) => match code {
                 Code::AlreadyExists => Status::already_exists(message),
                 Code::NotFound => Status::not_found(message),

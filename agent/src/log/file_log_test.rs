@@ -500,7 +500,7 @@ fn a_crash_after_the_reset_was_staged_is_completed_on_open() {
     let staged = dir.path().join(format!(
         "{}{}",
         segment_file_name(5_000),
-        recovery::RESET_SUFFIX
+        crate::layout::RESET_SUFFIX
     ));
     std::fs::write(&staged, b"").expect("stage");
     std::fs::remove_file(&old.last().expect("a segment").1).expect("remove newest");
@@ -518,7 +518,7 @@ fn two_staged_resets_are_refused_naming_the_directory() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_log(dir.path(), SMALL_SEGMENT_BYTES, 10);
     for base in [20, 30] {
-        let name = format!("{}{}", segment_file_name(base), recovery::RESET_SUFFIX);
+        let name = format!("{}{}", segment_file_name(base), crate::layout::RESET_SUFFIX);
         std::fs::write(dir.path().join(name), b"").expect("stage");
     }
     let (path, _, reason) = expect_corrupted(FileLog::open(dir.path(), config(4096)));

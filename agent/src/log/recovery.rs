@@ -13,7 +13,9 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use crate::layout::{parse_segment_file_name, segment_file_name};
+use crate::layout::{
+    RESET_SUFFIX, parse_segment_file_name, segment_file_name, staged_segment_file_name,
+};
 
 use super::file_cache::FileCache;
 use super::record::{self, DecodeError};
@@ -127,9 +129,8 @@ pub fn recover(dir: &Path, sync: bool) -> Result<Recovered, LogError> {
     })
 }
 
-/// Suffix of the staged first segment of a log reset (`<base>.log.reset`). Its durable
-/// existence is the commit point of the reset: recovery then completes it.
-pub const RESET_SUFFIX: &str = ".reset";
+// The staged first segment of a reset (`layout::staged_segment_file_name`): its durable
+// existence is the commit point of the reset, and recovery then completes it.
 
 /// The file side of `LogStore::reset`: replaces every segment in `doomed` by one empty segment
 /// starting at `base`, and returns the writable handle of that segment.
@@ -146,7 +147,7 @@ pub fn reset_files(
     base: u64,
     sync: bool,
 ) -> Result<File, LogError> {
-    let staged = dir.join(format!("{}{RESET_SUFFIX}", segment_file_name(base)));
+    let staged = dir.join(staged_segment_file_name(base));
     let file = OpenOptions::new()
         .read(true)
         .write(true)

@@ -362,7 +362,7 @@ pub struct Setup {
     /// Client addresses for redirects.
     pub addresses: Addresses,
     /// Directory of the Raft metadata (vote, purge point).
-    pub meta_dir: std::path::PathBuf,
+    pub raft_dir: std::path::PathBuf,
     /// Whether this agent is the group's preferred leader: a new group's first election is
     /// its, so the leader a client finds right after declaring is the one the balancer keeps.
     pub preferred: bool,
@@ -400,7 +400,7 @@ pub async fn open(
         config,
         log.first_index(),
     )));
-    let meta = crate::replication::meta::MetaFile::new(&setup.meta_dir);
+    let meta = crate::replication::meta::MetaFile::new(&setup.raft_dir);
     meta.create_dir()?;
     let status = watch::Sender::new(ReplicaStatus::default());
     let machine = QueueStateMachine::shared(
@@ -408,7 +408,7 @@ pub async fn open(
         log.clone(),
         state.clone(),
         Some(status.clone()),
-        Some(setup.meta_dir.clone()),
+        Some(setup.raft_dir.clone()),
     );
     let mut store =
         crate::replication::ReplicatedLog::open(log.clone(), meta, machine.purge_floor())?;

@@ -106,17 +106,10 @@ impl ReplicaLink {
     }
 
     /// Stops this replica: it stops serving (waiting confirms fail at once) and its Raft
-    /// group stops within `timeout`. Everything acknowledged is on disk already, so a Raft
-    /// that does not stop in time is left behind as a crash would leave it.
+    /// group stops within `timeout` ([`crate::replication::stop_within`]).
     pub async fn stop(&self, timeout: std::time::Duration) {
         self.stop_serving();
-        match tokio::time::timeout(timeout, self.raft.shutdown()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(group = %self.group, error = %e, "raft did not stop cleanly")
-            }
-            Err(_) => tracing::warn!(group = %self.group, "raft did not stop in time"),
-        }
+        crate::replication::stop_within(&self.group, timeout, self.raft.shutdown()).await;
     }
 }
 

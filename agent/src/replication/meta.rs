@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use sluice_proto::peer::v1::ReplicaMeta;
 
-/// Name of the meta file within a partition's replication directory.
-pub const META_FILE_NAME: &str = "raft-meta.pb";
+use crate::layout::RAFT_META_FILE;
 
 /// Errors reading or writing the meta file; each names the path.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +67,7 @@ impl MetaFile {
 
     /// Path of the file.
     pub fn path(&self) -> PathBuf {
-        self.dir.join(META_FILE_NAME)
+        self.dir.join(RAFT_META_FILE)
     }
 
     /// Reads the saved meta; the default when the file does not exist yet.
@@ -88,14 +87,15 @@ impl MetaFile {
 
     /// Durably replaces the file with `meta`.
     pub fn save(&self, meta: &ReplicaMeta) -> Result<(), ReplicaMetaError> {
-        replace_file(&self.dir, META_FILE_NAME, &meta.encode_to_vec())
+        replace_file(&self.dir, RAFT_META_FILE, &meta.encode_to_vec())
     }
 }
 
 /// Durably replaces `dir/name` with `bytes` (see [`crate::log::replace_file`]); the
 /// temporary file is `dir/name.tmp`.
 pub fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), ReplicaMetaError> {
-    crate::log::replace_file(&dir.join(name), &dir.join(format!("{name}.tmp")), bytes)?;
+    let path = dir.join(name);
+    crate::log::replace_file(&path, &crate::layout::replacement_tmp(&path), bytes)?;
     Ok(())
 }
 
@@ -129,6 +129,6 @@ mod tests {
         let file = MetaFile::new(dir.path());
         fs::write(file.path(), [0xff, 0xff, 0xff]).expect("write");
         let err = file.load().unwrap_err();
-        assert!(err.to_string().contains(META_FILE_NAME), "{err}");
+        assert!(err.to_string().contains(RAFT_META_FILE), "{err}");
     }
 }

@@ -34,3 +34,18 @@ pub use network::PeerNetwork;
 pub use service::{PeerService, RaftGroups};
 pub use state_machine::QueueStateMachine;
 pub use types::{NodeId, Raft, TypeConfig};
+
+/// Waits up to `timeout` for a Raft group's `shutdown`, logging rather than returning a
+/// failure: everything acknowledged is on disk already, so a group that does not stop in time
+/// is left behind as a crash would leave it.
+pub async fn stop_within<E: std::fmt::Display>(
+    group: &str,
+    timeout: std::time::Duration,
+    shutdown: impl std::future::Future<Output = Result<(), E>>,
+) {
+    match tokio::time::timeout(timeout, shutdown).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(group, error = %e, "raft did not stop cleanly"),
+        Err(_) => tracing::warn!(group, "raft did not stop in time"),
+    }
+}

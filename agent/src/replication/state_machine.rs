@@ -26,6 +26,7 @@ use tokio::sync::Mutex;
 
 use super::codec::{self, RaftEntry};
 use super::types::{Applied, NodeId, TypeConfig};
+use crate::layout::MEMBERSHIP_FILE;
 use crate::log::{LogError, LogStore};
 use crate::queue::replica_status::ReplicaStatus;
 use crate::queue::state::{PartitionState, SharedState, StateConfig};
@@ -134,9 +135,6 @@ pub struct QueueStateMachine {
     /// the membership entry still knows its group.
     membership_dir: Option<std::path::PathBuf>,
 }
-
-/// File (in the replica's Raft metadata directory) holding the last applied membership.
-const MEMBERSHIP_FILE: &str = "membership.pb";
 
 impl QueueStateMachine {
     /// A state machine with nothing applied, over the partition log it snapshots from.

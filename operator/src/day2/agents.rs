@@ -65,7 +65,7 @@ pub async fn perform(
         }
         Step::Restart(i) => {
             let handoff = admin
-                .transfer_leadership(&addresses.client(i), node(i))
+                .hand_off_leaderships(&addresses.client(i), node(i))
                 .await?;
             if handoff.remaining.is_empty() {
                 Ok(Outcome::Done(format!(

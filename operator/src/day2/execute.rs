@@ -15,7 +15,7 @@ use crate::{
     Error, Result,
     agent_admin::{ADMIN_TIMEOUT, AdminError},
     builders::statefulset as sts_builder,
-    controller::Context,
+    context::Context,
     crd::MessageQueue,
     events::{self, event_reasons},
     names::Names,

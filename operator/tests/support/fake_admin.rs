@@ -189,12 +189,12 @@ impl AgentAdmin for FakeAdmin {
         })
     }
 
-    async fn transfer_leadership(
+    async fn hand_off_leaderships(
         &self,
         endpoint: &str,
         node_id: u64,
     ) -> Result<HandOff, AdminError> {
-        self.record(format!("transfer_leadership {endpoint} {node_id}"));
+        self.record(format!("hand_off_leaderships {endpoint} {node_id}"));
         let remaining = self.hand_off_remaining.lock().unwrap().clone();
         self.with_model(endpoint, "HandOffLeadership", |m| {
             let agent = m.agents.get_mut(&node_id).ok_or_else(|| {
