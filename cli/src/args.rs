@@ -183,8 +183,8 @@ pub struct Local {
     /// Agents to run: 3 replicate every partition; 1 runs a lone agent without replication.
     #[arg(long, default_value_t = 3)]
     pub agents: u32,
-    /// Address of the first agent's gRPC API, the endpoint apps use; agent N adds N to the
-    /// port (port 0: free ports).
+    /// The endpoint apps and the CLI use; it passes each connection to the first agent that
+    /// accepts it. Agent N's gRPC API listens on this port plus 1 + N (port 0: free ports).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
     /// Address of the first agent's replication port; agent N adds N to the port.

@@ -42,6 +42,27 @@ enum Op {
         delay_ms: u64,
     },
     Flush(oneshot::Sender<Result<Vec<SettleOutcome>>>),
+    /// The stream ended and the subscription goes on elsewhere: what its sent settles came to,
+    /// and the settles it never sent, for the next stream.
+    HandOver(oneshot::Sender<HandedOver>),
+}
+
+/// What an ended stream hands to the stream that follows it.
+#[derive(Debug)]
+struct HandedOver {
+    /// Failed tags, or why settles sent there have no known outcome.
+    outcome: Result<Vec<SettleOutcome>>,
+    /// Settles queued there but never sent: a moved leadership keeps the deliveries with
+    /// their tags (decision 0018), so they are sent again on the next stream.
+    unsent: Vec<Unsent>,
+}
+
+/// A run of same-action tags not yet sent.
+#[derive(Debug)]
+struct Unsent {
+    action: SettleAction,
+    delay_ms: u64,
+    tags: Vec<DeliveryTag>,
 }
 
 /// An open subscription. Dropping it ends the stream; the agent then redelivers whatever this
@@ -49,10 +70,12 @@ enum Op {
 ///
 /// A subscription lives on one agent at a time. When that agent stops leading the queue, goes
 /// away, or ends the stream with a retryable status, [`Consumer::next`] subscribes again at
-/// the queue's leader by itself (within the client's retry bound) and goes on; the unsettled
-/// deliveries of the old stream come back as redeliveries. Settles sent on the old stream
-/// whose outcome is unknown make the next [`Consumer::flush`] fail, so nothing counts as
-/// acked that was not.
+/// the queue's leader by itself (within the client's retry bound) and goes on. After a
+/// leadership move the new leader keeps this consumer's deliveries for their ack timeout, so
+/// settles queued but not yet sent when the old stream ended are sent on the new one and the
+/// messages are not delivered again; a flush before the new stream is open fails, since they
+/// are not durable yet. Settles sent on the old stream whose outcome is unknown make the
+/// next [`Consumer::flush`] fail, so nothing counts as acked that was not.
 #[derive(Debug)]
 pub struct Consumer {
     router: Arc<Router>,
@@ -119,27 +142,39 @@ impl Consumer {
                     let ended = Failure::classify(status);
                     let stream = Stream::open(&self.router, &self.subscribe, Some(ended)).await?;
                     let old = std::mem::replace(&mut self.stream, stream);
-                    self.carry(old).await;
+                    self.carry(old).await?;
                 }
                 Some(Err(err)) => return Err(err),
             }
         }
     }
 
-    /// Keeps what an ended stream's settles came to for the next flush.
-    async fn carry(&self, old: Stream) {
+    /// Keeps what an ended stream's settles came to for the next flush, and queues the
+    /// settles it never sent on the current stream (before any the caller makes next).
+    async fn carry(&self, old: Stream) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        if old.ops.send(Op::Flush(tx)).is_err() {
-            return;
+        if old.ops.send(Op::HandOver(tx)).is_err() {
+            return Ok(());
         }
-        let outcome = rx.await.unwrap_or(Err(Error::Closed("consume")));
-        let mut carried = lock(&self.carried);
-        match outcome {
-            Ok(failures) => carried.failures.extend(failures),
-            Err(err) => {
-                carried.unknown.get_or_insert(err);
+        let handed = rx.await.unwrap_or(HandedOver {
+            outcome: Err(Error::Closed("consume")),
+            unsent: Vec::new(),
+        });
+        {
+            let mut carried = lock(&self.carried);
+            match handed.outcome {
+                Ok(failures) => carried.failures.extend(failures),
+                Err(err) => {
+                    carried.unknown.get_or_insert(err);
+                }
             }
         }
+        for run in handed.unsent {
+            for tag in run.tags {
+                self.settle(run.action, tag, Duration::from_millis(run.delay_ms))?;
+            }
+        }
+        Ok(())
     }
 
     /// Queues an ack: the message is done.
@@ -304,6 +339,8 @@ struct Batcher {
     flushes: Vec<(u64, oneshot::Sender<Result<Vec<SettleOutcome>>>)>,
     /// Why the stream ended, once it has.
     ended: Option<tonic::Status>,
+    /// Settles queued after the stream ended, for the stream that follows.
+    unsent: Vec<Unsent>,
 }
 
 impl Batcher {
@@ -320,6 +357,7 @@ impl Batcher {
             failures: Vec::new(),
             flushes: Vec::new(),
             ended: None,
+            unsent: Vec::new(),
         }
     }
 
@@ -333,8 +371,20 @@ impl Batcher {
                     Some(Op::Settle { action, tag, delay_ms }) => self.queue(action, tag, delay_ms).await,
                     Some(Op::Flush(reply)) => {
                         self.send_batch().await;
-                        self.flushes.push((self.sent, reply));
-                        self.answer_flushes();
+                        if self.unsent.is_empty() {
+                            self.flushes.push((self.sent, reply));
+                            self.answer_flushes();
+                        } else {
+                            // Not durable until the next stream sends them again.
+                            let ended = self.ended.clone().unwrap_or_else(|| {
+                                tonic::Status::unavailable("consume stream closed")
+                            });
+                            let _ = reply.send(Err(Error::Status(ended)));
+                        }
+                    }
+                    Some(Op::HandOver(reply)) => {
+                        let _ = reply.send(self.hand_over().await);
+                        return;
                     }
                 },
                 _ = tokio::time::sleep_until(linger_until.unwrap_or_else(Instant::now)), if linger_until.is_some() => {
@@ -342,6 +392,26 @@ impl Batcher {
                 }
                 result = self.results.recv(), if self.ended.is_none() => self.take_result(result),
             }
+        }
+    }
+
+    /// What this ended stream leaves for the next one: the outcome of every frame it sent
+    /// and the settles it could not send.
+    async fn hand_over(&mut self) -> HandedOver {
+        // The reader saw the end (that is why the subscription moves on) and passed it here
+        // too; take every result before it.
+        while self.ended.is_none() {
+            let result = self.results.recv().await;
+            self.take_result(result);
+        }
+        self.send_batch().await;
+        let outcome = match &self.ended {
+            Some(status) if self.sent > self.answered => Err(Error::Status(status.clone())),
+            _ => Ok(std::mem::take(&mut self.failures)),
+        };
+        HandedOver {
+            outcome,
+            unsent: std::mem::take(&mut self.unsent),
         }
     }
 
@@ -379,12 +449,23 @@ impl Batcher {
         let Some((action, delay_ms, tags, _)) = self.batch.take() else {
             return;
         };
-        self.sent += 1;
         if self.ended.is_some() {
-            // These tags can no longer be settled here; counting the frame as sent and never
-            // answered makes the flushes after it report the end instead of success.
+            // These tags can no longer be settled here; the next stream sends them.
+            self.unsent.push(Unsent {
+                action,
+                delay_ms,
+                tags,
+            });
             return;
         }
+        self.sent += 1;
+        // Kept until the frame is handed to the transport: a stream that ends before then
+        // never saw these tags, and the next stream sends them.
+        let unsent = Unsent {
+            action,
+            delay_ms,
+            tags: tags.clone(),
+        };
         let settle = Settle {
             action: action as i32,
             tags,
@@ -412,7 +493,10 @@ impl Batcher {
                 result = self.results.recv(), if self.ended.is_none() => {
                     self.take_result(result);
                     if self.ended.is_some() {
-                        return; // This frame was never sent; its flush reports the end.
+                        // This frame was never sent.
+                        self.sent -= 1;
+                        self.unsent.push(unsent);
+                        return;
                     }
                 }
             }

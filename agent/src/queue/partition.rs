@@ -249,8 +249,8 @@ impl Partition {
         }
     }
 
-    /// Becomes the serving leader: in-flight deliveries of the previous leader's consumers are
-    /// made ready again, and a state that held another term's speculative commands is first
+    /// Becomes the serving leader: in-flight deliveries of the previous leader's consumers stay
+    /// in flight until their own deadlines, settled by their tags (decision 0018), and a state that held another term's speculative commands is first
     /// rebuilt from the committed log up to `applied` (everything in the log is committed
     /// when a leader starts serving).
     pub fn start_leading(&self, applied: u64) -> Result<(), OpenError> {

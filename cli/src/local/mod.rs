@@ -1,19 +1,23 @@
 //! `sluice local`: a cluster of `sluice-agent broker` processes on loopback (three by
-//! default), data under a local directory. The runner supervises them like a kubelet: an
-//! agent that exits on its own is started again with backoff while the others keep serving,
-//! and only a crash loop or Ctrl-C (SIGTERM) stops them all.
+//! default), data under a local directory, behind one endpoint. The runner supervises them
+//! like a kubelet: an agent that exits on its own is started again with backoff while the
+//! others keep serving (and the endpoint keeps answering through them), and only a crash loop
+//! or Ctrl-C (SIGTERM) stops them all.
 //!
 //! # Layout
 //! - `plan`: the agents' ports, data directories and command lines.
 //! - `agent`: one agent across its restarts: start, exits, crash history.
 //! - `restart`: when a crashed agent is started again and when the runner gives up (pure).
+//! - `front`: the endpoint, passing each connection to the first agent that accepts it.
 //! - this file: start the agents, wait until they serve, print the endpoints, supervise,
 //!   stop.
 
 mod agent;
+mod front;
 pub mod plan;
 pub mod restart;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
@@ -27,6 +31,7 @@ use tokio::time::Instant;
 
 use crate::args::Local;
 use agent::{Agent, Report, Reports};
+use front::Front;
 
 /// How long the agents may take to print their listening lines.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -40,10 +45,14 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs the agents until Ctrl-C (or SIGTERM), restarting those that crash, then stops them
 /// all; fails naming the agent when one does not start or keeps crashing.
 pub async fn run(args: Local) -> anyhow::Result<()> {
+    let front = Front::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
+    let endpoint = front.local_addr().context("the endpoint's address")?;
     let plans = plan::plan(
         args.agents,
         &args.data_dir,
-        args.listen,
+        plan::first_agent_listen(args.listen)?,
         args.peer_listen,
         args.metrics_listen,
     )?;
@@ -82,8 +91,13 @@ pub async fn run(args: Local) -> anyhow::Result<()> {
     };
     let outcome = match started {
         Some(Ok(())) => {
-            print_usage(&agents, &args.data_dir);
-            supervise(&mut agents, &binary, &mut reports, &report_tx, stop_signal).await
+            let addresses = agents.iter().filter_map(|a| a.grpc.parse().ok()).collect();
+            let serving = front.serve(addresses);
+            print_usage(endpoint, &agents, &args.data_dir);
+            let outcome =
+                supervise(&mut agents, &binary, &mut reports, &report_tx, stop_signal).await;
+            serving.abort();
+            outcome
         }
         Some(Err(err)) => Err(err),
         None => Ok(()),
@@ -220,25 +234,26 @@ async fn stop(agents: &mut [Agent], reports: &mut Reports) {
 }
 
 /// The listening line (first, for scripts and tests), then help for people.
-fn print_usage(agents: &[Agent], data_dir: &Path) {
+fn print_usage(endpoint: SocketAddr, agents: &[Agent], data_dir: &Path) {
     let Some(first) = agents.first() else {
         return;
     };
     let all: Vec<&str> = agents.iter().map(|a| a.grpc.as_str()).collect();
     println!(
-        "sluice local listening grpc={} agents={} metrics={}",
-        first.grpc,
+        "sluice local listening grpc={endpoint} agents={} metrics={}",
         all.join(","),
         first.metrics
     );
-    let endpoint = format!("http://{}", first.grpc);
+    let endpoint = format!("http://{endpoint}");
     println!(
         "Sluice is running locally: {} agent{}, data in {}",
         agents.len(),
         if agents.len() == 1 { "" } else { "s" },
         data_dir.display()
     );
-    println!("  endpoint  {endpoint}   (what apps and the CLI use, like a sidecar)");
+    println!(
+        "  endpoint  {endpoint}   (what apps and the CLI use, like a sidecar; it answers while any agent runs)"
+    );
     for agent in agents {
         println!(
             "  {}   grpc {}  metrics http://{}/metrics  log {}",
@@ -249,7 +264,7 @@ fn print_usage(agents: &[Agent], data_dir: &Path) {
         );
     }
     println!("Try, in another terminal:");
-    let flag = if first.grpc.ends_with(":7070") {
+    let flag = if endpoint.ends_with(":7070") {
         String::new()
     } else {
         format!(" --endpoint {endpoint}")

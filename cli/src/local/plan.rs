@@ -1,6 +1,7 @@
 //! The agents `sluice local` starts: their ports, data directories and command lines.
 //!
-//! Agent `N` (`local-N`) listens on the first agent's ports plus `N`. Port 0 asks for free
+//! The endpoint (`--listen`) is the runner's own; agent `N` (`local-N`) listens on the port
+//! after it plus `N`, and on the first peer and metrics ports plus `N`. Port 0 asks for free
 //! ports: the client and peer ports are picked here, before any agent starts, because every
 //! agent must be told all peers up front and redirects name a real client port.
 
@@ -85,6 +86,15 @@ impl AgentPlan {
     pub fn log_path(&self, data_dir: &Path) -> PathBuf {
         data_dir.join(format!("{}.log", self.name))
     }
+}
+
+/// The first agent's client address when the endpoint is `endpoint`: the next port (port 0
+/// stays 0, free ports for all).
+pub fn first_agent_listen(endpoint: SocketAddr) -> Result<SocketAddr, PlanError> {
+    if endpoint.port() == 0 {
+        return Ok(endpoint);
+    }
+    nth(endpoint, 1, "--listen", None)
 }
 
 /// The agents for `agents` agents whose first one listens on `listen`, `peer_listen` and
@@ -256,6 +266,19 @@ mod tests {
             plans[1].peers,
             plans.iter().map(|p| p.peer_listen).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn the_agents_listen_after_the_endpoint() {
+        assert_eq!(
+            first_agent_listen(addr("127.0.0.1:7070")).expect("next port"),
+            addr("127.0.0.1:7071")
+        );
+        assert_eq!(
+            first_agent_listen(addr("127.0.0.1:0")).expect("free ports"),
+            addr("127.0.0.1:0")
+        );
+        assert!(first_agent_listen(addr("127.0.0.1:65535")).is_err());
     }
 
     #[test]
