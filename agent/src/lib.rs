@@ -22,6 +22,7 @@
 //! - [`hand_off`]: the `hand-off` command (the pod's `preStop`): leadership leaves first.
 //! - [`server`]: binds, serves gRPC and HTTP (metrics), drains on shutdown.
 //! - [`metrics`]: Prometheus registry and the agent's metrics.
+//! - [`log_throttle`]: one line per call site per window from openraft, the rest counted.
 //! - [`shutdown`]: the shared shutdown signal.
 
 pub mod broker;
@@ -32,6 +33,7 @@ pub mod grpc;
 pub mod hand_off;
 pub mod layout;
 pub mod log;
+pub mod log_throttle;
 pub mod metrics;
 pub mod queue;
 pub mod queues_file;

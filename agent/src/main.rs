@@ -2,16 +2,21 @@
 //! over to [`sluice_agent::server`].
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser};
 use sluice_agent::broker::{Broker, BrokerError};
 use sluice_agent::cluster::ClusterConfig;
-use sluice_agent::config::{Args, BrokerArgs, Command, HandOffArgs, LogFormat};
+use sluice_agent::config::{Args, BrokerArgs, Command, HandOffArgs, LOG_LEVEL_DEFAULT, LogFormat};
 use sluice_agent::grpc::status;
+use sluice_agent::log_throttle::Throttle;
 use sluice_agent::server::Agent;
 use sluice_agent::shutdown;
 use sluice_proto::v1::QueueSpec;
+
+/// How often one openraft call site may log with the default filter.
+const OPENRAFT_LINE_WINDOW: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
     // Invalid flags exit 2 with clap's message naming the flag.
@@ -216,16 +221,28 @@ fn raise_open_files_limit() {
 }
 
 fn init_tracing(args: &BrokerArgs) -> Result<(), tracing_subscriber::filter::ParseError> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)?;
+    use tracing_subscriber::filter::FilterExt as _;
+    use tracing_subscriber::layer::{Layer as _, SubscriberExt as _};
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    let levels = tracing_subscriber::EnvFilter::try_new(&args.log_level)?;
+    // With the default filter, openraft's per-group error lines come once per call site per
+    // 10 s; a filter of one's own gets every line it asks for.
+    let window = if args.log_level == LOG_LEVEL_DEFAULT {
+        OPENRAFT_LINE_WINDOW
+    } else {
+        Duration::ZERO
+    };
+    let filter = levels.and(Throttle::new("openraft", window));
     // Logs go to stderr: stdout carries only the machine-readable listening line.
     // Colours only on a terminal: in a pod's log or a file they are escape-code noise.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry();
     match args.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(lines.with_filter(filter)).init(),
+        LogFormat::Json => registry.with(lines.json().with_filter(filter)).init(),
     }
     Ok(())
 }

@@ -120,6 +120,11 @@ impl Metrics {
             "RPC latency by method",
             rpc_seconds.clone(),
         );
+        registry.register(
+            "log_lines_suppressed",
+            "Log lines of openraft dropped by the one-per-call-site-per-window throttle",
+            crate::log_throttle::SUPPRESSED.clone(),
+        );
         let mut gauge = |name: &str, help: &str| {
             let g = QueueGauge::default();
             registry.register(name, help, g.clone());
