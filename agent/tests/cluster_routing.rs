@@ -187,16 +187,7 @@ async fn follow_the_leadership_while(stop_leader: fn(&mut Cluster, usize)) -> us
             .expect("a delivery within 10 s")
             .expect("the subscription follows the leadership without an error")
             .expect("the subscription does not end");
-        let payload =
-            String::from_utf8(delivery.message.as_ref().expect("message").payload.clone())
-                .expect("utf-8");
-        if acked.contains(&payload) {
-            resurrected.push(payload.clone());
-        }
-        *seen.entry(payload.clone()).or_default() += 1;
-        consumer
-            .ack(delivery.tag.expect("tag"))
-            .expect("ack queued");
+        let payload = tally(&delivery, &consumer, &acked, &mut seen, &mut resurrected);
         pending.push(payload);
         if pending.len() >= 25 {
             // A flush that fails leaves its acks unknown: those messages may come back.
@@ -216,16 +207,7 @@ async fn follow_the_leadership_while(stop_leader: fn(&mut Cluster, usize)) -> us
         let delivery = next
             .expect("the subscription goes on without an error")
             .expect("the subscription does not end");
-        let payload =
-            String::from_utf8(delivery.message.as_ref().expect("message").payload.clone())
-                .expect("utf-8");
-        if acked.contains(&payload) {
-            resurrected.push(payload.clone());
-        }
-        *seen.entry(payload).or_default() += 1;
-        consumer
-            .ack(delivery.tag.expect("tag"))
-            .expect("ack queued");
+        tally(&delivery, &consumer, &acked, &mut seen, &mut resurrected);
     }
     consumer.flush().await.expect("the last acks flushed");
     let mut expected = sent.clone();
@@ -240,6 +222,27 @@ async fn follow_the_leadership_while(stop_leader: fn(&mut Cluster, usize)) -> us
         "{redelivered} redeliveries of {MESSAGES} messages (prefetch 50, ack timeout {ACK_TIMEOUT:?})"
     );
     redelivered as usize
+}
+
+/// Counts `delivery` in `seen` (and in `resurrected` when its ack was already flushed), queues
+/// its ack, and returns its payload.
+fn tally(
+    delivery: &sluice_proto::v1::Delivery,
+    consumer: &sluice_client::Consumer,
+    acked: &BTreeSet<String>,
+    seen: &mut BTreeMap<String, u32>,
+    resurrected: &mut Vec<String>,
+) -> String {
+    let payload = String::from_utf8(delivery.message.as_ref().expect("message").payload.clone())
+        .expect("utf-8");
+    if acked.contains(&payload) {
+        resurrected.push(payload.clone());
+    }
+    *seen.entry(payload.clone()).or_default() += 1;
+    consumer
+        .ack(delivery.tag.expect("tag"))
+        .expect("ack queued");
+    payload
 }
 
 /// Issue 12, item 1: a leadership move is the cluster's doing, not the consumer's. A delivery
