@@ -35,8 +35,9 @@ pub enum Behaviour {
     /// On a publish stream: confirms this many frames, then ends the stream with a redirect
     /// to the `host:port`. Serves every other request.
     RedirectStreamAfter(u32, String),
-    /// On a consume stream: sends one delivery, then ends the stream with a redirect to the
-    /// `host:port` without answering any settle. Serves every other request.
+    /// On a consume stream: sends one delivery, then, once the first settle frame arrived,
+    /// ends the stream with a redirect to the `host:port` without answering it. Serves every
+    /// other request.
     RedirectConsumeAfterDelivery(String),
 }
 
@@ -315,7 +316,17 @@ impl Consumer for Fake {
             }))
             .await;
         if let Behaviour::RedirectConsumeAfterDelivery(leader) = &*self.behaviour {
-            let _ = tx.send(Err(redirect(leader))).await;
+            // The stream moves once the client's first settle frame arrived, unanswered, so
+            // that settle's outcome is unknown to the client.
+            let leader = leader.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(request)) = requests.message().await {
+                    if matches!(request.request, Some(In::Settle(_))) {
+                        break;
+                    }
+                }
+                let _ = tx.send(Err(redirect(&leader))).await;
+            });
             return Ok(Response::new(ReceiverStream::new(rx)));
         }
         // Every settle frame is answered as fully successful.
