@@ -122,7 +122,12 @@ async fn watched_consumer(
             Ok(Ok(Some(frame))) => match frame.response {
                 Some(In::Delivery(d)) => {
                     let key = ledger.deliver(&d, &at, sub);
-                    if let (Some(key), Some(tag)) = (key, d.tag) {
+                    // Once told to stop, deliveries are left unacked (they come back after
+                    // the stream ends): acking them would free credit for more, and with the
+                    // publisher still running the loop would never see nothing open.
+                    if let (Some(key), Some(tag), false) =
+                        (key, d.tag, stop.load(Ordering::Acquire))
+                    {
                         batch.push((tag, key, d.attempt));
                     }
                 }
