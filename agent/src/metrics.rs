@@ -125,6 +125,31 @@ impl Metrics {
             "Log lines of openraft dropped by the one-per-call-site-per-window throttle",
             crate::log_throttle::SUPPRESSED.clone(),
         );
+        registry.register(
+            "raft_groups",
+            "Partition Raft groups hosted here, by state (active or quiescent)",
+            crate::replication::quiescence::GROUPS.clone(),
+        );
+        registry.register(
+            "raft_group_wakeups",
+            "Wake-ups of quiescent partition groups, by cause",
+            crate::replication::quiescence::WAKEUPS.clone(),
+        );
+        registry.register(
+            "raft_groups_quiesced",
+            "Times a partition group hosted here quiesced",
+            crate::replication::quiescence::QUIESCED.clone(),
+        );
+        registry.register(
+            "raft_append_entries_sent",
+            "AppendEntries sent by this agent's leaders, by kind (heartbeat or entries)",
+            crate::replication::network::APPEND_ENTRIES_SENT.clone(),
+        );
+        registry.register(
+            "peer_alive_exchanges",
+            "Alive exchanges sent to watched peers (one stream per agent pair)",
+            crate::replication::liveness::ALIVE_SENT.clone(),
+        );
         let mut gauge = |name: &str, help: &str| {
             let g = QueueGauge::default();
             registry.register(name, help, g.clone());

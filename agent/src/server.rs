@@ -224,7 +224,11 @@ async fn join_cluster(
     let addr = peer_listener.local_addr().unwrap_or_else(|_| unspecified());
     let groups = crate::replication::RaftGroups::new();
     let meta = Arc::new(crate::cluster::MetaGroup::open(data_dir, &cluster, &groups, log).await?);
-    let raft_service = crate::replication::PeerService::new(groups.clone()).into_server();
+    let (liveness, peer_events) = crate::replication::Liveness::new(cluster.node_id);
+    let quiescence = crate::replication::Quiescence::start(groups.clone(), liveness, peer_events);
+    let raft_service = crate::replication::PeerService::new(groups.clone())
+        .with_quiescence(quiescence)
+        .into_server();
     let holds = crate::cluster::BalanceHolds::new();
     let cluster_service =
         crate::cluster::peer_service(groups.clone(), (*meta).clone(), holds.clone());

@@ -123,6 +123,10 @@ impl ClusterService {
         request: pb::TransferLeadershipRequest,
     ) -> Result<pb::TransferLeadershipResponse, ClusterError> {
         let raft = self.groups.get(&request.group)?;
+        if let Some(quiet) = self.groups.quiet(&request.group) {
+            // A campaign needs this replica's election timer for its retries.
+            quiet.wake(crate::replication::quiescence::Wake::Transfer);
+        }
         if request.relieve {
             self.holds.hold(&request.group);
             // The sender leads the group now; it is about to stop, so it gets no other

@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 pub use super::replica_link::{Addresses, ChangeFailure, MembershipChange, MembershipChangeError};
 use super::replica_link::{Barrier, ReplicaLink, ReplicaStatus};
 use super::state::SharedState;
-use crate::replication::{QueueStateMachine, Raft};
+use crate::replication::{QueueStateMachine, QuietGroup, Raft};
 
 /// Entries submitted to openraft and not yet committed, per partition (see [`run_proposer`]).
 /// Few on purpose: while they are written and replicated, the next entry fills up with
@@ -34,6 +34,7 @@ pub const ENTRIES_IN_FLIGHT: usize = 2;
 /// changes run between two entries ([`ReplicaLink::change_membership`]).
 async fn run_proposer(
     raft: Raft,
+    quiet: Arc<QuietGroup>,
     state: SharedState,
     mut wake: mpsc::Receiver<()>,
     mut barriers: mpsc::Receiver<Barrier>,
@@ -48,6 +49,7 @@ async fn run_proposer(
     let checker = tokio::spawn(check_landings(pending, status.clone()));
     let proposer = Proposer {
         raft,
+        quiet,
         state,
         status,
         in_flight,
@@ -100,6 +102,8 @@ enum Next {
 /// [`run_proposer`].
 struct Proposer {
     raft: Raft,
+    /// Told of every write, so an idle group that quiesced wakes first.
+    quiet: Arc<QuietGroup>,
     state: SharedState,
     status: watch::Sender<ReplicaStatus>,
     in_flight: Arc<tokio::sync::Semaphore>,
@@ -126,6 +130,7 @@ impl Proposer {
             // Applied in an epoch that ended: the role task rebuilds that state.
             return true;
         }
+        self.quiet.wrote();
         let submitted = std::time::Instant::now();
         match self
             .raft
@@ -155,6 +160,9 @@ impl Proposer {
             change,
             done,
         } = barrier;
+        // A membership change replicates and needs the leader's ticks (a removed leader
+        // steps down on one): the group wakes for it like for a write.
+        self.quiet.wrote();
         let current = *self.status.borrow();
         if !current.ready {
             // Not serving: the role task rebuilds the state from the log before serving again.
@@ -268,6 +276,7 @@ async fn follow_role(
     let mut status_rx = link.status.subscribe();
     loop {
         let m = metrics.borrow_and_update().clone();
+        link.quiet.observe(&m);
         let Some(partition) = partition.upgrade() else {
             return;
         };
@@ -428,7 +437,11 @@ pub async fn open(
     )
     .await
     .map_err(|e| OpenReplicaError::Raft(Box::new(e)))?;
-    setup.groups.insert(setup.group.clone(), raft.clone());
+    let quiet = Arc::new(crate::replication::QuietGroup::new(
+        setup.group.clone(),
+        raft.clone(),
+    ));
+    setup.groups.insert_quiet(quiet.clone());
     let initialized = raft
         .is_initialized()
         .await
@@ -466,6 +479,7 @@ pub async fn open(
         wake,
         barriers,
         addresses: setup.addresses,
+        quiet: quiet.clone(),
     });
     let partition = Arc::new(super::partition::Partition::replicated(
         queue,
@@ -476,7 +490,7 @@ pub async fn open(
         clock,
         link.clone(),
     ));
-    tokio::spawn(run_proposer(raft, state, woken, barriers_rx, status));
+    tokio::spawn(run_proposer(raft, quiet, state, woken, barriers_rx, status));
     tokio::spawn(run_role(Arc::downgrade(&partition), link));
     Ok(partition)
 }

@@ -32,6 +32,8 @@ pub struct ReplicaLink {
     pub(super) barriers: mpsc::Sender<Barrier>,
     /// Client addresses of the agents, for redirects.
     pub addresses: Addresses,
+    /// Whether the group ticks or is quiescent.
+    pub quiet: Arc<crate::replication::QuietGroup>,
 }
 
 impl std::fmt::Debug for ReplicaLink {

@@ -16,21 +16,30 @@
 //! - [`state_machine`]: applies committed entries to a partition's delivery state; snapshots.
 //! - [`network`]: the client side of the peer transport (tonic).
 //! - [`service`]: the server side, `sluice.peer.v1.Raft`, routing requests to groups.
+//! - [`quiet_group`]: whether one partition group ticks or is quiescent (decision 0025).
+//! - [`quiescence`]: the agent-wide loop that quiesces idle groups and wakes them.
+//! - [`liveness`]: the one `Alive` exchange per agent pair that quiet groups rely on.
 //! - [`timing`]: stage durations of the replicated write path, at debug level.
 
 pub mod codec;
 pub mod config;
+pub mod liveness;
 pub mod log_store;
 pub mod meta;
 pub mod network;
+pub mod quiescence;
+pub mod quiet_group;
 pub mod service;
 pub mod state_machine;
 pub mod timing;
 pub mod types;
 
 pub use config::raft_config;
+pub use liveness::Liveness;
 pub use log_store::ReplicatedLog;
 pub use network::PeerNetwork;
+pub use quiescence::Quiescence;
+pub use quiet_group::QuietGroup;
 pub use service::{PeerService, RaftGroups};
 pub use state_machine::QueueStateMachine;
 pub use types::{NodeId, Raft, TypeConfig};

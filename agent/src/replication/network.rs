@@ -28,6 +28,42 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a keepalive ping may go unanswered.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A lazily connecting channel to the peer port at `address` (`host:port`), tuned for
+/// replication batches. Fails only for an address that is no valid URI authority.
+pub fn peer_channel(address: &str) -> Result<Channel, tonic::transport::Error> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))?
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    Ok(endpoint.connect_lazy())
+}
+
+/// The `sluice.peer.v1.Raft` client over `channel`, with the peer port's message limits.
+pub fn peer_client(channel: Channel) -> RaftClient<Channel> {
+    RaftClient::new(channel)
+        .max_encoding_message_size(MAX_REQUEST_BYTES)
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+}
+
+/// AppendEntries sent by this agent's leaders, by kind (`heartbeat` when it carries no
+/// entries, else `entries`), for `/metrics`: with idle groups quiescent, heartbeats stop.
+pub static APPEND_ENTRIES_SENT: std::sync::LazyLock<
+    prometheus_client::metrics::family::Family<
+        AppendKind,
+        prometheus_client::metrics::counter::Counter,
+    >,
+> = std::sync::LazyLock::new(Default::default);
+
+/// Label of [`APPEND_ENTRIES_SENT`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct AppendKind {
+    /// `heartbeat` or `entries`.
+    pub kind: &'static str,
+}
+
 /// Builds clients to the peers of one partition group.
 #[derive(Debug, Clone)]
 pub struct PeerNetwork {
@@ -72,17 +108,7 @@ impl PeerClient {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        // Fails only for an address that is no valid URI authority.
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.node.addr))?
-            .tcp_nodelay(true)
-            .initial_stream_window_size(STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        let client = RaftClient::new(endpoint.connect_lazy())
-            .max_encoding_message_size(MAX_REQUEST_BYTES)
-            .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let client = peer_client(peer_channel(&self.node.addr)?);
         self.client = Some(client.clone());
         Ok(client)
     }
@@ -130,6 +156,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let request = self.request(message, &option);
         let sent = std::time::Instant::now();
         super::timing::record_value("ae_entries", rpc.entries.len() as u64);
+        let kind = if rpc.entries.is_empty() {
+            "heartbeat"
+        } else {
+            "entries"
+        };
+        APPEND_ENTRIES_SENT
+            .get_or_create(&AppendKind { kind })
+            .inc();
         let response = self
             .client()
             .map_err(|e| RPCError::Network(NetworkError::new(&e)))?

@@ -17,6 +17,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use super::codec::{self, CodecError};
+use super::quiescence::{Quiescence, Wake};
+use super::quiet_group::QuietGroup;
 use super::types::Raft;
 
 /// How often an idle peer connection is probed, so a peer that vanished without closing its
@@ -67,7 +69,14 @@ pub fn peer_incoming(listener: TcpListener) -> TcpIncoming {
 /// The Raft groups this agent hosts, by group name. Clones share the registry.
 #[derive(Clone, Default)]
 pub struct RaftGroups {
-    groups: Arc<RwLock<HashMap<String, Raft>>>,
+    groups: Arc<RwLock<HashMap<String, Hosted>>>,
+}
+
+/// One hosted group: its Raft and, for a partition group, its quiescence.
+#[derive(Clone)]
+struct Hosted {
+    raft: Raft,
+    quiet: Option<Arc<QuietGroup>>,
 }
 
 impl RaftGroups {
@@ -79,34 +88,53 @@ impl RaftGroups {
     /// Starts routing requests for `group` to `raft` (replacing a previous instance, as when a
     /// replica restarts in the same process).
     pub fn insert(&self, group: impl Into<String>, raft: Raft) {
-        let mut groups = match self.groups.write() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
+        self.write()
+            .insert(group.into(), Hosted { raft, quiet: None });
+    }
+
+    /// Like [`Self::insert`], for a group that may quiesce when idle (a partition's).
+    pub fn insert_quiet(&self, quiet: Arc<QuietGroup>) {
+        let hosted = Hosted {
+            raft: quiet.raft.clone(),
+            quiet: Some(quiet.clone()),
         };
-        groups.insert(group.into(), raft);
+        self.write().insert(quiet.name.clone(), hosted);
     }
 
     /// Stops routing requests for `group`; returns its Raft if it was registered.
     pub fn remove(&self, group: &str) -> Option<Raft> {
-        let mut groups = match self.groups.write() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        groups.remove(group)
+        self.write().remove(group).map(|h| h.raft)
     }
 
     /// The Raft of `group`; `UnknownGroup` when this agent does not host it.
     pub fn get(&self, group: &str) -> Result<Raft, ServiceError> {
-        let groups = match self.groups.read() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        groups
+        self.read()
             .get(group)
-            .cloned()
+            .map(|h| h.raft.clone())
             .ok_or_else(|| ServiceError::UnknownGroup {
                 group: group.to_string(),
             })
+    }
+
+    /// The quiescence of `group`, when it is a hosted partition group.
+    pub fn quiet(&self, group: &str) -> Option<Arc<QuietGroup>> {
+        self.read().get(group).and_then(|h| h.quiet.clone())
+    }
+
+    /// Every hosted group that may quiesce.
+    pub fn quiet_groups(&self) -> Vec<Arc<QuietGroup>> {
+        self.read()
+            .values()
+            .filter_map(|h| h.quiet.clone())
+            .collect()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Hosted>> {
+        self.groups.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Hosted>> {
+        self.groups.write().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -144,12 +172,25 @@ impl ServiceError {
 #[derive(Clone)]
 pub struct PeerService {
     groups: RaftGroups,
+    quiescence: Option<Quiescence>,
 }
 
 impl PeerService {
-    /// A service routing to `groups`.
+    /// A service routing to `groups`; `Quiesce` and `Alive` are unimplemented until
+    /// [`Self::with_quiescence`].
     pub fn new(groups: RaftGroups) -> Self {
-        Self { groups }
+        Self {
+            groups,
+            quiescence: None,
+        }
+    }
+
+    /// Serves `Quiesce` and `Alive` with `quiescence`.
+    pub fn with_quiescence(self, quiescence: Quiescence) -> Self {
+        Self {
+            quiescence: Some(quiescence),
+            ..self
+        }
     }
 
     /// The tonic server wrapper to add to a `Server` builder.
@@ -169,6 +210,9 @@ impl PeerService {
             .into_iter()
             .map(codec::entry_from_pb)
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(quiet) = self.groups.quiet(&req.group) {
+            quiet.appended(&vote, entries.len());
+        }
         let rpc = AppendEntriesRequest {
             vote,
             prev_log_id: codec::opt_log_id_from_pb(&req.prev_log_id),
@@ -198,6 +242,7 @@ impl PeerService {
 
     async fn vote(&self, req: pb::VoteRequest) -> Result<pb::VoteResponse, ServiceError> {
         let raft = self.groups.get(&req.group)?;
+        self.wake(&req.group, Wake::Vote);
         let rpc = VoteRequest {
             vote: codec::required_vote(&req.vote, "VoteRequest")?,
             last_log_id: codec::opt_log_id_from_pb(&req.last_log_id),
@@ -218,6 +263,7 @@ impl PeerService {
         req: pb::InstallSnapshotRequest,
     ) -> Result<pb::InstallSnapshotResponse, ServiceError> {
         let raft = self.groups.get(&req.group)?;
+        self.wake(&req.group, Wake::Snapshot);
         let rpc = InstallSnapshotRequest {
             vote: codec::required_vote(&req.vote, "InstallSnapshotRequest")?,
             meta: SnapshotMeta {
@@ -236,6 +282,19 @@ impl PeerService {
         Ok(pb::InstallSnapshotResponse {
             vote: Some(codec::vote_to_pb(&response.vote)),
         })
+    }
+
+    /// Wakes `group` if it is quiet.
+    fn wake(&self, group: &str, cause: Wake) {
+        if let Some(quiet) = self.groups.quiet(group) {
+            quiet.wake(cause);
+        }
+    }
+
+    fn quiescence(&self) -> Result<&Quiescence, Status> {
+        self.quiescence
+            .as_ref()
+            .ok_or_else(|| Status::unimplemented("this agent does not quiesce groups"))
     }
 }
 
@@ -269,6 +328,25 @@ impl pb::raft_server::Raft for PeerService {
             .await
             .map(Response::new)
             .map_err(ServiceError::into_status)
+    }
+
+    async fn quiesce(
+        &self,
+        request: Request<pb::QuiesceRequest>,
+    ) -> Result<Response<pb::QuiesceResponse>, Status> {
+        let quiesced = self.quiescence()?.quiesce_requested(request.into_inner());
+        Ok(Response::new(pb::QuiesceResponse { quiesced }))
+    }
+
+    async fn alive(
+        &self,
+        _request: Request<pb::AliveRequest>,
+    ) -> Result<Response<pb::AliveResponse>, Status> {
+        let liveness = self.quiescence()?.liveness();
+        Ok(Response::new(pb::AliveResponse {
+            node_id: liveness.node_id(),
+            boot_id: liveness.boot_id(),
+        }))
     }
 }
 

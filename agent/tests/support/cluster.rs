@@ -438,6 +438,32 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("heal agent {i}: {e}"));
     }
 
+    /// The value of one series of agent `i`'s `/metrics` (e.g.
+    /// `sluice_raft_groups{state="quiescent"}`); `None` when the agent does not answer or
+    /// does not report the series.
+    pub async fn metric(&self, i: usize, series: &str) -> Option<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let node = &self.nodes[i];
+        // The metrics port listens on the agent's own address (its namespace's, if any).
+        let addr = SocketAddr::new(node.client.ip(), node.metrics.port());
+        let fetch = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let request =
+                format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.ok()?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.ok()?;
+            Some(response)
+        };
+        let response = tokio::time::timeout(Duration::from_secs(5), fetch)
+            .await
+            .ok()??;
+        response.lines().find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+    }
+
     /// A lazily connecting channel to agent `i`'s client port (reused).
     pub fn channel(&self, i: usize) -> Channel {
         let mut channels = lock(&self.channels);

@@ -1,0 +1,453 @@
+//! [`Quiescence`]: the agent-wide loop that lets idle partition groups stop ticking and wakes
+//! them when they are needed again (decision 0025).
+//!
+//! - **Quiescing** (leader side): once a second, every group this agent leads that has had no
+//!   write for [`QUIESCE_AFTER`], whose log is committed and applied to its end and matched by
+//!   every voter (no learner, no joint configuration) is offered to its followers in one
+//!   `Quiesce` request per follower agent. A follower quiesces only under the very vote it
+//!   follows and with its log ending at the leader's last entry; when all did, the leader stops
+//!   ticking too. Nothing is sent for that group from then on.
+//! - **Waking**: a write or membership change at the leader, an AppendEntries with entries (or
+//!   under another vote), a vote request or a snapshot at a follower, or a change of role seen
+//!   in the metrics turns the ticker back on ([`QuietGroup::wake`]).
+//! - **Liveness**: [`Liveness`] exchanges one `Alive` per agent pair. When the leader of quiet
+//!   groups goes silent, the followers wake exactly those groups; one survivor per group,
+//!   chosen by the group's name, campaigns at once and the others only after
+//!   [`SPREAD_DEFERRAL`], so the campaigns (and the new leaderships) spread over the
+//!   survivors instead of all going to the agent with the shortest election timeout. When a
+//!   follower answers again or restarted, its quiet leaders wake so it hears heartbeats again.
+//!
+//! Why this is safe: the timers carry no safety in Raft. A quiet leader still needs a
+//! majority to acknowledge an entry before it is committed, so a leader cut off from its
+//! followers cannot confirm anything, quiet or not; a quiet follower votes and accepts entries
+//! by the same rules as an active one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use openraft::ServerState;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use sluice_proto::peer::v1 as pb;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::codec;
+use super::liveness::{Liveness, PeerEvent};
+use super::quiet_group::{Quiet, QuietGroup};
+use super::service::RaftGroups;
+use super::types::NodeId;
+
+/// A group with no write for this long (and otherwise settled) is quiesced.
+pub const QUIESCE_AFTER: Duration = Duration::from_secs(2);
+/// How often the leader side looks for groups to quiesce.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one `Quiesce` request may take.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the survivors not chosen to campaign for a group whose leader went silent wait
+/// before their election timers run again (the chosen one may be slow or gone too).
+pub const SPREAD_DEFERRAL: Duration = Duration::from_millis(500);
+
+/// What a group is doing, for the `sluice_raft_groups` gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupState {
+    /// Ticking.
+    Active,
+    /// Quiescent.
+    Quiescent,
+}
+
+/// Why a quiet group woke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// A write (or membership change) proposed at its leader.
+    Write,
+    /// An AppendEntries with entries, or from another leader, at a follower.
+    Append,
+    /// A vote request.
+    Vote,
+    /// A snapshot chunk.
+    Snapshot,
+    /// The group's own metrics show another role or vote than it quiesced under.
+    RoleChange,
+    /// Its leader's agent went silent.
+    LeaderSilent,
+    /// A follower's agent answered again, or restarted.
+    FollowerBack,
+    /// Its leader's agent restarted.
+    LeaderRestarted,
+    /// This agent is asked to take the leadership.
+    Transfer,
+}
+
+impl Wake {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Write => "write",
+            Self::Append => "append",
+            Self::Vote => "vote",
+            Self::Snapshot => "snapshot",
+            Self::RoleChange => "role_change",
+            Self::LeaderSilent => "leader_silent",
+            Self::FollowerBack => "follower_back",
+            Self::LeaderRestarted => "leader_restarted",
+            Self::Transfer => "transfer",
+        }
+    }
+
+    /// Counts one wake-up of this cause.
+    pub(super) fn count(self) {
+        WAKEUPS
+            .get_or_create(&CauseLabels {
+                cause: self.label(),
+            })
+            .inc();
+    }
+}
+
+/// Labels of [`GROUPS`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// `active` or `quiescent`.
+    pub state: &'static str,
+}
+
+/// Labels of [`WAKEUPS`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    /// Why the group woke.
+    pub cause: &'static str,
+}
+
+/// Partition groups of this agent by state.
+pub static GROUPS: LazyLock<Family<StateLabels, Gauge>> = LazyLock::new(Default::default);
+/// Wake-ups of quiet groups by cause.
+pub static WAKEUPS: LazyLock<Family<CauseLabels, Counter>> = LazyLock::new(Default::default);
+/// Groups this agent quiesced (as leader or follower).
+pub static QUIESCED: LazyLock<Counter> = LazyLock::new(Default::default);
+
+/// Moves one group between the states of [`GROUPS`] (`None`: registered or gone).
+pub(super) fn moved(from: Option<GroupState>, to: Option<GroupState>) {
+    let label = |state| StateLabels {
+        state: match state {
+            GroupState::Active => "active",
+            GroupState::Quiescent => "quiescent",
+        },
+    };
+    if let Some(from) = from {
+        GROUPS.get_or_create(&label(from)).dec();
+    }
+    if let Some(to) = to {
+        if to == GroupState::Quiescent {
+            QUIESCED.inc();
+        }
+        GROUPS.get_or_create(&label(to)).inc();
+    }
+}
+
+/// The agent's quiescence: the leader-side sweep, the follower side of `Quiesce`, and the
+/// wake-ups the liveness watch triggers. Clones share it.
+#[derive(Clone)]
+pub struct Quiescence {
+    groups: RaftGroups,
+    liveness: Liveness,
+}
+
+impl Quiescence {
+    /// Starts the sweep and the handling of `events` (from `liveness`) for the quiet groups
+    /// registered in `groups`; both stop with the runtime.
+    pub fn start(
+        groups: RaftGroups,
+        liveness: Liveness,
+        events: mpsc::UnboundedReceiver<PeerEvent>,
+    ) -> Self {
+        let quiescence = Self { groups, liveness };
+        tokio::spawn(quiescence.clone().run_sweeps());
+        tokio::spawn(quiescence.clone().run_events(events));
+        quiescence
+    }
+
+    /// The liveness watch (the peer service answers `Alive` with its boot id).
+    pub fn liveness(&self) -> &Liveness {
+        &self.liveness
+    }
+
+    async fn run_sweeps(self) {
+        // Group -> (writes seen, since when): idle once unchanged for QUIESCE_AFTER.
+        let mut idle: HashMap<String, (u64, Instant)> = HashMap::new();
+        let mut ticker = tokio::time::interval(SWEEP_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            self.sweep(&mut idle).await;
+        }
+    }
+
+    /// One pass of the leader side: offers every idle, settled group to its followers and
+    /// quiesces those all of them took.
+    async fn sweep(&self, idle: &mut HashMap<String, (u64, Instant)>) {
+        let me = self.liveness.node_id();
+        let now = Instant::now();
+        let hosted = self.groups.quiet_groups();
+        idle.retain(|name, _| hosted.iter().any(|g| &g.name == name));
+        // Follower -> the groups offered to it; group -> (followers, writes seen).
+        let mut offers: BTreeMap<NodeId, (String, Vec<pb::QuietGroup>)> = BTreeMap::new();
+        let mut candidates = Vec::new();
+        for group in hosted {
+            if group.is_quiet() {
+                idle.remove(&group.name);
+                continue;
+            }
+            let writes = group.writes();
+            let since = match idle.get(&group.name) {
+                Some(&(seen, since)) if seen == writes => since,
+                _ => {
+                    idle.insert(group.name.clone(), (writes, now));
+                    continue;
+                }
+            };
+            if now.duration_since(since) < QUIESCE_AFTER {
+                continue;
+            }
+            let Some((offer, followers)) = settled_leader(&group, me) else {
+                continue;
+            };
+            // Watched from now on (a new watch counts as answering until it has had
+            // SILENT_AFTER to hear back); a silent follower could not quiesce anyway.
+            for (node, address) in &followers {
+                self.liveness.watch(*node, address);
+            }
+            if followers
+                .iter()
+                .any(|(n, _)| !self.liveness.is_answering(*n))
+            {
+                continue;
+            }
+            for (node, address) in &followers {
+                offers
+                    .entry(*node)
+                    .or_insert_with(|| (address.clone(), Vec::new()))
+                    .1
+                    .push(offer.clone());
+            }
+            candidates.push((group, followers, writes));
+        }
+        if candidates.is_empty() {
+            return;
+        }
+        let asks = offers.into_iter().map(|(node, (address, groups))| {
+            let client = self.liveness.watch(node, &address);
+            async move {
+                let Some(mut client) = client else {
+                    return (node, Vec::new());
+                };
+                let call = client.quiesce(pb::QuiesceRequest { groups });
+                match tokio::time::timeout(QUIESCE_TIMEOUT, call).await {
+                    Ok(Ok(response)) => (node, response.into_inner().quiesced),
+                    _ => (node, Vec::new()),
+                }
+            }
+        });
+        let answers: HashMap<NodeId, std::collections::HashSet<String>> =
+            futures::future::join_all(asks)
+                .await
+                .into_iter()
+                .map(|(node, quiesced)| (node, quiesced.into_iter().collect()))
+                .collect();
+        for (group, followers, writes) in candidates {
+            let all = followers.iter().all(|(node, _)| {
+                answers
+                    .get(node)
+                    .is_some_and(|quiesced| quiesced.contains(&group.name))
+            });
+            if all {
+                group.quiesce_leader(followers, writes);
+            }
+        }
+    }
+
+    /// The follower side of `Quiesce`: the groups of `request` this agent quiesced.
+    pub fn quiesce_requested(&self, request: pb::QuiesceRequest) -> Vec<String> {
+        let me = self.liveness.node_id();
+        let mut quiesced = Vec::new();
+        for offer in request.groups {
+            let Some(group) = self.groups.quiet(&offer.group) else {
+                continue;
+            };
+            let Ok(vote) = codec::required_vote(&offer.vote, "QuietGroup") else {
+                continue;
+            };
+            let last = codec::opt_log_id_from_pb(&offer.last_log_id).map(|l| l.index);
+            let others = {
+                let metrics = group.raft.metrics();
+                let m = metrics.borrow();
+                let leader = vote.leader_id().voted_for();
+                let settled = m.state == ServerState::Follower
+                    && m.vote == vote
+                    && vote.is_committed()
+                    && m.current_leader == leader
+                    && m.last_log_index == last
+                    && m.last_applied.map(|l| l.index) == last;
+                if !settled {
+                    continue;
+                }
+                m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .filter(|n| *n != me && Some(*n) != leader)
+                    .collect::<Vec<_>>()
+            };
+            if let Some(leader) = vote.leader_id().voted_for() {
+                // Watched from now on: its silence is what wakes this group.
+                if let Some(address) = group
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .get_node(&leader)
+                    .map(|n| n.addr.clone())
+                {
+                    self.liveness.watch(leader, &address);
+                }
+            }
+            group.quiesce_follower(vote, others);
+            quiesced.push(offer.group);
+        }
+        quiesced
+    }
+
+    async fn run_events(self, mut events: mpsc::UnboundedReceiver<PeerEvent>) {
+        while let Some(event) = events.recv().await {
+            self.on_peer(event);
+        }
+    }
+
+    /// Wakes the quiet groups `event` concerns.
+    fn on_peer(&self, event: PeerEvent) {
+        let me = self.liveness.node_id();
+        let mut deferred = Vec::new();
+        let mut woken = 0usize;
+        for group in self.groups.quiet_groups() {
+            if !group.is_quiet() {
+                continue;
+            }
+            match (event, group.state()) {
+                (PeerEvent::Silent(node), Quiet::Follower { vote, others })
+                    if vote.leader_id().voted_for() == Some(node) =>
+                {
+                    if campaigner(&group.name, me, &others) == me {
+                        group.wake(Wake::LeaderSilent);
+                        let raft = group.raft.clone();
+                        tokio::spawn(async move {
+                            let _ = raft.trigger().elect().await;
+                        });
+                    } else {
+                        deferred.push(group);
+                    }
+                    woken += 1;
+                }
+                (PeerEvent::Restarted(node), Quiet::Follower { vote, .. })
+                    if vote.leader_id().voted_for() == Some(node) =>
+                {
+                    woken += usize::from(group.wake(Wake::LeaderRestarted));
+                }
+                (PeerEvent::Back(node) | PeerEvent::Restarted(node), Quiet::Leader { voters })
+                    if voters.iter().any(|(n, _)| *n == node) =>
+                {
+                    woken += usize::from(group.wake(Wake::FollowerBack));
+                }
+                _ => {}
+            }
+        }
+        if woken > 0 {
+            tracing::info!(?event, groups = woken, "woke quiescent groups");
+        }
+        if !deferred.is_empty() {
+            tokio::spawn(async move {
+                tokio::time::sleep(SPREAD_DEFERRAL).await;
+                for group in deferred {
+                    group.wake(Wake::LeaderSilent);
+                }
+            });
+        }
+    }
+}
+
+/// The quiesce offer of `group` and its followers (node, peer address), when this agent leads
+/// it and it is settled: everything committed and applied, every voter at the leader's last
+/// entry, one configuration of voters only.
+fn settled_leader(
+    group: &QuietGroup,
+    me: NodeId,
+) -> Option<(pb::QuietGroup, Vec<(NodeId, String)>)> {
+    let metrics = group.raft.metrics();
+    let m = metrics.borrow();
+    if m.state != ServerState::Leader || m.current_leader != Some(me) {
+        return None;
+    }
+    let membership = m.membership_config.membership();
+    if membership.get_joint_config().len() != 1
+        || membership.learner_ids().next().is_some()
+        || !membership.voter_ids().any(|n| n == me)
+    {
+        return None;
+    }
+    let last = m.last_log_index?;
+    if m.last_applied.map(|l| l.index) != Some(last) {
+        return None;
+    }
+    let replication = m.replication.as_ref()?;
+    let mut followers = Vec::new();
+    for node in membership.voter_ids().filter(|n| *n != me) {
+        let matched = replication.get(&node)?.as_ref()?;
+        if matched.index != last {
+            return None;
+        }
+        followers.push((node, membership.get_node(&node)?.addr.clone()));
+    }
+    let last_log_id = m.last_applied;
+    Some((
+        pb::QuietGroup {
+            group: group.name.clone(),
+            vote: Some(codec::vote_to_pb(&m.vote)),
+            last_log_id: codec::opt_log_id_to_pb(&last_log_id),
+        },
+        followers,
+    ))
+}
+
+/// The survivor that campaigns at once for `group` when its leader went silent: one of `me`
+/// and `others`, by a hash of the group's name every survivor computes alike.
+fn campaigner(group: &str, me: NodeId, others: &[NodeId]) -> NodeId {
+    let mut survivors: Vec<NodeId> = others.iter().copied().chain([me]).collect();
+    survivors.sort_unstable();
+    survivors.dedup();
+    // FNV-1a: stable across builds and processes, unlike the std hasher's promise.
+    let hash = group.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    survivors[(hash % survivors.len() as u64) as usize]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_survivor_picks_the_same_campaigner_and_the_picks_spread() {
+        let mut picks = BTreeMap::<NodeId, usize>::new();
+        for i in 0..300 {
+            let group = format!("q{i}/0");
+            let from_1 = campaigner(&group, 1, &[2]);
+            let from_2 = campaigner(&group, 2, &[1]);
+            assert_eq!(from_1, from_2, "{group}");
+            *picks.entry(from_1).or_default() += 1;
+        }
+        assert_eq!(picks.len(), 2, "{picks:?}");
+        assert!(picks.values().all(|n| *n > 100), "{picks:?}");
+    }
+}

@@ -1,0 +1,200 @@
+//! [`QuietGroup`]: whether one partition group is ticking or quiescent, and the switches that
+//! move it between the two (decision 0025).
+//!
+//! A quiescent group has openraft's ticker off: no heartbeats from its leader, no election
+//! timer on its followers. Raft's safety does not rest on timers, only its liveness does, so
+//! turning them off can delay an election but never let a replica confirm what it could lose:
+//! a commit still needs a majority's acknowledgement of the entry, however long the group was
+//! quiet. The liveness the timers gave is kept by [`Quiescence`](super::quiescence::Quiescence):
+//! one exchange per agent pair, and a wake-up of exactly the groups an agent that went silent
+//! was leading.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use openraft::Vote;
+
+use super::quiescence::{GroupState, Wake, moved};
+use super::types::{NodeId, Raft};
+
+/// A group's quiescence, shared by its replica's tasks, the peer service and the agent's
+/// [`Quiescence`](super::quiescence::Quiescence) loop.
+pub struct QuietGroup {
+    /// The group's name (`<queue>/<partition>`).
+    pub name: String,
+    /// Its Raft.
+    pub raft: Raft,
+    /// Fast path of [`Self::is_quiet`]: read on every write and every AppendEntries.
+    quiet: AtomicBool,
+    /// Writes proposed as leader; the idle check compares it across sweeps.
+    writes: AtomicU64,
+    /// The role it is quiet in, with what the wake-up checks need.
+    state: Mutex<Quiet>,
+}
+
+/// What a quiet group is waiting in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Quiet {
+    /// Ticking as openraft normally does.
+    Active,
+    /// Leading without heartbeats; `voters` are the other voters it quiesced.
+    Leader {
+        /// The followers (node id, peer address).
+        voters: Vec<(NodeId, String)>,
+    },
+    /// Following `vote`'s leader without an election timer.
+    Follower {
+        /// The leader's vote it quiesced under.
+        vote: Vote<NodeId>,
+        /// The group's other voters, besides the leader and this node.
+        others: Vec<NodeId>,
+    },
+}
+
+impl std::fmt::Debug for QuietGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuietGroup")
+            .field("name", &self.name)
+            .field("quiet", &self.is_quiet())
+            .finish_non_exhaustive()
+    }
+}
+
+impl QuietGroup {
+    /// An active group.
+    pub fn new(name: impl Into<String>, raft: Raft) -> Self {
+        moved(None, Some(GroupState::Active));
+        Self {
+            name: name.into(),
+            raft,
+            quiet: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+            state: Mutex::new(Quiet::Active),
+        }
+    }
+
+    /// Whether the group is quiescent now.
+    pub fn is_quiet(&self) -> bool {
+        self.quiet.load(Ordering::SeqCst)
+    }
+
+    /// The state it is in.
+    pub fn state(&self) -> Quiet {
+        self.lock().clone()
+    }
+
+    /// Writes proposed so far, for the idle check.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    /// A write is about to be proposed as leader: counted, and a quiescent group wakes (its
+    /// followers wake when the entry reaches them). One atomic add and one load when active.
+    pub fn wrote(&self) {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        if self.is_quiet() {
+            self.wake(Wake::Write);
+        }
+    }
+
+    /// Turns the ticker back on (openraft's heartbeats and election timer resume at its next
+    /// tick) and counts why; nothing when already active.
+    pub fn wake(&self, cause: Wake) -> bool {
+        let mut state = self.lock();
+        if *state == Quiet::Active {
+            return false;
+        }
+        *state = Quiet::Active;
+        self.quiet.store(false, Ordering::SeqCst);
+        self.raft.runtime_config().tick(true);
+        moved(Some(GroupState::Quiescent), Some(GroupState::Active));
+        cause.count();
+        true
+    }
+
+    /// Stops the ticker as leader, once every follower in `voters` quiesced. Returns false —
+    /// and stays active — when a write was proposed since `writes_seen` (counted before the
+    /// followers were asked): the check of the counter after the flag is set and the writer's
+    /// check of the flag after counting cannot both miss each other.
+    pub fn quiesce_leader(&self, voters: Vec<(NodeId, String)>, writes_seen: u64) -> bool {
+        {
+            let mut state = self.lock();
+            if *state != Quiet::Active {
+                return false;
+            }
+            *state = Quiet::Leader { voters };
+            self.quiet.store(true, Ordering::SeqCst);
+            self.raft.runtime_config().tick(false);
+            moved(Some(GroupState::Active), Some(GroupState::Quiescent));
+        }
+        if self.writes() != writes_seen {
+            self.wake(Wake::Write);
+            return false;
+        }
+        true
+    }
+
+    /// Stops the ticker as a follower of `vote`'s leader.
+    pub fn quiesce_follower(&self, vote: Vote<NodeId>, others: Vec<NodeId>) {
+        let mut state = self.lock();
+        if *state != Quiet::Active {
+            // Already quiet under this leader's earlier request; take the newer vote.
+            if let Quiet::Follower { .. } = *state {
+                *state = Quiet::Follower { vote, others };
+            }
+            return;
+        }
+        *state = Quiet::Follower { vote, others };
+        self.quiet.store(true, Ordering::SeqCst);
+        self.raft.runtime_config().tick(false);
+        moved(Some(GroupState::Active), Some(GroupState::Quiescent));
+    }
+
+    /// An AppendEntries arrived: a quiescent follower wakes when it carries entries or comes
+    /// under another vote than the one it quiesced under (a heartbeat the leader sent just
+    /// before it stopped ticking leaves it quiet).
+    pub fn appended(&self, vote: &Vote<NodeId>, entries: usize) {
+        if !self.is_quiet() {
+            return;
+        }
+        let wake = match &*self.lock() {
+            Quiet::Follower { vote: quiet, .. } => entries > 0 || quiet != vote,
+            Quiet::Leader { .. } => true,
+            Quiet::Active => false,
+        };
+        if wake {
+            self.wake(Wake::Append);
+        }
+    }
+
+    /// The group's metrics changed: a quiet group whose role or vote is no longer the one it
+    /// quiesced in wakes (a leader that saw a higher vote, a follower under a new leader).
+    pub fn observe(&self, metrics: &openraft::RaftMetrics<NodeId, openraft::BasicNode>) {
+        if !self.is_quiet() {
+            return;
+        }
+        let changed = match &*self.lock() {
+            Quiet::Leader { .. } => metrics.state != openraft::ServerState::Leader,
+            Quiet::Follower { vote, .. } => metrics.vote != *vote,
+            Quiet::Active => false,
+        };
+        if changed {
+            self.wake(Wake::RoleChange);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Quiet> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for QuietGroup {
+    fn drop(&mut self) {
+        let state = if self.is_quiet() {
+            GroupState::Quiescent
+        } else {
+            GroupState::Active
+        };
+        moved(Some(state), None);
+    }
+}
