@@ -438,3 +438,72 @@ async fn a_quiet_leader_cut_off_from_its_followers_confirms_nothing() {
     let summary = ledger.summary(Some("cut-off"));
     summary.assert_guarantees();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_leader_stopped_and_resumed_steps_down_and_brings_back_nothing_acked() {
+    let _serial = SERIAL.lock().await;
+    let root = tempfile::tempdir().expect("temp dir");
+    let mut cluster =
+        Cluster::start_with(root.path(), Net::Loopback, 3, &["--replication-factor", RF])
+            .expect("cluster starts");
+    let all = [0, 1, 2];
+    let queue = queue_name(0);
+    cluster.declare(queue_spec(&queue, 1), FORM).await;
+    let ledger = Arc::new(Ledger::default());
+    let keys: Vec<String> = (0..20).map(|n| format!("m{n}")).collect();
+    let leader = cluster.leader_among(&queue, &all, FORM).await;
+    let confirms = workload::publish_keys(
+        cluster.channel(leader),
+        &queue,
+        &keys,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("publish");
+    for (key, confirm) in keys.iter().zip(confirms) {
+        ledger.confirm(key, confirm.id.expect("confirmed"));
+    }
+    wait_quiescent(&cluster, &[(0, 1.0), (1, 1.0), (2, 1.0)]).await;
+
+    // SIGSTOP the quiet leader: the others elect, and everything is consumed and acked there.
+    eprintln!("agent {leader} leads quiescent {queue}; SIGSTOP");
+    cluster.pause(leader);
+    let rest: Vec<usize> = all.iter().copied().filter(|i| *i != leader).collect();
+    let new_leader = cluster.leader_among(&queue, &rest, FORM).await;
+    eprintln!("agent {new_leader} leads {queue} now");
+    let endpoints: Vec<String> = rest
+        .iter()
+        .map(|&i| format!("http://{}", cluster.nodes[i].client))
+        .collect();
+    let drained = workload::consume(
+        endpoints,
+        queue.clone(),
+        ledger.clone(),
+        Until::Quiet(Duration::from_secs(2), Duration::from_secs(30)),
+    )
+    .await;
+    eprintln!("consumed at the others: {drained:?}");
+    assert_eq!(
+        ledger.acked(),
+        keys.len(),
+        "every message acked at the new leader"
+    );
+
+    // Resumed, the old leader learns of the new one at once and steps down.
+    cluster.resume(leader);
+    let resumed = Instant::now();
+    let stepped_down = cluster::wait_until("the resumed leader steps down", FORM, || async {
+        (cluster.role(leader, &queue).await != Role::Leader).then_some(())
+    })
+    .await;
+    eprintln!("resumed leader stepped down after {:?}", resumed.elapsed());
+    assert!(stepped_down.is_some(), "agent {leader} still leads {queue}");
+    workload::consume(
+        cluster.endpoints(),
+        queue.clone(),
+        ledger.clone(),
+        Until::Quiet(Duration::from_secs(2), Duration::from_secs(30)),
+    )
+    .await;
+    ledger.summary(None).assert_guarantees();
+}

@@ -165,8 +165,14 @@ async fn watch_peer(
         match answer {
             Ok(Ok(response)) => {
                 let response = response.into_inner();
+                let gap = last_answer.elapsed();
                 last_answer = Instant::now();
-                if silent.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                // A gap this long with no answer is a silence too, even if this side never
+                // noticed it: this process was stopped (SIGSTOP) or starved meanwhile, and
+                // its quiet leaderships may have been taken over. Reported as `Back`, so
+                // they wake, heartbeat, and learn of a newer leader at once.
+                let was_silent = silent.swap(false, std::sync::atomic::Ordering::AcqRel);
+                if was_silent || gap >= SILENT_AFTER {
                     let _ = inner.events.send(PeerEvent::Back(node));
                 }
                 if boot.is_some_and(|b| b != response.boot_id) {

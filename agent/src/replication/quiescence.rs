@@ -358,7 +358,7 @@ impl Quiescence {
                 (PeerEvent::Back(node) | PeerEvent::Restarted(node), Quiet::Leader { voters })
                     if voters.iter().any(|(n, _)| *n == node) =>
                 {
-                    woken += usize::from(group.wake(Wake::FollowerBack));
+                    woken += usize::from(wake_leader(&group));
                 }
                 _ => {}
             }
@@ -375,6 +375,20 @@ impl Quiescence {
             });
         }
     }
+}
+
+/// Wakes a quiet leader whose follower is back and heartbeats at once rather than at the
+/// next tick: if the others elected a leader meanwhile (this agent may have been the silent
+/// one), the answer is the higher vote and this one steps down now.
+fn wake_leader(group: &QuietGroup) -> bool {
+    let woke = group.wake(Wake::FollowerBack);
+    if woke {
+        let raft = group.raft.clone();
+        tokio::spawn(async move {
+            let _ = raft.trigger().heartbeat().await;
+        });
+    }
+    woke
 }
 
 /// The quiesce offer of `group` and its followers (node, peer address), when this agent leads
