@@ -61,6 +61,22 @@ impl Broker {
         let me = cluster.config.node_id;
         let rf = cluster.config.replication_factor;
         let nothing = BTreeSet::new();
+        let moving = catalog
+            .agents
+            .values()
+            .any(|a| matches!(a.state, AgentState::Joining | AgentState::Draining));
+        // A quiescent group is settled (one configuration, every voter caught up); against the
+        // catalog it was last looked at with it needs no step, and with no agent joining or
+        // draining nobody needs its view. Thousands of idle groups then cost nothing here.
+        let unchanged = {
+            let mut reconciled = lock(&self.reconciled);
+            let same = reconciled
+                .as_ref()
+                .is_some_and(|c| Arc::ptr_eq(c, &catalog));
+            *reconciled = Some(catalog.clone());
+            same && !moving
+        };
+        let mut quiet_leaders = Vec::new();
         let links: Vec<(String, Arc<ReplicaLink>)> = self
             .read_queues()
             .values()
@@ -75,6 +91,10 @@ impl Broker {
             .collect();
         let mut views = Vec::with_capacity(links.len() + 1);
         for (queue, link) in &links {
+            if unchanged && link.quiet.is_quiet() && self.reversions.of(&link.group).is_empty() {
+                quiet_leaders.extend(link.raft.metrics().borrow().current_leader);
+                continue;
+            }
             let view = GroupView::of(&link.raft.metrics().borrow());
             if view.is_leader {
                 self.reversions.watch(&link.group, &link.raft);
@@ -106,10 +126,6 @@ impl Broker {
         }
         // Groups this agent does not host are seen through their hosts, asked only while an
         // agent joins or drains (the only time the meta leader needs them).
-        let moving = catalog
-            .agents
-            .values()
-            .any(|a| matches!(a.state, AgentState::Joining | AgentState::Draining));
         let own = views
             .iter()
             .map(|(_, group, view, _)| (group.clone(), view.clone()));
@@ -139,6 +155,7 @@ impl Broker {
             .map(|(v, _)| v.leader)
             .chain(views.iter().map(|(_, _, v, _)| v.leader))
             .flatten()
+            .chain(quiet_leaders)
             .collect();
         let everyone: BTreeSet<u64> = catalog
             .agents

@@ -17,6 +17,10 @@ use crate::queue::queue::Queue;
 /// Longest the timer task sleeps without a known deadline: bounds how late a TTL head sweep or
 /// segment purge runs on an idle queue.
 const TIMER_IDLE_MS: u64 = 250;
+/// Longest a queue with nothing to time sleeps between passes: one led by another agent (it
+/// wakes when a partition starts serving here) or one holding no message (a publish or settle
+/// wakes it). Only a backstop.
+const TIMER_BACKSTOP_MS: u64 = 5_000;
 /// Shortest pause between timer passes, so a busy queue is not ticked on every delivery.
 const TIMER_MIN_MS: u64 = 5;
 
@@ -88,9 +92,24 @@ impl Broker {
                     broker.maintain(&queue).await
                 };
                 let now = clock.now_ms();
-                let wait = next
-                    .map_or(TIMER_IDLE_MS, |t| t.saturating_sub(now))
-                    .clamp(TIMER_MIN_MS, TIMER_IDLE_MS);
+                if queue.check_serving().is_err() {
+                    // Led elsewhere: a pass has nothing to do (only a serving partition has
+                    // deadlines here), so sleep until one starts serving. Thousands of
+                    // follower replicas would otherwise wake four times a second each.
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(TIMER_BACKSTOP_MS)) => {}
+                        _ = queue.timer().notified() => {}
+                        _ = queue.until_serving() => {}
+                    }
+                    continue;
+                }
+                // An empty queue has no TTL to expire and no deadline or delay to keep.
+                let wait = if next.is_none() && queue.backlog().0 == 0 {
+                    TIMER_BACKSTOP_MS
+                } else {
+                    next.map_or(TIMER_IDLE_MS, |t| t.saturating_sub(now))
+                        .clamp(TIMER_MIN_MS, TIMER_IDLE_MS)
+                };
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
                     _ = queue.timer().notified() => {}

@@ -162,6 +162,31 @@ impl Queue {
             .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
+    /// Resolves once one of the partitions serves here (at once if one does; a partition that
+    /// is not replicated always does). Never resolves for a queue without partitions.
+    pub async fn until_serving(&self) {
+        let mut watches = Vec::with_capacity(self.partitions.len());
+        for partition in &self.partitions {
+            match partition.replica() {
+                Some(link) => watches.push(link.status.subscribe()),
+                None => return,
+            }
+        }
+        if watches.is_empty() {
+            return std::future::pending().await;
+        }
+        let waits = watches.iter_mut().map(|status| {
+            Box::pin(async move {
+                if status.wait_for(|s| s.ready).await.is_err() {
+                    // The replica stopped: it will not serve again; the caller's other
+                    // wake-ups (and the queue closing) take over.
+                    std::future::pending::<()>().await;
+                }
+            })
+        });
+        futures::future::select_all(waits).await;
+    }
+
     /// Fails with a redirect when this agent serves none of the queue's partitions (it is
     /// not their Raft leader).
     pub fn check_serving(&self) -> Result<(), BrokerError> {
