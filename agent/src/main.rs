@@ -228,12 +228,10 @@ fn init_tracing(args: &BrokerArgs) -> Result<(), tracing_subscriber::filter::Par
     let levels = tracing_subscriber::EnvFilter::try_new(&args.log_level)?;
     // With the default filter, openraft's per-group error lines come once per call site per
     // 10 s; a filter of one's own gets every line it asks for.
-    let window = if args.log_level == LOG_LEVEL_DEFAULT {
-        OPENRAFT_LINE_WINDOW
-    } else {
-        Duration::ZERO
-    };
-    let filter = levels.and(Throttle::new("openraft", window));
+    // (`None` lets everything through without a look.)
+    let throttle = (args.log_level == LOG_LEVEL_DEFAULT)
+        .then(|| Throttle::new("openraft", OPENRAFT_LINE_WINDOW));
+    let filter = levels.and(throttle);
     // Logs go to stderr: stdout carries only the machine-readable listening line.
     // Colours only on a terminal: in a pod's log or a file they are escape-code noise.
     let lines = tracing_subscriber::fmt::layer()

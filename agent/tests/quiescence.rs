@@ -119,6 +119,30 @@ async fn leaders(cluster: &Cluster, queues: usize, among: &[usize]) -> BTreeMap<
     leaders
 }
 
+/// Publishes `keys` to `queue` at its leader among `among` and records their confirms in
+/// `ledger`; returns the leader.
+async fn publish_confirmed(
+    cluster: &Cluster,
+    among: &[usize],
+    queue: &str,
+    keys: &[String],
+    ledger: &Ledger,
+) -> usize {
+    let leader = cluster.leader_among(queue, among, FORM).await;
+    let confirms = workload::publish_keys(
+        cluster.channel(leader),
+        queue,
+        keys,
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("publish");
+    for (key, confirm) in keys.iter().zip(confirms) {
+        ledger.confirm(key, confirm.id.expect("confirmed"));
+    }
+    leader
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_groups_stop_sending_heartbeats_and_a_write_wakes_one() {
     let _serial = SERIAL.lock().await;
@@ -200,18 +224,7 @@ async fn when_the_agent_leading_quiet_groups_is_killed_they_elect_and_lose_nothi
     for q in 0..QUEUES {
         let queue = queue_name(q);
         let keys: Vec<String> = (0..5).map(|n| format!("{queue}-m{n}")).collect();
-        let leader = cluster.leader_among(&queue, &all, FORM).await;
-        let confirms = workload::publish_keys(
-            cluster.channel(leader),
-            &queue,
-            &keys,
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("publish");
-        for (key, confirm) in keys.iter().zip(confirms) {
-            ledger.confirm(key, confirm.id.expect("confirmed"));
-        }
+        publish_confirmed(&cluster, &all, &queue, &keys, &ledger).await;
     }
     let hosted: Vec<(usize, f64)> = all.iter().map(|&i| (i, QUEUES as f64)).collect();
     wait_quiescent(&cluster, &hosted).await;
@@ -451,18 +464,7 @@ async fn a_quiet_leader_stopped_and_resumed_steps_down_and_brings_back_nothing_a
     cluster.declare(queue_spec(&queue, 1), FORM).await;
     let ledger = Arc::new(Ledger::default());
     let keys: Vec<String> = (0..20).map(|n| format!("m{n}")).collect();
-    let leader = cluster.leader_among(&queue, &all, FORM).await;
-    let confirms = workload::publish_keys(
-        cluster.channel(leader),
-        &queue,
-        &keys,
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("publish");
-    for (key, confirm) in keys.iter().zip(confirms) {
-        ledger.confirm(key, confirm.id.expect("confirmed"));
-    }
+    let leader = publish_confirmed(&cluster, &all, &queue, &keys, &ledger).await;
     wait_quiescent(&cluster, &[(0, 1.0), (1, 1.0), (2, 1.0)]).await;
 
     // SIGSTOP the quiet leader: the others elect, and everything is consumed and acked there.

@@ -281,39 +281,33 @@ impl Quiescence {
                 continue;
             };
             let last = codec::opt_log_id_from_pb(&offer.last_log_id).map(|l| l.index);
-            let others = {
+            let Some(leader) = vote.leader_id().voted_for() else {
+                continue;
+            };
+            let (others, address) = {
                 let metrics = group.raft.metrics();
                 let m = metrics.borrow();
-                let leader = vote.leader_id().voted_for();
                 let settled = m.state == ServerState::Follower
                     && m.vote == vote
                     && vote.is_committed()
-                    && m.current_leader == leader
+                    && m.current_leader == Some(leader)
                     && m.last_log_index == last
                     && m.last_applied.map(|l| l.index) == last;
+                let membership = m.membership_config.membership();
+                let Some(address) = membership.get_node(&leader).map(|n| n.addr.clone()) else {
+                    continue;
+                };
                 if !settled {
                     continue;
                 }
-                m.membership_config
-                    .membership()
+                let others: Vec<NodeId> = membership
                     .voter_ids()
-                    .filter(|n| *n != me && Some(*n) != leader)
-                    .collect::<Vec<_>>()
+                    .filter(|n| *n != me && *n != leader)
+                    .collect();
+                (others, address)
             };
-            if let Some(leader) = vote.leader_id().voted_for() {
-                // Watched from now on: its silence is what wakes this group.
-                if let Some(address) = group
-                    .raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .get_node(&leader)
-                    .map(|n| n.addr.clone())
-                {
-                    self.liveness.watch(leader, &address);
-                }
-            }
+            // Watched from now on: its silence is what wakes this group.
+            self.liveness.watch(leader, &address);
             group.quiesce_follower(vote, others);
             quiesced.push(offer.group);
         }
