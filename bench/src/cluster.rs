@@ -91,7 +91,7 @@ impl Cluster {
             .args(["--peers", &self.peers])
             .args(["--peer-listen", &member.peer.to_string()])
             .args(["--replication-factor", &self.replication_factor.to_string()]);
-        let log = self.dir.join(format!("agent-{index}.log"));
+        let log = self.log_path(index);
         let (process, announced) = spawn_agent(command, &log, self.ready_timeout).await?;
         if announced != member.client {
             return Err(process.not_ready(format!(
@@ -155,6 +155,32 @@ impl Cluster {
         Ok(())
     }
 
+    /// Process id of agent `index`, while it runs.
+    pub fn pid(&self, index: usize) -> Option<u32> {
+        self.members
+            .get(index)?
+            .process
+            .as_ref()
+            .map(ServerProcess::pid)
+    }
+
+    /// Where agent `index` writes its log (across restarts).
+    pub fn log_path(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("agent-{index}.log"))
+    }
+
+    /// Stops agent `index` gracefully (SIGTERM, SIGKILL after the grace period) and returns how
+    /// long it took to exit.
+    pub async fn stop_agent(&mut self, index: usize) -> Result<Duration> {
+        self.member(index)?;
+        let process = self.members[index].process.take().ok_or_else(|| {
+            self.not_running(index, "cannot be stopped: it is not running".into())
+        })?;
+        let started = std::time::Instant::now();
+        process.stop().await;
+        Ok(started.elapsed())
+    }
+
     /// Memory of each running agent, ordinal order (`None` for one that is down).
     pub fn memory(&self) -> Result<Vec<Option<Memory>>> {
         self.members
@@ -193,7 +219,7 @@ impl Cluster {
         Error::NotReady {
             server: format!("sluice-agent local-{index}"),
             reason: format!("agent {index} {reason}"),
-            log: self.dir.join(format!("agent-{index}.log")),
+            log: self.log_path(index),
         }
     }
 }

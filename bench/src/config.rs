@@ -111,6 +111,37 @@ pub enum Command {
     /// Failover time: kill -9 the leader of a cluster under steady confirmed-publish load,
     /// measure the time to the first confirm on its successor, restart it; repeat.
     Failover(FailoverArgs),
+    /// Many partitions: declare them, leave them idle and read what they cost (CPU, memory,
+    /// log), then stop one agent gracefully and kill -9 the one leading the most groups.
+    Scale(ScaleArgs),
+}
+
+/// Flags of `sluice-bench scale`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScaleArgs {
+    /// Queues to declare.
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub queues: u32,
+
+    /// Partitions per queue.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub partitions: u32,
+
+    /// Agents in the cluster (replication factor: the agent count, at most 3).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(3..=9))]
+    pub agents: u32,
+
+    /// Declares in flight at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub declare_concurrency: u32,
+
+    /// Seconds to wait after the declares before the idle window (groups settle and quiesce).
+    #[arg(long, default_value_t = 30)]
+    pub settle_secs: u64,
+
+    /// Seconds of the idle window CPU and log growth are read over.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub window_secs: u64,
 }
 
 /// Flags of `sluice-bench failover`.
@@ -233,6 +264,18 @@ mod tests {
         assert_eq!(args.cluster, None);
         let args = Args::try_parse_from(["sluice-bench", "--cluster", "3"]).expect("parses");
         assert_eq!(args.cluster, Some(3));
+    }
+
+    #[test]
+    fn scale_defaults_to_a_thousand_queues_of_three_partitions_on_three_agents() {
+        let args = Args::try_parse_from(["sluice-bench", "scale"]).expect("parses");
+        let Some(Command::Scale(scale)) = &args.command else {
+            panic!("scale subcommand: {args:?}");
+        };
+        assert_eq!((scale.queues, scale.partitions, scale.agents), (1_000, 3, 3));
+        let err = Args::try_parse_from(["sluice-bench", "scale", "--agents", "2"])
+            .expect_err("refused");
+        assert!(err.to_string().contains("--agents"), "{err}");
     }
 
     #[test]

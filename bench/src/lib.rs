@@ -27,6 +27,7 @@ pub mod memory;
 pub mod peers;
 pub mod process;
 pub mod report;
+pub mod scale;
 pub mod stats;
 pub mod suite;
 pub mod workload;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use sluice_bench::config::{Args, Command};
-use sluice_bench::{failover, report, suite};
+use sluice_bench::{failover, report, scale, suite};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -25,6 +25,16 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Scale(scale_args)) => match scale::run_command(&args, scale_args).await {
+            Ok(outcome) => {
+                println!("{}", report::scale_table(&outcome));
+                outcome.unled == 0
+            }
+            Err(err) => {
+                eprintln!("error: scale: {err}");
+                false
+            }
+        },
         None => run_tables(&args).await,
     };
     // A failed system still prints its row; the exit code tells scripts something failed.

@@ -187,6 +187,53 @@ pub fn failover_table(distribution: &Distribution, failed_trials: usize) -> Stri
     out
 }
 
+/// The `sluice-bench scale` table: one row of what the run measured.
+pub fn scale_table(outcome: &crate::scale::Outcome) -> String {
+    let mut out = String::from(
+        "| Queues × partitions | Agents | Replicas per agent | Declares/s | Idle CPU, % of one core (all agents) | RSS per agent MiB | RSS per replica KiB | Log bytes/hour idle | Graceful stop s | Orphaned groups | New leader p50 / p99 / max ms | Confirm p50 / p99 / max ms |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
+    );
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let rss_max = outcome.rss.iter().copied().max().unwrap_or(0);
+    let per_replica_kib = rss_max as f64 / 1024.0 / outcome.replicas_per_agent.max(1) as f64;
+    let spread = |d: &Distribution| {
+        format!(
+            "{} / {} / {}",
+            whole_millis(d.quantile(0.5)),
+            whole_millis(d.quantile(0.99)),
+            whole_millis(d.max())
+        )
+    };
+    let rss: Vec<String> = outcome
+        .rss
+        .iter()
+        .map(|b| format!("{:.0}", mib(*b)))
+        .collect();
+    let unled = if outcome.unled > 0 {
+        format!(" ({} never led)", outcome.unled)
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        out,
+        "| {} × {} | {} | {} | {:.1} | {:.1} | {} | {:.0} | {:.0} | {:.1} | {}{unled} | {} | {} |",
+        outcome.queues,
+        outcome.partitions,
+        outcome.agents,
+        outcome.replicas_per_agent,
+        outcome.declare_rate,
+        outcome.idle_cores * 100.0,
+        rss.join(" / "),
+        per_replica_kib,
+        outcome.log_bytes_per_hour,
+        outcome.graceful_stop.as_secs_f64(),
+        outcome.orphaned,
+        spread(&outcome.new_leader),
+        spread(&outcome.confirmed),
+    );
+    out
+}
+
 fn whole_millis(value: Option<Duration>) -> String {
     value
         .map(|d| d.as_millis().to_string())
