@@ -128,17 +128,17 @@ impl Metrics {
         registry.register(
             "raft_groups",
             "Partition Raft groups hosted here, by state (active or quiescent)",
-            crate::replication::quiescence::GROUPS.clone(),
+            crate::replication::quiet_group::GROUPS.clone(),
         );
         registry.register(
             "raft_group_wakeups",
             "Wake-ups of quiescent partition groups, by cause",
-            crate::replication::quiescence::WAKEUPS.clone(),
+            crate::replication::quiet_group::WAKEUPS.clone(),
         );
         registry.register(
             "raft_groups_quiesced",
             "Times a partition group hosted here quiesced",
-            crate::replication::quiescence::QUIESCED.clone(),
+            crate::replication::quiet_group::QUIESCED.clone(),
         );
         registry.register(
             "raft_append_entries_sent",

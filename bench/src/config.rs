@@ -272,9 +272,12 @@ mod tests {
         let Some(Command::Scale(scale)) = &args.command else {
             panic!("scale subcommand: {args:?}");
         };
-        assert_eq!((scale.queues, scale.partitions, scale.agents), (1_000, 3, 3));
-        let err = Args::try_parse_from(["sluice-bench", "scale", "--agents", "2"])
-            .expect_err("refused");
+        assert_eq!(
+            (scale.queues, scale.partitions, scale.agents),
+            (1_000, 3, 3)
+        );
+        let err =
+            Args::try_parse_from(["sluice-bench", "scale", "--agents", "2"]).expect_err("refused");
         assert!(err.to_string().contains("--agents"), "{err}");
     }
 

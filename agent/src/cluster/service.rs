@@ -125,7 +125,7 @@ impl ClusterService {
         let raft = self.groups.get(&request.group)?;
         if let Some(quiet) = self.groups.quiet(&request.group) {
             // A campaign needs this replica's election timer for its retries.
-            quiet.wake(crate::replication::quiescence::Wake::Transfer);
+            quiet.wake(crate::replication::quiet_group::Wake::Transfer);
         }
         if request.relieve {
             self.holds.hold(&request.group);

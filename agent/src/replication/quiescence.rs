@@ -23,21 +23,16 @@
 //! by the same rules as an active one.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use openraft::ServerState;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use sluice_proto::peer::v1 as pb;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::codec;
 use super::liveness::{Liveness, PeerEvent};
-use super::quiet_group::{Quiet, QuietGroup};
+use super::quiet_group::{Quiet, QuietGroup, Wake};
 use super::service::RaftGroups;
 use super::types::NodeId;
 
@@ -50,103 +45,6 @@ const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the survivors not chosen to campaign for a group whose leader went silent wait
 /// before their election timers run again (the chosen one may be slow or gone too).
 pub const SPREAD_DEFERRAL: Duration = Duration::from_millis(500);
-
-/// What a group is doing, for the `sluice_raft_groups` gauge.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupState {
-    /// Ticking.
-    Active,
-    /// Quiescent.
-    Quiescent,
-}
-
-/// Why a quiet group woke.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wake {
-    /// A write (or membership change) proposed at its leader.
-    Write,
-    /// An AppendEntries with entries, or from another leader, at a follower.
-    Append,
-    /// A vote request.
-    Vote,
-    /// A snapshot chunk.
-    Snapshot,
-    /// The group's own metrics show another role or vote than it quiesced under.
-    RoleChange,
-    /// Its leader's agent went silent.
-    LeaderSilent,
-    /// A follower's agent answered again, or restarted.
-    FollowerBack,
-    /// Its leader's agent restarted.
-    LeaderRestarted,
-    /// This agent is asked to take the leadership.
-    Transfer,
-}
-
-impl Wake {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Write => "write",
-            Self::Append => "append",
-            Self::Vote => "vote",
-            Self::Snapshot => "snapshot",
-            Self::RoleChange => "role_change",
-            Self::LeaderSilent => "leader_silent",
-            Self::FollowerBack => "follower_back",
-            Self::LeaderRestarted => "leader_restarted",
-            Self::Transfer => "transfer",
-        }
-    }
-
-    /// Counts one wake-up of this cause.
-    pub(super) fn count(self) {
-        WAKEUPS
-            .get_or_create(&CauseLabels {
-                cause: self.label(),
-            })
-            .inc();
-    }
-}
-
-/// Labels of [`GROUPS`].
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StateLabels {
-    /// `active` or `quiescent`.
-    pub state: &'static str,
-}
-
-/// Labels of [`WAKEUPS`].
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CauseLabels {
-    /// Why the group woke.
-    pub cause: &'static str,
-}
-
-/// Partition groups of this agent by state.
-pub static GROUPS: LazyLock<Family<StateLabels, Gauge>> = LazyLock::new(Default::default);
-/// Wake-ups of quiet groups by cause.
-pub static WAKEUPS: LazyLock<Family<CauseLabels, Counter>> = LazyLock::new(Default::default);
-/// Groups this agent quiesced (as leader or follower).
-pub static QUIESCED: LazyLock<Counter> = LazyLock::new(Default::default);
-
-/// Moves one group between the states of [`GROUPS`] (`None`: registered or gone).
-pub(super) fn moved(from: Option<GroupState>, to: Option<GroupState>) {
-    let label = |state| StateLabels {
-        state: match state {
-            GroupState::Active => "active",
-            GroupState::Quiescent => "quiescent",
-        },
-    };
-    if let Some(from) = from {
-        GROUPS.get_or_create(&label(from)).dec();
-    }
-    if let Some(to) = to {
-        if to == GroupState::Quiescent {
-            QUIESCED.inc();
-        }
-        GROUPS.get_or_create(&label(to)).inc();
-    }
-}
 
 /// The agent's quiescence: the leader-side sweep, the follower side of `Quiesce`, and the
 /// wake-ups the liveness watch triggers. Clones share it.

@@ -17,8 +17,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use super::codec::{self, CodecError};
-use super::quiescence::{Quiescence, Wake};
-use super::quiet_group::QuietGroup;
+use super::quiescence::Quiescence;
+use super::quiet_group::{QuietGroup, Wake};
 use super::types::Raft;
 
 /// How often an idle peer connection is probed, so a peer that vanished without closing its
