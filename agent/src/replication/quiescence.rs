@@ -206,7 +206,7 @@ impl Quiescence {
             };
             // Watched from now on: its silence is what wakes this group.
             self.liveness.watch(leader, &address);
-            group.quiesce_follower(vote, others);
+            group.quiesce_follower(vote, last, others);
             quiesced.push(offer.group);
         }
         quiesced
@@ -228,7 +228,7 @@ impl Quiescence {
                 continue;
             }
             match (event, group.state()) {
-                (PeerEvent::Silent(node), Quiet::Follower { vote, others })
+                (PeerEvent::Silent(node), Quiet::Follower { vote, others, .. })
                     if vote.leader_id().voted_for() == Some(node) =>
                 {
                     if campaigner(&group.name, me, &others) == me {

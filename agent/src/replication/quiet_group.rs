@@ -49,6 +49,8 @@ pub enum Quiet {
     Follower {
         /// The leader's vote it quiesced under.
         vote: Vote<NodeId>,
+        /// The index of the leader's last entry it quiesced at (committed).
+        at: Option<u64>,
         /// The group's other voters, besides the leader and this node.
         others: Vec<NodeId>,
     },
@@ -138,30 +140,41 @@ impl QuietGroup {
     }
 
     /// Stops the ticker as a follower of `vote`'s leader.
-    pub fn quiesce_follower(&self, vote: Vote<NodeId>, others: Vec<NodeId>) {
+    pub fn quiesce_follower(&self, vote: Vote<NodeId>, at: Option<u64>, others: Vec<NodeId>) {
         let mut state = self.lock();
         if *state != Quiet::Active {
             // Already quiet under this leader's earlier request; take the newer vote.
             if let Quiet::Follower { .. } = *state {
-                *state = Quiet::Follower { vote, others };
+                *state = Quiet::Follower { vote, at, others };
             }
             return;
         }
-        *state = Quiet::Follower { vote, others };
+        *state = Quiet::Follower { vote, at, others };
         self.quiet.store(true, Ordering::SeqCst);
         self.raft.runtime_config().tick(false);
         moved(Some(GroupState::Active), Some(GroupState::Quiescent));
     }
 
-    /// An AppendEntries arrived: a quiescent follower wakes when it carries entries or comes
-    /// under another vote than the one it quiesced under (a heartbeat the leader sent just
-    /// before it stopped ticking leaves it quiet).
-    pub fn appended(&self, vote: &Vote<NodeId>, entries: usize) {
+    /// An AppendEntries arrived: a quiescent follower wakes when it carries entries, comes
+    /// under another vote than the one it quiesced under, or names another position than the
+    /// one it quiesced at (the leader went on writing: its heartbeats then carry the new
+    /// position, so a follower that took the offer on metrics that lagged its own log wakes at
+    /// the next heartbeat). A heartbeat the leader sent just before it stopped ticking, at the
+    /// quiesced position, leaves it quiet.
+    pub fn appended(
+        &self,
+        vote: &Vote<NodeId>,
+        entries: usize,
+        prev: Option<u64>,
+        commit: Option<u64>,
+    ) {
         if !self.is_quiet() {
             return;
         }
         let wake = match &*self.lock() {
-            Quiet::Follower { vote: quiet, .. } => entries > 0 || quiet != vote,
+            Quiet::Follower {
+                vote: quiet, at, ..
+            } => entries > 0 || quiet != vote || prev != *at || commit != *at,
             Quiet::Leader { .. } => true,
             Quiet::Active => false,
         };

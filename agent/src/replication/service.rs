@@ -211,7 +211,9 @@ impl PeerService {
             .map(codec::entry_from_pb)
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(quiet) = self.groups.quiet(&req.group) {
-            quiet.appended(&vote, entries.len());
+            let prev = codec::opt_log_id_from_pb(&req.prev_log_id).map(|l| l.index);
+            let commit = codec::opt_log_id_from_pb(&req.leader_commit).map(|l| l.index);
+            quiet.appended(&vote, entries.len(), prev, commit);
         }
         let rpc = AppendEntriesRequest {
             vote,
