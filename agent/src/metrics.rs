@@ -150,6 +150,16 @@ impl Metrics {
             "Alive exchanges sent to watched peers (one stream per agent pair)",
             crate::replication::liveness::ALIVE_SENT.clone(),
         );
+        registry.register(
+            "peer_connections",
+            "Peer addresses with a replication connection, shared by every group",
+            crate::replication::peer_channels::CONNECTIONS.clone(),
+        );
+        registry.register(
+            "log_flusher_threads",
+            "Threads writing and fsyncing the logs of every partition hosted here",
+            crate::log::flush_pool::THREADS.clone(),
+        );
         let mut gauge = |name: &str, help: &str| {
             let g = QueueGauge::default();
             registry.register(name, help, g.clone());

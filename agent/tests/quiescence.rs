@@ -6,7 +6,8 @@
 //!   agent pair;
 //! - a quiescent group wakes on a write (the publish is confirmed), on a membership change
 //!   (a drained agent's groups move away) and when its leader's agent is killed (every group it
-//!   led gets a new leader, and nothing confirmed is lost);
+//!   led gets a new leader, and nothing confirmed is lost); with that agent still down the
+//!   groups quiesce again, and wake when it is back;
 //! - a quiescent leader cut off from its followers confirms nothing.
 //!
 //! Run: `cargo test -p sluice-agent --test quiescence -- --nocapture`.
@@ -296,6 +297,32 @@ async fn when_the_agent_leading_quiet_groups_is_killed_they_elect_and_lose_nothi
         recovered.get(recovered.len() / 2),
         recovered.last()
     );
+
+    // With the victim still down, the groups quiesce again (a silent voter keeps none of them
+    // ticking), and a write still wakes one and is confirmed by the two that are left.
+    let degraded: Vec<(usize, f64)> = survivors.iter().map(|&i| (i, QUEUES as f64)).collect();
+    let quiet_from = Instant::now();
+    wait_quiescent(&cluster, &degraded).await;
+    eprintln!(
+        "with agent {victim} down, all {QUEUES} groups quiescent again at the survivors after {:?}",
+        quiet_from.elapsed()
+    );
+    let queue = orphans[0].clone();
+    let key = format!("{queue}-while-degraded-and-quiet");
+    let leader = publish_confirmed(
+        &cluster,
+        &survivors,
+        &queue,
+        std::slice::from_ref(&key),
+        &ledger,
+    )
+    .await;
+    eprintln!("a write to quiet, degraded {queue} at agent {leader} was confirmed");
+
+    // The victim comes back: its quiet leaders wake for it, and everything settles quiet on
+    // all three again.
+    cluster.restart(victim);
+    wait_quiescent(&cluster, &hosted).await;
 
     // Nothing confirmed is lost: every queue is drained at the survivors.
     let endpoints: Vec<String> = survivors

@@ -135,8 +135,10 @@ pub struct ScaleArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub declare_concurrency: u32,
 
-    /// Seconds to wait after the declares before the idle window (groups settle and quiesce).
-    #[arg(long, default_value_t = 30)]
+    /// Most seconds to wait, after the declares and after the restart, for the cluster to
+    /// settle (leaderships balanced, groups quiescent): until the agents' logs have not grown
+    /// for 10 s, or this long.
+    #[arg(long, default_value_t = 300)]
     pub settle_secs: u64,
 
     /// Seconds of the idle window CPU and log growth are read over.

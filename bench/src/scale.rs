@@ -1,7 +1,8 @@
 //! `sluice-bench scale`: what many partitions cost (issue 16).
 //!
 //! Starts a cluster, declares `--queues` queues of `--partitions` partitions with
-//! `--declare-concurrency` declares in flight (the declare rate), waits `--settle-secs`, then
+//! `--declare-concurrency` declares in flight (the declare rate), waits until the agents'
+//! logs stay unchanged for 10 s (leaderships balanced; at most `--settle-secs`), then
 //! reads over `--window-secs` with no traffic at all: the agents' CPU (`/proc/<pid>/stat`),
 //! their RSS and how fast their logs grow. Then it stops the agent leading the most groups
 //! with SIGTERM (how long it takes to hand off and exit), restarts it, and kills it with
@@ -108,10 +109,11 @@ async fn measure(cluster: &mut Cluster, scale: &ScaleArgs) -> Result<Outcome> {
     declared.into_iter().collect::<Result<Vec<()>>>()?;
     let declare_rate = f64::from(scale.queues) / started.elapsed().as_secs_f64();
     eprintln!(
-        "scale: {} queues × {} partitions declared at {declare_rate:.1}/s; settling {} s",
-        scale.queues, scale.partitions, scale.settle_secs
+        "scale: {} queues × {} partitions declared at {declare_rate:.1}/s; settling",
+        scale.queues, scale.partitions
     );
-    tokio::time::sleep(Duration::from_secs(scale.settle_secs)).await;
+    let settled = settle(cluster, scale).await;
+    eprintln!("scale: settled after {settled:?}");
 
     // The idle window.
     let agents = cluster.len();
@@ -144,7 +146,8 @@ async fn measure(cluster: &mut Cluster, scale: &ScaleArgs) -> Result<Outcome> {
     let graceful_stop = cluster.stop_agent(stopping).await?;
     eprintln!("scale: stopped in {graceful_stop:?}; restarting");
     cluster.restart(stopping).await?;
-    tokio::time::sleep(Duration::from_secs(scale.settle_secs)).await;
+    let settled = settle(cluster, scale).await;
+    eprintln!("scale: restarted agent settled after {settled:?}");
 
     // kill -9 of the agent leading the most groups now.
     let leaders = current_leaders(cluster, agents);
@@ -289,6 +292,29 @@ fn cpu_ticks(cluster: &Cluster) -> Result<u64> {
 /// harness runs on (`getconf CLK_TCK`).
 fn clock_ticks_per_second() -> f64 {
     100.0
+}
+
+/// How long the agents' logs must stay unchanged for the cluster to count as settled: the
+/// balancer logs every leadership it moves, and a group that elects logs `leading`.
+const SETTLED_QUIET: Duration = Duration::from_secs(10);
+
+/// Waits until the agents' logs have not grown for [`SETTLED_QUIET`] (or `--settle-secs`);
+/// returns how long it waited. The idle window and the kill then measure a cluster at rest,
+/// not one still moving leaderships to their preferred agents.
+async fn settle(cluster: &Cluster, scale: &ScaleArgs) -> Duration {
+    let started = Instant::now();
+    let limit = Duration::from_secs(scale.settle_secs);
+    let mut last = log_bytes(cluster, cluster.len());
+    let mut quiet_since = Instant::now();
+    while started.elapsed() < limit && quiet_since.elapsed() < SETTLED_QUIET {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = log_bytes(cluster, cluster.len());
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+    }
+    started.elapsed()
 }
 
 fn log_bytes(cluster: &Cluster, agents: usize) -> u64 {

@@ -1,7 +1,8 @@
 //! [`FileLog`]: the segmented, checksummed, group-committed log on disk.
 //!
 //! Concurrency: three locks, always taken in this order when nested.
-//! - `writer` (the write side) is held by the flusher for a whole group (write + fsync) and by
+//! - `writer` (the write side) is held by a flusher thread of the
+//!   [`FlushPool`](super::flush_pool::FlushPool) for a whole group (write + fsync) and by
 //!   `sync`, `truncate_from` and `purge_before`, so file contents change under one owner.
 //! - `reshape` is taken shared by readers for the duration of their file reads and exclusively
 //!   by `truncate_from`/`purge_before`, so no reader has a file cut or deleted under it.
@@ -10,9 +11,9 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -20,6 +21,7 @@ use tokio::sync::watch;
 use crate::config::{FsyncPolicy, LogConfig};
 
 use super::file_cache::FileCache;
+use super::flush_pool::FlushPool;
 use super::flusher::{self, Writer};
 use super::recovery::{self, io};
 use super::segment::{self, Budget, Segment, Span};
@@ -30,15 +32,13 @@ use super::{
 
 /// A partition log in a directory of segment files. See the module docs of `log`.
 ///
-/// Dropping it writes and (per policy) fsyncs whatever is pending, then stops its flusher
-/// thread.
+/// Dropping it writes and (per policy) fsyncs whatever is pending on the dropping thread.
 #[derive(Debug)]
 pub struct FileLog {
     shared: Arc<Shared>,
-    flusher: Option<JoinHandle<()>>,
 }
 
-/// State shared by the log handle and its flusher thread.
+/// State shared by the log handle and the flusher threads.
 #[derive(Debug)]
 pub struct Shared {
     /// Segment size and fsync policy.
@@ -47,8 +47,9 @@ pub struct Shared {
     pub files: FileCache,
     /// Positions, pending entries, failure; see [`State`].
     state: Mutex<State>,
-    /// Wakes the flusher when entries become pending or the log is dropped.
-    wake: Condvar,
+    /// Whether the log is queued in the [`FlushPool`] or being served by one of its threads;
+    /// cleared under the state lock when a thread finds nothing more to write.
+    pub scheduled: AtomicBool,
     /// The write side (see the module docs for the lock order).
     writer: Mutex<Writer>,
     /// Readers shared, truncate/purge exclusive.
@@ -87,8 +88,6 @@ pub struct State {
     pub disk_bytes: u64,
     /// Set by the first failed write or fsync; the log is then read-only.
     pub failure: Option<Arc<str>>,
-    /// Set when the log is dropped; the flusher drains and exits.
-    pub shutdown: bool,
     /// Since when written data waits for its fsync (`FsyncPolicy::Interval` only).
     pub unsynced_since: Option<Instant>,
 }
@@ -119,24 +118,6 @@ impl Shared {
         self.reshape
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Waits for a wake-up (or the timeout) on the state lock.
-    pub fn wait<'a>(
-        &self,
-        state: MutexGuard<'a, State>,
-        timeout: Option<Duration>,
-    ) -> MutexGuard<'a, State> {
-        match timeout {
-            Some(timeout) => match self.wake.wait_timeout(state, timeout) {
-                Ok((state, _)) => state,
-                Err(poisoned) => poisoned.into_inner().0,
-            },
-            None => self
-                .wake
-                .wait(state)
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        }
     }
 
     /// Marks the log failed by `err`: no more appends, and waiters see the failure.
@@ -222,29 +203,15 @@ impl FileLog {
                 pending_bytes: 0,
                 disk_bytes,
                 failure: None,
-                shutdown: false,
                 unsynced_since: None,
             }),
-            wake: Condvar::new(),
+            scheduled: AtomicBool::new(false),
             writer: Mutex::new(Writer::new(recovered.active)),
             reshape: RwLock::new(()),
             durability,
             waiters: Mutex::new(Waiters::default()),
         });
-        let flusher = {
-            let shared = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name("sluice-log-flush".into())
-                .spawn(move || flusher::run(shared))
-                .map_err(|source| io("start flusher thread for", dir, source))?
-        };
-        Ok((
-            FileLog {
-                shared,
-                flusher: Some(flusher),
-            },
-            recovered.report,
-        ))
+        Ok((FileLog { shared }, recovered.report))
     }
 
     /// The log's directory.
@@ -334,14 +301,31 @@ impl FileLog {
 
 impl Drop for FileLog {
     fn drop(&mut self) {
-        self.shared.lock_state().shutdown = true;
-        self.shared.wake.notify_all();
-        if let Some(flusher) = self.flusher.take()
-            && flusher.join().is_err()
-        {
-            tracing::error!(dir = %self.dir().display(), "log flusher thread panicked");
+        // Write what is pending and make it durable here rather than leave it to the pool: the
+        // log is closed when the drop returns (a reopen of the directory may follow at once).
+        let mut writer = self.shared.lock_writer();
+        let mut buf = Vec::new();
+        let result = loop {
+            if self.shared.lock_state().pending.is_empty() {
+                break Ok(());
+            }
+            if let Err(e) = flusher::flush(&self.shared, &mut writer, &mut buf, false) {
+                break Err(e);
+            }
+        };
+        let unsynced = self.shared.lock_state().unsynced_since.is_some();
+        let result = result.and_then(|()| {
+            if unsynced {
+                flusher::sync_active(&self.shared, &writer)
+            } else {
+                Ok(())
+            }
+        });
+        drop(writer);
+        if let Err(e) = result {
+            tracing::error!(dir = %self.dir().display(), error = %e, "closing a log left entries unwritten");
         }
-        // The flusher wrote everything it could: whoever still waits never gets durability.
+        // Everything writable was written: whoever still waits never gets durability.
         let left = std::mem::take(&mut self.shared.lock_waiters().0);
         for (_, done) in left {
             done(Err(Arc::from(LOG_CLOSED)));
@@ -369,9 +353,10 @@ impl LogStore for FileLog {
             state.next += 1;
         }
         drop(state);
-        // A busy flusher re-checks `pending` after each group, so only the idle one needs a call.
+        // A log being served re-checks `pending` before it is let go, so only an idle one
+        // needs queueing.
         if was_idle && !data.is_empty() {
-            self.shared.wake.notify_one();
+            FlushPool::shared().schedule(&self.shared);
         }
         Ok(first)
     }
@@ -568,9 +553,10 @@ impl LogStore for FileLog {
 
     fn sync(&self) -> Result<(), LogError> {
         let mut writer = self.shared.lock_writer();
+        let mut buf = Vec::new();
         let target = self.shared.lock_state().next;
         loop {
-            flusher::flush(&self.shared, &mut writer, true)?;
+            flusher::flush(&self.shared, &mut writer, &mut buf, true)?;
             if self.shared.lock_state().written_next >= target {
                 return Ok(());
             }

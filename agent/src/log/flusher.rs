@@ -1,6 +1,6 @@
-//! The group-commit writer: one thread per log that takes everything pending, writes it with
-//! one positional write per touched segment, fsyncs once, and only then advances the durable
-//! index that confirms wait on.
+//! The group commit: takes everything pending, writes it with one positional write per touched
+//! segment, fsyncs once, and only then advances the durable index that confirms wait on. The
+//! threads of the [`FlushPool`](super::flush_pool::FlushPool) run it for every log.
 //!
 //! Appenders never touch the disk: they copy into the pending queue under the short state lock.
 //! While the flusher waits for one fsync (~2 ms here) the next group accumulates, so the fsync
@@ -22,23 +22,19 @@ use super::{Entry, LogError};
 /// Most bytes one group commit writes, so the write buffer stays bounded under a burst.
 pub const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
 
-/// The write side of a log, owned by whoever holds its mutex (the flusher thread, `sync`,
-/// `truncate_from` or `purge_before`).
+/// The write side of a log, owned by whoever holds its mutex (a flusher thread, `sync`,
+/// `truncate_from` or `purge_before`). The encoding buffer belongs to the flusher thread, not
+/// to the log, so an idle log holds no buffer.
 #[derive(Debug)]
 pub struct Writer {
     /// Read-write handle of the active (last) segment.
     pub active: File,
-    /// Encoding buffer, reused across groups.
-    buf: Vec<u8>,
 }
 
 impl Writer {
     /// A writer appending to `active`.
     pub fn new(active: File) -> Self {
-        Self {
-            active,
-            buf: Vec::new(),
-        }
+        Self { active }
     }
 }
 
@@ -85,12 +81,17 @@ impl Tail {
     }
 }
 
-/// Writes one group of pending entries (at most [`MAX_GROUP_BYTES`]), fsyncs it as the policy
-/// says (always when `force_sync`), and publishes durability. Returns how many entries were
-/// written. Any I/O failure marks the log failed: after a failed fsync the kernel may have
+/// Writes one group of pending entries (at most [`MAX_GROUP_BYTES`]) through `buf`, fsyncs it
+/// as the policy says (always when `force_sync`), and publishes durability. Returns how many
+/// entries were written. Any I/O failure marks the log failed: after a failed fsync the kernel may have
 /// dropped the dirty pages, so a retry could report lost data as durable.
-pub fn flush(shared: &Shared, writer: &mut Writer, force_sync: bool) -> Result<u64, LogError> {
-    match write_group(shared, writer, force_sync) {
+pub fn flush(
+    shared: &Shared,
+    writer: &mut Writer,
+    buf: &mut Vec<u8>,
+    force_sync: bool,
+) -> Result<u64, LogError> {
+    match write_group(shared, writer, buf, force_sync) {
         Ok(written) => Ok(written),
         Err(err) => {
             shared.fail(&err);
@@ -99,7 +100,12 @@ pub fn flush(shared: &Shared, writer: &mut Writer, force_sync: bool) -> Result<u
     }
 }
 
-fn write_group(shared: &Shared, writer: &mut Writer, force_sync: bool) -> Result<u64, LogError> {
+fn write_group(
+    shared: &Shared,
+    writer: &mut Writer,
+    buf: &mut Vec<u8>,
+    force_sync: bool,
+) -> Result<u64, LogError> {
     let policy = shared.config.fsync;
     let sync_rolls = policy != FsyncPolicy::Never;
     let (group, mut tail) = {
@@ -129,13 +135,13 @@ fn write_group(shared: &Shared, writer: &mut Writer, force_sync: bool) -> Result
     };
 
     let mut group_bytes = 0u64;
-    writer.buf.clear();
+    buf.clear();
     for entry in &group {
         if tail.len >= shared.config.segment_bytes && tail.next > tail.base {
             // Roll: finish the full segment (durably, so recovery may treat any bad record in
             // a non-last segment as corruption), then start the next one at this entry.
             let path = shared.files.path(tail.base);
-            write_at(&writer.active, &writer.buf, tail.file_len, &path)?;
+            write_at(&writer.active, buf, tail.file_len, &path)?;
             tail.file_len = tail.len;
             if sync_rolls {
                 writer
@@ -144,7 +150,7 @@ fn write_group(shared: &Shared, writer: &mut Writer, force_sync: bool) -> Result
                     .map_err(|source| io("fsync", &path, source))?;
             }
             writer.active = create_segment(shared.files.dir(), entry.index, sync_rolls)?;
-            writer.buf.clear();
+            buf.clear();
             let mut state = shared.lock_state();
             tail.commit(&mut state.segments);
             state.segments.push(Segment::new(entry.index));
@@ -152,12 +158,12 @@ fn write_group(shared: &Shared, writer: &mut Writer, force_sync: bool) -> Result
             tail = Tail::of(&Segment::new(entry.index));
         }
         let len = record::encoded_len(entry.data.len()) as u64;
-        record::encode(&mut writer.buf, entry.index, entry.term, &entry.data);
+        record::encode(buf, entry.index, entry.term, &entry.data);
         tail.push(entry.index, len);
         group_bytes += len;
     }
     let path = shared.files.path(tail.base);
-    write_at(&writer.active, &writer.buf, tail.file_len, &path)?;
+    write_at(&writer.active, buf, tail.file_len, &path)?;
     tail.file_len = tail.len;
     let synced = force_sync || policy == FsyncPolicy::Always;
     if synced && (!group.is_empty() || force_sync) {
@@ -217,58 +223,4 @@ fn write_at(file: &File, buf: &[u8], pos: u64, path: &std::path::Path) -> Result
     }
     file.write_all_at(buf, pos)
         .map_err(|source| io("write", path, source))
-}
-
-/// What the flusher thread does next.
-enum Step {
-    Flush,
-    Sync,
-    Exit,
-}
-
-/// Body of the flusher thread: runs until the log is dropped, writing whatever is pending.
-pub fn run(shared: Arc<Shared>) {
-    loop {
-        let step = {
-            let mut state = shared.lock_state();
-            loop {
-                if state.failure.is_some() {
-                    // Nothing more can be written; wait only for the log to be dropped.
-                    if state.shutdown {
-                        return;
-                    }
-                    state = shared.wait(state, None);
-                    continue;
-                }
-                if !state.pending.is_empty() {
-                    break Step::Flush;
-                }
-                let due = match (shared.config.fsync, state.unsynced_since) {
-                    (FsyncPolicy::Interval(every), Some(since)) => Some(since + every),
-                    _ => None,
-                };
-                if state.shutdown {
-                    break if due.is_some() {
-                        Step::Sync
-                    } else {
-                        Step::Exit
-                    };
-                }
-                match due {
-                    Some(due) if Instant::now() >= due => break Step::Sync,
-                    Some(due) => state = shared.wait(state, Some(due - Instant::now())),
-                    None => state = shared.wait(state, None),
-                }
-            }
-        };
-        let mut writer = shared.lock_writer();
-        let result = match step {
-            Step::Flush => flush(&shared, &mut writer, false).map(drop),
-            Step::Sync => sync_active(&shared, &writer),
-            Step::Exit => return,
-        };
-        if let Err(err) = result {
-            tracing::error!(error = %err, "log writer failed; the log refuses further appends");
-        }
-    }
 }

@@ -12,6 +12,7 @@
 
 mod file_cache;
 mod file_log;
+pub mod flush_pool;
 mod flusher;
 mod mem_log;
 pub mod record;

@@ -381,6 +381,19 @@ pub struct Setup {
 /// leader before campaigning themselves (it may be down).
 const FIRST_ELECTION_DEFERRAL: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Shortest wait of a reopened replica before its election timer runs.
+const REOPENED_ELECTION_DEFERRAL_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+/// Width of the window reopened replicas' first election timers are spread over.
+const REOPENED_ELECTION_SPREAD_MS: u64 = 2_000;
+
+/// When the election timer of reopened `group` starts: in a window spread by a hash of its
+/// name, the same on every run.
+fn reopened_election_deferral(group: &str) -> std::time::Duration {
+    let hash = crate::replication::group_hash(group);
+    REOPENED_ELECTION_DEFERRAL_MIN
+        + std::time::Duration::from_millis(hash % REOPENED_ELECTION_SPREAD_MS)
+}
+
 /// Why a replicated partition could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenReplicaError {
@@ -428,25 +441,40 @@ pub async fn open(
         .map_err(|e| OpenReplicaError::Raft(Box::new(e)))?
         .last_purged_log_id;
     machine.recover(store.committed_hint().max(purged)).await?;
-    let raft = Raft::new(
-        setup.node_id,
-        setup.raft_config.clone(),
-        crate::replication::PeerNetwork::new(setup.group.clone()),
-        store,
-        machine.clone(),
-    )
-    .await
-    .map_err(|e| OpenReplicaError::Raft(Box::new(e)))?;
+    // Built inside its tick gate, so its ticker parks while the group is quiescent.
+    let gate = Arc::new(crate::replication::runtime::TickGate::default());
+    let raft = gate
+        .scope(Raft::new(
+            setup.node_id,
+            setup.raft_config.clone(),
+            crate::replication::PeerNetwork::new(setup.group.clone()),
+            store,
+            machine.clone(),
+        ))
+        .await
+        .map_err(|e| OpenReplicaError::Raft(Box::new(e)))?;
     let quiet = Arc::new(crate::replication::QuietGroup::new(
         setup.group.clone(),
         raft.clone(),
+        gate,
     ));
     setup.groups.insert_quiet(quiet.clone());
     let initialized = raft
         .is_initialized()
         .await
         .map_err(|e| OpenReplicaError::Raft(Box::new(e)))?;
-    if !initialized && !setup.voters.is_empty() {
+    if initialized {
+        // Reopened (the agent restarted). Its leader, if alive, wakes for the new boot id and
+        // heartbeats; every reopened group campaigning at its first timeout would be a herd of
+        // thousands. Election timers start after a spread by the group's name instead.
+        raft.runtime_config().elect(false);
+        let raft = raft.clone();
+        let delay = reopened_election_deferral(&setup.group);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            raft.runtime_config().elect(true);
+        });
+    } else if !setup.voters.is_empty() {
         // Every replica initialises with the same voters; openraft accepts that, and whichever
         // initialisation a replica's log already holds wins.
         if let Err(e) = raft.initialize(setup.voters.clone()).await {

@@ -2,8 +2,9 @@
 //! quiescent group between the two agents (decision 0025).
 //!
 //! A peer is watched from the first time a group quiesces with it; from then on this agent
-//! sends it an `Alive` every [`ALIVE_INTERVAL`] and reports when it goes silent (no answer for
-//! [`SILENT_AFTER`]), when it answers again, and when it answers with another boot id (it
+//! sends it an `Alive` every [`ALIVE_INTERVAL`] and reports when it goes silent (no answer, and
+//! no `Alive` of its own, for [`SILENT_AFTER`]; twice that after each flap, up to 8 s, while it
+//! keeps flapping), when it answers again, and when it answers with another boot id (it
 //! restarted, so it leads nothing it led before). The cost is per agent pair, however many
 //! groups they share.
 
@@ -28,6 +29,13 @@ const ALIVE_TIMEOUT: Duration = Duration::from_millis(400);
 /// election after it, a leader's death is repaired well inside the 2 s failover budget.
 pub const SILENT_AFTER: Duration = Duration::from_millis(1000);
 
+/// A peer answering again within this long of going silent flapped.
+const FLAP_WITHIN: Duration = Duration::from_secs(30);
+/// Longest silence threshold a flapping peer is given.
+const MAX_SILENT_AFTER: Duration = Duration::from_secs(8);
+/// How long a flapping peer must answer steadily before its threshold halves again.
+const CALM: Duration = Duration::from_secs(30);
+
 /// What the watch saw of a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerEvent {
@@ -49,6 +57,8 @@ struct Inner {
     node_id: NodeId,
     boot_id: u64,
     peers: Mutex<HashMap<NodeId, Peer>>,
+    /// When each peer's own `Alive` last reached this agent.
+    heard: Mutex<HashMap<NodeId, Instant>>,
     events: mpsc::UnboundedSender<PeerEvent>,
 }
 
@@ -69,6 +79,7 @@ impl Liveness {
                 node_id,
                 boot_id: boot_id(),
                 peers: Mutex::new(HashMap::new()),
+                heard: Mutex::new(HashMap::new()),
                 events,
             }),
         };
@@ -128,6 +139,17 @@ impl Liveness {
             .is_some_and(|p| !p.silent.load(std::sync::atomic::Ordering::Acquire))
     }
 
+    /// `node`'s own `Alive` reached this agent: it is running, whatever becomes of this
+    /// agent's exchange with it (an overloaded moment can time that out on both sides while
+    /// each still hears the other).
+    pub fn heard_from(&self, node: NodeId) {
+        self.inner
+            .heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node, Instant::now());
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Peer>> {
         self.inner.peers.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -144,6 +166,10 @@ async fn watch_peer(
 ) {
     let mut last_answer = Instant::now();
     let mut boot: Option<u64> = None;
+    // No answer and no `Alive` of its own for this long: silent. Grows when the peer flaps.
+    let mut silent_after = SILENT_AFTER;
+    let mut silenced_at: Option<Instant> = None;
+    let mut calm_since = Instant::now();
     let mut ticker = tokio::time::interval(ALIVE_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -175,17 +201,35 @@ async fn watch_peer(
                 if was_silent || gap >= SILENT_AFTER {
                     let _ = inner.events.send(PeerEvent::Back(node));
                 }
+                // A peer back within moments of going silent was not dead but slow (or this
+                // agent was): the next silence must last twice as long, so an overloaded
+                // moment does not wake and re-elect its groups over and over. Calm halves it.
+                if was_silent && silenced_at.is_some_and(|at| at.elapsed() < FLAP_WITHIN) {
+                    silent_after = (silent_after * 2).min(MAX_SILENT_AFTER);
+                    calm_since = Instant::now();
+                } else if silent_after > SILENT_AFTER && calm_since.elapsed() >= CALM {
+                    silent_after = (silent_after / 2).max(SILENT_AFTER);
+                    calm_since = Instant::now();
+                }
                 if boot.is_some_and(|b| b != response.boot_id) {
                     let _ = inner.events.send(PeerEvent::Restarted(node));
                 }
                 boot = Some(response.boot_id);
             }
             Ok(Err(_)) | Err(_) => {
-                if last_answer.elapsed() >= SILENT_AFTER
+                let heard = inner
+                    .heard
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&node)
+                    .copied();
+                let last_sign = heard.map_or(last_answer, |h| h.max(last_answer));
+                if last_sign.elapsed() >= silent_after
                     && !silent.swap(true, std::sync::atomic::Ordering::AcqRel)
                 {
-                    tracing::info!(node, address, "peer went silent");
+                    tracing::info!(node, address, ?silent_after, "peer went silent");
                     let _ = inner.events.send(PeerEvent::Silent(node));
+                    silenced_at = Some(Instant::now());
                 }
             }
         }

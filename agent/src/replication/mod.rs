@@ -15,9 +15,11 @@
 //! - [`log_store`]: openraft's log storage over a `LogStore`.
 //! - [`state_machine`]: applies committed entries to a partition's delivery state; snapshots.
 //! - [`network`]: the client side of the peer transport (tonic).
+//! - [`peer_channels`]: one connection per peer address, shared by every group.
 //! - [`service`]: the server side, `sluice.peer.v1.Raft`, routing requests to groups.
 //! - [`quiet_group`]: whether one partition group ticks or is quiescent (decision 0025).
 //! - [`quiescence`]: the agent-wide loop that quiesces idle groups and wakes them.
+//! - [`runtime`]: openraft's tokio runtime with a ticker that sleeps through quiescence.
 //! - [`liveness`]: the one `Alive` exchange per agent pair that quiet groups rely on.
 //! - [`timing`]: stage durations of the replicated write path, at debug level.
 
@@ -27,8 +29,10 @@ pub mod liveness;
 pub mod log_store;
 pub mod meta;
 pub mod network;
+pub mod peer_channels;
 pub mod quiescence;
 pub mod quiet_group;
+pub mod runtime;
 pub mod service;
 pub mod state_machine;
 pub mod timing;
@@ -57,4 +61,12 @@ pub async fn stop_within<E: std::fmt::Display>(
         Ok(Err(e)) => tracing::warn!(group, error = %e, "raft did not stop cleanly"),
         Err(_) => tracing::warn!(group, "raft did not stop in time"),
     }
+}
+
+/// A hash of a group's name that every agent and every run computes alike (FNV-1a; the std
+/// hasher promises no stability), for choices that spread groups over agents or over time.
+pub fn group_hash(group: &str) -> u64 {
+    group.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

@@ -1,7 +1,7 @@
 //! The client side of the peer transport: openraft's network over tonic.
 //!
-//! One [`PeerNetwork`] per partition group; it hands openraft one [`PeerClient`] per target.
-//! Channels connect lazily and reconnect by themselves, so a peer that is down shows as
+//! One [`PeerNetwork`] per partition group; it hands openraft one [`PeerClient`] per target,
+//! all on one connection per peer (`peer_channels`). Channels connect lazily and reconnect by themselves, so a peer that is down shows as
 //! `Unreachable` (openraft backs off) rather than failing the group.
 
 use std::time::Duration;
@@ -92,11 +92,12 @@ impl RaftNetworkFactory<TypeConfig> for PeerNetwork {
     }
 }
 
-/// The connection of one group to one peer.
+/// The calls of one group to one peer, on the process's connection to that peer.
 pub struct PeerClient {
     group: String,
     node: BasicNode,
-    /// Created on first use; tonic reconnects the channel after failures.
+    /// Taken on first use from [`PeerChannels`](super::peer_channels::PeerChannels); tonic
+    /// reconnects the shared channel after failures.
     client: Option<RaftClient<Channel>>,
 }
 
@@ -108,7 +109,7 @@ impl PeerClient {
         if let Some(c) = &self.client {
             return Ok(c.clone());
         }
-        let client = peer_client(peer_channel(&self.node.addr)?);
+        let client = super::peer_channels::PeerChannels::shared().client(&self.node.addr)?;
         self.client = Some(client.clone());
         Ok(client)
     }

@@ -3,8 +3,10 @@
 //!
 //! - **Quiescing** (leader side): once a second, every group this agent leads that has had no
 //!   write for [`QUIESCE_AFTER`], whose log is committed and applied to its end and matched by
-//!   every voter (no learner, no joint configuration) is offered to its followers in one
-//!   `Quiesce` request per follower agent. A follower quiesces only under the very vote it
+//!   every answering voter, a majority at least (no learner, no joint configuration), is
+//!   offered to its answering followers in one `Quiesce` request per follower agent. A voter
+//!   whose agent is silent (down) does not keep the group ticking: the group wakes when it
+//!   answers again. A follower quiesces only under the very vote it
 //!   follows and with its log ending at the leader's last entry; when all did, the leader stops
 //!   ticking too. Nothing is sent for that group from then on.
 //! - **Waking**: a write or membership change at the leader, an AppendEntries with entries (or
@@ -96,7 +98,10 @@ impl Quiescence {
         let mut candidates = Vec::new();
         for group in hosted {
             if group.is_quiet() {
-                idle.remove(&group.name);
+                // Its idle mark stays: woken by anything but a write (a follower back, a
+                // restart), it is offered again as soon as it is settled, not after another
+                // QUIESCE_AFTER of heartbeats. At thousands of groups those heartbeats were
+                // the storm that followed an agent's restart.
                 continue;
             }
             let writes = group.writes();
@@ -110,20 +115,33 @@ impl Quiescence {
             if now.duration_since(since) < QUIESCE_AFTER {
                 continue;
             }
-            let Some((offer, followers)) = settled_leader(&group, me) else {
+            let Some(settled) = settled_leader(&group, me) else {
                 continue;
             };
             // Watched from now on (a new watch counts as answering until it has had
-            // SILENT_AFTER to hear back); a silent follower could not quiesce anyway.
-            for (node, address) in &followers {
+            // SILENT_AFTER to hear back).
+            for (node, address) in settled.matched.iter().chain(&settled.behind) {
                 self.liveness.watch(*node, address);
             }
-            if followers
+            // A follower behind is waited for while it answers (it is catching up); a silent
+            // one (its agent is down) is left out, so a group keeps quiet through an agent's
+            // outage as long as a majority is matched, and wakes when it answers again.
+            if settled
+                .behind
                 .iter()
-                .any(|(n, _)| !self.liveness.is_answering(*n))
+                .any(|(n, _)| self.liveness.is_answering(*n))
+                || settled
+                    .matched
+                    .iter()
+                    .any(|(n, _)| !self.liveness.is_answering(*n))
             {
                 continue;
             }
+            let Settled {
+                offer,
+                matched: followers,
+                behind,
+            } = settled;
             for (node, address) in &followers {
                 offers
                     .entry(*node)
@@ -131,7 +149,7 @@ impl Quiescence {
                     .1
                     .push(offer.clone());
             }
-            candidates.push((group, followers, writes));
+            candidates.push((group, followers, behind, writes));
         }
         if candidates.is_empty() {
             return;
@@ -155,14 +173,15 @@ impl Quiescence {
                 .into_iter()
                 .map(|(node, quiesced)| (node, quiesced.into_iter().collect()))
                 .collect();
-        for (group, followers, writes) in candidates {
+        for (group, followers, behind, writes) in candidates {
             let all = followers.iter().all(|(node, _)| {
                 answers
                     .get(node)
                     .is_some_and(|quiesced| quiesced.contains(&group.name))
             });
             if all {
-                group.quiesce_leader(followers, writes);
+                // The silent followers count among the voters: their answering again wakes it.
+                group.quiesce_leader(followers.into_iter().chain(behind).collect(), writes);
             }
         }
     }
@@ -231,7 +250,12 @@ impl Quiescence {
                 (PeerEvent::Silent(node), Quiet::Follower { vote, others, .. })
                     if vote.leader_id().voted_for() == Some(node) =>
                 {
-                    if campaigner(&group.name, me, &others) == me {
+                    let answering: Vec<NodeId> = others
+                        .iter()
+                        .copied()
+                        .filter(|n| *n != node && self.liveness.is_answering(*n))
+                        .collect();
+                    if campaigner(&group.name, me, &answering) == me {
                         group.wake(Wake::LeaderSilent);
                         let raft = group.raft.clone();
                         tokio::spawn(async move {
@@ -283,13 +307,20 @@ fn wake_leader(group: &QuietGroup) -> bool {
     woke
 }
 
-/// The quiesce offer of `group` and its followers (node, peer address), when this agent leads
-/// it and it is settled: everything committed and applied, every voter at the leader's last
-/// entry, one configuration of voters only.
-fn settled_leader(
-    group: &QuietGroup,
-    me: NodeId,
-) -> Option<(pb::QuietGroup, Vec<(NodeId, String)>)> {
+/// A settled group this agent leads, as the sweep offers it.
+struct Settled {
+    /// The offer its followers check.
+    offer: pb::QuietGroup,
+    /// Followers (node, peer address) at the leader's last entry.
+    matched: Vec<(NodeId, String)>,
+    /// Followers behind it (or never heard from): at most a minority.
+    behind: Vec<(NodeId, String)>,
+}
+
+/// `group` as the sweep offers it, when this agent leads it and it is settled: everything
+/// committed and applied, one configuration of voters only, and a majority of the voters (this
+/// one included) at the leader's last entry.
+fn settled_leader(group: &QuietGroup, me: NodeId) -> Option<Settled> {
     let metrics = group.raft.metrics();
     let m = metrics.borrow();
     if m.state != ServerState::Leader || m.current_leader != Some(me) {
@@ -307,23 +338,33 @@ fn settled_leader(
         return None;
     }
     let replication = m.replication.as_ref()?;
-    let mut followers = Vec::new();
+    let (mut matched, mut behind) = (Vec::new(), Vec::new());
     for node in membership.voter_ids().filter(|n| *n != me) {
-        let matched = replication.get(&node)?.as_ref()?;
-        if matched.index != last {
-            return None;
+        let follower = (node, membership.get_node(&node)?.addr.clone());
+        let at_last = replication
+            .get(&node)
+            .and_then(|m| m.as_ref())
+            .is_some_and(|m| m.index == last);
+        if at_last {
+            matched.push(follower);
+        } else {
+            behind.push(follower);
         }
-        followers.push((node, membership.get_node(&node)?.addr.clone()));
+    }
+    let voters = matched.len() + behind.len() + 1;
+    if (matched.len() + 1) * 2 <= voters {
+        return None;
     }
     let last_log_id = m.last_applied;
-    Some((
-        pb::QuietGroup {
+    Some(Settled {
+        offer: pb::QuietGroup {
             group: group.name.clone(),
             vote: Some(codec::vote_to_pb(&m.vote)),
             last_log_id: codec::opt_log_id_to_pb(&last_log_id),
         },
-        followers,
-    ))
+        matched,
+        behind,
+    })
 }
 
 /// The survivor that campaigns at once for `group` when its leader went silent: one of `me`
@@ -332,10 +373,7 @@ fn campaigner(group: &str, me: NodeId, others: &[NodeId]) -> NodeId {
     let mut survivors: Vec<NodeId> = others.iter().copied().chain([me]).collect();
     survivors.sort_unstable();
     survivors.dedup();
-    // FNV-1a: stable across builds and processes, unlike the std hasher's promise.
-    let hash = group.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = super::group_hash(group);
     survivors[(hash % survivors.len() as u64) as usize]
 }
 

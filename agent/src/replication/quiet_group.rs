@@ -10,7 +10,7 @@
 //! was leading.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use openraft::Vote;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -18,6 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
+use super::runtime::TickGate;
 use super::types::{NodeId, Raft};
 
 /// A group's quiescence, shared by its replica's tasks, the peer service and the agent's
@@ -27,6 +28,8 @@ pub struct QuietGroup {
     pub name: String,
     /// Its Raft.
     pub raft: Raft,
+    /// Parks its ticker while quiet (openraft's own flag only skips the ticks).
+    gate: Arc<TickGate>,
     /// Fast path of [`Self::is_quiet`]: read on every write and every AppendEntries.
     quiet: AtomicBool,
     /// Writes proposed as leader; the idle check compares it across sweeps.
@@ -66,12 +69,13 @@ impl std::fmt::Debug for QuietGroup {
 }
 
 impl QuietGroup {
-    /// An active group.
-    pub fn new(name: impl Into<String>, raft: Raft) -> Self {
+    /// An active group; `gate` is the one its Raft was built in (`TickGate::scope`).
+    pub fn new(name: impl Into<String>, raft: Raft, gate: Arc<TickGate>) -> Self {
         moved(None, Some(GroupState::Active));
         Self {
             name: name.into(),
             raft,
+            gate,
             quiet: AtomicBool::new(false),
             writes: AtomicU64::new(0),
             state: Mutex::new(Quiet::Active),
@@ -112,6 +116,7 @@ impl QuietGroup {
         *state = Quiet::Active;
         self.quiet.store(false, Ordering::SeqCst);
         self.raft.runtime_config().tick(true);
+        self.gate.open();
         moved(Some(GroupState::Quiescent), Some(GroupState::Active));
         cause.count();
         true
@@ -130,6 +135,7 @@ impl QuietGroup {
             *state = Quiet::Leader { voters };
             self.quiet.store(true, Ordering::SeqCst);
             self.raft.runtime_config().tick(false);
+            self.gate.close();
             moved(Some(GroupState::Active), Some(GroupState::Quiescent));
         }
         if self.writes() != writes_seen {
@@ -152,6 +158,7 @@ impl QuietGroup {
         *state = Quiet::Follower { vote, at, others };
         self.quiet.store(true, Ordering::SeqCst);
         self.raft.runtime_config().tick(false);
+        self.gate.close();
         moved(Some(GroupState::Active), Some(GroupState::Quiescent));
     }
 

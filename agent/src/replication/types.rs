@@ -7,7 +7,8 @@ use bytes::Bytes;
 openraft::declare_raft_types!(
     /// Types of a partition's Raft group: application data is an encoded
     /// `sluice.storage.v1.LogCommand`, nodes are agents addressed by their peer `host:port`,
-    /// snapshots are held in memory (they carry only unsettled messages, see decision 0008).
+    /// snapshots are held in memory (they carry only unsettled messages, see decision 0008), and
+    /// the runtime parks the ticker of a quiescent group (`runtime`).
     pub TypeConfig:
         D = Bytes,
         R = Applied,
@@ -15,7 +16,7 @@ openraft::declare_raft_types!(
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = super::runtime::QuietRuntime,
 );
 
 /// Identifies an agent within a partition's Raft group.
