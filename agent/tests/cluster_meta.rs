@@ -31,6 +31,8 @@ struct Agent {
     dir: PathBuf,
     meta: MetaGroup,
     server: JoinHandle<()>,
+    /// Ends the peer server and its connections.
+    stop_serving: tokio::sync::oneshot::Sender<()>,
 }
 
 fn client_address(id: NodeId) -> String {
@@ -57,11 +59,17 @@ impl Agent {
             .expect("open the meta group");
         let raft_service = PeerService::new(groups.clone()).into_server();
         let cluster_service = peer_service(groups, meta.clone(), BalanceHolds::new());
+        let (stop_serving, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(async move {
+            // With shutdown, so a stop closes the accepted connections too (their tasks outlive
+            // an aborted server): peers share one connection per address and must see it end,
+            // as they would when a real agent process dies.
             let result = tonic::transport::Server::builder()
                 .add_service(raft_service)
                 .add_service(cluster_service)
-                .serve_with_incoming(TcpListenerStream::new(listener))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                })
                 .await;
             if let Err(e) = result {
                 eprintln!("peer server of node {id} ended: {e}");
@@ -73,13 +81,21 @@ impl Agent {
             dir: dir.to_path_buf(),
             meta,
             server,
+            stop_serving,
         }
     }
 
     /// Kills the agent: its peer server stops answering and its meta replica stops.
     async fn stop(self) -> (NodeId, SocketAddr, PathBuf) {
-        self.server.abort();
-        let _ = self.server.await;
+        let _ = self.stop_serving.send(());
+        let mut server = self.server;
+        if tokio::time::timeout(Duration::from_secs(5), &mut server)
+            .await
+            .is_err()
+        {
+            eprintln!("peer server of node {} did not stop in 5 s", self.id);
+            server.abort();
+        }
         self.meta.shutdown().await.expect("meta group shuts down");
         (self.id, self.addr, self.dir)
     }

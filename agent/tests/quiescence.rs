@@ -174,6 +174,20 @@ async fn idle_groups_stop_sending_heartbeats_and_a_write_wakes_one() {
         "{alive:.1} Alive/s: liveness must be per agent pair"
     );
 
+    // What the groups share is per agent: one replication connection per peer, a bounded
+    // pool of log flusher threads (not one connection per group and peer, one thread per log).
+    for &i in &all {
+        let connections = cluster.metric(i, "sluice_peer_connections").await;
+        let flushers = cluster.metric(i, "sluice_log_flusher_threads").await;
+        eprintln!("agent {i}: {connections:?} peer connections, {flushers:?} flusher threads");
+        assert_eq!(connections, Some(2.0), "agent {i}: one connection per peer");
+        assert!(
+            flushers.is_some_and(|n| (1.0..=32.0).contains(&n)),
+            "agent {i}: {flushers:?} flusher threads for {} logs",
+            QUEUES + 1
+        );
+    }
+
     // A write wakes its group: the publish is confirmed, by a majority as always.
     let leaders = leaders(&cluster, QUEUES, &all).await;
     let queue = queue_name(QUEUES / 2);

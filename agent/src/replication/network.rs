@@ -37,7 +37,8 @@ pub fn peer_channel(address: &str) -> Result<Channel, tonic::transport::Error> {
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true)
+        .http2_max_local_error_reset_streams(super::service::MAX_RESET_STREAMS);
     Ok(endpoint.connect_lazy())
 }
 

@@ -92,7 +92,11 @@ impl Quiescence {
         let me = self.liveness.node_id();
         let now = Instant::now();
         let hosted = self.groups.quiet_groups();
-        idle.retain(|name, _| hosted.iter().any(|g| &g.name == name));
+        // A set, not a scan of `hosted` per entry: at 3,000 groups that scan was nine million
+        // string comparisons a second and most of an idle agent's CPU.
+        let names: std::collections::HashSet<&str> =
+            hosted.iter().map(|g| g.name.as_str()).collect();
+        idle.retain(|name, _| names.contains(name.as_str()));
         // Follower -> the groups offered to it; group -> (followers, writes seen).
         let mut offers: BTreeMap<NodeId, (String, Vec<pb::QuietGroup>)> = BTreeMap::new();
         let mut candidates = Vec::new();

@@ -44,13 +44,14 @@ pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 /// HTTP/2 receive window per connection: the streams of every group this peer sends for.
 pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
 
-/// Streams a peer may reset before the server accepted them, before the server ends the
-/// connection. h2's default of 20 guards a public port against "rapid reset" floods; on the
-/// peer port every group of a peer shares one connection (`peer_channels`), and an overloaded
-/// moment (a thousand groups electing at once after an agent died) makes hundreds of calls
-/// time out and reset legitimately: with 20, the server closed the connection every group
-/// depended on, which timed out more calls. Bounded still, as each pending reset holds a slot.
-pub const MAX_PENDING_RESET_STREAMS: usize = 100_000;
+/// Streams reset (a peer's before the server accepted them; this side's own, as a call timed
+/// out or its answer was dropped) before h2 ends the connection. h2's defaults (20 and 1,024)
+/// guard a public port against "rapid reset" floods; on the peer port every group of a peer
+/// shares one connection (`peer_channels`), and an overloaded moment (a thousand groups
+/// electing at once after an agent died) times out and resets hundreds of calls legitimately:
+/// with the defaults, h2 closed the connection every group depended on, which timed out more
+/// calls. Bounded still, as each pending reset holds a slot.
+pub const MAX_RESET_STREAMS: usize = 100_000;
 
 /// The tonic server builder for the peer port, with the HTTP/2 windows sized for replication
 /// batches. Add [`PeerService::into_server`] (and the other peers-only services) and serve it
@@ -59,7 +60,8 @@ pub fn peer_server() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
-        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS))
+        .http2_max_pending_accept_reset_streams(Some(MAX_RESET_STREAMS))
+        .http2_max_local_error_reset_streams(Some(MAX_RESET_STREAMS))
 }
 
 /// The accepted connections of the peer port, with `TCP_NODELAY` set on each.
