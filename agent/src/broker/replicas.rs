@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
-use futures::StreamExt;
 use sluice_proto::peer::v1::{DeclareQueue, MetaCommand, meta_command};
 use sluice_proto::v1::QueueSpec;
 use tokio::task::JoinHandle;
@@ -19,9 +18,6 @@ use crate::log::LogError;
 use crate::queue::queue::Queue;
 use crate::queue::replica::{self, Addresses};
 use crate::queue::spec::{difference, effective_spec};
-
-/// Queues of one catalog pass opened at once.
-const OPEN_CONCURRENCY: usize = 16;
 
 /// Follows the meta group's catalog for the broker's life: a pass at once, then one per change.
 pub(super) fn follow_catalog(
@@ -50,7 +46,6 @@ impl Broker {
             None => catalog.removed.contains(&me),
         };
         let rf = cluster.config.replication_factor;
-        let mut to_open = Vec::new();
         for (name, spec) in &catalog.queues {
             if self.read_queues().contains_key(name)
                 || self.shutting_down.load(Ordering::Acquire)
@@ -64,29 +59,19 @@ impl Broker {
             if !placed && !self.layout.queue_dir(name).exists() {
                 continue;
             }
-            to_open.push((spec.clone(), catalog.initial_voters(name, rf)));
-        }
-        // Opened side by side: each replica costs a few fsyncs (its spec, its first segment,
-        // its Raft files), so opening a pass's queues one after another capped declares at
-        // the disk's fsync latency times a dozen per queue (~30 queues/s).
-        let opened = futures::stream::iter(to_open)
-            .map(|(spec, voters): (QueueSpec, _)| async move {
-                let queue = match self
-                    .open_replicated_queue(cluster, spec.clone(), voters)
-                    .await
-                {
-                    Ok(queue) => queue,
-                    Err(reason) => {
-                        tracing::error!(queue = %spec.name, %reason, "queue kept offline");
-                        Queue::offline(spec.clone(), reason)
-                    }
-                };
-                (spec.name, Arc::new(queue))
-            })
-            .buffer_unordered(OPEN_CONCURRENCY);
-        tokio::pin!(opened);
-        while let Some((name, queue)) = opened.next().await {
-            self.write_queues().insert(name, queue.clone());
+            let voters = catalog.initial_voters(name, rf);
+            let queue = match self
+                .open_replicated_queue(cluster, spec.clone(), voters)
+                .await
+            {
+                Ok(queue) => queue,
+                Err(reason) => {
+                    tracing::error!(queue = %name, %reason, "queue kept offline");
+                    Queue::offline(spec.clone(), reason)
+                }
+            };
+            let queue = Arc::new(queue);
+            self.write_queues().insert(name.clone(), queue.clone());
             self.start_timer(queue);
         }
         let gone: Vec<String> = self
