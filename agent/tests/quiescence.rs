@@ -412,19 +412,34 @@ async fn a_drain_moves_quiet_groups_away_from_the_drained_agent() {
         cluster.dump_logs(40);
         panic!("agent {target} still hosts quiet groups after a drain");
     }
-    // Every queue still serves a publish at its (possibly new) leader.
+    // Every queue still serves a publish at its (possibly new) leader. The balancer may still
+    // move a leadership: an answer that the entry's fate is unknown is resent with its key.
     let rest: Vec<usize> = (0..4).filter(|i| *i != target).collect();
     for q in 0..queues {
         let queue = queue_name(q);
-        let leader = cluster.leader_among(&queue, &rest, FORM).await;
-        let confirms = workload::publish_keys(
-            cluster.channel(leader),
-            &queue,
-            &[format!("{queue}-after-drain")],
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("publish after the drain");
+        let deadline = tokio::time::Instant::now() + FORM;
+        let confirms = loop {
+            let leader = cluster.leader_among(&queue, &rest, FORM).await;
+            match workload::publish_keys(
+                cluster.channel(leader),
+                &queue,
+                &[format!("{queue}-after-drain")],
+                Duration::from_secs(10),
+            )
+            .await
+            {
+                Ok(confirms) => break confirms,
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::Aborted | tonic::Code::Unavailable
+                    ) && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(status) => panic!("publish to {queue} after the drain: {status:?}"),
+            }
+        };
         assert_eq!(confirms[0].code, 0, "{queue}: {confirms:?}");
     }
 }

@@ -3,7 +3,9 @@
 
 use sluice_agent::replication::{PeerService, RaftGroups};
 use sluice_proto::peer::v1::raft_client::RaftClient;
-use sluice_proto::peer::v1::{AppendEntriesRequest, Vote, VoteRequest};
+use sluice_proto::peer::v1::{
+    AppendEntriesRequest, LeftOutRequest, ReplicaPosition, Vote, VoteRequest,
+};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -72,6 +74,93 @@ async fn an_append_without_a_vote_is_an_invalid_argument_naming_the_field() {
     assert!(
         status.message().contains("AppendEntriesRequest.vote"),
         "{status:?}"
+    );
+    raft.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_replica_the_group_removed_is_refused_its_vote_and_told_it_was_left_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let groups = RaftGroups::new();
+    let raft = single_node(dir.path()).await;
+    raft.initialize(std::collections::BTreeMap::from([(
+        1,
+        openraft::BasicNode::new("127.0.0.1:1"),
+    )]))
+    .await
+    .expect("initialize");
+    let mut metrics = raft.metrics();
+    let settled = metrics
+        .wait_for(|m| {
+            m.current_leader == Some(1)
+                && m.last_applied.is_some()
+                && m.last_applied.as_ref() >= m.membership_config.log_id().as_ref()
+        })
+        .await
+        .expect("leads")
+        .clone();
+    let config = settled
+        .membership_config
+        .log_id()
+        .expect("a configuration entry");
+    groups.insert("orders/0", raft.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(PeerService::new(groups).into_server())
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let mut client = RaftClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let request = |last_log_id| VoteRequest {
+        group: "orders/0".into(),
+        vote: Some(Vote {
+            term: 100,
+            node_id: Some(9),
+            committed: false,
+        }),
+        last_log_id,
+    };
+    // Node 9 is in no configuration and its log ends before the committed one: refused,
+    // and the group's term stays where it was.
+    let refused = client
+        .vote(request(None))
+        .await
+        .expect("vote answered")
+        .into_inner();
+    assert!(!refused.vote_granted, "{refused:?}");
+    assert!(
+        refused.vote.as_ref().is_some_and(|v| v.term < 100),
+        "{refused:?}"
+    );
+    assert!(raft.metrics().borrow().vote.leader_id().term < 100);
+    // Asked, the peer names the group as having left node 9 out; not so for a member, nor for
+    // a node whose log reaches past that configuration (it may know a newer one with it in).
+    let ask = |node_id, last_index| LeftOutRequest {
+        node_id,
+        replicas: vec![ReplicaPosition {
+            group: "orders/0".into(),
+            last_index,
+        }],
+    };
+    let left_out = |answer: tonic::Response<sluice_proto::peer::v1::LeftOutResponse>| {
+        answer.into_inner().left_out
+    };
+    assert_eq!(
+        left_out(client.left_out(ask(9, None)).await.expect("answered")),
+        vec!["orders/0".to_owned()]
+    );
+    assert!(left_out(client.left_out(ask(1, None)).await.expect("answered")).is_empty());
+    assert!(
+        left_out(
+            client
+                .left_out(ask(9, Some(config.index + 5)))
+                .await
+                .expect("answered")
+        )
+        .is_empty()
     );
     raft.shutdown().await.expect("shutdown");
 }

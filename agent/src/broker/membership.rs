@@ -2,7 +2,7 @@
 //! each group it leads towards the catalog one step at a time (and, as meta leader, moves
 //! agents on in their life cycle), and dropping the replicas a group removed this agent from.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -13,9 +13,9 @@ use tokio::task::JoinHandle;
 use super::timers::{Trigger, spawn_loop};
 use super::{Broker, RAFT_STOP_TIMEOUT, lock};
 use crate::cluster::reconcile::{self, GroupView};
-use crate::cluster::{ClusterContext, META_GROUP};
+use crate::cluster::{Catalog, ClusterContext, META_GROUP};
 use crate::queue::replica_link::{ChangeFailure, ReplicaLink};
-use crate::replication::Raft;
+use crate::replication::{Raft, left_out};
 
 /// How often an agent moves the groups it leads towards the catalog's membership. Each round
 /// makes at most one change per group and waits for it to commit.
@@ -23,6 +23,44 @@ const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
 /// Longest a reconcile round waits for one membership step of a partition group (it goes on
 /// in the background past that).
 const MEMBERSHIP_STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an agent asks its peers about replicas placement no longer wants here that still
+/// count themselves members (usually they are about to be removed; once in a while the group
+/// removed them already and they never heard).
+const LEFT_OUT_ASK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What the reconcile rounds found against the catalog they last looked at, so a quiescent
+/// group is not looked at again for nothing.
+#[derive(Debug, Default)]
+pub(super) struct Reconciled {
+    /// That catalog.
+    catalog: Option<Arc<Catalog>>,
+    /// Groups led here whose last look against it found a membership step to make, or a
+    /// membership not settled enough to tell.
+    unsettled: HashSet<String>,
+    /// When peers were last asked which replicas were left out.
+    asked: Option<std::time::Instant>,
+}
+
+impl Reconciled {
+    /// Whether peers may be asked again (and, if so, that they are being asked now).
+    fn ask_due(&mut self) -> bool {
+        let due = self
+            .asked
+            .is_none_or(|at| at.elapsed() >= LEFT_OUT_ASK_INTERVAL);
+        if due {
+            self.asked = Some(std::time::Instant::now());
+        }
+        due
+    }
+
+    fn looked_at(&mut self, group: &str, unsettled: bool) {
+        if unsettled {
+            self.unsettled.insert(group.to_owned());
+        } else {
+            self.unsettled.remove(group);
+        }
+    }
+}
 
 /// Runs [`Broker::reconcile_once`] every [`RECONCILE_INTERVAL`] for the broker's life.
 pub(super) fn reconcile_membership(me: Weak<Broker>) -> JoinHandle<()> {
@@ -65,16 +103,22 @@ impl Broker {
             .agents
             .values()
             .any(|a| matches!(a.state, AgentState::Joining | AgentState::Draining));
-        // A quiescent group is settled (one configuration, every voter caught up); against the
-        // catalog it was last looked at with it needs no step, and with no agent joining or
-        // draining nobody needs its view. Thousands of idle groups then cost nothing here.
-        let unchanged = {
+        // A quiescent group is settled (one configuration, every voter caught up); if its
+        // last look, against this same catalog, found no step for it, it needs none now, and
+        // with no agent joining or draining nobody needs its view. Thousands of idle groups
+        // then cost nothing here. (A group can quiesce short of its catalog membership: a
+        // leader change mid-step leaves it so. Its last look found a step, so it is looked at.)
+        let (unchanged, unsettled) = {
             let mut reconciled = lock(&self.reconciled);
             let same = reconciled
+                .catalog
                 .as_ref()
                 .is_some_and(|c| Arc::ptr_eq(c, &catalog));
-            *reconciled = Some(catalog.clone());
-            same && !moving
+            if !same {
+                reconciled.catalog = Some(catalog.clone());
+                reconciled.unsettled.clear();
+            }
+            (same && !moving, reconciled.unsettled.clone())
         };
         let mut quiet_leaders = Vec::new();
         let links: Vec<(String, Arc<ReplicaLink>)> = self
@@ -90,8 +134,13 @@ impl Broker {
             .filter(|(_, link)| !lock(&self.dropped).contains(&link.group))
             .collect();
         let mut views = Vec::with_capacity(links.len() + 1);
+        let mut questions = Vec::new();
         for (queue, link) in &links {
-            if unchanged && link.quiet.is_quiet() && self.reversions.of(&link.group).is_empty() {
+            if unchanged
+                && link.quiet.is_quiet()
+                && !unsettled.contains(&link.group)
+                && self.reversions.of(&link.group).is_empty()
+            {
                 quiet_leaders.extend(link.raft.metrics().borrow().current_leader);
                 continue;
             }
@@ -101,14 +150,20 @@ impl Broker {
             }
             let wanted: BTreeSet<u64> = catalog.replica_set(queue, rf).into_iter().collect();
             let reverted = self.reversions.of(&link.group);
-            if let Some(step) = reconcile::next_step(&view, &catalog, &wanted, &nothing, &reverted)
-            {
+            let step = reconcile::next_step(&view, &catalog, &wanted, &nothing, &reverted);
+            // A leader with an uncommitted or joint membership cannot tell yet: looked at again.
+            lock(&self.reconciled).looked_at(
+                &link.group,
+                view.is_leader && (!view.settled || step.is_some()),
+            );
+            if let Some(step) = step {
                 self.apply_step(&link.group, &link.raft, Some(link), step)
                     .await;
             }
             // `target`, not the settled membership: the final configuration without this
-            // agent may never reach it (its leader stops replicating to it). A replica still
-            // placed here is kept (it is about to be added again).
+            // agent may never reach it (its leader stops replicating to it); then its peers
+            // are asked below. A replica still placed here is kept (it is about to be added
+            // again).
             let placed_here = wanted.contains(&me)
                 && !matches!(
                     catalog.state_of(me),
@@ -118,7 +173,27 @@ impl Broker {
                 self.drop_replica(cluster, link).await;
                 continue;
             }
+            if !placed_here && !view.is_leader {
+                questions.push(left_out::Question {
+                    group: link.group.clone(),
+                    last_index: (view.last_index > 0).then_some(view.last_index),
+                    peers: view
+                        .addresses
+                        .iter()
+                        .filter(|(node, _)| **node != me)
+                        .map(|(_, address)| address.clone())
+                        .collect(),
+                });
+            }
             views.push((queue.clone(), link.group.clone(), view, wanted));
+        }
+        if !questions.is_empty() && lock(&self.reconciled).ask_due() {
+            let left_out = left_out::ask(me, &questions).await;
+            for (_, link) in links.iter().filter(|(_, l)| left_out.contains(&l.group)) {
+                tracing::info!(group = %link.group, "the group removed this replica while it was not listening");
+                self.drop_replica(cluster, link).await;
+            }
+            views.retain(|(_, group, _, _)| !left_out.contains(group));
         }
         let meta_view = GroupView::of(&cluster.meta.raft().metrics().borrow());
         if meta_view.is_leader {

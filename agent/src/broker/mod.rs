@@ -119,8 +119,8 @@ pub struct Broker {
     dropped: Mutex<std::collections::BTreeSet<String>>,
     /// Followers found to have lost acknowledged entries, per group this agent leads.
     reversions: crate::cluster::reversions::Reversions,
-    /// The catalog the last reconcile round looked at every group against.
-    reconciled: Mutex<Option<Arc<crate::cluster::Catalog>>>,
+    /// The catalog the last reconcile round looked at every group against, and what it found.
+    reconciled: Mutex<membership::Reconciled>,
     /// Redirects answered for queues hosted elsewhere; picks the replica the next one names.
     redirects: AtomicU64,
     /// Handed to subscriptions and timer tasks.
@@ -206,7 +206,7 @@ impl Broker {
             dropped: Mutex::new(std::collections::BTreeSet::new()),
             redirects: AtomicU64::new(0),
             reversions: crate::cluster::reversions::Reversions::default(),
-            reconciled: Mutex::new(None),
+            reconciled: Mutex::new(membership::Reconciled::default()),
             me: me.clone(),
         });
         let all: Vec<Arc<Queue>> = broker.read_queues().values().cloned().collect();

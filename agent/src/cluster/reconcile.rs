@@ -47,6 +47,9 @@ pub struct GroupView {
     /// Whether that membership is committed and not a joint configuration: only then may the
     /// next change start (openraft changes one configuration at a time).
     pub settled: bool,
+    /// Whether it is a committed joint configuration: a change whose second half its leader
+    /// never appended (it lost the leadership in between; openraft 0.9 does not finish it).
+    pub stalled_joint: bool,
     /// On the leader: how far each follower and learner has replicated its log.
     pub matched: BTreeMap<NodeId, u64>,
     /// Index of this replica's last log entry.
@@ -97,6 +100,7 @@ impl GroupView {
             target,
             addresses,
             settled: committed && membership.get_joint_config().len() <= 1,
+            stalled_joint: committed && membership.get_joint_config().len() > 1,
             matched,
             last_index: metrics.last_log_index.unwrap_or(0),
         }
@@ -145,6 +149,10 @@ pub enum Step {
         /// The agent.
         node: NodeId,
     },
+    /// Finish a membership change its leader was interrupted in: the committed joint
+    /// configuration becomes its last configuration alone; voters that leave stay learners
+    /// (a later step removes those that are leaving the group).
+    LeaveJoint,
     /// Take a leaving agent out of the group altogether (voter or learner). When it is the
     /// leader itself, openraft commits the change and then steps down, and the remaining
     /// voters elect a successor.
@@ -159,7 +167,7 @@ impl Step {
     /// voters in two (the joint configuration, then the new one).
     pub fn max_entries(&self) -> u64 {
         match self {
-            Step::AddLearner { .. } => 1,
+            Step::AddLearner { .. } | Step::LeaveJoint => 1,
             Step::Demote { .. } | Step::Promote { .. } | Step::Remove { .. } => 2,
         }
     }
@@ -194,6 +202,9 @@ pub fn next_step(
     keep: &BTreeSet<NodeId>,
     reverted: &BTreeSet<NodeId>,
 ) -> Option<Step> {
+    if view.is_leader && view.stalled_joint {
+        return Some(Step::LeaveJoint);
+    }
     if !view.is_leader || !view.settled || wanted.is_empty() {
         return None;
     }
@@ -351,6 +362,22 @@ pub async fn execute(group: &str, raft: &Raft, step: &Step) -> Result<(), StepEr
                 .map_err(|e| failed(e.to_string()))?;
             Ok(())
         }
+        Step::LeaveJoint => {
+            let last = raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .get_joint_config()
+                .last()
+                .cloned()
+                .unwrap_or_default();
+            // From a joint [old, new], openraft's next configuration towards `new` is `new`.
+            raft.change_membership(ChangeMembers::ReplaceAllVoters(last), true)
+                .await
+                .map_err(|e| failed(e.to_string()))?;
+            Ok(())
+        }
         Step::Remove { node } => {
             let metrics = raft.metrics().borrow().clone();
             let is_voter = metrics
@@ -414,12 +441,29 @@ mod tests {
             target: voters.iter().chain(learners).copied().collect(),
             addresses: BTreeMap::new(),
             settled: true,
+            stalled_joint: false,
             matched: voters.iter().chain(learners).map(|n| (*n, 1_000)).collect(),
             last_index: 1_000,
         }
     }
 
     use AgentState::{Active, Drained, Draining, Joining};
+
+    #[test]
+    fn a_change_left_in_a_committed_joint_configuration_is_finished_by_its_new_leader() {
+        let c = catalog(&[(0, Draining), (1, Active), (2, Active), (3, Active)]);
+        let mut view = leader_view(&[1, 2, 3], &[]);
+        view.settled = false;
+        view.stalled_joint = true;
+        let wanted = BTreeSet::from([1, 2, 3]);
+        let none = BTreeSet::new();
+        assert_eq!(
+            next_step(&view, &c, &wanted, &none, &none),
+            Some(Step::LeaveJoint)
+        );
+        view.is_leader = false;
+        assert_eq!(next_step(&view, &c, &wanted, &none, &none), None);
+    }
 
     #[test]
     fn a_joining_agent_is_added_as_a_learner_then_promoted_once_caught_up() {

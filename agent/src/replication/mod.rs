@@ -25,6 +25,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod left_out;
 pub mod liveness;
 pub mod log_store;
 pub mod meta;

@@ -17,6 +17,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use super::codec::{self, CodecError};
+use super::left_out;
 use super::quiescence::Quiescence;
 use super::quiet_group::{QuietGroup, Wake};
 use super::types::Raft;
@@ -255,11 +256,14 @@ impl PeerService {
 
     async fn vote(&self, req: pb::VoteRequest) -> Result<pb::VoteResponse, ServiceError> {
         let raft = self.groups.get(&req.group)?;
-        self.wake(&req.group, Wake::Vote);
         let rpc = VoteRequest {
             vote: codec::required_vote(&req.vote, "VoteRequest")?,
             last_log_id: codec::opt_log_id_from_pb(&req.last_log_id),
         };
+        if let Some(refusal) = left_out::vote_refusal(&raft, &rpc) {
+            return Ok(refusal);
+        }
+        self.wake(&req.group, Wake::Vote);
         let response = raft
             .vote(rpc)
             .await
@@ -349,6 +353,24 @@ impl pb::raft_server::Raft for PeerService {
     ) -> Result<Response<pb::QuiesceResponse>, Status> {
         let quiesced = self.quiescence()?.quiesce_requested(request.into_inner());
         Ok(Response::new(pb::QuiesceResponse { quiesced }))
+    }
+
+    async fn left_out(
+        &self,
+        request: Request<pb::LeftOutRequest>,
+    ) -> Result<Response<pb::LeftOutResponse>, Status> {
+        let request = request.into_inner();
+        let left_out = request
+            .replicas
+            .into_iter()
+            .filter(|r| {
+                self.groups
+                    .get(&r.group)
+                    .is_ok_and(|raft| left_out::is_left_out(&raft, request.node_id, r.last_index))
+            })
+            .map(|r| r.group)
+            .collect();
+        Ok(Response::new(pb::LeftOutResponse { left_out }))
     }
 
     async fn alive(
