@@ -95,9 +95,16 @@ impl FlushPool {
                 .spawn(move || self.work());
             if let Err(e) = spawned {
                 state.threads -= 1;
-                // The log stays queued for a running thread; with none, appends wait until
-                // one starts (the next schedule tries again).
                 tracing::error!(error = %e, threads = state.threads, "cannot start a log flusher thread");
+                if state.threads == 0 {
+                    // No thread would ever take it (and, being queued, it would not be queued
+                    // again): the appender writes and syncs its own group, slowly but surely.
+                    state.ready.retain(|queued| !Arc::ptr_eq(queued, log));
+                    THREADS.set(0);
+                    drop(state);
+                    serve(self, log, &mut Vec::new());
+                    return;
+                }
             }
             THREADS.set(i64::try_from(state.threads).unwrap_or(i64::MAX));
         } else {

@@ -13,11 +13,17 @@
 //!   under another vote), a vote request or a snapshot at a follower, or a change of role seen
 //!   in the metrics turns the ticker back on ([`QuietGroup::wake`]).
 //! - **Liveness**: [`Liveness`] exchanges one `Alive` per agent pair. When the leader of quiet
-//!   groups goes silent, the followers wake exactly those groups; one survivor per group,
-//!   chosen by the group's name, campaigns at once and the others only after
-//!   [`SPREAD_DEFERRAL`], so the campaigns (and the new leaderships) spread over the
-//!   survivors instead of all going to the agent with the shortest election timeout. When a
-//!   follower answers again or restarted, its quiet leaders wake so it hears heartbeats again.
+//!   groups goes silent, the followers wake exactly those groups, with their election timers
+//!   off: one survivor per group, chosen by the group's name, campaigns (at most
+//!   [`CAMPAIGNS_PER_ROUND`] groups at a time) and again every [`CAMPAIGN_INTERVAL`] until the
+//!   group has a leader; the others only if the chosen one is silent too after
+//!   [`TAKEOVER_AFTER`], and every timer is back on
+//!   when the group has a leader or after [`CAMPAIGN_DEADLINE`]. The campaigns (and the new
+//!   leaderships) spread over the survivors, and hundreds of groups failing over at once do
+//!   not split their votes: with election timers running, two survivors campaigned for the
+//!   same group, each vote cost an fsync on both sides, the rounds outlasted the timeout and
+//!   the terms climbed for many seconds. When a follower answers again or restarted, its quiet
+//!   leaders wake so it hears heartbeats again.
 //!
 //! Why this is safe: the timers carry no safety in Raft. A quiet leader still needs a
 //! majority to acknowledge an entry before it is committed, so a leader cut off from its
@@ -44,9 +50,21 @@ pub const QUIESCE_AFTER: Duration = Duration::from_secs(2);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long one `Quiesce` request may take.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long the survivors not chosen to campaign for a group whose leader went silent wait
-/// before their election timers run again (the chosen one may be slow or gone too).
-pub const SPREAD_DEFERRAL: Duration = Duration::from_millis(500);
+/// How often the survivor chosen to campaign for a group whose leader went silent campaigns
+/// again while the group has no leader.
+pub const CAMPAIGN_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the campaigns are looked at (groups led by then are done; more start).
+const CAMPAIGN_ROUND: Duration = Duration::from_millis(250);
+/// Most campaigns an agent starts per round. Every vote is a durable write on the candidate
+/// and on the voter, and a vote that is not answered within the election timeout (150-254 ms)
+/// is lost: started all at once, a thousand campaigns outlasted their timeouts, every retry
+/// cost new writes, and no group got a leader.
+const CAMPAIGNS_PER_ROUND: usize = 100;
+/// After this long without a leader the other survivors campaign too, if the chosen one is
+/// silent as well.
+pub const TAKEOVER_AFTER: Duration = Duration::from_secs(4);
+/// After this long the groups' election timers run again, leader or not.
+pub const CAMPAIGN_DEADLINE: Duration = Duration::from_secs(15);
 
 /// The agent's quiescence: the leader-side sweep, the follower side of `Quiesce`, and the
 /// wake-ups the liveness watch triggers. Clones share it.
@@ -227,8 +245,13 @@ impl Quiescence {
                     .collect();
                 (others, address)
             };
-            // Watched from now on: its silence is what wakes this group.
+            // Watched from now on: its silence is what wakes this group. A leader this agent
+            // already counts silent would raise no new silence when it dies: such a group
+            // keeps its timers.
             self.liveness.watch(leader, &address);
+            if !self.liveness.is_answering(leader) {
+                continue;
+            }
             group.quiesce_follower(vote, last, others);
             quiesced.push(offer.group);
         }
@@ -244,7 +267,7 @@ impl Quiescence {
     /// Wakes the quiet groups `event` concerns.
     fn on_peer(&self, event: PeerEvent) {
         let me = self.liveness.node_id();
-        let mut deferred = Vec::new();
+        let mut orphans = Vec::new();
         let mut woken = 0usize;
         for group in self.groups.quiet_groups() {
             if !group.is_quiet() {
@@ -259,15 +282,11 @@ impl Quiescence {
                         .copied()
                         .filter(|n| *n != node && self.liveness.is_answering(*n))
                         .collect();
-                    if campaigner(&group.name, me, &answering) == me {
-                        group.wake(Wake::LeaderSilent);
-                        let raft = group.raft.clone();
-                        tokio::spawn(async move {
-                            let _ = raft.trigger().elect().await;
-                        });
-                    } else {
-                        deferred.push(group);
-                    }
+                    // Timers off before the ticker is: no campaign but the paced ones.
+                    group.raft.runtime_config().elect(false);
+                    group.wake(Wake::LeaderSilent);
+                    let chosen = campaigner(&group.name, me, &answering);
+                    orphans.push((group, chosen));
                     woken += 1;
                 }
                 (PeerEvent::Restarted(node), Quiet::Follower { vote, .. })
@@ -286,13 +305,63 @@ impl Quiescence {
         if woken > 0 {
             tracing::info!(?event, groups = woken, "woke quiescent groups");
         }
-        if !deferred.is_empty() {
-            tokio::spawn(async move {
-                tokio::time::sleep(SPREAD_DEFERRAL).await;
-                for group in deferred {
-                    group.wake(Wake::LeaderSilent);
+        if let PeerEvent::Silent(silent) = event
+            && !orphans.is_empty()
+        {
+            tokio::spawn(self.clone().campaign(silent, orphans));
+        }
+    }
+
+    /// Elects new leaders for `orphans` (groups whose leader on `silent` went silent, each
+    /// with the survivor chosen to campaign), paced as the module docs say.
+    async fn campaign(self, silent: NodeId, orphans: Vec<(std::sync::Arc<QuietGroup>, NodeId)>) {
+        let me = self.liveness.node_id();
+        let start = Instant::now();
+        // Each with when this agent last campaigned for it.
+        let mut orphans: Vec<_> = orphans.into_iter().map(|(g, c)| (g, c, None)).collect();
+        loop {
+            orphans.retain(|(group, _, _)| {
+                let led = group
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .current_leader
+                    .is_some_and(|leader| leader != silent);
+                if led {
+                    group.raft.runtime_config().elect(true);
                 }
+                !led
             });
+            if orphans.is_empty() {
+                return;
+            }
+            let waited = start.elapsed();
+            if waited >= CAMPAIGN_DEADLINE {
+                for (group, _, _) in &orphans {
+                    group.raft.runtime_config().elect(true);
+                }
+                return;
+            }
+            let now = Instant::now();
+            let mut started = 0;
+            for (group, chosen, last) in &mut orphans {
+                if started == CAMPAIGNS_PER_ROUND {
+                    break;
+                }
+                let mine = *chosen == me
+                    || (waited >= TAKEOVER_AFTER && !self.liveness.is_answering(*chosen));
+                let due =
+                    last.is_none_or(|at: Instant| now.duration_since(at) >= CAMPAIGN_INTERVAL);
+                if mine && due {
+                    *last = Some(now);
+                    started += 1;
+                    let raft = group.raft.clone();
+                    tokio::spawn(async move {
+                        let _ = raft.trigger().elect().await;
+                    });
+                }
+            }
+            tokio::time::sleep(CAMPAIGN_ROUND).await;
         }
     }
 }
