@@ -9,14 +9,13 @@ use sluice_proto::peer::v1::{
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-/// Serves a peer service with no groups and returns a client to it.
-async fn serve_empty() -> RaftClient<tonic::transport::Channel> {
+/// Serves a peer service for `groups` and returns a client to it.
+async fn serve(groups: RaftGroups) -> RaftClient<tonic::transport::Channel> {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
-    let service = PeerService::new(RaftGroups::new()).into_server();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(service)
+            .add_service(PeerService::new(groups).into_server())
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     RaftClient::connect(format!("http://{addr}"))
@@ -26,7 +25,7 @@ async fn serve_empty() -> RaftClient<tonic::transport::Channel> {
 
 #[tokio::test]
 async fn a_request_for_a_group_this_agent_does_not_host_is_not_found_naming_the_group() {
-    let mut client = serve_empty().await;
+    let mut client = serve(RaftGroups::new()).await;
     let status = client
         .vote(VoteRequest {
             group: "orders/7".into(),
@@ -50,16 +49,7 @@ async fn an_append_without_a_vote_is_an_invalid_argument_naming_the_field() {
     let groups = RaftGroups::new();
     let raft = single_node(dir.path()).await;
     groups.insert("orders/0", raft.clone());
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(PeerService::new(groups).into_server())
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    let mut client = RaftClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect");
+    let mut client = serve(groups).await;
     let status = client
         .append_entries(AppendEntriesRequest {
             group: "orders/0".into(),
@@ -104,16 +94,7 @@ async fn a_replica_the_group_removed_is_refused_its_vote_and_told_it_was_left_ou
         .log_id()
         .expect("a configuration entry");
     groups.insert("orders/0", raft.clone());
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(PeerService::new(groups).into_server())
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    let mut client = RaftClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect");
+    let mut client = serve(groups).await;
     let request = |last_log_id| VoteRequest {
         group: "orders/0".into(),
         vote: Some(Vote {
