@@ -146,6 +146,76 @@ async fn a_replica_the_group_removed_is_refused_its_vote_and_told_it_was_left_ou
     raft.shutdown().await.expect("shutdown");
 }
 
+#[tokio::test]
+async fn a_peer_whose_group_requests_arrive_counts_as_alive_while_its_exchanges_fail() {
+    use sluice_agent::replication::liveness::{ALIVE_INTERVAL, SILENT_AFTER};
+    use sluice_agent::replication::{Liveness, Quiescence};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let groups = RaftGroups::new();
+    let raft = single_node(dir.path()).await;
+    raft.initialize(std::collections::BTreeMap::from([(
+        1,
+        openraft::BasicNode::new("127.0.0.1:1"),
+    )]))
+    .await
+    .expect("initialize");
+    groups.insert("orders/0", raft.clone());
+    let (liveness, events) = Liveness::new(1);
+    // Node 2 is watched at an address nothing listens on: every exchange with it fails, as
+    // they time out between two overloaded agents.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = closed.local_addr().expect("address").to_string();
+    drop(closed);
+    liveness.watch(2, &address).expect("watched");
+    let quiescence = Quiescence::start(groups.clone(), liveness.clone(), events);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                PeerService::new(groups)
+                    .with_quiescence(quiescence)
+                    .into_server(),
+            )
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let mut client = RaftClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    // Node 2's vote requests keep arriving (refused: it is no member): it stays answering.
+    let until = tokio::time::Instant::now() + SILENT_AFTER * 3;
+    while tokio::time::Instant::now() < until {
+        client
+            .vote(VoteRequest {
+                group: "orders/0".into(),
+                vote: Some(Vote {
+                    term: 1,
+                    node_id: Some(2),
+                    committed: false,
+                }),
+                last_log_id: None,
+            })
+            .await
+            .expect("vote answered");
+        assert!(
+            liveness.is_answering(2),
+            "node 2 counted silent while heard"
+        );
+        tokio::time::sleep(ALIVE_INTERVAL / 2).await;
+    }
+    // Nothing more from it: silent after the threshold.
+    let silent = tokio::time::Instant::now() + SILENT_AFTER * 3;
+    while liveness.is_answering(2) {
+        assert!(
+            tokio::time::Instant::now() < silent,
+            "node 2 never went silent"
+        );
+        tokio::time::sleep(ALIVE_INTERVAL / 2).await;
+    }
+    raft.shutdown().await.expect("shutdown");
+}
+
 async fn single_node(dir: &std::path::Path) -> sluice_agent::replication::Raft {
     use std::sync::Arc;
 
