@@ -227,7 +227,7 @@ async fn join_cluster(
     let (liveness, peer_events) = crate::replication::Liveness::new(cluster.node_id);
     let quiescence = crate::replication::Quiescence::start(groups.clone(), liveness, peer_events);
     let raft_service = crate::replication::PeerService::new(groups.clone())
-        .with_quiescence(quiescence.clone())
+        .with_quiescence(quiescence)
         .into_server();
     let holds = crate::cluster::BalanceHolds::new();
     let cluster_service =
@@ -253,7 +253,6 @@ async fn join_cluster(
         raft_config: Arc::new(raft_config),
         meta,
         holds,
-        quiescence,
     };
     Ok((context, PeerServer { addr, stop, task }))
 }

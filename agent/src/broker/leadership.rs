@@ -25,27 +25,12 @@ const STOP_HAND_OFF_TIMEOUT: Duration = Duration::from_secs(5);
 /// order over the ACTIVE agents (a joining one is not a voter everywhere yet, a draining one
 /// is giving its leaderships away).
 pub(super) fn leader_candidates(cluster: &ClusterContext, queue: &str) -> Vec<u64> {
-    placement::replica_set(
-        queue,
-        cluster.config.replication_factor,
-        &candidate_nodes(cluster),
-    )
-}
-
-/// The agents [`leader_candidates`] places over: the ACTIVE ones, or the configured ones
-/// while the catalog names none.
-fn candidate_nodes(cluster: &ClusterContext) -> Vec<u64> {
-    let nodes: Vec<u64> = cluster
-        .meta
-        .current()
-        .active_members()
-        .into_keys()
-        .collect();
+    let catalog = cluster.meta.current();
+    let mut nodes: Vec<u64> = catalog.active_members().into_keys().collect();
     if nodes.is_empty() {
-        cluster.config.node_ids()
-    } else {
-        nodes
+        nodes = cluster.config.node_ids();
     }
+    placement::replica_set(queue, cluster.config.replication_factor, &nodes)
 }
 
 /// Runs [`Broker::balance_once`] every [`BALANCE_INTERVAL`] for the broker's life.
@@ -67,20 +52,12 @@ impl Broker {
     /// agent that leads them all.
     pub(super) async fn balance_once(&self, cluster: &ClusterContext) {
         let me = cluster.config.node_id;
-        let nodes = candidate_nodes(cluster);
         for (queue, _, link) in self.led_partitions() {
             if cluster.holds.is_held(&link.group) {
                 continue;
             }
-            let candidates =
-                placement::replica_set(&queue, cluster.config.replication_factor, &nodes);
-            // Led by its preferred leader (nearly every group, most of the time): nothing to
-            // look at. At thousands of groups the views were most of this pass.
-            if candidates.first() == Some(&me) {
-                continue;
-            }
             let view = GroupView::of(&link.raft.metrics().borrow());
-            for candidate in candidates {
+            for candidate in leader_candidates(cluster, &queue) {
                 if candidate == me {
                     break;
                 }

@@ -120,35 +120,30 @@ impl Broker {
             }
             (same && !moving, reconciled.unsettled.clone())
         };
-        // Only the groups this round looks at are gathered, under one look at the queues and
-        // the dropped set: copying every queue's name and link (and locking the dropped set
-        // once per link) twice a second was a quarter of an idle agent's CPU at 3,000 groups.
-        let mut quiet_leaders = BTreeSet::new();
-        let links: Vec<(String, Arc<ReplicaLink>)> = {
-            let queues = self.read_queues();
-            let dropped = lock(&self.dropped);
-            let mut links = Vec::new();
-            for queue in queues.values() {
-                for link in queue.partitions().iter().filter_map(|p| p.replica()) {
-                    if dropped.contains(&link.group) {
-                        continue;
-                    }
-                    if unchanged
-                        && link.quiet.is_quiet()
-                        && !unsettled.contains(&link.group)
-                        && self.reversions.of(&link.group).is_empty()
-                    {
-                        quiet_leaders.extend(link.raft.metrics().borrow().current_leader);
-                        continue;
-                    }
-                    links.push((queue.spec().name.clone(), link.clone()));
-                }
-            }
-            links
-        };
+        let mut quiet_leaders = Vec::new();
+        let links: Vec<(String, Arc<ReplicaLink>)> = self
+            .read_queues()
+            .values()
+            .flat_map(|q| {
+                let name = q.spec().name.clone();
+                q.partitions()
+                    .iter()
+                    .filter_map(move |p| Some((name.clone(), p.replica()?.clone())))
+                    .collect::<Vec<_>>()
+            })
+            .filter(|(_, link)| !lock(&self.dropped).contains(&link.group))
+            .collect();
         let mut views = Vec::with_capacity(links.len() + 1);
         let mut questions = Vec::new();
         for (queue, link) in &links {
+            if unchanged
+                && link.quiet.is_quiet()
+                && !unsettled.contains(&link.group)
+                && self.reversions.of(&link.group).is_empty()
+            {
+                quiet_leaders.extend(link.raft.metrics().borrow().current_leader);
+                continue;
+            }
             let view = GroupView::of(&link.raft.metrics().borrow());
             if view.is_leader {
                 self.reversions.watch(&link.group, &link.raft);

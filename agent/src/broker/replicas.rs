@@ -56,8 +56,7 @@ impl Broker {
             // Hosted here: placed here now, or still holding replica data from before (a
             // member in transition, which stays until its groups remove it). Decision 0014.
             let placed = catalog.replica_set(name, rf).contains(&me);
-            let reopening = self.layout.queue_dir(name).exists();
-            if !placed && !reopening {
+            if !placed && !self.layout.queue_dir(name).exists() {
                 continue;
             }
             let voters = catalog.initial_voters(name, rf);
@@ -71,19 +70,9 @@ impl Broker {
                     Queue::offline(spec.clone(), reason)
                 }
             };
-            if reopening {
-                for link in queue.partitions().iter().filter_map(|p| p.replica()) {
-                    cluster.quiescence.reopened(&link.quiet);
-                }
-            }
             let queue = Arc::new(queue);
             self.write_queues().insert(name.clone(), queue.clone());
             self.start_timer(queue);
-            // Announced at once: a declare waiting for it need not wait for the whole pass.
-            // (Opening several queues at once was tried: more first elections went to a
-            // replica other than the preferred one, each such declare then waited for the
-            // balancer's move, and the declare rate fell from 34/s to 20/s.)
-            self.queues_changed.send_modify(|n| *n += 1);
         }
         let gone: Vec<String> = self
             .read_queues()

@@ -19,9 +19,8 @@ use crate::queue::queue::Queue;
 const TIMER_IDLE_MS: u64 = 250;
 /// Longest a queue with nothing to time sleeps between passes: one led by another agent (it
 /// wakes when a partition starts serving here) or one holding no message (a publish or settle
-/// wakes it). Only a backstop: at 1,000 idle queues a 5 s one was an eighth of an idle
-/// agent's CPU.
-const TIMER_BACKSTOP_MS: u64 = 30_000;
+/// wakes it). Only a backstop.
+const TIMER_BACKSTOP_MS: u64 = 5_000;
 /// Shortest pause between timer passes, so a busy queue is not ticked on every delivery.
 const TIMER_MIN_MS: u64 = 5;
 

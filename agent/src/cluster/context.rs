@@ -19,6 +19,4 @@ pub struct ClusterContext {
     pub meta: Arc<MetaGroup>,
     /// Groups the balancer leaves alone for now, shared with the peer `Cluster` service.
     pub holds: BalanceHolds,
-    /// Idle groups' quiescence (a reopened follower starts quiet through it).
-    pub quiescence: crate::replication::Quiescence,
 }

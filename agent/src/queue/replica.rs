@@ -468,11 +468,11 @@ pub async fn open(
         // heartbeats; every reopened group campaigning at its first timeout would be a herd of
         // thousands. Election timers start after a spread by the group's name instead.
         raft.runtime_config().elect(false);
-        let quiet = quiet.clone();
+        let raft = raft.clone();
         let delay = reopened_election_deferral(&setup.group);
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            quiet.end_deferral();
+            raft.runtime_config().elect(true);
         });
     } else if !setup.voters.is_empty() {
         // Every replica initialises with the same voters; openraft accepts that, and whichever
@@ -489,10 +489,10 @@ pub async fn open(
             }
         } else {
             raft.runtime_config().elect(false);
-            let quiet = quiet.clone();
+            let raft = raft.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(FIRST_ELECTION_DEFERRAL).await;
-                quiet.end_deferral();
+                raft.runtime_config().elect(true);
             });
         }
     }

@@ -139,18 +139,9 @@ impl Liveness {
             .is_some_and(|p| !p.silent.load(std::sync::atomic::Ordering::Acquire))
     }
 
-    /// Whether `node` is watched and counted silent (an unwatched node is not).
-    pub fn is_silent(&self, node: NodeId) -> bool {
-        self.lock()
-            .get(&node)
-            .is_some_and(|p| p.silent.load(std::sync::atomic::Ordering::Acquire))
-    }
-
-    /// A request of `node` (its own `Alive`, or a group's AppendEntries or vote) reached this
-    /// agent: it is running, whatever becomes of this agent's exchange with it (an overloaded
-    /// moment can time that out on both sides while each still hears the other). Without
-    /// this, two overloaded agents counted each other silent every few seconds, and each
-    /// silence woke and re-elected groups, which kept them overloaded.
+    /// `node`'s own `Alive` reached this agent: it is running, whatever becomes of this
+    /// agent's exchange with it (an overloaded moment can time that out on both sides while
+    /// each still hears the other).
     pub fn heard_from(&self, node: NodeId) {
         self.inner
             .heard

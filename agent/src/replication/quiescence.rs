@@ -16,15 +16,14 @@
 //!   groups goes silent, the followers wake exactly those groups, with their election timers
 //!   off: one survivor per group, chosen by the group's name, campaigns (at most
 //!   [`CAMPAIGNS_PER_ROUND`] groups at a time) and again every [`CAMPAIGN_INTERVAL`] until the
-//!   group has a leader; after [`TAKEOVER_AFTER`] the survivors take turns, one per second of
-//!   wall-clock time (the chosen one may be unable to win), and the group's timers are back on
-//!   once it has a leader. The campaigns (and the new
+//!   group has a leader; the others only if the chosen one is silent too after
+//!   [`TAKEOVER_AFTER`], and every timer is back on
+//!   when the group has a leader or after [`CAMPAIGN_DEADLINE`]. The campaigns (and the new
 //!   leaderships) spread over the survivors, and hundreds of groups failing over at once do
 //!   not split their votes: with election timers running, two survivors campaigned for the
 //!   same group, each vote cost an fsync on both sides, the rounds outlasted the timeout and
-//!   the terms climbed for many seconds. When a follower left out of a quiescence (silent or
-//!   behind) answers again, its quiet leaders wake so it hears heartbeats again; a follower
-//!   that restarted reopens its replicas quiet ([`Quiescence::reopened`]).
+//!   the terms climbed for many seconds. When a follower answers again or restarted, its quiet
+//!   leaders wake so it hears heartbeats again.
 //!
 //! Why this is safe: the timers carry no safety in Raft. A quiet leader still needs a
 //! majority to acknowledge an entry before it is committed, so a leader cut off from its
@@ -61,9 +60,11 @@ const CAMPAIGN_ROUND: Duration = Duration::from_millis(250);
 /// is lost: started all at once, a thousand campaigns outlasted their timeouts, every retry
 /// cost new writes, and no group got a leader.
 const CAMPAIGNS_PER_ROUND: usize = 100;
-/// After this long without a leader the survivors take turns, one per second: the chosen one
-/// may be unable to win.
+/// After this long without a leader the other survivors campaign too, if the chosen one is
+/// silent as well.
 pub const TAKEOVER_AFTER: Duration = Duration::from_secs(4);
+/// After this long the groups' election timers run again, leader or not.
+pub const CAMPAIGN_DEADLINE: Duration = Duration::from_secs(15);
 
 /// The agent's quiescence: the leader-side sweep, the follower side of `Quiesce`, and the
 /// wake-ups the liveness watch triggers. Clones share it.
@@ -109,14 +110,11 @@ impl Quiescence {
         let me = self.liveness.node_id();
         let now = Instant::now();
         let hosted = self.groups.quiet_groups();
-        // Marks of groups no longer hosted are dropped once there are more marks than groups
-        // (so they stay bounded), not on every sweep: the set of names that takes cost as
-        // much as the rest of an idle sweep at 3,000 groups.
-        if idle.len() > hosted.len() {
-            let names: std::collections::HashSet<&str> =
-                hosted.iter().map(|g| g.name.as_str()).collect();
-            idle.retain(|name, _| names.contains(name.as_str()));
-        }
+        // A set, not a scan of `hosted` per entry: at 3,000 groups that scan was nine million
+        // string comparisons a second and most of an idle agent's CPU.
+        let names: std::collections::HashSet<&str> =
+            hosted.iter().map(|g| g.name.as_str()).collect();
+        idle.retain(|name, _| names.contains(name.as_str()));
         // Follower -> the groups offered to it; group -> (followers, writes seen).
         let mut offers: BTreeMap<NodeId, (String, Vec<pb::QuietGroup>)> = BTreeMap::new();
         let mut candidates = Vec::new();
@@ -205,8 +203,7 @@ impl Quiescence {
             });
             if all {
                 // The silent followers count among the voters: their answering again wakes it.
-                let left = behind.iter().map(|(node, _)| *node).collect();
-                group.quiesce_leader(followers.into_iter().chain(behind).collect(), left, writes);
+                group.quiesce_leader(followers.into_iter().chain(behind).collect(), writes);
             }
         }
     }
@@ -261,46 +258,6 @@ impl Quiescence {
         quiesced
     }
 
-    /// A replica reopened when this agent restarted that follows another node's leadership
-    /// under the committed vote it kept on disk starts quiet, as it was before the restart:
-    /// its leader's group was quiet with it (or wakes it with a write, or with a newer vote
-    /// if the others elected meanwhile), and the liveness watch wakes it if that leader is
-    /// silent. Returns whether it did. Otherwise thousands of reopened replicas ran their
-    /// election timers, their votes woke every group of the cluster at once, and the
-    /// heartbeats of 3,000 active groups overloaded two cores until the agents counted each
-    /// other silent and re-elected, over and over.
-    pub fn reopened(&self, group: &QuietGroup) -> bool {
-        let me = self.liveness.node_id();
-        let (vote, last, others, leader, address) = {
-            let metrics = group.raft.metrics();
-            let m = metrics.borrow();
-            let membership = m.membership_config.membership();
-            let Some(leader) = m.current_leader.filter(|l| *l != me) else {
-                return false;
-            };
-            if m.state != ServerState::Follower
-                || membership.get_joint_config().len() != 1
-                || !membership.voter_ids().any(|n| n == me)
-            {
-                return false;
-            }
-            let Some(node) = membership.get_node(&leader) else {
-                return false;
-            };
-            let others: Vec<NodeId> = membership
-                .voter_ids()
-                .filter(|n| *n != me && *n != leader)
-                .collect();
-            (m.vote, m.last_log_index, others, leader, node.addr.clone())
-        };
-        self.liveness.watch(leader, &address);
-        if !self.liveness.is_answering(leader) {
-            return false;
-        }
-        group.quiesce_follower(vote, last, others);
-        true
-    }
-
     async fn run_events(self, mut events: mpsc::UnboundedReceiver<PeerEvent>) {
         while let Some(event) = events.recv().await {
             self.on_peer(event);
@@ -309,6 +266,7 @@ impl Quiescence {
 
     /// Wakes the quiet groups `event` concerns.
     fn on_peer(&self, event: PeerEvent) {
+        let me = self.liveness.node_id();
         let mut orphans = Vec::new();
         let mut woken = 0usize;
         for group in self.groups.quiet_groups() {
@@ -322,16 +280,13 @@ impl Quiescence {
                     let answering: Vec<NodeId> = others
                         .iter()
                         .copied()
-                        // Not "answering": a survivor this agent never had reason to
-                        // watch (they share no quiet group as leader and follower) counts,
-                        // or each of two survivors counted only itself and both campaigned
-                        // for every orphan at the same moments, splitting the votes for good.
-                        .filter(|n| *n != node && !self.liveness.is_silent(*n))
+                        .filter(|n| *n != node && self.liveness.is_answering(*n))
                         .collect();
                     // Timers off before the ticker is: no campaign but the paced ones.
-                    group.start_campaign();
+                    group.raft.runtime_config().elect(false);
                     group.wake(Wake::LeaderSilent);
-                    orphans.push((group, answering));
+                    let chosen = campaigner(&group.name, me, &answering);
+                    orphans.push((group, chosen));
                     woken += 1;
                 }
                 (PeerEvent::Restarted(node), Quiet::Follower { vote, .. })
@@ -339,16 +294,9 @@ impl Quiescence {
                 {
                     woken += usize::from(group.wake(Wake::LeaderRestarted));
                 }
-                // A follower that took the quiescence and answers again after a silence
-                // needs nothing: had the others elected a new leader meanwhile, that leader's
-                // heartbeats wake this group. Waking them all made every flap of an
-                // overloaded peer wake hundreds of groups, which kept it overloaded.
-                // Nor does one that restarted: its replica reopens quiet under this vote
-                // ([`Self::reopened`]), with the log it had.
-                (
-                    PeerEvent::Back(node) | PeerEvent::Restarted(node),
-                    Quiet::Leader { behind, .. },
-                ) if behind.contains(&node) => {
+                (PeerEvent::Back(node) | PeerEvent::Restarted(node), Quiet::Leader { voters })
+                    if voters.iter().any(|(n, _)| *n == node) =>
+                {
                     woken += usize::from(wake_leader(&group));
                 }
                 _ => {}
@@ -365,26 +313,14 @@ impl Quiescence {
     }
 
     /// Elects new leaders for `orphans` (groups whose leader on `silent` went silent, each
-    /// with the other survivors that answered then), paced as the module docs say.
-    async fn campaign(
-        self,
-        silent: NodeId,
-        orphans: Vec<(std::sync::Arc<QuietGroup>, Vec<NodeId>)>,
-    ) {
+    /// with the survivor chosen to campaign), paced as the module docs say.
+    async fn campaign(self, silent: NodeId, orphans: Vec<(std::sync::Arc<QuietGroup>, NodeId)>) {
         let me = self.liveness.node_id();
         let start = Instant::now();
         // Each with when this agent last campaigned for it.
-        let mut orphans: Vec<_> = orphans.into_iter().map(|(g, o)| (g, o, None)).collect();
+        let mut orphans: Vec<_> = orphans.into_iter().map(|(g, c)| (g, c, None)).collect();
         loop {
             orphans.retain(|(group, _, _)| {
-                // A group closed meanwhile (its queue deleted or moved) is no one's to elect.
-                let hosted = self
-                    .groups
-                    .quiet(&group.name)
-                    .is_some_and(|g| std::sync::Arc::ptr_eq(&g, group));
-                if !hosted {
-                    return false;
-                }
                 let led = group
                     .raft
                     .metrics()
@@ -392,26 +328,28 @@ impl Quiescence {
                     .current_leader
                     .is_some_and(|leader| leader != silent);
                 if led {
-                    group.end_campaign();
+                    group.raft.runtime_config().elect(true);
                 }
                 !led
             });
             if orphans.is_empty() {
                 return;
             }
-            let takeover = start.elapsed() >= TAKEOVER_AFTER;
-            let slot = campaign_slot();
+            let waited = start.elapsed();
+            if waited >= CAMPAIGN_DEADLINE {
+                for (group, _, _) in &orphans {
+                    group.raft.runtime_config().elect(true);
+                }
+                return;
+            }
             let now = Instant::now();
             let mut started = 0;
-            for (group, others, last) in &mut orphans {
+            for (group, chosen, last) in &mut orphans {
                 if started == CAMPAIGNS_PER_ROUND {
                     break;
                 }
-                // First the chosen survivor alone; then (it may be unable to win: a shorter
-                // log than another survivor's) each in turn, one per slot of wall-clock time,
-                // so two never campaign for one group at once.
-                let turn = if takeover { slot } else { 0 };
-                let mine = campaigner(&group.name, turn, me, others) == me;
+                let mine = *chosen == me
+                    || (waited >= TAKEOVER_AFTER && !self.liveness.is_answering(*chosen));
                 let due =
                     last.is_none_or(|at: Instant| now.duration_since(at) >= CAMPAIGN_INTERVAL);
                 if mine && due {
@@ -502,23 +440,14 @@ fn settled_leader(group: &QuietGroup, me: NodeId) -> Option<Settled> {
     })
 }
 
-/// The survivor that campaigns for `group` in turn `turn` (0 first) when its leader went
-/// silent: one of `me` and `others`, by a hash of the group's name every survivor computes
-/// alike, the next one at each turn.
-fn campaigner(group: &str, turn: u64, me: NodeId, others: &[NodeId]) -> NodeId {
+/// The survivor that campaigns at once for `group` when its leader went silent: one of `me`
+/// and `others`, by a hash of the group's name every survivor computes alike.
+fn campaigner(group: &str, me: NodeId, others: &[NodeId]) -> NodeId {
     let mut survivors: Vec<NodeId> = others.iter().copied().chain([me]).collect();
     survivors.sort_unstable();
     survivors.dedup();
-    let hash = super::group_hash(group).wrapping_add(turn);
+    let hash = super::group_hash(group);
     survivors[(hash % survivors.len() as u64) as usize]
-}
-
-/// The current turn of the campaigns that take over: wall-clock seconds, alike on every agent
-/// of a cluster whose clocks agree to well under a second.
-fn campaign_slot() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() / CAMPAIGN_INTERVAL.as_secs().max(1))
 }
 
 #[cfg(test)]
@@ -530,19 +459,12 @@ mod tests {
         let mut picks = BTreeMap::<NodeId, usize>::new();
         for i in 0..300 {
             let group = format!("q{i}/0");
-            let from_1 = campaigner(&group, 0, 1, &[2]);
-            let from_2 = campaigner(&group, 0, 2, &[1]);
+            let from_1 = campaigner(&group, 1, &[2]);
+            let from_2 = campaigner(&group, 2, &[1]);
             assert_eq!(from_1, from_2, "{group}");
             *picks.entry(from_1).or_default() += 1;
         }
         assert_eq!(picks.len(), 2, "{picks:?}");
         assert!(picks.values().all(|n| *n > 100), "{picks:?}");
-        // Taking turns, the survivors alternate: never the same one twice in a row.
-        for turn in 0..6 {
-            assert_ne!(
-                campaigner("q7/0", turn, 1, &[2]),
-                campaigner("q7/0", turn + 1, 1, &[2])
-            );
-        }
     }
 }

@@ -34,8 +34,6 @@ pub struct QuietGroup {
     quiet: AtomicBool,
     /// Writes proposed as leader; the idle check compares it across sweeps.
     writes: AtomicU64,
-    /// Whether its election timer is off for a paced campaign (its leader went silent).
-    campaigning: AtomicBool,
     /// The role it is quiet in, with what the wake-up checks need.
     state: Mutex<Quiet>,
 }
@@ -49,9 +47,6 @@ pub enum Quiet {
     Leader {
         /// The followers (node id, peer address).
         voters: Vec<(NodeId, String)>,
-        /// Those of them that were silent or behind, not quiesced: the group wakes when one
-        /// answers again, to catch it up.
-        behind: Vec<NodeId>,
     },
     /// Following `vote`'s leader without an election timer.
     Follower {
@@ -83,7 +78,6 @@ impl QuietGroup {
             gate,
             quiet: AtomicBool::new(false),
             writes: AtomicU64::new(0),
-            campaigning: AtomicBool::new(false),
             state: Mutex::new(Quiet::Active),
         }
     }
@@ -128,44 +122,17 @@ impl QuietGroup {
         true
     }
 
-    /// Turns the election timer off: the group's new leader is elected by paced campaigns
-    /// (its leader went silent). Nothing else turns the timer back on meanwhile.
-    pub fn start_campaign(&self) {
-        self.campaigning.store(true, Ordering::SeqCst);
-        self.raft.runtime_config().elect(false);
-    }
-
-    /// The campaign is over (the group has a leader): the election timer is on again.
-    pub fn end_campaign(&self) {
-        self.campaigning.store(false, Ordering::SeqCst);
-        self.raft.runtime_config().elect(true);
-    }
-
-    /// Turns the election timer on after a start-up deferral, unless a campaign has it off:
-    /// a reopened replica's deferral firing during one made it campaign on its timer too,
-    /// splitting the votes of hundreds of groups.
-    pub fn end_deferral(&self) {
-        if !self.campaigning.load(Ordering::SeqCst) {
-            self.raft.runtime_config().elect(true);
-        }
-    }
-
     /// Stops the ticker as leader, once every follower in `voters` quiesced. Returns false —
     /// and stays active — when a write was proposed since `writes_seen` (counted before the
     /// followers were asked): the check of the counter after the flag is set and the writer's
     /// check of the flag after counting cannot both miss each other.
-    pub fn quiesce_leader(
-        &self,
-        voters: Vec<(NodeId, String)>,
-        behind: Vec<NodeId>,
-        writes_seen: u64,
-    ) -> bool {
+    pub fn quiesce_leader(&self, voters: Vec<(NodeId, String)>, writes_seen: u64) -> bool {
         {
             let mut state = self.lock();
             if *state != Quiet::Active {
                 return false;
             }
-            *state = Quiet::Leader { voters, behind };
+            *state = Quiet::Leader { voters };
             self.quiet.store(true, Ordering::SeqCst);
             self.raft.runtime_config().tick(false);
             self.gate.close();

@@ -217,7 +217,6 @@ impl PeerService {
         let raft = self.groups.get(&req.group)?;
         let received = std::time::Instant::now();
         let vote = codec::required_vote(&req.vote, "AppendEntriesRequest")?;
-        self.heard(vote.leader_id().voted_for());
         let entries = req
             .entries
             .into_iter()
@@ -261,7 +260,6 @@ impl PeerService {
             vote: codec::required_vote(&req.vote, "VoteRequest")?,
             last_log_id: codec::opt_log_id_from_pb(&req.last_log_id),
         };
-        self.heard(rpc.vote.leader_id().voted_for());
         if let Some(refusal) = left_out::vote_refusal(&raft, &rpc) {
             return Ok(refusal);
         }
@@ -301,15 +299,6 @@ impl PeerService {
         Ok(pb::InstallSnapshotResponse {
             vote: Some(codec::vote_to_pb(&response.vote)),
         })
-    }
-
-    /// A request from `node` reached this agent: it is running, whatever becomes of the
-    /// liveness exchanges with it (an overloaded moment times those out while the groups'
-    /// own traffic still flows).
-    fn heard(&self, node: Option<super::types::NodeId>) {
-        if let (Some(quiescence), Some(node)) = (&self.quiescence, node) {
-            quiescence.liveness().heard_from(node);
-        }
     }
 
     /// Wakes `group` if it is quiet.
